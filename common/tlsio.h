@@ -1,0 +1,98 @@
+/*
+ * tlsio - a libuv TCP stream with optional TLS (GnuTLS), delivering one event callback.
+ *
+ * The only module that includes GnuTLS.  Sessions (smtpd, smtpc) never call GnuTLS: they
+ * write plaintext with tlsio_write(), read plaintext from tlsio_input(), and switch to TLS
+ * with tlsio_starttls() (STARTTLS) or right after connect/accept (implicit TLS).
+ *
+ * Events (OpenSMTPD ioev style), delivered through the callback given to tlsio_new():
+ *   TLSIO_CONNECTED  tlsio_connect() finished
+ *   TLSIO_DATAIN     new plaintext was appended to tlsio_input()
+ *   TLSIO_TLSREADY   the handshake finished (and, as a client, the peer was verified)
+ *   TLSIO_DRAINED    everything written so far has been handed to the kernel
+ *   TLSIO_EOF        the peer closed the connection
+ *   TLSIO_ERROR      connect, read, write or handshake failed: tlsio_errstr() says why in
+ *                    words ("connection refused", "certificate signer not trusted",
+ *                    "certificate name mismatch: expected relay.example.com", ...)
+ * After TLSIO_EOF or TLSIO_ERROR no more events arrive except from a later tlsio_close().
+ *
+ * Ownership: tlsio_new() allocates; tlsio_close() closes the socket and frees the tlsio
+ * after libuv's close callback, then calls closed(arg).  Never free a tlsio otherwise, and
+ * never use it after tlsio_close().  The callback may call tlsio_close() on its own io.
+ */
+#ifndef COMMON_TLSIO_H
+#define COMMON_TLSIO_H
+
+#include <stddef.h>
+#include <sys/socket.h>
+#include <uv.h>
+
+#include "common/buf.h"
+
+enum tlsio_event {
+    TLSIO_CONNECTED,
+    TLSIO_DATAIN,
+    TLSIO_TLSREADY,
+    TLSIO_DRAINED,
+    TLSIO_EOF,
+    TLSIO_ERROR,
+};
+
+struct tlsio;
+struct tlsio_cred;
+typedef void (*tlsio_cb)(struct tlsio *io, enum tlsio_event ev, void *arg);
+
+/* Default priority: TLS 1.2 and 1.3 only. */
+#define TLSIO_DEFAULT_PRIORITY "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
+
+/* Process-wide GnuTLS set-up; call once before anything else here. */
+int tlsio_global_init(char *err, size_t errlen);
+
+/* Client credentials: trust ca_file (PEM), or the system store when ca_file is NULL.
+ * priority NULL: TLSIO_DEFAULT_PRIORITY.  0 or negative with text in err. */
+int tlsio_cred_client_new(const char *ca_file, const char *priority, struct tlsio_cred **out,
+                          char *err, size_t errlen);
+/* Server credentials from a PEM certificate chain and key. */
+int tlsio_cred_server_new(const char *cert_file, const char *key_file, const char *priority,
+                          struct tlsio_cred **out, char *err, size_t errlen);
+struct tlsio_cred *tlsio_cred_free(struct tlsio_cred *cred); /* returns NULL */
+
+/* A new unconnected stream; the TCP handle is initialised on loop. */
+struct tlsio *tlsio_new(uv_loop_t *loop, tlsio_cb cb, void *arg);
+/* The TCP handle as a stream, for uv_accept() into it. */
+uv_stream_t *tlsio_stream(struct tlsio *io);
+/* Connects; TLSIO_CONNECTED or TLSIO_ERROR follows. */
+int tlsio_connect(struct tlsio *io, const struct sockaddr *addr);
+/* Starts reading: TLSIO_DATAIN events follow. */
+int tlsio_read_start(struct tlsio *io);
+void tlsio_read_stop(struct tlsio *io);
+
+/* Plaintext received and not yet consumed; the consumer buf_consume()s what it used. */
+struct buf *tlsio_input(struct tlsio *io);
+/* Queues plaintext for the peer (encrypted when TLS is up).  0 or negative. */
+int tlsio_write(struct tlsio *io, const void *data, size_t len);
+/* Bytes queued but not yet handed to the kernel. */
+size_t tlsio_pending_write(const struct tlsio *io);
+
+/*
+ * Starts a TLS handshake on the connection.  As a server: cred from
+ * tlsio_cred_server_new(), servername NULL.  As a client: verifies the peer's certificate
+ * chain against cred's trust and its name against servername (also sent as SNI).
+ * Plaintext already buffered in the input is discarded first (RFC 3207 section 4: no
+ * command injection across STARTTLS).  TLSIO_TLSREADY or TLSIO_ERROR follows.
+ */
+int tlsio_starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server,
+                   const char *servername);
+
+int tlsio_is_tls(const struct tlsio *io);
+/* "TLSv1.3 with cipher AES-256-GCM" style text for Received: headers and logs, or "". */
+char *tlsio_describe(const struct tlsio *io, char *out, size_t outlen);
+/* Why the last TLSIO_ERROR happened, in words. */
+const char *tlsio_errstr(const struct tlsio *io);
+/* The peer's address; 0 or negative. */
+int tlsio_peer(const struct tlsio *io, struct sockaddr_storage *ss);
+
+/* Closes and frees (see above); closed may be NULL.  Safe to call twice. */
+void tlsio_close(struct tlsio *io, void (*closed)(void *arg), void *arg);
+
+#endif

@@ -1,0 +1,156 @@
+/*
+ * spool - relayd's durable mail queue in LMDB; the only module that touches LMDB.
+ *
+ * The promise: a message handed to spool_put_async() exists for the scheduler (and is
+ * acknowledged to the client) only once the write transaction holding all of it has been
+ * committed durably.  Writes from the daemon go through one writer thread that batches
+ * every ready job into one transaction, so concurrent sessions share one fsync (group
+ * commit) and the event loop never blocks on fsync.  Reads are short LMDB read
+ * transactions and may run on any thread; relayctl uses the same API from another
+ * process (LMDB's multi-process locking keeps both safe).
+ *
+ * Layout and record encoding are documented in spool/DESIGN.md.
+ *
+ * Errors: expected failures return a negative SPOOL_E* code (or -errno) and put text for
+ * the operator into err when an err buffer is taken; spool_strerror() names each code.
+ * Ownership: structs returned by spool_msg_get() are the caller's (spool_msg_free());
+ * callers never see LMDB types: values are copied out before the transaction ends.
+ */
+#ifndef SPOOL_SPOOL_H
+#define SPOOL_SPOOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SPOOL_ENOTFOUND (-3001) /* no such message */
+#define SPOOL_EFULL     (-3002) /* spool size limit or disk reserve reached: answer 452 4.3.1 */
+#define SPOOL_EVERSION  (-3003) /* unknown schema version: refuse, never rewrite */
+#define SPOOL_ECORRUPT  (-3004) /* a record that does not decode */
+#define SPOOL_EIO       (-3005) /* LMDB or file system error; text in err / the log */
+#define SPOOL_ECLOSED   (-3006) /* writer stopped */
+
+const char *spool_strerror(int rc);
+
+enum spool_state {
+    SPOOL_QUEUED = 1, /* waiting for its first attempt */
+    SPOOL_DEFERRED,   /* an attempt failed temporarily; next_attempt says when again */
+    SPOOL_HELD,       /* kept until an operator releases it (or no upstream configured) */
+    SPOOL_FAILED,     /* permanent failure, kept for inspection */
+};
+const char *spool_state_name(enum spool_state st); /* "queued", "deferred", ... */
+int spool_state_parse(const char *name);           /* enum value or -1 */
+
+enum spool_rcpt_status {
+    SPOOL_RCPT_PENDING = 0,
+    SPOOL_RCPT_SENT,
+    SPOOL_RCPT_FAILED,
+};
+
+struct spool_rcpt {
+    char *addr;
+    enum spool_rcpt_status status;
+    char *reply; /* last server reply for this recipient, or NULL */
+};
+
+struct spool_attempt {
+    int64_t when;   /* unix seconds */
+    char *upstream; /* upstream name, or NULL */
+    char *result;   /* "deferred: connect to 127.0.0.1:1587: connection refused" */
+};
+
+struct spool_msg {
+    uint64_t id;               /* queue id: see spool_id_new() */
+    enum spool_state state;
+    int64_t arrived;           /* unix seconds */
+    int64_t next_attempt;      /* unix seconds; 0 for held/failed */
+    int attempts;
+    uint64_t size;             /* body bytes */
+    char *sender;              /* envelope sender, "" for <> */
+    char *client;              /* client address, "10.0.0.7" */
+    char *helo;                /* HELO/EHLO name or NULL */
+    char *listener;            /* listener name or NULL */
+    char *last_error;          /* NULL until an attempt fails */
+    struct spool_rcpt *rcpts;
+    size_t nrcpts;
+    struct spool_attempt *attempts_log; /* filled only with SPOOL_GET_HISTORY */
+    size_t nattempts_log;
+};
+
+struct spool_opts {
+    int readonly;            /* relayctl's read-only commands: needs only read permission */
+    int unsafe_nosync;       /* [relayd] unsafe_no_fsync: lose mail on power failure */
+    uint64_t max_bytes;      /* spool size limit; 0: none */
+    uint64_t reserve_bytes;  /* free disk to keep; 0: none */
+};
+
+struct spool;
+
+/* Opens (creating when absent and not readonly) the spool in directory dir. */
+int spool_open(const char *dir, const struct spool_opts *opts, struct spool **out, char *err,
+               size_t errlen);
+/* Stops the writer (finishing queued jobs) and closes.  NULL is fine. */
+void spool_close(struct spool *sp);
+
+/* Queue ids: unix milliseconds of arrival, made unique and increasing; printed as 12
+ * upper-case hex digits ("0190A3F2C1D4"), so they sort by arrival and read aloud. */
+uint64_t spool_id_new(struct spool *sp);
+char *spool_id_str(uint64_t id, char out[17]);
+int spool_id_parse(const char *text, uint64_t *id);
+
+/* ---- Writes from the daemon: asynchronous, group-committed. ---- */
+
+/* done runs on the thread that calls spool_writer_reap(), after the durable commit (rc 0)
+ * or its failure (rc < 0, e.g. SPOOL_EFULL). */
+typedef void (*spool_done_fn)(void *arg, int rc);
+
+/* Starts the writer thread.  wake(wake_arg) is called from the writer thread whenever
+ * finished jobs wait for spool_writer_reap() (the daemon passes uv_async_send). */
+int spool_writer_start(struct spool *sp, void (*wake)(void *), void *wake_arg);
+/* Runs the done callbacks of finished jobs, on the caller's thread. */
+void spool_writer_reap(struct spool *sp);
+
+/* Stores a new message: msg (deep-copied now; msg->id from spool_id_new(), state QUEUED or
+ * HELD) and its body (taken over: the spool frees it with free()). */
+void spool_put_async(struct spool *sp, const struct spool_msg *msg, char *body, size_t len,
+                     spool_done_fn done, void *arg);
+
+/* The result of one delivery attempt. */
+struct spool_update {
+    uint64_t id;
+    enum spool_state state;  /* new state (ignored when every recipient is done) */
+    int64_t next_attempt;    /* for SPOOL_QUEUED/SPOOL_DEFERRED */
+    int count_attempt;       /* 1: attempts += 1 */
+    const char *last_error;  /* NULL: unchanged */
+    const char *upstream;    /* for the attempt log */
+    const char *result;      /* attempt log line; NULL: no entry */
+    size_t nrcpts;           /* per-recipient updates, by index into msg->rcpts */
+    const size_t *rcpt_index;
+    const enum spool_rcpt_status *rcpt_status;
+    const char *const *rcpt_reply;
+};
+/* Applies u (deep-copied now).  When afterwards no recipient is PENDING and none FAILED,
+ * the message is removed from the spool entirely (delivered). */
+void spool_update_async(struct spool *sp, const struct spool_update *u, spool_done_fn done,
+                        void *arg);
+
+/* ---- Reads (any thread) ---- */
+
+#define SPOOL_GET_HISTORY 0x1 /* also load attempts_log */
+int spool_msg_get(struct spool *sp, uint64_t id, unsigned flags, struct spool_msg **out);
+struct spool_msg *spool_msg_free(struct spool_msg *msg); /* returns NULL */
+/* A malloc'd copy of the body in *data (caller frees). */
+int spool_body_get(struct spool *sp, uint64_t id, char **data, size_t *len);
+
+/* Up to max ids of QUEUED/DEFERRED messages with next_attempt <= now, oldest first. */
+int spool_due(struct spool *sp, int64_t now, uint64_t *ids, size_t max, size_t *n);
+/* Calls fn for every message in id order (no history); stops early when fn returns != 0. */
+int spool_foreach(struct spool *sp, int (*fn)(const struct spool_msg *msg, void *arg), void *arg);
+
+/* ---- Synchronous writes for relayctl and start-up (one durable commit each) ---- */
+
+/* hold / release (to QUEUED, due now) / retry (due now) / delete. */
+int spool_msg_set_state(struct spool *sp, uint64_t id, enum spool_state state);
+int spool_msg_retry(struct spool *sp, uint64_t id);
+int spool_msg_delete(struct spool *sp, uint64_t id);
+
+#endif
