@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -99,6 +100,18 @@ void buf_reset(struct buf *b)
 {
     b->len = 0;
     b->data[0] = '\0';
+}
+
+char *buf_steal(struct buf *b, size_t *len)
+{
+    char *data = b->data;
+
+    *len = b->len;
+    b->cap = 64;
+    b->len = 0;
+    b->data = xmalloc(b->cap);
+    b->data[0] = '\0';
+    return data;
 }
 
 void buf_consume(struct buf *b, size_t n)

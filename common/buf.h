@@ -33,6 +33,8 @@ int buf_vprintf(struct buf *b, const char *fmt, va_list ap);
 int buf_reserve(struct buf *b, size_t n);
 
 void buf_reset(struct buf *b);
+/* Hands the data over to the caller (free() it) and leaves b empty and usable. */
+char *buf_steal(struct buf *b, size_t *len);
 /* Drops the first n bytes (n > len drops everything). */
 void buf_consume(struct buf *b, size_t n);
 

@@ -1,0 +1,201 @@
+/*
+ * relayd - SMTP relay for devices that only speak old SMTP.
+ *
+ * main() wires the pieces together on one libuv loop: the listeners and sessions
+ * (smtpd), the spool writer thread (its completions arrive through a uv_async), and the
+ * delivery scheduler (sched).  It runs in the foreground, logs to stderr, and on SIGTERM
+ * or SIGINT stops accepting, closes sessions (nothing unacknowledged is kept), interrupts
+ * deliveries (they stay queued), finishes the spool's pending writes and exits 0.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "common/authsasl.h"
+#include "common/log.h"
+#include "common/tlsio.h"
+#include "config/cfg.h"
+#include "relayd/sched.h"
+#include "relayd/smtpd.h"
+#include "spool/spool.h"
+
+struct relayd {
+    uv_loop_t loop;
+    struct cfg cfg;
+    struct spool *sp;
+    struct smtpd_server *smtpd;
+    struct sched *sched;
+    uv_async_t spool_wake;
+    uv_signal_t sigterm, sigint;
+    int stopping;
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: relayd [-c FILE] [--check] [--spool DIR] [-v]...\n"
+            "  -c, --config FILE  configuration file (default: built-in, see README)\n"
+            "      --check        validate the configuration, print it (secrets masked), exit\n"
+            "      --spool DIR    spool directory (overrides the configuration)\n"
+            "  -v, --verbose      more log detail (repeat for more)\n"
+            "  -h, --help         this text\n");
+}
+
+static void relayd_spool_wake(void *arg)
+{
+    uv_async_send(arg); /* called from the spool writer thread */
+}
+
+static void relayd_on_spool_wake(uv_async_t *a)
+{
+    struct relayd *r = a->data;
+
+    spool_writer_reap(r->sp);
+}
+
+static void relayd_on_spooled(void *arg, uint64_t id)
+{
+    struct relayd *r = arg;
+
+    (void)id;
+    sched_kick(r->sched);
+}
+
+static void relayd_on_sched_stopped(void *arg)
+{
+    struct relayd *r = arg;
+
+    /* Let pending spool completions run, then leave the loop. */
+    spool_writer_reap(r->sp);
+    uv_close((uv_handle_t *)&r->spool_wake, NULL);
+    uv_close((uv_handle_t *)&r->sigterm, NULL);
+    uv_close((uv_handle_t *)&r->sigint, NULL);
+}
+
+static void relayd_on_smtpd_stopped(void *arg)
+{
+    struct relayd *r = arg;
+
+    sched_stop(r->sched, relayd_on_sched_stopped, r);
+}
+
+static void relayd_on_signal(uv_signal_t *h, int signum)
+{
+    struct relayd *r = h->data;
+
+    if (r->stopping)
+        return;
+    r->stopping = 1;
+    log_info("%s: stopping", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    smtpd_server_stop(r->smtpd, relayd_on_smtpd_stopped, r);
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"config", required_argument, NULL, 'c'}, {"check", no_argument, NULL, 'C'},
+        {"spool", required_argument, NULL, 'S'},  {"verbose", no_argument, NULL, 'v'},
+        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
+    };
+    struct relayd r;
+    struct spool_opts so;
+    const char *config = NULL, *spool_dir = NULL;
+    char err[1024];
+    int c, check = 0, verbose = 0, rc;
+
+    memset(&r, 0, sizeof(r));
+    log_init("relayd");
+    while ((c = getopt_long(argc, argv, "c:vh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c':
+            config = optarg;
+            break;
+        case 'C':
+            check = 1;
+            break;
+        case 'S':
+            spool_dir = optarg;
+            break;
+        case 'v':
+            verbose++;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+    log_set_verbose(verbose);
+
+    if (config != NULL) {
+        if (cfg_load(config, &r.cfg, err, sizeof(err)) != 0) {
+            fprintf(stderr, "relayd: %s\n", err);
+            return 1;
+        }
+        if (spool_dir != NULL) {
+            free(r.cfg.spool_dir);
+            r.cfg.spool_dir = strdup(spool_dir);
+        }
+    } else {
+        cfg_default(&r.cfg, spool_dir);
+    }
+    if (check) {
+        cfg_dump(&r.cfg, stdout);
+        cfg_free(&r.cfg);
+        return 0;
+    }
+
+    signal(SIGPIPE, SIG_IGN);
+    srand((unsigned)time(NULL) ^ (unsigned)getpid());
+    if (tlsio_global_init(err, sizeof(err)) != 0 || authsasl_client_init(err, sizeof(err)) != 0)
+        log_fatal("%s", err);
+
+    memset(&so, 0, sizeof(so));
+    if ((rc = spool_open(r.cfg.spool_dir, &so, &r.sp, err, sizeof(err))) != 0)
+        log_fatal("spool %s: %s", r.cfg.spool_dir, err);
+
+    uv_loop_init(&r.loop);
+    uv_async_init(&r.loop, &r.spool_wake, relayd_on_spool_wake);
+    r.spool_wake.data = &r;
+    if ((rc = spool_writer_start(r.sp, relayd_spool_wake, &r.spool_wake)) != 0)
+        log_fatal("spool %s: cannot start the writer: %s", r.cfg.spool_dir, spool_strerror(rc));
+
+    r.sched = sched_new(&r.loop, &r.cfg, r.sp);
+    if (sched_start(r.sched, err, sizeof(err)) != 0)
+        log_fatal("%s", err);
+    r.smtpd = smtpd_server_new(&r.loop, &r.cfg, r.sp, relayd_on_spooled, &r);
+    if (smtpd_server_listen(r.smtpd, err, sizeof(err)) != 0)
+        log_fatal("%s", err);
+
+    uv_signal_init(&r.loop, &r.sigterm);
+    uv_signal_init(&r.loop, &r.sigint);
+    r.sigterm.data = r.sigint.data = &r;
+    uv_signal_start(&r.sigterm, relayd_on_signal, SIGTERM);
+    uv_signal_start(&r.sigint, relayd_on_signal, SIGINT);
+
+    log_info("started: hostname=%s spool=%s config=%s", r.cfg.hostname, r.cfg.spool_dir,
+             r.cfg.path);
+    uv_run(&r.loop, UV_RUN_DEFAULT);
+
+    spool_close(r.sp); /* finishes queued writes */
+    smtpd_server_free(r.smtpd);
+    sched_free(r.sched);
+    rc = uv_loop_close(&r.loop);
+    if (rc != 0)
+        log_warn("event loop closed with handles still open: %s", uv_strerror(rc));
+    cfg_free(&r.cfg);
+    log_info("stopped");
+    return 0;
+}

@@ -1,0 +1,34 @@
+/*
+ * smtpd - the inbound SMTP server: listeners and per-connection sessions.
+ *
+ * Each accepted connection gets a struct smtpd_session driven by an explicit state
+ * machine (see smtpd.c).  A message is handed to the spool at the end of DATA and the
+ * 250 reply is sent only from the spool's completion callback, after the durable commit.
+ *
+ * Ownership: the server owns its listeners and sessions; smtpd_server_stop() stops
+ * accepting and closes every session (transactions not yet committed are dropped: the
+ * client never saw a 250 for them).
+ */
+#ifndef RELAYD_SMTPD_H
+#define RELAYD_SMTPD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "config/cfg.h"
+#include "spool/spool.h"
+
+struct smtpd_server;
+
+/* on_spooled(arg, id) runs after each durable commit of a new message. */
+struct smtpd_server *smtpd_server_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp,
+                                      void (*on_spooled)(void *arg, uint64_t id), void *arg);
+/* Binds and listens on every configured listener; 0 or negative with text in err. */
+int smtpd_server_listen(struct smtpd_server *srv, char *err, size_t errlen);
+/* Stops accepting and closes all sessions; done(arg) runs once every handle is closed. */
+void smtpd_server_stop(struct smtpd_server *srv, void (*done)(void *arg), void *arg);
+/* Frees a stopped server. */
+void smtpd_server_free(struct smtpd_server *srv);
+
+#endif
