@@ -63,7 +63,9 @@ struct tlsio *tlsio_new(uv_loop_t *loop, tlsio_cb cb, void *arg);
 uv_stream_t *tlsio_stream(struct tlsio *io);
 /* Connects; TLSIO_CONNECTED or TLSIO_ERROR follows. */
 int tlsio_connect(struct tlsio *io, const struct sockaddr *addr);
-/* Starts reading: TLSIO_DATAIN events follow. */
+/* Starts reading: TLSIO_DATAIN events follow.  While reads are stopped no TLSIO_DATAIN is
+ * delivered, but records already received may still be decrypted into tlsio_input(); if
+ * that holds anything when reads restart, one TLSIO_DATAIN follows from the loop. */
 int tlsio_read_start(struct tlsio *io);
 void tlsio_read_stop(struct tlsio *io);
 
@@ -89,10 +91,16 @@ int tlsio_is_tls(const struct tlsio *io);
 char *tlsio_describe(const struct tlsio *io, char *out, size_t outlen);
 /* Why the last TLSIO_ERROR happened, in words. */
 const char *tlsio_errstr(const struct tlsio *io);
+/* 1 when the last error was the peer's certificate failing verification (chain, dates or
+ * name): a configuration problem rather than a network one. */
+int tlsio_verify_failed(const struct tlsio *io);
 /* The peer's address; 0 or negative. */
 int tlsio_peer(const struct tlsio *io, struct sockaddr_storage *ss);
 
-/* Closes and frees (see above); closed may be NULL.  Safe to call twice. */
+/* Closes and frees (see above); closed may be NULL.  Safe to call twice.  Data already
+ * passed to tlsio_write() is still flushed to the kernel (for at most a few seconds), so a
+ * final reply such as "221 Bye" may be written right before closing.  No event is
+ * delivered once this has been called; closed(arg) runs later, from the loop. */
 void tlsio_close(struct tlsio *io, void (*closed)(void *arg), void *arg);
 
 #endif

@@ -55,6 +55,8 @@ struct cfg_route {
     char *name;                 /* from [route NAME]; "default" is the fallback */
     char *upstream_name;
     struct cfg_upstream *upstream; /* resolved at load */
+    char *sender_domain;        /* comma/space list matched by cfg_route_find(); NULL: none */
+    char *recipient_domain;     /* same, for recipient domains; NULL: none */
     int line;
 };
 
@@ -89,7 +91,10 @@ void cfg_dump(const struct cfg *cfg, FILE *out);
 
 void cfg_free(struct cfg *cfg);
 
-/* The route for a message, or NULL when no route (then: hold). */
+/* The route for a message, or NULL when no route (then: hold).  The first route other than
+ * "default", in file order, whose recipient_domain lists rcpt's domain or whose
+ * sender_domain lists sender's domain (case-insensitive, exact) wins; else the route named
+ * "default"; else NULL.  sender may be "" (null reverse-path).  The result points into cfg. */
 const struct cfg_route *cfg_route_find(const struct cfg *cfg, const char *sender,
                                        const char *rcpt);
 

@@ -81,6 +81,7 @@ struct spool_opts {
     int unsafe_nosync;       /* [relayd] unsafe_no_fsync: lose mail on power failure */
     uint64_t max_bytes;      /* spool size limit; 0: none */
     uint64_t reserve_bytes;  /* free disk to keep; 0: none */
+    uint64_t map_bytes;      /* initial LMDB map size; 0: 64 MiB (grows by doubling) */
 };
 
 struct spool;
@@ -88,7 +89,8 @@ struct spool;
 /* Opens (creating when absent and not readonly) the spool in directory dir. */
 int spool_open(const char *dir, const struct spool_opts *opts, struct spool **out, char *err,
                size_t errlen);
-/* Stops the writer (finishing queued jobs) and closes.  NULL is fine. */
+/* Stops the writer (finishing queued jobs: they are committed, but done callbacks not yet
+ * reaped are dropped, never called) and closes.  NULL is fine. */
 void spool_close(struct spool *sp);
 
 /* Queue ids: unix milliseconds of arrival, made unique and increasing; printed as 12
@@ -152,5 +154,21 @@ int spool_foreach(struct spool *sp, int (*fn)(const struct spool_msg *msg, void 
 int spool_msg_set_state(struct spool *sp, uint64_t id, enum spool_state state);
 int spool_msg_retry(struct spool *sp, uint64_t id);
 int spool_msg_delete(struct spool *sp, uint64_t id);
+
+/* ---- Statistics (relayctl stats, benchmarks) ---- */
+
+struct spool_stats {
+    uint64_t messages;        /* messages in the spool */
+    uint64_t by_state[5];     /* indexed by enum spool_state (0 unused) */
+    uint64_t recipients;      /* recipients still PENDING */
+    uint64_t bytes;           /* sum of body sizes */
+    int64_t oldest_arrival;   /* unix seconds; 0 when empty */
+    uint64_t map_bytes;       /* current LMDB map size */
+    uint64_t used_bytes;      /* LMDB pages in use */
+    uint64_t commits;         /* writer transactions committed (= fsyncs) by this process */
+    uint64_t committed_jobs;  /* puts/updates committed by the writer in this process */
+};
+/* Scans the spool (one read transaction) and fills st. */
+int spool_stats(struct spool *sp, struct spool_stats *st);
 
 #endif
