@@ -106,7 +106,8 @@ int spool_id_parse(const char *text, uint64_t *id);
 typedef void (*spool_done_fn)(void *arg, int rc);
 
 /* Starts the writer thread.  wake(wake_arg) is called from the writer thread whenever
- * finished jobs wait for spool_writer_reap() (the daemon passes uv_async_send). */
+ * finished jobs wait for spool_writer_reap() (the daemon passes uv_async_send); it must be
+ * quick and must not call into the spool.  It is never called once spool_close() began. */
 int spool_writer_start(struct spool *sp, void (*wake)(void *), void *wake_arg);
 /* Runs the done callbacks of finished jobs, on the caller's thread. */
 void spool_writer_reap(struct spool *sp);

@@ -1,0 +1,788 @@
+/*
+ * relayctl - the operator's view of relayd's spool: list, show, cat, hold, release,
+ * retry, delete, stats.
+ *
+ * It works on the spool directly through the spool API (LMDB's multi-process locking
+ * makes that safe while relayd runs): read-only commands open the spool read-only,
+ * the others make one durable commit per message.  The spool directory comes from the
+ * configuration file (-c, default /etc/relayd/relayd.conf) unless --spool names it.
+ *
+ * Exit codes: 0 success, 1 operational error (no such message, spool cannot be opened),
+ * 2 usage error.  Errors go to stderr as "relayctl: show 0190A3F2C1D4: no such message".
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/xalloc.h"
+#include "config/cfg.h"
+#include "spool/spool.h"
+
+#define EXIT_OPER 1
+#define EXIT_USAGE 2
+
+#define DEFAULT_CONFIG "/etc/relayd/relayd.conf"
+
+static const char *prog = "relayctl";
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: %s [-c FILE | --spool DIR] COMMAND [ARGS]\n"
+            "\n"
+            "Inspects and manages relayd's mail spool (safe while relayd runs).\n"
+            "\n"
+            "options:\n"
+            "  -c, --config FILE   configuration file to take the spool from (default %s)\n"
+            "  -s, --spool DIR     spool directory (overrides the configuration)\n"
+            "  -h, --help          this text\n"
+            "\n"
+            "commands:\n"
+            "  list [--json] [--state S]  messages in the spool\n"
+            "                             (S: queued, deferred, held or failed)\n"
+            "  show ID [--json]           envelope, recipients, attempt history and headers\n"
+            "  cat ID                     the message as received\n"
+            "  hold ID...                 keep messages until released\n"
+            "  release ID...              queue held messages for delivery now\n"
+            "  retry ID... | --all        attempt delivery now (--all: every queued or deferred\n"
+            "                             message); a failed message retries its failed\n"
+            "                             recipients, a held one is released\n"
+            "  delete ID... [--yes]       remove messages (asks on a terminal unless --yes)\n"
+            "  stats [--json]             counts per state, size, oldest message\n"
+            "\n"
+            "exit status: 0 success, 1 operational error, 2 usage error\n",
+            prog, DEFAULT_CONFIG);
+}
+
+/* ---- output helpers ---- */
+
+/* RFC 3339 UTC, "2026-11-22T16:20:00Z". */
+static const char *fmt_time(int64_t t, char out[32])
+{
+    time_t tt = (time_t)t;
+    struct tm tm;
+
+    if (gmtime_r(&tt, &tm) == NULL || strftime(out, 32, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+        snprintf(out, 32, "%lld", (long long)t);
+    return out;
+}
+
+/* Length of a valid UTF-8 sequence at s (max n bytes), or 0 when invalid. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+    size_t len;
+    uint32_t cp;
+
+    if (s[0] < 0x80)
+        return 1;
+    if ((s[0] & 0xE0) == 0xC0) {
+        len = 2;
+        cp = s[0] & 0x1F;
+    } else if ((s[0] & 0xF0) == 0xE0) {
+        len = 3;
+        cp = s[0] & 0x0F;
+    } else if ((s[0] & 0xF8) == 0xF0) {
+        len = 4;
+        cp = s[0] & 0x07;
+    } else {
+        return 0;
+    }
+    if (len > n)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    /* Reject overlong forms, surrogates and values past U+10FFFF. */
+    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+        (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF)
+        return 0;
+    return len;
+}
+
+/* A JSON string (or null); invalid UTF-8 bytes from the wire become U+FFFD. */
+static void json_str_n(FILE *out, const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s;
+
+    putc('"', out);
+    for (size_t i = 0; i < n;) {
+        unsigned char c = p[i];
+        size_t k;
+
+        switch (c) {
+        case '"':
+            fputs("\\\"", out);
+            break;
+        case '\\':
+            fputs("\\\\", out);
+            break;
+        case '\n':
+            fputs("\\n", out);
+            break;
+        case '\r':
+            fputs("\\r", out);
+            break;
+        case '\t':
+            fputs("\\t", out);
+            break;
+        default:
+            if (c < 0x20 || c == 0x7F) {
+                fprintf(out, "\\u%04x", c);
+            } else if ((k = utf8_len(p + i, n - i)) == 0) {
+                fputs("\\ufffd", out);
+            } else {
+                fwrite(p + i, 1, k, out);
+                i += k;
+                continue;
+            }
+        }
+        i++;
+    }
+    putc('"', out);
+}
+
+static void json_str(FILE *out, const char *s)
+{
+    if (s == NULL)
+        fputs("null", out);
+    else
+        json_str_n(out, s, strlen(s));
+}
+
+static void json_time(FILE *out, int64_t t)
+{
+    char tb[32];
+
+    if (t == 0)
+        fputs("null", out);
+    else
+        fprintf(out, "\"%s\"", fmt_time(t, tb));
+}
+
+static const char *rcpt_status_name(enum spool_rcpt_status st)
+{
+    switch (st) {
+    case SPOOL_RCPT_PENDING:
+        return "pending";
+    case SPOOL_RCPT_SENT:
+        return "sent";
+    case SPOOL_RCPT_FAILED:
+        return "failed";
+    }
+    return "unknown";
+}
+
+/* The keys shared by list --json and show --json (without the closing brace). */
+static void json_msg_fields(FILE *out, const struct spool_msg *m)
+{
+    char id[17];
+
+    fprintf(out, "{\"id\":\"%s\",\"state\":\"%s\",\"sender\":", spool_id_str(m->id, id),
+            spool_state_name(m->state));
+    json_str(out, m->sender);
+    fputs(",\"recipients\":[", out);
+    for (size_t i = 0; i < m->nrcpts; i++) {
+        if (i > 0)
+            putc(',', out);
+        json_str(out, m->rcpts[i].addr);
+    }
+    fputs("],\"rcpt_status\":[", out);
+    for (size_t i = 0; i < m->nrcpts; i++)
+        fprintf(out, "%s\"%s\"", i > 0 ? "," : "", rcpt_status_name(m->rcpts[i].status));
+    fprintf(out, "],\"size\":%llu,\"arrived\":", (unsigned long long)m->size);
+    json_time(out, m->arrived);
+    fprintf(out, ",\"attempts\":%d,\"next_attempt\":", m->attempts);
+    json_time(out, m->state == SPOOL_QUEUED || m->state == SPOOL_DEFERRED ? m->next_attempt : 0);
+    fputs(",\"last_error\":", out);
+    json_str(out, m->last_error);
+    fputs(",\"client\":", out);
+    json_str(out, m->client);
+    fputs(",\"helo\":", out);
+    json_str(out, m->helo);
+    fputs(",\"listener\":", out);
+    json_str(out, m->listener);
+}
+
+/* Copies s into out (size n) on one line, shortened with "..." when longer. */
+static const char *shorten(const char *s, char *out, size_t n)
+{
+    size_t i, len;
+
+    if (s == NULL)
+        return "-";
+    for (i = 0; s[i] != '\0' && i + 1 < n; i++)
+        out[i] = (s[i] == '\r' || s[i] == '\n' || s[i] == '\t') ? ' ' : s[i];
+    out[i] = '\0';
+    len = strlen(s);
+    if (len >= n && n > 4)
+        memcpy(out + n - 4, "...", 4);
+    return out;
+}
+
+/* s for a human line: control characters (a reply's CRLF) shown as spaces.  Returns a
+ * malloc'd copy kept in a small ring, so callers need not free it. */
+static const char *oneline(const char *s)
+{
+    static char *ring[8];
+    static unsigned next;
+    char *o;
+
+    if (s == NULL)
+        return "-";
+    o = xstrdup(s);
+    for (char *p = o; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7F)
+            *p = ' ';
+    /* Trailing spaces from a stripped CRLF help nobody. */
+    for (size_t n = strlen(o); n > 0 && o[n - 1] == ' '; n--)
+        o[n - 1] = '\0';
+    free(ring[next % 8]);
+    ring[next++ % 8] = o;
+    return o;
+}
+
+/* ---- commands ---- */
+
+struct ctx {
+    const char *spool_dir;
+    struct spool *sp;
+    const char *cmd;
+};
+
+static int open_spool(struct ctx *c, int readonly)
+{
+    struct spool_opts o = {.readonly = readonly};
+    char err[512];
+    int rc;
+
+    if ((rc = spool_open(c->spool_dir, &o, &c->sp, err, sizeof(err))) != 0) {
+        fprintf(stderr, "%s: %s\n", prog, err[0] ? err : spool_strerror(rc));
+        return -1;
+    }
+    return 0;
+}
+
+/* Parses one queue id argument; prints the usage-level complaint itself. */
+static int parse_id(struct ctx *c, const char *arg, uint64_t *id)
+{
+    if (spool_id_parse(arg, id) != 0) {
+        fprintf(stderr, "%s: %s %s: not a queue id\n", prog, c->cmd, arg);
+        return -1;
+    }
+    return 0;
+}
+
+static void report(struct ctx *c, const char *arg, int rc)
+{
+    fprintf(stderr, "%s: %s %s: %s\n", prog, c->cmd, arg, spool_strerror(rc));
+}
+
+struct list_arg {
+    int json, state, n;
+};
+
+static int list_one(const struct spool_msg *m, void *arg)
+{
+    struct list_arg *la = arg;
+    char id[17], tb[32], sender[25], rcpt[64], err[41], more[24] = "";
+
+    if (la->state > 0 && (int)m->state != la->state)
+        return 0;
+    if (la->json) {
+        fputs(la->n > 0 ? ",\n" : "\n", stdout);
+        json_msg_fields(stdout, m);
+        putchar('}');
+        la->n++;
+        return 0;
+    }
+    if (la->n++ == 0)
+        printf("%-12s  %-8s  %-20s  %8s  %-24s  %-28s  %3s  %s\n", "ID", "STATE", "ARRIVED", "SIZE",
+               "SENDER", "RECIPIENTS", "ATT", "LAST ERROR");
+    if (m->nrcpts > 1)
+        snprintf(more, sizeof(more), " +%zu", m->nrcpts - 1);
+    {
+        char first[29];
+
+        shorten(m->nrcpts ? m->rcpts[0].addr : "-", first, sizeof(first) - strlen(more));
+        snprintf(rcpt, sizeof(rcpt), "%s%s", first, more);
+    }
+    printf("%-12s  %-8s  %-20s  %8llu  %-24s  %-28s  %3d  %s\n", spool_id_str(m->id, id),
+           spool_state_name(m->state), fmt_time(m->arrived, tb), (unsigned long long)m->size,
+           m->sender[0] ? shorten(m->sender, sender, sizeof(sender)) : "<>", rcpt, m->attempts,
+           shorten(m->last_error, err, sizeof(err)));
+    return 0;
+}
+
+static int cmd_list(struct ctx *c, int argc, char **argv)
+{
+    struct list_arg la = {0};
+    int rc;
+
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0) {
+            la.json = 1;
+        } else if (strcmp(argv[i], "--state") == 0 || strncmp(argv[i], "--state=", 8) == 0) {
+            const char *v = argv[i][7] == '=' ? argv[i] + 8 : (i + 1 < argc ? argv[++i] : NULL);
+
+            if (v == NULL || (la.state = spool_state_parse(v)) < 0) {
+                fprintf(stderr, "%s: list: --state wants queued, deferred, held or failed\n", prog);
+                return EXIT_USAGE;
+            }
+        } else {
+            fprintf(stderr, "%s: list: unexpected argument %s\n", prog, argv[i]);
+            return EXIT_USAGE;
+        }
+    }
+    if (open_spool(c, 1) != 0)
+        return EXIT_OPER;
+    if (la.json)
+        putchar('[');
+    rc = spool_foreach(c->sp, list_one, &la);
+    if (la.json)
+        fputs(la.n > 0 ? "\n]\n" : "]\n", stdout);
+    if (rc != 0) {
+        fprintf(stderr, "%s: list: %s\n", prog, spool_strerror(rc));
+        return EXIT_OPER;
+    }
+    return 0;
+}
+
+/* The header section of a body: up to (not including) the first empty line. */
+static size_t header_len(const char *body, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        if (body[i] != '\n')
+            continue;
+        if (i + 1 < len && body[i + 1] == '\n')
+            return i + 1;
+        if (i + 2 < len && body[i + 1] == '\r' && body[i + 2] == '\n')
+            return i + 1;
+    }
+    return len;
+}
+
+static int cmd_show(struct ctx *c, int argc, char **argv)
+{
+    const char *arg = NULL;
+    struct spool_msg *m;
+    uint64_t id;
+    int json = 0, rc;
+    char *body = NULL, tb[32], ids[17];
+    size_t len = 0, hlen;
+
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0) {
+            json = 1;
+        } else if (arg == NULL && argv[i][0] != '-') {
+            arg = argv[i];
+        } else {
+            fprintf(stderr, "%s: show: unexpected argument %s\n", prog, argv[i]);
+            return EXIT_USAGE;
+        }
+    }
+    if (arg == NULL) {
+        fprintf(stderr, "%s: show: which message? (relayctl show ID)\n", prog);
+        return EXIT_USAGE;
+    }
+    if (parse_id(c, arg, &id) != 0)
+        return EXIT_USAGE;
+    if (open_spool(c, 1) != 0)
+        return EXIT_OPER;
+    if ((rc = spool_msg_get(c->sp, id, SPOOL_GET_HISTORY, &m)) != 0) {
+        report(c, arg, rc);
+        return EXIT_OPER;
+    }
+    /* A body missing next to its envelope is worth saying, not fatal. */
+    if ((rc = spool_body_get(c->sp, id, &body, &len)) != 0)
+        fprintf(stderr, "%s: show %s: body: %s\n", prog, arg, spool_strerror(rc));
+    hlen = body != NULL ? header_len(body, len) : 0;
+
+    if (json) {
+        json_msg_fields(stdout, m);
+        fputs(",\"rcpts\":[", stdout);
+        for (size_t i = 0; i < m->nrcpts; i++) {
+            fputs(i > 0 ? ",{\"addr\":" : "{\"addr\":", stdout);
+            json_str(stdout, m->rcpts[i].addr);
+            printf(",\"status\":\"%s\",\"reply\":", rcpt_status_name(m->rcpts[i].status));
+            json_str(stdout, m->rcpts[i].reply);
+            putchar('}');
+        }
+        fputs("],\"history\":[", stdout);
+        for (size_t i = 0; i < m->nattempts_log; i++) {
+            fputs(i > 0 ? ",{\"when\":" : "{\"when\":", stdout);
+            json_time(stdout, m->attempts_log[i].when);
+            fputs(",\"upstream\":", stdout);
+            json_str(stdout, m->attempts_log[i].upstream);
+            fputs(",\"result\":", stdout);
+            json_str(stdout, m->attempts_log[i].result);
+            putchar('}');
+        }
+        fputs("],\"headers\":", stdout);
+        if (body != NULL)
+            json_str_n(stdout, body, hlen);
+        else
+            fputs("null", stdout);
+        fputs("}\n", stdout);
+    } else {
+        printf("id:           %s\n", spool_id_str(m->id, ids));
+        printf("state:        %s\n", spool_state_name(m->state));
+        printf("arrived:      %s\n", fmt_time(m->arrived, tb));
+        if (m->state == SPOOL_QUEUED || m->state == SPOOL_DEFERRED)
+            printf("next attempt: %s\n", fmt_time(m->next_attempt, tb));
+        printf("attempts:     %d\n", m->attempts);
+        printf("size:         %llu\n", (unsigned long long)m->size);
+        printf("sender:       <%s>\n", oneline(m->sender));
+        printf("client:       %s\n", oneline(m->client));
+        printf("helo:         %s\n", oneline(m->helo));
+        printf("listener:     %s\n", oneline(m->listener));
+        printf("last error:   %s\n", oneline(m->last_error));
+        printf("recipients:\n");
+        for (size_t i = 0; i < m->nrcpts; i++)
+            printf("  %-8s <%s>%s%s\n", rcpt_status_name(m->rcpts[i].status),
+                   oneline(m->rcpts[i].addr), m->rcpts[i].reply ? "  " : "",
+                   m->rcpts[i].reply ? oneline(m->rcpts[i].reply) : "");
+        printf("history:%s\n", m->nattempts_log ? "" : " none");
+        for (size_t i = 0; i < m->nattempts_log; i++)
+            printf("  %s  %s  %s\n", fmt_time(m->attempts_log[i].when, tb),
+                   oneline(m->attempts_log[i].upstream), oneline(m->attempts_log[i].result));
+        printf("headers:\n");
+        for (size_t i = 0; i < hlen;) {
+            size_t e = i;
+
+            while (e < hlen && body[e] != '\n')
+                e++;
+            printf("  %.*s\n", (int)(e > i && body[e - 1] == '\r' ? e - 1 - i : e - i), body + i);
+            i = e + 1;
+        }
+    }
+    free(body);
+    spool_msg_free(m);
+    return 0;
+}
+
+static int cmd_cat(struct ctx *c, int argc, char **argv)
+{
+    uint64_t id;
+    char *body;
+    size_t len;
+    int rc;
+
+    if (argc != 1) {
+        fprintf(stderr, "%s: cat: wants exactly one queue id\n", prog);
+        return EXIT_USAGE;
+    }
+    if (parse_id(c, argv[0], &id) != 0)
+        return EXIT_USAGE;
+    if (open_spool(c, 1) != 0)
+        return EXIT_OPER;
+    if ((rc = spool_body_get(c->sp, id, &body, &len)) != 0) {
+        report(c, argv[0], rc);
+        return EXIT_OPER;
+    }
+    rc = fwrite(body, 1, len, stdout) == len && fflush(stdout) == 0 ? 0 : EXIT_OPER;
+    if (rc != 0)
+        fprintf(stderr, "%s: cat %s: write: %s\n", prog, argv[0], strerror(errno));
+    free(body);
+    return rc;
+}
+
+enum action { ACT_HOLD, ACT_RELEASE, ACT_RETRY, ACT_DELETE };
+
+static int act_one(struct ctx *c, enum action act, uint64_t id, const char *arg)
+{
+    static const char *const done_word[] = {"held", "released", "queued for retry", "deleted"};
+    struct spool_msg *m = NULL;
+    char ids[17];
+    int rc;
+
+    switch (act) {
+    case ACT_HOLD:
+        rc = spool_msg_set_state(c->sp, id, SPOOL_HELD);
+        break;
+    case ACT_RELEASE:
+        /* Only held messages: releasing a failed one would queue it with nothing pending. */
+        if ((rc = spool_msg_get(c->sp, id, 0, &m)) == 0 && m->state != SPOOL_HELD) {
+            fprintf(stderr, "%s: release %s: message is %s, not held%s\n", prog, arg,
+                    spool_state_name(m->state), m->state == SPOOL_FAILED ? " (use retry)" : "");
+            spool_msg_free(m);
+            return -1;
+        }
+        spool_msg_free(m);
+        if (rc == 0)
+            rc = spool_msg_set_state(c->sp, id, SPOOL_QUEUED);
+        break;
+    case ACT_RETRY:
+        rc = spool_msg_retry(c->sp, id);
+        break;
+    case ACT_DELETE:
+    default:
+        rc = spool_msg_delete(c->sp, id);
+        break;
+    }
+    if (rc != 0) {
+        report(c, arg, rc);
+        return -1;
+    }
+    printf("%s: %s\n", spool_id_str(id, ids), done_word[act]);
+    return 0;
+}
+
+struct idvec {
+    uint64_t *v;
+    size_t n, cap;
+};
+
+static int collect_scheduled(const struct spool_msg *m, void *arg)
+{
+    struct idvec *iv = arg;
+
+    if (m->state != SPOOL_QUEUED && m->state != SPOOL_DEFERRED)
+        return 0;
+    if (iv->n == iv->cap) {
+        iv->cap = iv->cap ? iv->cap * 2 : 64;
+        iv->v = xrealloc(iv->v, iv->cap * sizeof(*iv->v));
+    }
+    iv->v[iv->n++] = m->id;
+    return 0;
+}
+
+/* Asks on the terminal; 1 when the answer starts with y. */
+static int confirm(size_t n)
+{
+    char line[32];
+
+    fprintf(stderr, "Delete %zu message%s? [y/N] ", n, n == 1 ? "" : "s");
+    if (fgets(line, sizeof(line), stdin) == NULL)
+        return 0;
+    return line[0] == 'y' || line[0] == 'Y';
+}
+
+static int cmd_action(struct ctx *c, enum action act, int argc, char **argv)
+{
+    uint64_t *ids = xcalloc((size_t)argc + 1, sizeof(*ids));
+    const char **args = xcalloc((size_t)argc + 1, sizeof(*args));
+    size_t n = 0;
+    int all = 0, yes = 0, failed = 0, rc = 0;
+
+    for (int i = 0; i < argc; i++) {
+        if (act == ACT_RETRY && strcmp(argv[i], "--all") == 0) {
+            all = 1;
+        } else if (act == ACT_DELETE &&
+                   (strcmp(argv[i], "--yes") == 0 || strcmp(argv[i], "-y") == 0)) {
+            yes = 1;
+        } else if (argv[i][0] == '-') {
+            fprintf(stderr, "%s: %s: unknown option %s\n", prog, c->cmd, argv[i]);
+            rc = EXIT_USAGE;
+            goto out;
+        } else {
+            if (parse_id(c, argv[i], &ids[n]) != 0) {
+                rc = EXIT_USAGE;
+                goto out;
+            }
+            args[n++] = argv[i];
+        }
+    }
+    if (all && n > 0) {
+        fprintf(stderr, "%s: retry: either queue ids or --all\n", prog);
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    if (!all && n == 0) {
+        fprintf(stderr, "%s: %s: which messages? (relayctl %s ID...%s)\n", prog, c->cmd, c->cmd,
+                act == ACT_RETRY ? " or --all" : "");
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    if (act == ACT_DELETE && !yes) {
+        if (!isatty(STDIN_FILENO)) {
+            fprintf(stderr, "%s: delete: not a terminal; add --yes to delete without asking\n",
+                    prog);
+            rc = EXIT_USAGE;
+            goto out;
+        }
+        if (!confirm(n)) {
+            fprintf(stderr, "%s: delete: nothing deleted\n", prog);
+            rc = EXIT_OPER;
+            goto out;
+        }
+    }
+    if (open_spool(c, 0) != 0) {
+        rc = EXIT_OPER;
+        goto out;
+    }
+    if (all) {
+        /* Collect first, then write: no write happens inside the scan. */
+        struct idvec iv = {0};
+        char idbuf[17];
+        int frc = spool_foreach(c->sp, collect_scheduled, &iv);
+
+        if (frc != 0) {
+            fprintf(stderr, "%s: retry: %s\n", prog, spool_strerror(frc));
+            failed++;
+        }
+        for (size_t i = 0; i < iv.n; i++)
+            failed += act_one(c, act, iv.v[i], spool_id_str(iv.v[i], idbuf)) != 0;
+        if (iv.n == 0 && frc == 0)
+            printf("no queued or deferred messages\n");
+        free(iv.v);
+    }
+    for (size_t i = 0; i < n; i++)
+        failed += act_one(c, act, ids[i], args[i]) != 0;
+    rc = failed ? EXIT_OPER : 0;
+out:
+    free(ids);
+    free(args);
+    return rc;
+}
+
+static int cmd_stats(struct ctx *c, int argc, char **argv)
+{
+    struct spool_stats st;
+    char tb[32];
+    int json = 0, rc;
+
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--json") != 0) {
+            fprintf(stderr, "%s: stats: unexpected argument %s\n", prog, argv[i]);
+            return EXIT_USAGE;
+        }
+        json = 1;
+    }
+    if (open_spool(c, 1) != 0)
+        return EXIT_OPER;
+    if ((rc = spool_stats(c->sp, &st)) != 0) {
+        fprintf(stderr, "%s: stats: %s\n", prog, spool_strerror(rc));
+        return EXIT_OPER;
+    }
+    if (json) {
+        printf("{\"messages\":%llu", (unsigned long long)st.messages);
+        for (int s = SPOOL_QUEUED; s <= SPOOL_FAILED; s++)
+            printf(",\"%s\":%llu", spool_state_name(s), (unsigned long long)st.by_state[s]);
+        printf(",\"recipients_pending\":%llu,\"bytes\":%llu,\"oldest_arrival\":",
+               (unsigned long long)st.recipients, (unsigned long long)st.bytes);
+        json_time(stdout, st.oldest_arrival);
+        printf(",\"map_bytes\":%llu,\"used_bytes\":%llu}\n", (unsigned long long)st.map_bytes,
+               (unsigned long long)st.used_bytes);
+        return 0;
+    }
+    printf("messages:           %llu\n", (unsigned long long)st.messages);
+    for (int s = SPOOL_QUEUED; s <= SPOOL_FAILED; s++)
+        printf("  %-17s %llu\n", spool_state_name(s), (unsigned long long)st.by_state[s]);
+    printf("recipients pending: %llu\n", (unsigned long long)st.recipients);
+    printf("bytes:              %llu\n", (unsigned long long)st.bytes);
+    if (st.oldest_arrival != 0) {
+        long long age = (long long)(time(NULL) - st.oldest_arrival);
+
+        printf("oldest:             %s (%lldh%02lldm ago)\n", fmt_time(st.oldest_arrival, tb),
+               age / 3600, (age % 3600) / 60);
+    } else {
+        printf("oldest:             -\n");
+    }
+    printf("map:                %.1f MiB (%.1f MiB used)\n", st.map_bytes / 1048576.0,
+           st.used_bytes / 1048576.0);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"spool", required_argument, NULL, 's'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *config = NULL, *spool_dir = NULL;
+    struct ctx c = {0};
+    struct cfg cfg;
+    int opt, rc, have_cfg = 0, cargc;
+    char **cargv;
+
+    log_init(prog);
+    /* '+': stop at the command, so its own options are left for it. */
+    while ((opt = getopt_long(argc, argv, "+c:s:h", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 'c':
+            config = optarg;
+            break;
+        case 's':
+            spool_dir = optarg;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return EXIT_USAGE;
+        }
+    }
+    if (optind >= argc) {
+        usage(stderr);
+        return EXIT_USAGE;
+    }
+    c.cmd = argv[optind];
+    cargc = argc - optind - 1;
+    cargv = argv + optind + 1;
+    if (strcmp(c.cmd, "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(c.cmd, "list") != 0 && strcmp(c.cmd, "show") != 0 && strcmp(c.cmd, "cat") != 0 &&
+        strcmp(c.cmd, "hold") != 0 && strcmp(c.cmd, "release") != 0 &&
+        strcmp(c.cmd, "retry") != 0 && strcmp(c.cmd, "delete") != 0 &&
+        strcmp(c.cmd, "stats") != 0) {
+        fprintf(stderr, "%s: unknown command %s (relayctl --help lists them)\n", prog, c.cmd);
+        return EXIT_USAGE;
+    }
+
+    if (spool_dir == NULL) {
+        char err[512];
+
+        if (config == NULL)
+            config = DEFAULT_CONFIG;
+        if ((rc = cfg_load(config, &cfg, err, sizeof(err))) != 0) {
+            fprintf(stderr, "%s: %s\n", prog, err[0] ? err : strerror(-rc));
+            if (rc == -ENOENT)
+                fprintf(stderr,
+                        "%s: name the configuration with -c FILE or the spool with "
+                        "--spool DIR\n",
+                        prog);
+            return EXIT_OPER;
+        }
+        have_cfg = 1;
+        spool_dir = cfg.spool_dir;
+    }
+    c.spool_dir = spool_dir;
+
+    if (strcmp(c.cmd, "list") == 0)
+        rc = cmd_list(&c, cargc, cargv);
+    else if (strcmp(c.cmd, "show") == 0)
+        rc = cmd_show(&c, cargc, cargv);
+    else if (strcmp(c.cmd, "cat") == 0)
+        rc = cmd_cat(&c, cargc, cargv);
+    else if (strcmp(c.cmd, "hold") == 0)
+        rc = cmd_action(&c, ACT_HOLD, cargc, cargv);
+    else if (strcmp(c.cmd, "release") == 0)
+        rc = cmd_action(&c, ACT_RELEASE, cargc, cargv);
+    else if (strcmp(c.cmd, "retry") == 0)
+        rc = cmd_action(&c, ACT_RETRY, cargc, cargv);
+    else if (strcmp(c.cmd, "delete") == 0)
+        rc = cmd_action(&c, ACT_DELETE, cargc, cargv);
+    else
+        rc = cmd_stats(&c, cargc, cargv);
+
+    spool_close(c.sp);
+    if (have_cfg)
+        cfg_free(&cfg);
+    if (fflush(stdout) != 0 && rc == 0) {
+        fprintf(stderr, "%s: write: %s\n", prog, strerror(errno));
+        rc = EXIT_OPER;
+    }
+    return rc;
+}

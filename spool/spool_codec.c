@@ -1,0 +1,317 @@
+/*
+ * spool_codec - the byte layout of spool records (see spool/DESIGN.md).
+ *
+ * Every record starts with a version byte and the total record length (u32 BE), then
+ * fixed-width integers in big-endian and strings as u32 BE length + bytes, with length
+ * 0xFFFFFFFF meaning NULL.  Decoding checks every length against the value size, so a
+ * truncated or foreign record gives SPOOL_ECORRUPT instead of reading past the end.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/xalloc.h"
+#include "spool/spool_int.h"
+
+#define STR_NULL 0xFFFFFFFFu
+
+void spool__be64(unsigned char *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+uint64_t spool__get_be64(const unsigned char *p)
+{
+    uint64_t v = 0;
+
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+void spool__be32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+uint32_t spool__get_be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+void spool__sched_key(unsigned char k[16], int64_t when, uint64_t id)
+{
+    spool__be64(k, when < 0 ? 0 : (uint64_t)when);
+    spool__be64(k + 8, id);
+}
+
+/* ---- encoding ---- */
+
+static void put_u8(struct buf *b, unsigned v)
+{
+    unsigned char c = (unsigned char)v;
+
+    buf_append(b, &c, 1);
+}
+
+static void put_u32(struct buf *b, uint32_t v)
+{
+    unsigned char p[4];
+
+    spool__be32(p, v);
+    buf_append(b, p, 4);
+}
+
+static void put_u64(struct buf *b, uint64_t v)
+{
+    unsigned char p[8];
+
+    spool__be64(p, v);
+    buf_append(b, p, 8);
+}
+
+static void put_str(struct buf *b, const char *s)
+{
+    size_t n;
+
+    if (s == NULL) {
+        put_u32(b, STR_NULL);
+        return;
+    }
+    n = strlen(s);
+    if (n >= STR_NULL)
+        n = STR_NULL - 1; /* cannot happen for SMTP data; keep the record decodable */
+    put_u32(b, (uint32_t)n);
+    buf_append(b, s, n);
+}
+
+/* Writes the header with a placeholder length; finish() patches it. */
+static void start(struct buf *b)
+{
+    buf_reset(b);
+    put_u8(b, SPOOL_REC_VERSION);
+    put_u32(b, 0);
+}
+
+static void finish(struct buf *b)
+{
+    spool__be32((unsigned char *)b->data + 1, (uint32_t)b->len);
+}
+
+void spool__encode_msg(const struct spool_msg *m, struct buf *out)
+{
+    start(out);
+    put_u8(out, (unsigned)m->state);
+    put_u64(out, (uint64_t)m->arrived);
+    put_u64(out, (uint64_t)m->next_attempt);
+    put_u32(out, m->attempts < 0 ? 0 : (uint32_t)m->attempts);
+    put_u64(out, m->size);
+    put_str(out, m->sender);
+    put_str(out, m->client);
+    put_str(out, m->helo);
+    put_str(out, m->listener);
+    put_str(out, m->last_error);
+    put_u32(out, (uint32_t)m->nrcpts);
+    for (size_t i = 0; i < m->nrcpts; i++) {
+        put_str(out, m->rcpts[i].addr);
+        put_u8(out, (unsigned)m->rcpts[i].status);
+        put_str(out, m->rcpts[i].reply);
+    }
+    finish(out);
+}
+
+void spool__encode_attempt(const struct spool_attempt *a, struct buf *out)
+{
+    start(out);
+    put_u64(out, (uint64_t)a->when);
+    put_str(out, a->upstream);
+    put_str(out, a->result);
+    finish(out);
+}
+
+/* ---- decoding ---- */
+
+struct rd {
+    const unsigned char *p;
+    size_t n, off;
+    int bad;
+};
+
+static int need(struct rd *r, size_t k)
+{
+    if (r->bad || r->n - r->off < k) {
+        r->bad = 1;
+        return 0;
+    }
+    return 1;
+}
+
+static unsigned get_u8(struct rd *r)
+{
+    if (!need(r, 1))
+        return 0;
+    return r->p[r->off++];
+}
+
+static uint32_t get_u32(struct rd *r)
+{
+    uint32_t v;
+
+    if (!need(r, 4))
+        return 0;
+    v = spool__get_be32(r->p + r->off);
+    r->off += 4;
+    return v;
+}
+
+static uint64_t get_u64(struct rd *r)
+{
+    uint64_t v;
+
+    if (!need(r, 8))
+        return 0;
+    v = spool__get_be64(r->p + r->off);
+    r->off += 8;
+    return v;
+}
+
+static char *get_str(struct rd *r)
+{
+    uint32_t n = get_u32(r);
+    char *s;
+
+    if (r->bad || n == STR_NULL)
+        return NULL;
+    if (!need(r, n))
+        return NULL;
+    s = xstrndup((const char *)r->p + r->off, n);
+    r->off += n;
+    return s;
+}
+
+/* Checks version and length; leaves r positioned after the header. */
+static int header(struct rd *r, const void *p, size_t n)
+{
+    r->p = p;
+    r->n = n;
+    r->off = 0;
+    r->bad = 0;
+    if (get_u8(r) != SPOOL_REC_VERSION)
+        return SPOOL_ECORRUPT;
+    if (get_u32(r) != n || r->bad)
+        return SPOOL_ECORRUPT;
+    return 0;
+}
+
+int spool__decode_msg(const void *p, size_t n, uint64_t id, struct spool_msg *m)
+{
+    struct rd r;
+    uint32_t nr;
+
+    memset(m, 0, sizeof(*m));
+    if (header(&r, p, n) != 0)
+        return SPOOL_ECORRUPT;
+    m->id = id;
+    m->state = (enum spool_state)get_u8(&r);
+    m->arrived = (int64_t)get_u64(&r);
+    m->next_attempt = (int64_t)get_u64(&r);
+    m->attempts = (int)get_u32(&r);
+    m->size = get_u64(&r);
+    m->sender = get_str(&r);
+    m->client = get_str(&r);
+    m->helo = get_str(&r);
+    m->listener = get_str(&r);
+    m->last_error = get_str(&r);
+    nr = get_u32(&r);
+    /* Each recipient takes at least 9 bytes: a bound before allocating. */
+    if (r.bad || nr > (r.n - r.off) / 9)
+        goto corrupt;
+    m->rcpts = xcalloc(nr ? nr : 1, sizeof(*m->rcpts));
+    m->nrcpts = nr;
+    for (uint32_t i = 0; i < nr; i++) {
+        m->rcpts[i].addr = get_str(&r);
+        m->rcpts[i].status = (enum spool_rcpt_status)get_u8(&r);
+        m->rcpts[i].reply = get_str(&r);
+        if (m->rcpts[i].addr == NULL)
+            r.bad = 1;
+    }
+    if (r.bad || r.off != r.n || m->sender == NULL || m->state < SPOOL_QUEUED ||
+        m->state > SPOOL_FAILED)
+        goto corrupt;
+    return 0;
+corrupt:
+    spool__msg_clear(m);
+    return SPOOL_ECORRUPT;
+}
+
+int spool__decode_attempt(const void *p, size_t n, struct spool_attempt *a)
+{
+    struct rd r;
+
+    memset(a, 0, sizeof(*a));
+    if (header(&r, p, n) != 0)
+        return SPOOL_ECORRUPT;
+    a->when = (int64_t)get_u64(&r);
+    a->upstream = get_str(&r);
+    a->result = get_str(&r);
+    if (r.bad || r.off != r.n) {
+        free(a->upstream);
+        free(a->result);
+        memset(a, 0, sizeof(*a));
+        return SPOOL_ECORRUPT;
+    }
+    return 0;
+}
+
+/* ---- struct spool_msg helpers ---- */
+
+void spool__msg_clear(struct spool_msg *m)
+{
+    free(m->sender);
+    free(m->client);
+    free(m->helo);
+    free(m->listener);
+    free(m->last_error);
+    for (size_t i = 0; i < m->nrcpts; i++) {
+        free(m->rcpts[i].addr);
+        free(m->rcpts[i].reply);
+    }
+    free(m->rcpts);
+    for (size_t i = 0; i < m->nattempts_log; i++) {
+        free(m->attempts_log[i].upstream);
+        free(m->attempts_log[i].result);
+    }
+    free(m->attempts_log);
+    memset(m, 0, sizeof(*m));
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s != NULL ? xstrdup(s) : NULL;
+}
+
+struct spool_msg *spool__msg_dup(const struct spool_msg *m)
+{
+    struct spool_msg *c = xcalloc(1, sizeof(*c));
+
+    *c = *m;
+    c->sender = xstrdup(m->sender != NULL ? m->sender : "");
+    c->client = dup_or_null(m->client);
+    c->helo = dup_or_null(m->helo);
+    c->listener = dup_or_null(m->listener);
+    c->last_error = dup_or_null(m->last_error);
+    c->rcpts = xcalloc(m->nrcpts ? m->nrcpts : 1, sizeof(*c->rcpts));
+    for (size_t i = 0; i < m->nrcpts; i++) {
+        c->rcpts[i].addr = xstrdup(m->rcpts[i].addr != NULL ? m->rcpts[i].addr : "");
+        c->rcpts[i].status = m->rcpts[i].status;
+        c->rcpts[i].reply = dup_or_null(m->rcpts[i].reply);
+    }
+    c->attempts_log = NULL;
+    c->nattempts_log = 0;
+    return c;
+}

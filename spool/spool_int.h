@@ -1,0 +1,86 @@
+/*
+ * spool_int.h - internals shared by spool.c, spool_codec.c and spool_writer.c.
+ *
+ * Map-size discipline: mdb_env_set_mapsize() needs that no transaction of this process is
+ * live (with MDB_NOTLS LMDB cannot check that for read transactions itself).  Every
+ * transaction therefore runs with sp->maplock held shared (spool__txn_begin/end), and
+ * resizing takes it exclusively.  Nobody takes the lock twice: callbacks never run while
+ * a transaction is open.
+ */
+#ifndef SPOOL_SPOOL_INT_H
+#define SPOOL_SPOOL_INT_H
+
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdint.h>
+
+#include "common/buf.h"
+#include "spool/spool.h"
+
+#define SPOOL_SCHEMA 1u
+#define SPOOL_REC_VERSION 1
+#define SPOOL_MAP_DEFAULT (64ull << 20)
+
+struct spool_job;
+
+struct spool {
+    char *dir;
+    struct spool_opts opts;
+    MDB_env *env;
+    MDB_dbi meta, msg, body, sched, attempt;
+
+    pthread_rwlock_t maplock; /* shared around every txn, exclusive to resize the map */
+
+    pthread_mutex_t idlock;
+    uint64_t last_id;
+
+    /* Writer thread: jobs flow queue -> (one txn) -> done -> spool_writer_reap(). */
+    pthread_mutex_t qlock;
+    pthread_cond_t qcond;
+    pthread_t thread;
+    int started, stopping;
+    struct spool_job *queue, **queue_tail;
+    struct spool_job *done, **done_tail;
+    void (*wake)(void *);
+    void *wake_arg;
+    uint64_t commits, committed_jobs; /* under qlock */
+};
+
+/* ---- spool.c ---- */
+int spool__txn_begin(struct spool *sp, unsigned flags, MDB_txn **txn);
+void spool__txn_abort(struct spool *sp, MDB_txn *txn);
+int spool__txn_commit(struct spool *sp, MDB_txn *txn);
+/* Doubles the map (exclusive lock); call with no transaction open in this thread. */
+int spool__map_grow(struct spool *sp);
+/* MDB_* / errno -> SPOOL_E*, logging the LMDB text. */
+int spool__from_mdb(int rc, const char *what);
+
+/* Operations inside an open write transaction; 0 or a negative code (an MDB_* code,
+ * positive, is passed through for MDB_MAP_FULL so the caller can grow and retry). */
+int spool__txn_put(struct spool *sp, MDB_txn *txn, const struct spool_msg *m, const char *body,
+                   size_t len);
+int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update *u);
+int spool__txn_delete(struct spool *sp, MDB_txn *txn, uint64_t id);
+
+/* ---- spool_codec.c ---- */
+void spool__be64(unsigned char *p, uint64_t v);
+uint64_t spool__get_be64(const unsigned char *p);
+void spool__be32(unsigned char *p, uint32_t v);
+uint32_t spool__get_be32(const unsigned char *p);
+/* sched key: next_attempt (BE, as unsigned; negatives clamp to 0) + id. */
+void spool__sched_key(unsigned char k[16], int64_t when, uint64_t id);
+
+void spool__encode_msg(const struct spool_msg *m, struct buf *out);
+/* Fills *m (zeroed first); strings allocated; on failure *m holds nothing to free. */
+int spool__decode_msg(const void *p, size_t n, uint64_t id, struct spool_msg *m);
+void spool__encode_attempt(const struct spool_attempt *a, struct buf *out);
+int spool__decode_attempt(const void *p, size_t n, struct spool_attempt *a);
+/* Frees the members of m (not m itself). */
+void spool__msg_clear(struct spool_msg *m);
+/* A deep copy (no history). */
+struct spool_msg *spool__msg_dup(const struct spool_msg *m);
+
+/* ---- spool_writer.c ---- */
+void spool__writer_stop(struct spool *sp);
+
+#endif

@@ -1,0 +1,767 @@
+/*
+ * test_spool - the LMDB spool: ids, group-committed writes, update semantics, the
+ * schedule index, limits, map growth and concurrent readers/writers.
+ *
+ * Each test gets its own spool directory under /tmp, removed in teardown.  Writes go
+ * through the real writer thread; the test thread plays the event loop: wake() signals a
+ * condition variable and the test calls spool_writer_reap().
+ */
+#include <criterion/criterion.h>
+#include <criterion/new/assert.h>
+
+#include <errno.h>
+#include <ftw.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "spool/spool.h"
+
+static char tdir[64];
+static char sdir[96];
+
+static int rm_cb(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static void setup(void)
+{
+    strcpy(tdir, "/tmp/test_spool.XXXXXX");
+    cr_assert(mkdtemp(tdir) != NULL);
+    snprintf(sdir, sizeof(sdir), "%s/spool", tdir);
+}
+
+static void teardown(void)
+{
+    nftw(tdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+TestSuite(spool, .init = setup, .fini = teardown, .timeout = 60);
+
+/* ---- the test thread as event loop ---- */
+
+static pthread_mutex_t wmu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wcond = PTHREAD_COND_INITIALIZER;
+static int wakes;
+
+static void test_wake(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&wmu);
+    wakes++;
+    pthread_cond_signal(&wcond);
+    pthread_mutex_unlock(&wmu);
+}
+
+struct result {
+    int called;
+    int rc;
+};
+
+static void on_done(void *arg, int rc)
+{
+    struct result *r = arg;
+
+    r->called++;
+    r->rc = rc;
+}
+
+/* Reaps until *count reaches want (bounded: 20 s). */
+static void reap_until(struct spool *sp, const int *count, int want)
+{
+    for (int i = 0; i < 2000 && *count < want; i++) {
+        struct timespec ts;
+
+        spool_writer_reap(sp);
+        if (*count >= want)
+            break;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 10 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_mutex_lock(&wmu);
+        pthread_cond_timedwait(&wcond, &wmu, &ts);
+        pthread_mutex_unlock(&wmu);
+    }
+    cr_assert(eq(int, *count, want), "callbacks did not arrive");
+}
+
+static struct spool *open_rw(const struct spool_opts *o)
+{
+    struct spool_opts def = {0};
+    struct spool *sp = NULL;
+    char err[256];
+    int rc = spool_open(sdir, o ? o : &def, &sp, err, sizeof(err));
+
+    cr_assert(eq(int, rc, 0), "spool_open: %s", err);
+    cr_assert(eq(int, spool_writer_start(sp, test_wake, NULL), 0));
+    return sp;
+}
+
+static void fill_msg(struct spool_msg *m, struct spool_rcpt *r, uint64_t id, const char *sender)
+{
+    memset(m, 0, sizeof(*m));
+    m->id = id;
+    m->state = SPOOL_QUEUED;
+    m->arrived = time(NULL);
+    m->next_attempt = m->arrived;
+    m->sender = (char *)sender;
+    m->client = "10.0.0.7";
+    m->helo = "fax.lan";
+    m->listener = "lan";
+    r[0] = (struct spool_rcpt){"a@example.org", SPOOL_RCPT_PENDING, NULL};
+    r[1] = (struct spool_rcpt){"b@example.org", SPOOL_RCPT_PENDING, NULL};
+    m->rcpts = r;
+    m->nrcpts = 2;
+}
+
+/* Stores a 2-recipient message synchronously (put + reap); returns the callback rc. */
+static int put_one(struct spool *sp, uint64_t id, int64_t next_attempt, enum spool_state st,
+                   size_t len)
+{
+    struct spool_msg m;
+    struct spool_rcpt r[2];
+    struct result res = {0};
+    char *body = malloc(len ? len : 1);
+
+    memset(body, 'x', len);
+    fill_msg(&m, r, id, "fax@lan");
+    m.next_attempt = next_attempt;
+    m.state = st;
+    spool_put_async(sp, &m, body, len, on_done, &res);
+    reap_until(sp, &res.called, 1);
+    return res.rc;
+}
+
+static int update_one(struct spool *sp, const struct spool_update *u)
+{
+    struct result res = {0};
+
+    spool_update_async(sp, u, on_done, &res);
+    reap_until(sp, &res.called, 1);
+    return res.rc;
+}
+
+/* ---- tests ---- */
+
+/* Opening creates the directory (0700) and the spool; it reopens cleanly. */
+Test(spool, open_close)
+{
+    struct spool *sp = open_rw(NULL);
+    struct stat st;
+
+    spool_close(sp);
+    cr_assert(eq(int, stat(sdir, &st), 0));
+    cr_assert(eq(int, st.st_mode & 0777, 0700));
+    sp = open_rw(NULL);
+    spool_close(sp);
+    spool_close(NULL);
+}
+
+/* Readonly open of a missing spool fails with a message instead of creating it. */
+Test(spool, readonly_missing)
+{
+    struct spool_opts o = {.readonly = 1};
+    struct spool *sp = NULL;
+    char err[256] = "";
+
+    cr_assert(ne(int, spool_open(sdir, &o, &sp, err, sizeof(err)), 0));
+    cr_assert(sp == NULL);
+    cr_assert(strstr(err, sdir) != NULL, "%s", err);
+    cr_assert(ne(int, access(sdir, F_OK), 0));
+}
+
+/* Ids print as 12 upper-case hex digits and parse case-insensitively. */
+Test(spool, id_format)
+{
+    char s[17];
+    uint64_t id;
+
+    cr_assert(eq(str, spool_id_str(0x190A3F2C1D4ull, s), "0190A3F2C1D4"));
+    cr_assert(eq(int, spool_id_parse("0190a3f2c1d4", &id), 0));
+    cr_assert(eq(u64, id, 0x190A3F2C1D4ull));
+    cr_assert(eq(int, spool_id_parse("0190A3F2C1D4", &id), 0));
+    cr_assert(eq(u64, id, 0x190A3F2C1D4ull));
+    cr_assert(ne(int, spool_id_parse("", &id), 0));
+    cr_assert(ne(int, spool_id_parse("0190A3F2C1DZ", &id), 0));
+    cr_assert(ne(int, spool_id_parse("00112233445566778899", &id), 0));
+}
+
+/* Ids strictly increase within the process and across a restart, even when the clock
+ * is behind the newest stored id. */
+Test(spool, id_monotonic)
+{
+    struct spool *sp = open_rw(NULL);
+    uint64_t prev = 0, future;
+    struct timeval tv;
+
+    for (int i = 0; i < 10000; i++) {
+        uint64_t id = spool_id_new(sp);
+
+        cr_assert(gt(u64, id, prev));
+        prev = id;
+    }
+    gettimeofday(&tv, NULL);
+    cr_assert(ge(u64, prev + 1000, (uint64_t)tv.tv_sec * 1000), "ids are unix milliseconds");
+    future = prev + 3600 * 1000;
+    cr_assert(eq(int, put_one(sp, future, 0, SPOOL_QUEUED, 10), 0));
+    spool_close(sp);
+    sp = open_rw(NULL);
+    cr_assert(gt(u64, spool_id_new(sp), future));
+    spool_close(sp);
+}
+
+/* Ids keep increasing after the newest message was delivered (meta last_id). */
+Test(spool, id_after_delete)
+{
+    struct spool *sp = open_rw(NULL);
+    uint64_t future = spool_id_new(sp) + 3600 * 1000;
+
+    cr_assert(eq(int, put_one(sp, future, 0, SPOOL_QUEUED, 10), 0));
+    cr_assert(eq(int, spool_msg_delete(sp, future), 0));
+    spool_close(sp);
+    sp = open_rw(NULL);
+    cr_assert(gt(u64, spool_id_new(sp), future));
+    spool_close(sp);
+}
+
+/* A put round-trips: envelope, recipients and body. */
+Test(spool, put_get)
+{
+    struct spool *sp = open_rw(NULL);
+    struct spool_msg m, *g;
+    struct spool_rcpt r[2];
+    struct result res = {0};
+    const char *text = "Subject: hi\r\n\r\nbody\r\n";
+    char *body = strdup(text), *data;
+    size_t len;
+    uint64_t id = spool_id_new(sp);
+
+    fill_msg(&m, r, id, "");
+    r[1].reply = "250 earlier";
+    spool_put_async(sp, &m, body, strlen(text), on_done, &res);
+    reap_until(sp, &res.called, 1);
+    cr_assert(eq(int, res.rc, 0));
+
+    cr_assert(eq(int, spool_msg_get(sp, id, SPOOL_GET_HISTORY, &g), 0));
+    cr_assert(eq(u64, g->id, id));
+    cr_assert(eq(int, g->state, SPOOL_QUEUED));
+    cr_assert(eq(str, g->sender, ""));
+    cr_assert(eq(str, g->client, "10.0.0.7"));
+    cr_assert(eq(str, g->helo, "fax.lan"));
+    cr_assert(eq(str, g->listener, "lan"));
+    cr_assert(g->last_error == NULL);
+    cr_assert(eq(u64, g->size, strlen(text)));
+    cr_assert(eq(sz, g->nrcpts, 2));
+    cr_assert(eq(str, g->rcpts[0].addr, "a@example.org"));
+    cr_assert(g->rcpts[0].reply == NULL);
+    cr_assert(eq(str, g->rcpts[1].addr, "b@example.org"));
+    cr_assert(eq(str, g->rcpts[1].reply, "250 earlier"));
+    cr_assert(eq(sz, g->nattempts_log, 0));
+    g = spool_msg_free(g);
+    cr_assert(g == NULL);
+
+    cr_assert(eq(int, spool_body_get(sp, id, &data, &len), 0));
+    cr_assert(eq(sz, len, strlen(text)));
+    cr_assert(eq(int, memcmp(data, text, len), 0));
+    free(data);
+    cr_assert(eq(int, spool_msg_get(sp, id + 1, 0, &g), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, spool_body_get(sp, id + 1, &data, &len), SPOOL_ENOTFOUND));
+    spool_close(sp);
+}
+
+/* Partial delivery keeps the pending recipient and reschedules; all sent deletes. */
+Test(spool, update_partial_then_done)
+{
+    struct spool *sp = open_rw(NULL);
+    uint64_t id = spool_id_new(sp), ids[8];
+    int64_t now = time(NULL);
+    size_t idx0 = 0, idx1 = 1, n;
+    enum spool_rcpt_status sent = SPOOL_RCPT_SENT;
+    const char *reply0 = "250 2.0.0 ok", *reply1 = "451 try later";
+    enum spool_rcpt_status pend = SPOOL_RCPT_PENDING;
+    struct spool_update u = {
+        .id = id,
+        .state = SPOOL_DEFERRED,
+        .next_attempt = now + 60,
+        .count_attempt = 1,
+        .last_error = "451 try later",
+        .upstream = "provider",
+        .result = "deferred: 451 try later",
+        .nrcpts = 1,
+        .rcpt_index = &idx0,
+        .rcpt_status = &sent,
+        .rcpt_reply = &reply0,
+    };
+    struct spool_msg *g;
+    char *data;
+    size_t len;
+
+    cr_assert(eq(int, put_one(sp, id, now, SPOOL_QUEUED, 100), 0));
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    /* The second recipient's reply is recorded with a second update. */
+    u.rcpt_index = &idx1;
+    u.rcpt_status = &pend;
+    u.rcpt_reply = &reply1;
+    u.count_attempt = 0;
+    u.result = NULL;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+
+    cr_assert(eq(int, spool_msg_get(sp, id, SPOOL_GET_HISTORY, &g), 0));
+    cr_assert(eq(int, g->state, SPOOL_DEFERRED));
+    cr_assert(eq(i64, g->next_attempt, now + 60));
+    cr_assert(eq(int, g->attempts, 1));
+    cr_assert(eq(str, g->last_error, "451 try later"));
+    cr_assert(eq(int, g->rcpts[0].status, SPOOL_RCPT_SENT));
+    cr_assert(eq(str, g->rcpts[0].reply, "250 2.0.0 ok"));
+    cr_assert(eq(int, g->rcpts[1].status, SPOOL_RCPT_PENDING));
+    cr_assert(eq(str, g->rcpts[1].reply, "451 try later"));
+    cr_assert(eq(sz, g->nattempts_log, 1));
+    cr_assert(eq(str, g->attempts_log[0].upstream, "provider"));
+    cr_assert(eq(str, g->attempts_log[0].result, "deferred: 451 try later"));
+    spool_msg_free(g);
+
+    cr_assert(eq(int, spool_due(sp, now, ids, 8, &n), 0));
+    cr_assert(eq(sz, n, 0));
+    cr_assert(eq(int, spool_due(sp, now + 60, ids, 8, &n), 0));
+    cr_assert(eq(sz, n, 1));
+    cr_assert(eq(u64, ids[0], id));
+
+    /* Second attempt delivers the rest: the message disappears entirely. */
+    u.rcpt_status = &sent;
+    u.result = "sent";
+    u.count_attempt = 1;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    cr_assert(eq(int, spool_msg_get(sp, id, SPOOL_GET_HISTORY, &g), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, spool_body_get(sp, id, &data, &len), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, spool_due(sp, now + 1000, ids, 8, &n), 0));
+    cr_assert(eq(sz, n, 0));
+    /* A later update of the gone message reports it, without disturbing anything. */
+    cr_assert(eq(int, update_one(sp, &u), SPOOL_ENOTFOUND));
+    spool_close(sp);
+}
+
+/* A permanent failure of a recipient leaves the message FAILED and unscheduled; retry
+ * makes it QUEUED, due now, with the failed recipient pending again. */
+Test(spool, update_failed_then_retry)
+{
+    struct spool *sp = open_rw(NULL);
+    uint64_t id = spool_id_new(sp), ids[8];
+    int64_t now = time(NULL);
+    size_t idx[2] = {0, 1}, n;
+    enum spool_rcpt_status st[2] = {SPOOL_RCPT_SENT, SPOOL_RCPT_FAILED};
+    struct spool_update u = {
+        .id = id,
+        .state = SPOOL_DEFERRED,
+        .next_attempt = now + 60,
+        .count_attempt = 1,
+        .last_error = "550 no such user",
+        .result = "failed: 550 no such user",
+        .nrcpts = 2,
+        .rcpt_index = idx,
+        .rcpt_status = st,
+    };
+    struct spool_msg *g;
+
+    cr_assert(eq(int, put_one(sp, id, now, SPOOL_QUEUED, 100), 0));
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    cr_assert(eq(int, spool_msg_get(sp, id, 0, &g), 0));
+    cr_assert(eq(int, g->state, SPOOL_FAILED));
+    cr_assert(eq(i64, g->next_attempt, 0));
+    cr_assert(eq(int, g->rcpts[1].status, SPOOL_RCPT_FAILED));
+    spool_msg_free(g);
+    cr_assert(eq(int, spool_due(sp, now + 100000, ids, 8, &n), 0));
+    cr_assert(eq(sz, n, 0));
+
+    cr_assert(eq(int, spool_msg_retry(sp, id), 0));
+    cr_assert(eq(int, spool_msg_get(sp, id, 0, &g), 0));
+    cr_assert(eq(int, g->state, SPOOL_QUEUED));
+    cr_assert(eq(int, g->rcpts[0].status, SPOOL_RCPT_SENT));
+    cr_assert(eq(int, g->rcpts[1].status, SPOOL_RCPT_PENDING));
+    spool_msg_free(g);
+    cr_assert(eq(int, spool_due(sp, time(NULL), ids, 8, &n), 0));
+    cr_assert(eq(sz, n, 1));
+    cr_assert(eq(int, spool_msg_retry(sp, id + 1), SPOOL_ENOTFOUND));
+    spool_close(sp);
+}
+
+/* spool_due returns QUEUED/DEFERRED messages by next_attempt, not id; hold and release
+ * take them out of and back into the schedule. */
+Test(spool, due_order_and_hold)
+{
+    struct spool *sp = open_rw(NULL);
+    uint64_t a = spool_id_new(sp), b = spool_id_new(sp), c = spool_id_new(sp);
+    uint64_t d = spool_id_new(sp), ids[8];
+    size_t n;
+
+    cr_assert(eq(int, put_one(sp, a, 300, SPOOL_QUEUED, 1), 0));
+    cr_assert(eq(int, put_one(sp, b, 100, SPOOL_QUEUED, 1), 0));
+    cr_assert(eq(int, put_one(sp, c, 200, SPOOL_QUEUED, 1), 0));
+    cr_assert(eq(int, put_one(sp, d, 0, SPOOL_HELD, 1), 0));
+    cr_assert(eq(int, spool_due(sp, 250, ids, 8, &n), 0));
+    cr_assert(eq(sz, n, 2));
+    cr_assert(eq(u64, ids[0], b));
+    cr_assert(eq(u64, ids[1], c));
+    cr_assert(eq(int, spool_due(sp, 1000, ids, 2, &n), 0));
+    cr_assert(eq(sz, n, 2), "max is respected");
+    cr_assert(eq(int, spool_due(sp, 1000, ids, 8, &n), 0));
+    cr_assert(eq(sz, n, 3));
+    cr_assert(eq(u64, ids[2], a));
+
+    cr_assert(eq(int, spool_msg_set_state(sp, b, SPOOL_HELD), 0));
+    cr_assert(eq(int, spool_due(sp, 1000, ids, 8, &n), 0));
+    cr_assert(eq(sz, n, 2));
+    cr_assert(eq(int, spool_msg_set_state(sp, d, SPOOL_QUEUED), 0)); /* release: due now */
+    cr_assert(eq(int, spool_due(sp, 1000, ids, 8, &n), 0));
+    cr_assert(eq(sz, n, 2), "released message is due now, not at 1000");
+    cr_assert(eq(int, spool_due(sp, time(NULL), ids, 8, &n), 0));
+    cr_assert(eq(sz, n, 3));
+    cr_assert(eq(u64, ids[2], d));
+    spool_close(sp);
+}
+
+static int count_cb(const struct spool_msg *m, void *arg)
+{
+    (void)m;
+    (*(int *)arg)++;
+    return 0;
+}
+
+static int stop_cb(const struct spool_msg *m, void *arg)
+{
+    (void)m;
+    return ++(*(int *)arg) == 3;
+}
+
+/* foreach visits every message in id order (across its internal chunks) and stops early. */
+Test(spool, foreach)
+{
+    struct spool *sp = open_rw(NULL);
+    int n = 0;
+
+    for (int i = 0; i < 300; i++) {
+        struct spool_msg m;
+        struct spool_rcpt r[2];
+
+        fill_msg(&m, r, spool_id_new(sp), "x@y");
+        spool_put_async(sp, &m, strdup("b"), 1, NULL, NULL);
+    }
+    spool_close(sp); /* commits every queued job */
+    sp = open_rw(NULL);
+    cr_assert(eq(int, spool_foreach(sp, count_cb, &n), 0));
+    cr_assert(eq(int, n, 300));
+    n = 0;
+    cr_assert(eq(int, spool_foreach(sp, stop_cb, &n), 0));
+    cr_assert(eq(int, n, 3));
+    spool_close(sp);
+}
+
+/* A spool with an unknown schema version is refused and left untouched. */
+Test(spool, schema_version_refused)
+{
+    struct spool *sp = open_rw(NULL);
+    struct spool_opts o = {0};
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    MDB_val k = {6, "schema"}, d;
+    unsigned char v[4] = {0, 0, 0, 99};
+    char err[256] = "", want[256];
+
+    spool_close(sp);
+    cr_assert(eq(int, mdb_env_create(&env), 0));
+    mdb_env_set_maxdbs(env, 8);
+    mdb_env_set_mapsize(env, 64 << 20);
+    cr_assert(eq(int, mdb_env_open(env, sdir, 0, 0600), 0));
+    cr_assert(eq(int, mdb_txn_begin(env, NULL, 0, &txn), 0));
+    cr_assert(eq(int, mdb_dbi_open(txn, "meta", 0, &dbi), 0));
+    d.mv_size = 4;
+    d.mv_data = v;
+    cr_assert(eq(int, mdb_put(txn, dbi, &k, &d, 0), 0));
+    cr_assert(eq(int, mdb_txn_commit(txn), 0));
+    mdb_env_close(env);
+
+    cr_assert(eq(int, spool_open(sdir, &o, &sp, err, sizeof(err)), SPOOL_EVERSION));
+    snprintf(want, sizeof(want), "spool %s has schema version 99; this relayd understands 1", sdir);
+    cr_assert(eq(str, err, want));
+    o.readonly = 1;
+    cr_assert(eq(int, spool_open(sdir, &o, &sp, err, sizeof(err)), SPOOL_EVERSION));
+
+    cr_assert(eq(int, mdb_env_create(&env), 0));
+    mdb_env_set_maxdbs(env, 8);
+    cr_assert(eq(int, mdb_env_open(env, sdir, MDB_RDONLY, 0600), 0));
+    cr_assert(eq(int, mdb_txn_begin(env, NULL, MDB_RDONLY, &txn), 0));
+    cr_assert(eq(int, mdb_dbi_open(txn, "meta", 0, &dbi), 0));
+    cr_assert(eq(int, mdb_get(txn, dbi, &k, &d), 0));
+    cr_assert(eq(int, ((unsigned char *)d.mv_data)[3], 99), "never rewritten");
+    mdb_txn_abort(txn);
+    mdb_env_close(env);
+}
+
+/* The map grows past its initial size; every message stays readable. */
+Test(spool, map_growth)
+{
+    struct spool_opts o = {.map_bytes = 2 << 20};
+    struct spool *sp = open_rw(&o);
+    struct spool_stats st;
+    uint64_t ids[12];
+    char *data;
+    size_t len;
+
+    for (int i = 0; i < 12; i++) {
+        ids[i] = spool_id_new(sp);
+        cr_assert(eq(int, put_one(sp, ids[i], 0, SPOOL_QUEUED, 1 << 20), 0), "put %d", i);
+    }
+    cr_assert(eq(int, spool_stats(sp, &st), 0));
+    cr_assert(gt(u64, st.map_bytes, 12ull << 20));
+    cr_assert(eq(u64, st.messages, 12));
+    cr_assert(eq(u64, st.bytes, 12ull << 20));
+    for (int i = 0; i < 12; i++) {
+        cr_assert(eq(int, spool_body_get(sp, ids[i], &data, &len), 0));
+        cr_assert(eq(sz, len, 1 << 20));
+        cr_assert(eq(int, data[len - 1], 'x'));
+        free(data);
+    }
+    spool_close(sp);
+    /* A readonly open adopts the grown size from the file. */
+    o.readonly = 1;
+    {
+        char err[256];
+
+        cr_assert(eq(int, spool_open(sdir, &o, &sp, err, sizeof(err)), 0), "%s", err);
+        cr_assert(eq(int, spool_body_get(sp, ids[11], &data, &len), 0));
+        free(data);
+        spool_close(sp);
+    }
+}
+
+/* max_bytes refuses new messages with SPOOL_EFULL (alone in its batch), while earlier
+ * messages stay intact and updates/deletes still work. */
+Test(spool, max_bytes)
+{
+    struct spool_opts o = {.max_bytes = 3000};
+    struct spool *sp = open_rw(&o);
+    uint64_t a = spool_id_new(sp), b = spool_id_new(sp), c = spool_id_new(sp);
+    struct spool_msg m, *g;
+    struct spool_rcpt r[2];
+    struct result ra = {0}, rb = {0};
+    size_t idx = 0;
+    enum spool_rcpt_status sent = SPOOL_RCPT_SENT;
+    struct spool_update u = {
+        .id = a,
+        .state = SPOOL_DEFERRED,
+        .next_attempt = 5,
+        .nrcpts = 1,
+        .rcpt_index = &idx,
+        .rcpt_status = &sent,
+        .result = "partial",
+    };
+
+    cr_assert(eq(int, put_one(sp, a, 0, SPOOL_QUEUED, 1000), 0));
+    /* One batch: the first fits, the second does not. */
+    fill_msg(&m, r, b, "x@y");
+    spool_put_async(sp, &m, calloc(1, 1500), 1500, on_done, &ra);
+    fill_msg(&m, r, c, "x@y");
+    spool_put_async(sp, &m, calloc(1, 1500), 1500, on_done, &rb);
+    reap_until(sp, &rb.called, 1);
+    reap_until(sp, &ra.called, 1);
+    cr_assert(eq(int, ra.rc, 0));
+    cr_assert(eq(int, rb.rc, SPOOL_EFULL));
+    cr_assert(eq(int, spool_msg_get(sp, c, 0, &g), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, spool_msg_get(sp, a, 0, &g), 0));
+    cr_assert(eq(u64, g->size, 1000));
+    spool_msg_free(g);
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    cr_assert(eq(int, spool_msg_set_state(sp, a, SPOOL_HELD), 0));
+    cr_assert(eq(int, spool_msg_delete(sp, a), 0));
+    cr_assert(eq(int, spool_msg_delete(sp, a), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, put_one(sp, c, 0, SPOOL_QUEUED, 1400), 0), "room again");
+    spool_close(sp);
+}
+
+struct wr {
+    struct spool *sp;
+    int n;
+    struct result *res;
+};
+
+static void *writer_thread(void *arg)
+{
+    struct wr *w = arg;
+
+    for (int i = 0; i < w->n; i++) {
+        struct spool_msg m;
+        struct spool_rcpt r[2];
+
+        fill_msg(&m, r, spool_id_new(w->sp), "t@lan");
+        spool_put_async(w->sp, &m, strdup("Subject: t\r\n\r\nx\r\n"), 17, on_done, &w->res[i]);
+    }
+    return NULL;
+}
+
+/* Several threads put concurrently; every message commits exactly once. */
+Test(spool, concurrent_writers)
+{
+    enum { T = 4, N = 50 };
+    struct spool *sp = open_rw(NULL);
+    static struct result res[T][N];
+    pthread_t th[T];
+    struct wr w[T];
+    int total = 0, n = 0;
+
+    for (int t = 0; t < T; t++) {
+        w[t] = (struct wr){sp, N, res[t]};
+        cr_assert(eq(int, pthread_create(&th[t], NULL, writer_thread, &w[t]), 0));
+    }
+    for (int t = 0; t < T; t++)
+        pthread_join(th[t], NULL);
+    for (int i = 0; i < 10000 && total < T * N; i++) {
+        spool_writer_reap(sp);
+        total = 0;
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < N; j++) {
+                total += res[t][j].called;
+                cr_assert(eq(int, res[t][j].rc, 0));
+            }
+        usleep(1000);
+    }
+    cr_assert(eq(int, total, T *N));
+    cr_assert(eq(int, spool_foreach(sp, count_cb, &n), 0));
+    cr_assert(eq(int, n, T *N));
+    spool_close(sp);
+}
+
+/* N puts submitted together share fsyncs: fewer commits than messages. */
+Test(spool, group_commit)
+{
+    enum { N = 100 };
+    struct spool *sp = open_rw(NULL);
+    struct spool_stats st;
+
+    for (int i = 0; i < N; i++) {
+        struct spool_msg m;
+        struct spool_rcpt r[2];
+
+        fill_msg(&m, r, spool_id_new(sp), "g@lan");
+        spool_put_async(sp, &m, strdup("x"), 1, NULL, NULL);
+    }
+    spool_close(sp); /* finishes every queued job */
+    sp = open_rw(NULL);
+    cr_assert(eq(int, spool_stats(sp, &st), 0));
+    cr_assert(eq(u64, st.messages, N));
+    spool_close(sp);
+
+    /* The same, counted within one process lifetime. */
+    sp = open_rw(NULL);
+    {
+        static struct result res[N];
+        int called = 0;
+
+        for (int i = 0; i < N; i++) {
+            struct spool_msg m;
+            struct spool_rcpt r[2];
+
+            fill_msg(&m, r, spool_id_new(sp), "g@lan");
+            spool_put_async(sp, &m, strdup("x"), 1, on_done, &res[i]);
+        }
+        for (int i = 0; i < 10000 && called < N; i++) {
+            spool_writer_reap(sp);
+            called = 0;
+            for (int j = 0; j < N; j++)
+                called += res[j].called;
+            usleep(1000);
+        }
+        cr_assert(eq(int, called, N));
+        cr_assert(eq(int, spool_stats(sp, &st), 0));
+        cr_assert(eq(u64, st.committed_jobs, N));
+        cr_assert(lt(u64, st.commits, N), "commits=%llu", (unsigned long long)st.commits);
+        cr_assert(eq(u64, st.messages, 2 * N));
+    }
+    spool_close(sp);
+}
+
+/* Another process opens the spool read-only and reads while this one keeps writing;
+ * a map growth by the writer is adopted by the reader. */
+Test(spool, readonly_while_writing)
+{
+    struct spool_opts o = {.map_bytes = 1 << 20};
+    struct spool *sp = open_rw(&o);
+    uint64_t first = spool_id_new(sp);
+    pid_t pid;
+    int status;
+
+    cr_assert(eq(int, put_one(sp, first, 0, SPOOL_QUEUED, 100), 0));
+    pid = fork();
+    cr_assert(ne(int, pid, -1));
+    if (pid == 0) {
+        struct spool_opts ro = {.readonly = 1};
+        struct spool *r;
+        char err[256];
+        int bad = 0;
+
+        usleep(10000);
+        if (spool_open(sdir, &ro, &r, err, sizeof(err)) != 0)
+            _exit(10);
+        for (int i = 0; i < 200; i++) {
+            struct spool_msg *g;
+            int n = 0;
+
+            if (spool_msg_get(r, first, 0, &g) != 0)
+                bad = 11;
+            spool_msg_free(g);
+            if (spool_foreach(r, count_cb, &n) != 0 || n < 1)
+                bad = 12;
+            usleep(1000);
+        }
+        if (spool_msg_set_state(r, first, SPOOL_HELD) != -EROFS)
+            bad = 13;
+        spool_close(r);
+        _exit(bad);
+    }
+    for (int i = 0; i < 40; i++)
+        cr_assert(eq(int, put_one(sp, spool_id_new(sp), 0, SPOOL_QUEUED, 64 << 10), 0));
+    cr_assert(eq(int, waitpid(pid, &status, 0), pid));
+    cr_assert(eq(int, WIFEXITED(status) ? 1 : 0, 1));
+    cr_assert(eq(int, WEXITSTATUS(status), 0));
+    spool_close(sp);
+}
+
+/* Writes after close or before start fail with SPOOL_ECLOSED through the callback. */
+Test(spool, not_started)
+{
+    struct spool_opts o = {0};
+    struct spool *sp;
+    struct spool_msg m;
+    struct spool_rcpt r[2];
+    struct result res = {0};
+    char err[256];
+
+    cr_assert(eq(int, spool_open(sdir, &o, &sp, err, sizeof(err)), 0));
+    fill_msg(&m, r, spool_id_new(sp), "x@y");
+    spool_put_async(sp, &m, strdup("x"), 1, on_done, &res);
+    spool_writer_reap(sp);
+    cr_assert(eq(int, res.called, 1));
+    cr_assert(eq(int, res.rc, SPOOL_ECLOSED));
+    spool_close(sp);
+}
+
+/* State names and error strings. */
+Test(spool, names)
+{
+    cr_assert(eq(str, (char *)spool_state_name(SPOOL_DEFERRED), "deferred"));
+    cr_assert(eq(int, spool_state_parse("HELD"), SPOOL_HELD));
+    cr_assert(eq(int, spool_state_parse("nope"), -1));
+    cr_assert(eq(str, (char *)spool_strerror(SPOOL_EFULL), "spool full"));
+}
