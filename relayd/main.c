@@ -164,7 +164,7 @@ int main(int argc, char **argv)
 
     memset(&so, 0, sizeof(so));
     if ((rc = spool_open(r.cfg.spool_dir, &so, &r.sp, err, sizeof(err))) != 0)
-        log_fatal("spool %s: %s", r.cfg.spool_dir, err);
+        log_fatal("%s", err);
 
     uv_loop_init(&r.loop);
     uv_async_init(&r.loop, &r.spool_wake, relayd_on_spool_wake);
@@ -189,7 +189,10 @@ int main(int argc, char **argv)
              r.cfg.path);
     uv_run(&r.loop, UV_RUN_DEFAULT);
 
-    spool_close(r.sp); /* finishes queued writes */
+    /* Finish queued writes and run their completions, so nothing is left half-done. */
+    spool_writer_stop(r.sp);
+    spool_writer_reap(r.sp);
+    spool_close(r.sp);
     smtpd_server_free(r.smtpd);
     sched_free(r.sched);
     rc = uv_loop_close(&r.loop);

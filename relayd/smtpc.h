@@ -13,7 +13,8 @@
  * Per recipient: SENT, DEFER (4xx to RCPT) or FAIL (5xx to RCPT).
  *
  * Ownership: smtpc_deliver() allocates the client; it frees itself after calling done
- * exactly once.  msg (and the strings it points to) must stay valid until done runs.
+ * exactly once.  msg (and the strings it points to), up and cred must stay valid until done
+ * runs.  The struct smtpc pointer is invalid once done has been called.
  */
 #ifndef RELAYD_SMTPC_H
 #define RELAYD_SMTPC_H
@@ -58,14 +59,19 @@ struct smtpc;
 typedef void (*smtpc_done_fn)(void *arg, const struct smtpc_result *res);
 
 /*
- * Starts delivering msg to up.  helo is our EHLO name.  cred is the client credential for
- * up (from tlsio_cred_client_new(up->ca_file, up->tls_priority)), or NULL for tls = none.
- * done(arg, res) is called exactly once; res is valid only during the call.
+ * Starts delivering msg to up.  helo is our EHLO name (copied).  cred is the client
+ * credential for up (from tlsio_cred_client_new(up->ca_file, up->tls_priority)), or NULL
+ * for tls = none.  done(arg, res) is called exactly once, from the loop or from
+ * smtpc_abort(), never inside this call;
+ * res is valid only during the call.  Returns 0, or a negative UV_E* when the attempt
+ * could not even start: then done is never called and nothing needs freeing.
  */
 int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
                   const char *helo, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg,
                   struct smtpc **out);
-/* Aborts (shutdown): the connection is dropped and done runs with SMTPC_DEFER. */
+/* Aborts (shutdown): the connection is dropped and done runs with SMTPC_DEFER (or with the
+ * result already known, e.g. SENT when only QUIT was outstanding) before this returns.
+ * Call it only before done has run (c is gone afterwards); from inside done it is a no-op. */
 void smtpc_abort(struct smtpc *c);
 
 #endif

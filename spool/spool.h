@@ -109,6 +109,9 @@ typedef void (*spool_done_fn)(void *arg, int rc);
  * finished jobs wait for spool_writer_reap() (the daemon passes uv_async_send); it must be
  * quick and must not call into the spool.  It is never called once spool_close() began. */
 int spool_writer_start(struct spool *sp, void (*wake)(void *), void *wake_arg);
+/* Commits every queued job and stops the writer thread; its completions stay for one last
+ * spool_writer_reap().  Later writes fail with SPOOL_ECLOSED.  Safe to call twice. */
+void spool_writer_stop(struct spool *sp);
 /* Runs the done callbacks of finished jobs, on the caller's thread. */
 void spool_writer_reap(struct spool *sp);
 

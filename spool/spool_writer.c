@@ -260,19 +260,25 @@ void spool_writer_reap(struct spool *sp)
     }
 }
 
-void spool__writer_stop(struct spool *sp)
+void spool_writer_stop(struct spool *sp)
 {
-    struct spool_job *j, *next;
     int started;
 
     pthread_mutex_lock(&sp->qlock);
-    started = sp->started;
+    started = sp->started && !sp->stopping;
     sp->stopping = 1;
-    sp->wake = NULL; /* nobody reaps any more; the loop may be gone */
+    sp->wake = NULL; /* nobody is woken any more; the loop may be gone */
     pthread_cond_signal(&sp->qcond);
     pthread_mutex_unlock(&sp->qlock);
     if (started)
         pthread_join(sp->thread, NULL);
+}
+
+void spool__writer_stop(struct spool *sp)
+{
+    struct spool_job *j, *next;
+
+    spool_writer_stop(sp);
     /* Unreaped completions are dropped: their callers may already be gone. */
     for (j = sp->done; j != NULL; j = next) {
         next = j->next;

@@ -1,0 +1,823 @@
+/*
+ * tlsio - a libuv TCP stream with optional GnuTLS; see tlsio.h.
+ *
+ * GnuTLS runs on a custom transport: its pull function reads ciphertext from io->cin, which
+ * the uv read callback fills; its push function copies each record into its own uv_write
+ * request, so GnuTLS never sees EAGAIN on output.  After every read one drive() runs the
+ * handshake, or gnutls_record_recv() until GNUTLS_E_AGAIN, and everything decrypted goes to
+ * io->in.  Nothing stays hidden inside GnuTLS or io->cin after a drive except a partial
+ * record, so stopping and restarting reads never strands plaintext (Postfix tlsp_strategy).
+ *
+ * Happy path and failure modes: an event is delivered only while the io is neither closing
+ * nor dead (after EOF or ERROR).  The callback may call tlsio_close() on its own io, so every
+ * place that delivers an event re-checks io->closing afterwards; memory stays valid because
+ * it is freed only from the libuv close callbacks, which always run later (raft
+ * uvClientMaybeDestroy).  tlsio_close() flushes queued writes (bounded by a timer) so that a
+ * final "221" is not lost, then closes both handles; the last close callback frees.
+ *
+ * Errors: expected failures return UV_E* (negative) or become TLSIO_ERROR with words in
+ * io->err.  OOM dies in xmalloc().
+ */
+#include "common/tlsio.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/xalloc.h"
+
+/* How long tlsio_close() waits for queued writes to reach the kernel. */
+#define TLSIO_CLOSE_FLUSH_MS 5000
+/* Read size offered to libuv. */
+#define TLSIO_READ_CHUNK 65536
+
+struct tlsio_cred {
+    gnutls_certificate_credentials_t x509;
+    gnutls_priority_t prio;
+    int is_server;
+};
+
+enum tlsio_tls_state {
+    TLSIO_T_NONE,
+    TLSIO_T_HANDSHAKE,
+    TLSIO_T_READY,
+};
+
+struct tlsio {
+    uv_loop_t *loop;
+    uv_tcp_t tcp;
+    uv_timer_t timer;        /* deferred DATAIN after read_start; close flush guard */
+    uv_connect_t creq;
+    uv_shutdown_t sreq;
+    tlsio_cb cb;
+    void *arg;
+
+    struct buf *in;          /* plaintext for the consumer */
+    struct buf *cin;         /* ciphertext waiting for gnutls pull */
+    struct buf *preout;      /* plaintext written during the handshake */
+
+    gnutls_session_t sess;
+    enum tlsio_tls_state tls;
+    int is_server;
+    char *servername;
+
+    size_t pending;          /* bytes in uv_write requests not yet completed */
+    int nwrites;             /* uv_write requests not yet completed */
+    int push_err;            /* uv_write failure seen inside the push function */
+
+    int want_read;           /* the consumer asked for reads */
+    int reading;             /* the socket is actually being read */
+    int peer_eof;            /* UV_EOF seen on the socket */
+    int dead;                /* EOF or ERROR delivered: no more events */
+    int closing;             /* tlsio_close() called: no more events, ever */
+    int handles_closing;     /* uv_close() called on both handles */
+    int open_handles;        /* freed when this reaches 0 after handles_closing */
+    int verify_failed;       /* last error was a certificate verification failure */
+
+    void (*closed)(void *arg);
+    void *closed_arg;
+    char err[256];
+};
+
+struct tlsio_wreq {
+    uv_write_t req;
+    struct tlsio *io;
+    size_t len;
+    char data[];
+};
+
+static int tlsio_initialised;
+
+int tlsio_global_init(char *err, size_t errlen)
+{
+    int rc;
+
+    if (tlsio_initialised)
+        return 0;
+    if ((rc = gnutls_global_init()) < 0) {
+        snprintf(err, errlen, "GnuTLS initialisation failed: %s", gnutls_strerror(rc));
+        return -1;
+    }
+    /* A peer that resets the connection must give us EPIPE, not kill the process. */
+    signal(SIGPIPE, SIG_IGN);
+    tlsio_initialised = 1;
+    return 0;
+}
+
+/* ---- Credentials ---- */
+
+static int cred_new(const char *priority, int is_server, struct tlsio_cred **out, char *err,
+                    size_t errlen)
+{
+    struct tlsio_cred *cred = xcalloc(1, sizeof(*cred));
+    const char *errpos = NULL;
+    int rc;
+
+    if (priority == NULL)
+        priority = TLSIO_DEFAULT_PRIORITY;
+    if ((rc = gnutls_certificate_allocate_credentials(&cred->x509)) < 0) {
+        snprintf(err, errlen, "TLS credentials: %s", gnutls_strerror(rc));
+        goto free_cred;
+    }
+    if ((rc = gnutls_priority_init(&cred->prio, priority, &errpos)) < 0) {
+        snprintf(err, errlen, "TLS priority \"%s\": %s at \"%s\"", priority, gnutls_strerror(rc),
+                 errpos != NULL ? errpos : "");
+        goto free_x509;
+    }
+    cred->is_server = is_server;
+    *out = cred;
+    return 0;
+free_x509:
+    gnutls_certificate_free_credentials(cred->x509);
+free_cred:
+    free(cred);
+    return -1;
+}
+
+int tlsio_cred_client_new(const char *ca_file, const char *priority, struct tlsio_cred **out,
+                          char *err, size_t errlen)
+{
+    struct tlsio_cred *cred;
+    int rc;
+
+    if (cred_new(priority, 0, &cred, err, errlen) != 0)
+        return -1;
+    if (ca_file != NULL) {
+        rc = gnutls_certificate_set_x509_trust_file(cred->x509, ca_file, GNUTLS_X509_FMT_PEM);
+        if (rc < 0) {
+            snprintf(err, errlen, "%s: cannot load CA certificates: %s", ca_file,
+                     gnutls_strerror(rc));
+            goto fail;
+        }
+        if (rc == 0) {
+            snprintf(err, errlen, "%s: no CA certificates found", ca_file);
+            goto fail;
+        }
+    } else {
+        rc = gnutls_certificate_set_x509_system_trust(cred->x509);
+        if (rc < 0) {
+            snprintf(err, errlen, "cannot load the system trust store: %s", gnutls_strerror(rc));
+            goto fail;
+        }
+    }
+    *out = cred;
+    return 0;
+fail:
+    tlsio_cred_free(cred);
+    return -1;
+}
+
+int tlsio_cred_server_new(const char *cert_file, const char *key_file, const char *priority,
+                          struct tlsio_cred **out, char *err, size_t errlen)
+{
+    struct tlsio_cred *cred;
+    int rc;
+
+    if (cred_new(priority, 1, &cred, err, errlen) != 0)
+        return -1;
+    rc = gnutls_certificate_set_x509_key_file(cred->x509, cert_file, key_file,
+                                              GNUTLS_X509_FMT_PEM);
+    if (rc < 0) {
+        snprintf(err, errlen, "cannot load certificate %s with key %s: %s", cert_file, key_file,
+                 gnutls_strerror(rc));
+        tlsio_cred_free(cred);
+        return -1;
+    }
+    *out = cred;
+    return 0;
+}
+
+struct tlsio_cred *tlsio_cred_free(struct tlsio_cred *cred)
+{
+    if (cred != NULL) {
+        gnutls_priority_deinit(cred->prio);
+        gnutls_certificate_free_credentials(cred->x509);
+        free(cred);
+    }
+    return NULL;
+}
+
+/* ---- Events ---- */
+
+/* Delivers ev unless the consumer closed the io or it already died.  Afterwards the caller
+ * must re-check io->closing and io->dead: the callback may have closed it. */
+static void emit(struct tlsio *io, enum tlsio_event ev)
+{
+    if (io->closing || io->dead)
+        return;
+    if (ev == TLSIO_EOF || ev == TLSIO_ERROR)
+        io->dead = 1;
+    io->cb(io, ev, io->arg);
+}
+
+static void update_reading(struct tlsio *io);
+
+static void fail(struct tlsio *io, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void fail(struct tlsio *io, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (io->closing || io->dead)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(io->err, sizeof(io->err), fmt, ap);
+    va_end(ap);
+    io->dead = 1;
+    update_reading(io);
+    io->dead = 0; /* emit() sets it again */
+    emit(io, TLSIO_ERROR);
+}
+
+/* ---- Writes ---- */
+
+static void write_cb(uv_write_t *req, int status)
+{
+    struct tlsio_wreq *w = (struct tlsio_wreq *)req;
+    struct tlsio *io = w->io;
+
+    io->nwrites--;
+    io->pending -= w->len;
+    free(w);
+    if (io->closing)
+        return;
+    if (status < 0) {
+        if (status != UV_ECANCELED)
+            fail(io, "%s", uv_strerror(status));
+        return;
+    }
+    if (io->nwrites == 0 && io->preout->len == 0)
+        emit(io, TLSIO_DRAINED);
+}
+
+static int queue_write(struct tlsio *io, const void *data, size_t len)
+{
+    struct tlsio_wreq *w;
+    uv_buf_t b;
+    int rc;
+
+    if (len == 0)
+        return 0;
+    w = xmalloc(sizeof(*w) + len);
+    w->io = io;
+    w->len = len;
+    memcpy(w->data, data, len);
+    b = uv_buf_init(w->data, (unsigned)len);
+    if ((rc = uv_write(&w->req, (uv_stream_t *)&io->tcp, &b, 1, write_cb)) < 0) {
+        free(w);
+        return rc;
+    }
+    io->nwrites++;
+    io->pending += len;
+    return 0;
+}
+
+static ssize_t tls_push(gnutls_transport_ptr_t ptr, const void *data, size_t len)
+{
+    struct tlsio *io = ptr;
+    int rc;
+
+    if ((rc = queue_write(io, data, len)) < 0) {
+        io->push_err = rc;
+        gnutls_transport_set_errno(io->sess, EPIPE);
+        return -1;
+    }
+    return (ssize_t)len;
+}
+
+static ssize_t tls_pull(gnutls_transport_ptr_t ptr, void *data, size_t len)
+{
+    struct tlsio *io = ptr;
+
+    if (io->cin->len == 0) {
+        if (io->peer_eof)
+            return 0;
+        gnutls_transport_set_errno(io->sess, EAGAIN);
+        return -1;
+    }
+    if (len > io->cin->len)
+        len = io->cin->len;
+    memcpy(data, io->cin->data, len);
+    buf_consume(io->cin, len);
+    return (ssize_t)len;
+}
+
+static int tls_send(struct tlsio *io, const char *p, size_t len)
+{
+    ssize_t n;
+
+    while (len > 0) {
+        n = gnutls_record_send(io->sess, p, len);
+        if (n == GNUTLS_E_INTERRUPTED)
+            continue;
+        if (n < 0) {
+            /* Our push never returns EAGAIN, so anything negative is fatal. */
+            if (io->push_err != 0)
+                snprintf(io->err, sizeof(io->err), "%s", uv_strerror(io->push_err));
+            else
+                snprintf(io->err, sizeof(io->err), "TLS write failed: %s",
+                         gnutls_strerror((int)n));
+            return io->push_err != 0 ? io->push_err : UV_EPIPE;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+int tlsio_write(struct tlsio *io, const void *data, size_t len)
+{
+    int rc;
+
+    if (io->closing || io->dead)
+        return UV_EPIPE;
+    switch (io->tls) {
+    case TLSIO_T_NONE:
+        if ((rc = queue_write(io, data, len)) < 0)
+            snprintf(io->err, sizeof(io->err), "%s", uv_strerror(rc));
+        return rc;
+    case TLSIO_T_HANDSHAKE:
+        /* Sent once the handshake is done; see drive(). */
+        buf_append(io->preout, data, len);
+        return 0;
+    case TLSIO_T_READY:
+        return tls_send(io, data, len);
+    }
+    return UV_EINVAL;
+}
+
+size_t tlsio_pending_write(const struct tlsio *io)
+{
+    return io->pending + io->preout->len;
+}
+
+/* ---- Reads and the TLS engine ---- */
+
+static const char *verify_words(struct tlsio *io, char *out, size_t outlen)
+{
+    unsigned status = gnutls_session_get_verify_cert_status(io->sess);
+    gnutls_datum_t txt;
+
+    io->verify_failed = 1;
+    if (status & GNUTLS_CERT_SIGNER_NOT_FOUND)
+        return "certificate signer not trusted";
+    if (status & GNUTLS_CERT_EXPIRED)
+        return "certificate expired";
+    if (status & GNUTLS_CERT_NOT_ACTIVATED)
+        return "certificate not yet valid";
+    if (status & GNUTLS_CERT_REVOKED)
+        return "certificate revoked";
+    if (status & GNUTLS_CERT_SIGNER_NOT_CA)
+        return "certificate signer is not a CA";
+    if (status & GNUTLS_CERT_INSECURE_ALGORITHM)
+        return "certificate uses an insecure algorithm";
+    if (status & GNUTLS_CERT_UNEXPECTED_OWNER) {
+        snprintf(out, outlen, "certificate name mismatch: expected %s",
+                 io->servername != NULL ? io->servername : "(none)");
+        return out;
+    }
+    if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &txt, 0) == 0) {
+        snprintf(out, outlen, "certificate verification failed: %s", (char *)txt.data);
+        gnutls_free(txt.data);
+        return out;
+    }
+    return "certificate verification failed";
+}
+
+/* Words for a fatal GnuTLS error during the handshake or a read. */
+static void tls_fail(struct tlsio *io, int rc, const char *when)
+{
+    char tmp[200];
+
+    if (rc == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
+        fail(io, "%s", verify_words(io, tmp, sizeof(tmp)));
+    } else if (rc == GNUTLS_E_FATAL_ALERT_RECEIVED) {
+        const char *name = gnutls_alert_get_name(gnutls_alert_get(io->sess));
+        fail(io, "received TLS alert: %s", name != NULL ? name : "unknown");
+    } else if (rc == GNUTLS_E_PUSH_ERROR && io->push_err != 0) {
+        fail(io, "%s", uv_strerror(io->push_err));
+    } else if (io->peer_eof && io->tls == TLSIO_T_HANDSHAKE) {
+        fail(io, "connection closed by peer during TLS handshake");
+    } else {
+        fail(io, "TLS %s failed: %s", when, gnutls_strerror(rc));
+    }
+}
+
+static void flush_preout(struct tlsio *io)
+{
+    int rc;
+    char tmp[sizeof(io->err)];
+
+    if (io->preout->len == 0)
+        return;
+    rc = tls_send(io, io->preout->data, io->preout->len);
+    buf_reset(io->preout);
+    if (rc < 0) {
+        snprintf(tmp, sizeof(tmp), "%s", io->err);
+        fail(io, "%s", tmp);
+    }
+}
+
+/* Runs the TLS engine over everything in io->cin; see the file comment. */
+static void drive(struct tlsio *io)
+{
+    char tmp[16384];
+    int got = 0, eof = 0;
+    ssize_t n;
+    int rc;
+
+    if (io->tls == TLSIO_T_HANDSHAKE) {
+        for (;;) {
+            rc = gnutls_handshake(io->sess);
+            if (rc == GNUTLS_E_SUCCESS)
+                break;
+            if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED) {
+                if (io->peer_eof && io->cin->len == 0)
+                    fail(io, "connection closed by peer during TLS handshake");
+                return;
+            }
+            if (!gnutls_error_is_fatal(rc))
+                continue; /* warning alert: carry on */
+            tls_fail(io, rc, "handshake");
+            return;
+        }
+        io->tls = TLSIO_T_READY;
+        update_reading(io);
+        flush_preout(io);
+        if (io->closing || io->dead)
+            return;
+        emit(io, TLSIO_TLSREADY);
+        if (io->closing || io->dead)
+            return;
+    }
+    if (io->tls != TLSIO_T_READY)
+        return;
+    for (;;) {
+        n = gnutls_record_recv(io->sess, tmp, sizeof(tmp));
+        if (n > 0) {
+            buf_append(io->in, tmp, (size_t)n);
+            got = 1;
+            continue;
+        }
+        if (n == 0 || n == GNUTLS_E_PREMATURE_TERMINATION) {
+            eof = 1;
+            break;
+        }
+        if (n == GNUTLS_E_AGAIN) {
+            if (gnutls_record_check_pending(io->sess) > 0)
+                continue;
+            break;
+        }
+        if (n == GNUTLS_E_INTERRUPTED)
+            continue;
+        if (n == GNUTLS_E_REHANDSHAKE) {
+            /* Renegotiation is not supported; tell the peer and carry on. */
+            gnutls_alert_send(io->sess, GNUTLS_AL_WARNING, GNUTLS_A_NO_RENEGOTIATION);
+            continue;
+        }
+        if (!gnutls_error_is_fatal((int)n))
+            continue;
+        if (got && io->want_read)
+            emit(io, TLSIO_DATAIN);
+        tls_fail(io, (int)n, "read");
+        return;
+    }
+    if (got && io->want_read)
+        emit(io, TLSIO_DATAIN);
+    if (io->closing || io->dead)
+        return;
+    if (eof || (io->peer_eof && io->cin->len == 0)) {
+        update_reading(io);
+        emit(io, TLSIO_EOF);
+    }
+}
+
+static void alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b)
+{
+    struct tlsio *io = h->data;
+    struct buf *dst = io->tls == TLSIO_T_NONE ? io->in : io->cin;
+
+    (void)hint;
+    buf_reserve(dst, TLSIO_READ_CHUNK);
+    *b = uv_buf_init(dst->data + dst->len, TLSIO_READ_CHUNK);
+}
+
+static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    struct tlsio *io = s->data;
+    struct buf *dst = io->tls == TLSIO_T_NONE ? io->in : io->cin;
+
+    (void)b;
+    if (io->closing || io->dead)
+        return;
+    if (nread == UV_EOF) {
+        io->peer_eof = 1;
+        if (io->tls == TLSIO_T_NONE) {
+            update_reading(io);
+            emit(io, TLSIO_EOF);
+        } else {
+            drive(io);
+        }
+        return;
+    }
+    if (nread < 0) {
+        fail(io, "%s", uv_strerror((int)nread));
+        return;
+    }
+    if (nread == 0)
+        return;
+    /* alloc_cb handed libuv the free space after dst->len. */
+    dst->len += (size_t)nread;
+    dst->data[dst->len] = '\0';
+    if (io->tls == TLSIO_T_NONE) {
+        if (io->want_read)
+            emit(io, TLSIO_DATAIN);
+    } else {
+        drive(io);
+    }
+}
+
+/* The socket is read while the consumer wants input or a handshake needs it. */
+static void update_reading(struct tlsio *io)
+{
+    int want = !io->closing && !io->dead && !io->peer_eof &&
+               (io->want_read || io->tls == TLSIO_T_HANDSHAKE);
+
+    if (want && !io->reading) {
+        if (uv_read_start((uv_stream_t *)&io->tcp, alloc_cb, read_cb) == 0)
+            io->reading = 1;
+    } else if (!want && io->reading) {
+        uv_read_stop((uv_stream_t *)&io->tcp);
+        io->reading = 0;
+    }
+}
+
+static void deferred_datain(uv_timer_t *t)
+{
+    struct tlsio *io = t->data;
+
+    if (io->want_read && io->in->len > 0)
+        emit(io, TLSIO_DATAIN);
+}
+
+int tlsio_read_start(struct tlsio *io)
+{
+    if (io->closing || io->dead)
+        return UV_EPIPE;
+    io->want_read = 1;
+    /* Accepted sockets too: a reply written in pieces must not wait for a delayed ACK. */
+    uv_tcp_nodelay(&io->tcp, 1);
+    update_reading(io);
+    if (!io->reading && !io->peer_eof) {
+        snprintf(io->err, sizeof(io->err), "cannot read from socket");
+        return UV_EPIPE;
+    }
+    /* Plaintext decrypted while reads were stopped is announced again, from the loop. */
+    if (io->in->len > 0)
+        uv_timer_start(&io->timer, deferred_datain, 0, 0);
+    return 0;
+}
+
+void tlsio_read_stop(struct tlsio *io)
+{
+    io->want_read = 0;
+    update_reading(io);
+}
+
+struct buf *tlsio_input(struct tlsio *io)
+{
+    return io->in;
+}
+
+/* ---- Connection set-up ---- */
+
+struct tlsio *tlsio_new(uv_loop_t *loop, tlsio_cb cb, void *arg)
+{
+    struct tlsio *io = xcalloc(1, sizeof(*io));
+
+    io->loop = loop;
+    io->cb = cb;
+    io->arg = arg;
+    io->in = buf_new(0);
+    io->cin = buf_new(0);
+    io->preout = buf_new(0);
+    uv_tcp_init(loop, &io->tcp);
+    uv_timer_init(loop, &io->timer);
+    io->tcp.data = io;
+    io->timer.data = io;
+    io->open_handles = 2;
+    return io;
+}
+
+uv_stream_t *tlsio_stream(struct tlsio *io)
+{
+    return (uv_stream_t *)&io->tcp;
+}
+
+static void connect_cb(uv_connect_t *req, int status)
+{
+    struct tlsio *io = req->data;
+
+    if (status == UV_ECANCELED || io->closing)
+        return;
+    if (status < 0) {
+        fail(io, "%s", uv_strerror(status));
+        return;
+    }
+    /* SMTP is a dialogue of short lines: do not let Nagle hold back the last one. */
+    uv_tcp_nodelay(&io->tcp, 1);
+    emit(io, TLSIO_CONNECTED);
+}
+
+int tlsio_connect(struct tlsio *io, const struct sockaddr *addr)
+{
+    int rc;
+
+    io->creq.data = io;
+    if ((rc = uv_tcp_connect(&io->creq, &io->tcp, addr, connect_cb)) < 0)
+        snprintf(io->err, sizeof(io->err), "%s", uv_strerror(rc));
+    return rc;
+}
+
+static int is_ip_literal(const char *name)
+{
+    unsigned char tmp[sizeof(struct in6_addr)];
+
+    return inet_pton(AF_INET, name, tmp) == 1 || inet_pton(AF_INET6, name, tmp) == 1;
+}
+
+int tlsio_starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server,
+                   const char *servername)
+{
+    int rc;
+
+    if (io->closing || io->dead || io->tls != TLSIO_T_NONE)
+        return UV_EINVAL;
+    /* RFC 3207 section 4: nothing received in cleartext may count after the handshake. */
+    buf_reset(io->in);
+    buf_reset(io->cin);
+    rc = gnutls_init(&io->sess, (is_server ? GNUTLS_SERVER : GNUTLS_CLIENT) | GNUTLS_NONBLOCK);
+    if (rc < 0)
+        goto gnutls_fail;
+    if ((rc = gnutls_priority_set(io->sess, cred->prio)) < 0)
+        goto deinit;
+    if ((rc = gnutls_credentials_set(io->sess, GNUTLS_CRD_CERTIFICATE, cred->x509)) < 0)
+        goto deinit;
+    if (is_server) {
+        gnutls_certificate_server_set_request(io->sess, GNUTLS_CERT_IGNORE);
+    } else {
+        if (servername != NULL) {
+            io->servername = xstrdup(servername);
+            /* RFC 6066 section 3: SNI carries host names only, never address literals. */
+            if (!is_ip_literal(servername)) {
+                rc = gnutls_server_name_set(io->sess, GNUTLS_NAME_DNS, servername,
+                                            strlen(servername));
+                if (rc < 0)
+                    goto deinit;
+            }
+        }
+        gnutls_session_set_verify_cert(io->sess, io->servername, 0);
+    }
+    gnutls_transport_set_ptr(io->sess, io);
+    gnutls_transport_set_push_function(io->sess, tls_push);
+    gnutls_transport_set_pull_function(io->sess, tls_pull);
+    io->is_server = is_server;
+    io->tls = TLSIO_T_HANDSHAKE;
+    update_reading(io);
+    /* The client's first flight goes out now; everything after that is driven by reads. */
+    rc = gnutls_handshake(io->sess);
+    if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED)
+        return 0;
+    if (rc < 0) {
+        char tmp[200];
+        if (rc == GNUTLS_E_PUSH_ERROR && io->push_err != 0)
+            snprintf(tmp, sizeof(tmp), "%s", uv_strerror(io->push_err));
+        else
+            snprintf(tmp, sizeof(tmp), "TLS handshake failed: %s", gnutls_strerror(rc));
+        snprintf(io->err, sizeof(io->err), "%s", tmp);
+        return UV_EPROTO;
+    }
+    log_panic("tlsio: handshake finished without reading from the peer");
+deinit:
+    gnutls_deinit(io->sess);
+    io->sess = NULL;
+    free(io->servername);
+    io->servername = NULL;
+gnutls_fail:
+    snprintf(io->err, sizeof(io->err), "TLS set-up failed: %s", gnutls_strerror(rc));
+    return UV_EPROTO;
+}
+
+/* ---- Queries ---- */
+
+int tlsio_is_tls(const struct tlsio *io)
+{
+    return io->tls == TLSIO_T_READY;
+}
+
+int tlsio_verify_failed(const struct tlsio *io)
+{
+    return io->verify_failed;
+}
+
+char *tlsio_describe(const struct tlsio *io, char *out, size_t outlen)
+{
+    const char *proto, *cipher;
+
+    if (outlen == 0)
+        return out;
+    out[0] = '\0';
+    if (io->tls != TLSIO_T_READY)
+        return out;
+    proto = gnutls_protocol_get_name(gnutls_protocol_get_version(io->sess));
+    cipher = gnutls_cipher_get_name(gnutls_cipher_get(io->sess));
+    if (proto == NULL)
+        proto = "TLS";
+    if (cipher == NULL)
+        cipher = "unknown";
+    /* GnuTLS says "TLS1.3"; mail headers and OpenSSL-trained eyes expect "TLSv1.3". */
+    if (strncmp(proto, "TLS1", 4) == 0)
+        snprintf(out, outlen, "TLSv%s with cipher %s", proto + 3, cipher);
+    else
+        snprintf(out, outlen, "%s with cipher %s", proto, cipher);
+    return out;
+}
+
+const char *tlsio_errstr(const struct tlsio *io)
+{
+    return io->err[0] != '\0' ? io->err : "no error";
+}
+
+int tlsio_peer(const struct tlsio *io, struct sockaddr_storage *ss)
+{
+    int len = sizeof(*ss);
+
+    return uv_tcp_getpeername(&io->tcp, (struct sockaddr *)ss, &len);
+}
+
+/* ---- Closing ---- */
+
+static void handle_closed(uv_handle_t *h)
+{
+    struct tlsio *io = h->data;
+
+    if (--io->open_handles > 0)
+        return;
+    if (io->sess != NULL)
+        gnutls_deinit(io->sess);
+    buf_free(io->in);
+    buf_free(io->cin);
+    buf_free(io->preout);
+    free(io->servername);
+    if (io->closed != NULL)
+        io->closed(io->closed_arg);
+    free(io);
+}
+
+static void close_handles(struct tlsio *io)
+{
+    if (io->handles_closing)
+        return;
+    io->handles_closing = 1;
+    uv_close((uv_handle_t *)&io->tcp, handle_closed);
+    uv_close((uv_handle_t *)&io->timer, handle_closed);
+}
+
+static void shutdown_cb(uv_shutdown_t *req, int status)
+{
+    (void)status;
+    close_handles(req->data);
+}
+
+static void flush_timeout(uv_timer_t *t)
+{
+    close_handles(t->data);
+}
+
+void tlsio_close(struct tlsio *io, void (*closed)(void *arg), void *arg)
+{
+    if (io->closing)
+        return;
+    io->closing = 1;
+    io->closed = closed;
+    io->closed_arg = arg;
+    update_reading(io);
+    uv_timer_stop(&io->timer);
+    /* close_notify is polite but optional: our push only queues it, so this never blocks. */
+    if (io->tls == TLSIO_T_READY && !io->dead)
+        gnutls_bye(io->sess, GNUTLS_SHUT_WR);
+    if (io->nwrites > 0) {
+        /* uv_shutdown() waits for queued writes, so a final reply is not cut off. */
+        io->sreq.data = io;
+        if (uv_shutdown(&io->sreq, (uv_stream_t *)&io->tcp, shutdown_cb) == 0) {
+            uv_timer_start(&io->timer, flush_timeout, TLSIO_CLOSE_FLUSH_MS, 0);
+            return;
+        }
+    }
+    close_handles(io);
+}
