@@ -208,16 +208,14 @@ int authsasl_client_start(struct authsasl *a, const char *server_mechs, const ch
             if (in_list(offer, noffer, authsasl_ranking[i]))
                 cand[ncand++] = authsasl_ranking[i];
         for (i = 0; i < noffer && ncand < AUTHSASL_MAX_MECHS; i++)
-            if (!ranked(offer[i]) &&
-                strcasecmp(offer[i], "ANONYMOUS") != 0)
+            if (!ranked(offer[i]) && strcasecmp(offer[i], "ANONYMOUS") != 0)
                 cand[ncand++] = offer[i];
     }
     if (ncand == 0) {
         if (noffer == 0)
             snprintf(err, errlen, "server offers no SASL mechanisms");
         else
-            snprintf(err, errlen, "server does not offer %s (it offers %s)", pref,
-                     server_mechs);
+            snprintf(err, errlen, "server does not offer %s (it offers %s)", pref, server_mechs);
         goto done;
     }
     /* RFC 4954 section 4: plaintext passwords only inside TLS, unless explicitly allowed. */
@@ -261,8 +259,8 @@ done:
     return rc;
 }
 
-int authsasl_client_step(struct authsasl *a, const char *challenge_b64, char **resp_b64,
-                         char *err, size_t errlen)
+int authsasl_client_step(struct authsasl *a, const char *challenge_b64, char **resp_b64, char *err,
+                         size_t errlen)
 {
     size_t inlen = strlen(challenge_b64);
     unsigned declen = 0, outlen = 0;
@@ -277,8 +275,7 @@ int authsasl_client_step(struct authsasl *a, const char *challenge_b64, char **r
         free(dec);
         return AUTHSASL_FAIL;
     }
-    rc = sasl_decode64(challenge_b64, (unsigned)inlen, dec, (unsigned)(inlen / 4 * 3 + 4),
-                       &declen);
+    rc = sasl_decode64(challenge_b64, (unsigned)inlen, dec, (unsigned)(inlen / 4 * 3 + 4), &declen);
     if (rc != SASL_OK) {
         snprintf(err, errlen, "server sent a malformed SASL challenge");
         free(dec);

@@ -52,33 +52,33 @@ enum tlsio_tls_state {
 struct tlsio {
     uv_loop_t *loop;
     uv_tcp_t tcp;
-    uv_timer_t timer;        /* deferred DATAIN after read_start; close flush guard */
+    uv_timer_t timer; /* deferred DATAIN after read_start; close flush guard */
     uv_connect_t creq;
     uv_shutdown_t sreq;
     tlsio_cb cb;
     void *arg;
 
-    struct buf *in;          /* plaintext for the consumer */
-    struct buf *cin;         /* ciphertext waiting for gnutls pull */
-    struct buf *preout;      /* plaintext written during the handshake */
+    struct buf *in;     /* plaintext for the consumer */
+    struct buf *cin;    /* ciphertext waiting for gnutls pull */
+    struct buf *preout; /* plaintext written during the handshake */
 
     gnutls_session_t sess;
     enum tlsio_tls_state tls;
     int is_server;
     char *servername;
 
-    size_t pending;          /* bytes in uv_write requests not yet completed */
-    int nwrites;             /* uv_write requests not yet completed */
-    int push_err;            /* uv_write failure seen inside the push function */
+    size_t pending; /* bytes in uv_write requests not yet completed */
+    int nwrites;    /* uv_write requests not yet completed */
+    int push_err;   /* uv_write failure seen inside the push function */
 
-    int want_read;           /* the consumer asked for reads */
-    int reading;             /* the socket is actually being read */
-    int peer_eof;            /* UV_EOF seen on the socket */
-    int dead;                /* EOF or ERROR delivered: no more events */
-    int closing;             /* tlsio_close() called: no more events, ever */
-    int handles_closing;     /* uv_close() called on both handles */
-    int open_handles;        /* freed when this reaches 0 after handles_closing */
-    int verify_failed;       /* last error was a certificate verification failure */
+    int want_read;       /* the consumer asked for reads */
+    int reading;         /* the socket is actually being read */
+    int peer_eof;        /* UV_EOF seen on the socket */
+    int dead;            /* EOF or ERROR delivered: no more events */
+    int closing;         /* tlsio_close() called: no more events, ever */
+    int handles_closing; /* uv_close() called on both handles */
+    int open_handles;    /* freed when this reaches 0 after handles_closing */
+    int verify_failed;   /* last error was a certificate verification failure */
 
     void (*closed)(void *arg);
     void *closed_arg;
@@ -181,8 +181,7 @@ int tlsio_cred_server_new(const char *cert_file, const char *key_file, const cha
 
     if (cred_new(priority, 1, &cred, err, errlen) != 0)
         return -1;
-    rc = gnutls_certificate_set_x509_key_file(cred->x509, cert_file, key_file,
-                                              GNUTLS_X509_FMT_PEM);
+    rc = gnutls_certificate_set_x509_key_file(cred->x509, cert_file, key_file, GNUTLS_X509_FMT_PEM);
     if (rc < 0) {
         snprintf(err, errlen, "cannot load certificate %s with key %s: %s", cert_file, key_file,
                  gnutls_strerror(rc));
@@ -320,8 +319,7 @@ static int tls_send(struct tlsio *io, const char *p, size_t len)
             if (io->push_err != 0)
                 snprintf(io->err, sizeof(io->err), "%s", uv_strerror(io->push_err));
             else
-                snprintf(io->err, sizeof(io->err), "TLS write failed: %s",
-                         gnutls_strerror((int)n));
+                snprintf(io->err, sizeof(io->err), "TLS write failed: %s", gnutls_strerror((int)n));
             return io->push_err != 0 ? io->push_err : UV_EPIPE;
         }
         p += n;
@@ -651,8 +649,7 @@ static int is_ip_literal(const char *name)
     return inet_pton(AF_INET, name, tmp) == 1 || inet_pton(AF_INET6, name, tmp) == 1;
 }
 
-int tlsio_starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server,
-                   const char *servername)
+int tlsio_starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server, const char *servername)
 {
     int rc;
 

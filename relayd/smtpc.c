@@ -89,33 +89,34 @@ struct smtpc {
     void *arg;
     char qid[17];
     enum smtpc_state state;
-    const char *cmd;             /* last command sent, for "timeout waiting for reply to X" */
+    const char *cmd; /* last command sent, for "timeout waiting for reply to X" */
     int connect_timeout, command_timeout;
 
     uv_getaddrinfo_t gai;
     int gai_pending;
     struct addrinfo *ai, *ai_next;
     char peer[INET6_ADDRSTRLEN + 10];
-    char lasterr[256];           /* why the last connect attempt failed */
+    char lasterr[256]; /* why the last connect attempt failed */
 
-    struct tlsio *io;            /* current connection, NULL once closed */
-    int nios;                    /* tlsios not yet reported closed */
+    struct tlsio *io; /* current connection, NULL once closed */
+    int nios;         /* tlsios not yet reported closed */
     uv_timer_t timer;
     int timer_closed;
     int tls_up;
 
-    unsigned ext;                /* SMTPC_E_* from the last EHLO */
+    unsigned ext; /* SMTPC_E_* from the last EHLO */
     char auth_mechs[256];
     struct authsasl *sasl;
     const char *mech;
 
-    struct buf *reply;           /* reply being assembled */
+    struct buf *reply; /* reply being assembled */
     int reply_lines;
     int body_8bit;
     size_t body_off;
-    int body_bol, body_cr;       /* at beginning of line; previous byte was CR */
+    int body_bol, body_cr; /* at beginning of line; previous byte was CR */
 
-    size_t rcpt_next;            /* next recipient for RCPT */
+    size_t nrcpts;    /* msg->nrcpts: msg may be gone once done has run */
+    size_t rcpt_next; /* next recipient for RCPT */
     size_t naccepted;
     enum smtpc_rcpt_state *rstate;
     char **rreply;
@@ -167,8 +168,7 @@ static void smtpc_call_done(struct smtpc *c)
         snprintf(c->res.reply, sizeof(c->res.reply), "delivery ended without a result");
     }
     smtpc_fill_results(c);
-    log_debug(1, "%s: smtpc done: status=%d reply=%s", c->qid, (int)c->res.status,
-              c->res.reply);
+    log_debug(1, "%s: smtpc done: status=%d reply=%s", c->qid, (int)c->res.status, c->res.reply);
     c->done(c->arg, &c->res);
 }
 
@@ -183,7 +183,7 @@ static void smtpc_maybe_free(struct smtpc *c)
         uv_freeaddrinfo(c->ai);
     authsasl_free(c->sasl);
     buf_free(c->reply);
-    for (i = 0; i < c->msg->nrcpts; i++)
+    for (i = 0; i < c->nrcpts; i++)
         free(c->rreply[i]);
     free(c->rreply);
     free(c->rstate);
@@ -365,8 +365,7 @@ static void smtpc_try_connect(struct smtpc *c)
         c->state = SMTPC_S_CONNECT;
         log_debug(1, "%s: connecting to %s (%s)", c->qid, c->peer, c->up->host);
         if ((rc = tlsio_connect(c->io, ai->ai_addr)) < 0) {
-            snprintf(c->lasterr, sizeof(c->lasterr), "connect to %s: %s", c->peer,
-                     uv_strerror(rc));
+            snprintf(c->lasterr, sizeof(c->lasterr), "connect to %s: %s", c->peer, uv_strerror(rc));
             smtpc_drop_io(c);
             continue;
         }
@@ -412,8 +411,8 @@ static void smtpc_ehlo_line(struct smtpc *c, const char *text)
         /* "AUTH=" is the pre-RFC 4954 spelling some servers still send as well. */
         size_t used = strlen(c->auth_mechs);
         c->ext |= SMTPC_E_AUTH;
-        snprintf(c->auth_mechs + used, sizeof(c->auth_mechs) - used, "%s%s",
-                 used > 0 ? " " : "", args);
+        snprintf(c->auth_mechs + used, sizeof(c->auth_mechs) - used, "%s%s", used > 0 ? " " : "",
+                 args);
     } else if (kwlen == 4 && strncasecmp(text, "SIZE", 4) == 0) {
         c->ext |= SMTPC_E_SIZE;
     } else if (kwlen == 10 && strncasecmp(text, "PIPELINING", 10) == 0) {
@@ -527,8 +526,7 @@ static void smtpc_send_mail(struct smtpc *c)
     /* RFC 1870: announce the size so the server can refuse before we send it all. */
     if (c->ext & SMTPC_E_SIZE)
         snprintf(size, sizeof(size), " SIZE=%zu", c->msg->len);
-    smtpc_send(c, SMTPC_S_MAIL, "MAIL", NULL, "MAIL FROM:<%s>%s%s", c->msg->sender, body,
-               size);
+    smtpc_send(c, SMTPC_S_MAIL, "MAIL", NULL, "MAIL FROM:<%s>%s%s", c->msg->sender, body, size);
 }
 
 static void smtpc_send_rcpt(struct smtpc *c)
@@ -844,6 +842,7 @@ int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_c
     c->cred = cred;
     c->helo = xstrdup(helo != NULL && *helo != '\0' ? helo : "localhost");
     c->msg = msg;
+    c->nrcpts = msg->nrcpts;
     c->done = done;
     c->arg = arg;
     c->connect_timeout = up->connect_timeout;

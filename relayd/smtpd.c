@@ -502,8 +502,9 @@ static void smtpd_received(struct smtpd_session *s, const char *qid, struct buf 
     const char *proto = (s->flags & SMTPD_F_EHLO) ? "ESMTP" : "SMTP";
 
     tlsio_describe(s->io, tls, sizeof(tls));
-    buf_printf(out, "Received: from %s (%s [%s])\r\n", s->helo ? s->helo : "unknown", s->peer,
-               s->peer);
+    /* No reverse DNS lookup: devices on a LAN rarely have PTR records, and the address is
+     * what an administrator searches for. */
+    buf_printf(out, "Received: from %s ([%s])\r\n", s->helo ? s->helo : "unknown", s->peer);
     if (tls[0] != '\0')
         buf_printf(out, "\t(using %s)\r\n", tls);
     buf_printf(out, "\tby %s (relayd) with %s%s id %s", cfg->hostname, proto,

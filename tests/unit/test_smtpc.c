@@ -1,0 +1,670 @@
+/*
+ * test_smtpc - the outbound client against a scripted SMTP server on 127.0.0.1.
+ *
+ * The fake server is a tlsio server following a script of (expected command prefix,
+ * reply) steps; "STARTTLS" steps start TLS after the reply, DATA collects the message up
+ * to "." and the step after it answers the dot.  Certificates come from certtool in a
+ * temporary directory.  Each test runs its own loop, bounded, and checks uv_loop_close().
+ */
+#include <criterion/criterion.h>
+#include <criterion/new/assert.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/authsasl.h"
+#include "common/tlsio.h"
+#include "relayd/smtpc.h"
+
+static char dir[64];
+static uv_loop_t loop;
+
+struct step {
+    const char *expect; /* prefix of the command line, "." for the end of DATA */
+    const char *reply;  /* NULL: say nothing (to provoke a timeout) */
+};
+
+struct fake {
+    uv_tcp_t listener;
+    int port;
+    struct tlsio *io;
+    struct tlsio_cred *scred;
+    const char *greeting;
+    const struct step *script;
+    int pos;
+    int in_data;
+    struct buf *data;  /* the message as received, still dot-stuffed */
+    struct buf *lines; /* every command line, "\n"-separated */
+    int closed;
+};
+
+struct outcome {
+    size_t nrcpts; /* set before delivering */
+    int ncalls;
+    enum smtpc_status status;
+    int config_fault;
+    char reply[512];
+    char tls[128];
+    enum smtpc_status rcpt_status[4];
+    char rcpt_reply[4][256];
+};
+
+static void sh(const char *cmd)
+{
+    cr_assert(eq(int, system(cmd), 0), "%s", cmd);
+}
+
+static void write_file(const char *name, const char *text)
+{
+    char path[128];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    cr_assert_not_null(f = fopen(path, "w"));
+    fputs(text, f);
+    fclose(f);
+}
+
+static void setup(void)
+{
+    char err[256], cmd[1024];
+
+    snprintf(dir, sizeof(dir), "/tmp/test_smtpc.XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    write_file("ca.tmpl", "cn = Test CA\nca\ncert_signing_key\nexpiration_days = 30\n");
+    write_file("ca2.tmpl", "cn = Other CA\nca\ncert_signing_key\nexpiration_days = 30\n");
+    write_file("srv.tmpl", "cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\n"
+                           "tls_www_server\nencryption_key\nsigning_key\n"
+                           "expiration_days = 30\n");
+    snprintf(cmd, sizeof(cmd),
+             "cd %s && for ca in ca ca2; do "
+             "certtool --generate-privkey --key-type=ecdsa --outfile $ca.key 2>/dev/null && "
+             "certtool --generate-self-signed --load-privkey $ca.key --template $ca.tmpl "
+             "--outfile $ca.pem >/dev/null 2>&1 || exit 1; done && "
+             "certtool --generate-privkey --key-type=ecdsa --outfile srv.key 2>/dev/null && "
+             "certtool --generate-certificate --load-privkey srv.key --load-ca-certificate "
+             "ca.pem --load-ca-privkey ca.key --template srv.tmpl --outfile srv.pem "
+             ">/dev/null 2>&1",
+             dir);
+    sh(cmd);
+    cr_assert(eq(int, tlsio_global_init(err, sizeof(err)), 0));
+    cr_assert(eq(int, authsasl_client_init(err, sizeof(err)), 0));
+    cr_assert(eq(int, uv_loop_init(&loop), 0));
+}
+
+static void walk_close(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+static void teardown(void)
+{
+    char cmd[128];
+    int rc = uv_loop_close(&loop);
+
+    if (rc != 0) {
+        uv_walk(&loop, walk_close, NULL);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        uv_loop_close(&loop);
+    }
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    sh(cmd);
+    cr_assert(eq(int, rc, 0), "handles leaked on the test loop");
+}
+
+TestSuite(smtpc, .init = setup, .fini = teardown, .timeout = 30);
+
+/* ---- The fake server ---- */
+
+static void fake_closed(void *arg)
+{
+    struct fake *f = arg;
+    f->closed = 1;
+}
+
+static void fake_reply(struct fake *f, const char *line)
+{
+    const struct step *st = &f->script[f->pos];
+
+    buf_printf(f->lines, "%s\n", line);
+    if (st->expect == NULL) {
+        cr_fail("unexpected command after the script ended: %s", line);
+        tlsio_close(f->io, fake_closed, f);
+        return;
+    }
+    cr_assert(eq(int, strncmp(line, st->expect, strlen(st->expect)), 0), "got \"%s\", want \"%s\"",
+              line, st->expect);
+    f->pos++;
+    if (st->reply == NULL)
+        return;
+    tlsio_write(f->io, st->reply, strlen(st->reply));
+    tlsio_write(f->io, "\r\n", 2);
+    if (strcmp(st->expect, "STARTTLS") == 0 && strncmp(st->reply, "220", 3) == 0)
+        cr_assert(eq(int, tlsio_starttls(f->io, f->scred, 1, NULL), 0));
+    if (strcmp(st->expect, "DATA") == 0 && strncmp(st->reply, "354", 3) == 0)
+        f->in_data = 1;
+    if (strcmp(st->expect, "QUIT") == 0)
+        tlsio_close(f->io, fake_closed, f);
+}
+
+static void fake_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
+{
+    struct fake *f = arg;
+    const char *line;
+    size_t n, used;
+    char text[1024];
+
+    switch (ev) {
+    case TLSIO_DATAIN:
+        while (!f->closed && (used = buf_getline(tlsio_input(io), &line, &n)) > 0) {
+            snprintf(text, sizeof(text), "%.*s", (int)n, line);
+            if (f->in_data) {
+                if (strcmp(text, ".") == 0) {
+                    f->in_data = 0;
+                    buf_consume(tlsio_input(io), used);
+                    fake_reply(f, ".");
+                    continue;
+                }
+                buf_append(f->data, line, used);
+                buf_consume(tlsio_input(io), used);
+                continue;
+            }
+            buf_consume(tlsio_input(io), used);
+            fake_reply(f, text);
+        }
+        break;
+    case TLSIO_EOF:
+    case TLSIO_ERROR:
+        tlsio_close(io, fake_closed, f);
+        break;
+    default:
+        break;
+    }
+}
+
+static void fake_accept(uv_stream_t *l, int status)
+{
+    struct fake *f = l->data;
+
+    cr_assert(eq(int, status, 0));
+    f->io = tlsio_new(&loop, fake_cb, f);
+    cr_assert(eq(int, uv_accept(l, tlsio_stream(f->io)), 0));
+    tlsio_read_start(f->io);
+    if (f->greeting == NULL) {
+        /* Implicit TLS: the greeting follows the handshake. */
+        cr_assert(eq(int, tlsio_starttls(f->io, f->scred, 1, NULL), 0));
+        tlsio_write(f->io, "220 fake ESMTP\r\n", 16);
+    } else {
+        tlsio_write(f->io, f->greeting, strlen(f->greeting));
+    }
+}
+
+static void fake_start(struct fake *f, const struct step *script)
+{
+    struct sockaddr_storage ss;
+    struct sockaddr_in sin;
+    char err[256], cert[128], key[128];
+    int len = sizeof(ss);
+
+    memset(f, 0, sizeof(*f));
+    f->script = script;
+    f->greeting = "220 fake ESMTP\r\n";
+    f->data = buf_new(0);
+    f->lines = buf_new(0);
+    snprintf(cert, sizeof(cert), "%s/srv.pem", dir);
+    snprintf(key, sizeof(key), "%s/srv.key", dir);
+    cr_assert(eq(int, tlsio_cred_server_new(cert, key, NULL, &f->scred, err, sizeof(err)), 0));
+    uv_tcp_init(&loop, &f->listener);
+    f->listener.data = f;
+    uv_ip4_addr("127.0.0.1", 0, &sin);
+    cr_assert(eq(int, uv_tcp_bind(&f->listener, (struct sockaddr *)&sin, 0), 0));
+    cr_assert(eq(int, uv_listen((uv_stream_t *)&f->listener, 8, fake_accept), 0));
+    uv_tcp_getsockname(&f->listener, (struct sockaddr *)&ss, &len);
+    f->port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+}
+
+static void fake_stop(struct fake *f)
+{
+    if (f->io != NULL && !f->closed)
+        tlsio_close(f->io, fake_closed, f);
+    uv_close((uv_handle_t *)&f->listener, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    tlsio_cred_free(f->scred);
+    buf_free(f->data);
+    buf_free(f->lines);
+}
+
+/* ---- Running a delivery ---- */
+
+static void on_done(void *arg, const struct smtpc_result *res)
+{
+    struct outcome *o = arg;
+    size_t i;
+
+    o->ncalls++;
+    o->status = res->status;
+    o->config_fault = res->config_fault;
+    snprintf(o->reply, sizeof(o->reply), "%s", res->reply);
+    snprintf(o->tls, sizeof(o->tls), "%s", res->tls);
+    for (i = 0; i < o->nrcpts; i++) {
+        o->rcpt_status[i] = res->rcpt_status[i];
+        snprintf(o->rcpt_reply[i], sizeof(o->rcpt_reply[i]), "%s",
+                 res->rcpt_reply[i] != NULL ? res->rcpt_reply[i] : "(null)");
+    }
+}
+
+static struct cfg_upstream upstream(int port, enum cfg_tls tls)
+{
+    struct cfg_upstream up;
+
+    memset(&up, 0, sizeof(up));
+    up.name = "test";
+    up.host = "127.0.0.1";
+    up.port = port;
+    up.tls = tls;
+    up.connect_timeout = 5;
+    up.command_timeout = 5;
+    return up;
+}
+
+static const char *rcpts2[] = {"a@example.com", "b@example.com", NULL, NULL};
+
+static void deliver(const struct cfg_upstream *up, const char *ca, const char *body, size_t nrcpts,
+                    struct outcome *o)
+{
+    struct smtpc_msg msg = {
+        .id = 0x190A3F2C1D4,
+        .sender = "fax@lan",
+        .rcpts = rcpts2,
+        .nrcpts = nrcpts,
+        .body = body,
+        .len = strlen(body),
+    };
+    struct tlsio_cred *cred = NULL;
+    char err[256], path[128];
+    int i;
+
+    memset(o, 0, sizeof(*o));
+    o->nrcpts = nrcpts;
+    if (ca != NULL) {
+        snprintf(path, sizeof(path), "%s/%s", dir, ca);
+        cr_assert(eq(int, tlsio_cred_client_new(path, NULL, &cred, err, sizeof(err)), 0));
+    }
+    cr_assert(eq(int, smtpc_deliver(&loop, up, cred, "relay.test", &msg, on_done, o, NULL), 0));
+    for (i = 0; i < 100000 && o->ncalls == 0; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    cr_assert(eq(int, o->ncalls, 1));
+    uv_run(&loop, UV_RUN_NOWAIT);
+    tlsio_cred_free(cred);
+}
+
+/* Plaintext delivery: dot-stuffing, a final CRLF added, one recipient refused. */
+Test(smtpc, plain_delivery_with_one_rcpt_refused)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250-SIZE 1000000\r\n250 8BITMIME"},
+        {"MAIL FROM:<fax@lan> SIZE=", "250 2.1.0 Ok"},
+        {"RCPT TO:<a@example.com>", "250 2.1.5 Ok"},
+        {"RCPT TO:<b@example.com>", "550 5.1.1 <b@example.com>: Recipient address rejected"},
+        {"DATA", "354 End data with <CR><LF>.<CR><LF>"},
+        {".", "250 2.0.0 Ok: queued as 3B1F0"},
+        {"QUIT", "221 2.0.0 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    deliver(&up, NULL, "Subject: x\r\n\r\n.hidden\r\n..two\r\nlast", 2, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
+    cr_assert(eq(str, o.reply, "250 2.0.0 Ok: queued as 3B1F0"));
+    cr_assert(eq(str, o.tls, ""));
+    cr_assert(eq(int, (int)o.rcpt_status[0], SMTPC_SENT));
+    cr_assert(eq(int, (int)o.rcpt_status[1], SMTPC_FAIL));
+    cr_assert(eq(str, o.rcpt_reply[1], "550 5.1.1 <b@example.com>: Recipient address rejected"));
+    cr_assert(eq(str, f.data->data, "Subject: x\r\n\r\n..hidden\r\n...two\r\nlast\r\n"));
+    cr_assert(eq(int, f.pos, 7));
+    fake_stop(&f);
+}
+
+/* STARTTLS, verification against our CA, EHLO again, AUTH PLAIN, 8BITMIME announced. */
+Test(smtpc, starttls_auth_plain)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250-PIPELINING\r\n250 STARTTLS"},
+        {"STARTTLS", "220 2.0.0 Ready to start TLS"},
+        {"EHLO relay.test", "250-fake\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME"},
+        {"AUTH PLAIN AHVzZXIAc2VjcmV0", "235 2.7.0 Authentication successful"},
+        {"MAIL FROM:<fax@lan> BODY=8BITMIME", "250 2.1.0 Ok"},
+        {"RCPT TO:<a@example.com>", "250 2.1.5 Ok"},
+        {"DATA", "354 go"},
+        {".", "250 2.0.0 Ok: queued as 4C2A1"},
+        {"QUIT", "221 2.0.0 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_STARTTLS);
+    up.host = "localhost";
+    up.username = "user";
+    up.password = "secret";
+    deliver(&up, "ca.pem", "Subject: caf\xc3\xa9\r\n\r\nhi\r\n", 1, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
+    cr_assert(eq(str, o.reply, "250 2.0.0 Ok: queued as 4C2A1"));
+    cr_assert(eq(int, strncmp(o.tls, "TLSv1.3 with cipher ", 20), 0), "%s", o.tls);
+    cr_assert(eq(int, f.pos, 9));
+    fake_stop(&f);
+}
+
+/* No STARTTLS on offer: no cleartext fallback, and the operator is told why. */
+Test(smtpc, starttls_required_but_missing)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250 AUTH PLAIN"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_STARTTLS);
+    up.username = "user";
+    up.password = "secret";
+    deliver(&up, "ca.pem", "x\r\n", 2, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(int, o.config_fault, 1));
+    cr_assert(eq(str, o.reply, "upstream does not offer STARTTLS; refusing to send in cleartext"));
+    cr_assert(eq(int, (int)o.rcpt_status[1], SMTPC_DEFER));
+    cr_assert_null(strstr(f.lines->data, "AUTH"));
+    fake_stop(&f);
+}
+
+/* A certificate from an unknown CA stops the delivery before any credentials are sent. */
+Test(smtpc, starttls_untrusted)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250-AUTH PLAIN\r\n250 STARTTLS"},
+        {"STARTTLS", "220 2.0.0 Ready to start TLS"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_STARTTLS);
+    up.tls_name = "localhost";
+    up.username = "user";
+    up.password = "secret";
+    deliver(&up, "ca2.pem", "x\r\n", 1, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(int, o.config_fault, 1));
+    cr_assert(eq(str, o.reply, "TLS: certificate signer not trusted"));
+    fake_stop(&f);
+}
+
+/* Implicit TLS with a name mismatch. */
+Test(smtpc, implicit_tls_name_mismatch)
+{
+    static const struct step script[] = {{NULL, NULL}};
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    f.greeting = NULL;
+    up = upstream(f.port, CFG_TLS_IMPLICIT);
+    up.tls_name = "smtp.example.net";
+    deliver(&up, "ca.pem", "x\r\n", 1, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(int, o.config_fault, 1));
+    cr_assert(eq(str, o.reply, "TLS: certificate name mismatch: expected smtp.example.net"));
+    fake_stop(&f);
+}
+
+/* Implicit TLS, happy path. */
+Test(smtpc, implicit_tls_delivery)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250 fake"},
+        {"MAIL FROM:<fax@lan>", "250 Ok"},
+        {"RCPT TO:<a@example.com>", "250 Ok"},
+        {"DATA", "354 go"},
+        {".", "250 2.0.0 Ok: queued as 77"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    f.greeting = NULL;
+    up = upstream(f.port, CFG_TLS_IMPLICIT);
+    deliver(&up, "ca.pem", "x\r\n", 1, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
+    cr_assert(ne(str, o.tls, ""));
+    fake_stop(&f);
+}
+
+/* AUTH refused: deferred, a configuration fault, the server's words; no password. */
+Test(smtpc, auth_refused)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250 STARTTLS"},
+        {"STARTTLS", "220 go"},
+        {"EHLO relay.test", "250-fake\r\n250 AUTH LOGIN"},
+        {"AUTH LOGIN", "334 VXNlcm5hbWU6"},
+        {"dXNlcg==", "334 UGFzc3dvcmQ6"},
+        {"c2VjcmV0", "535 5.7.8 Error: authentication failed"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_STARTTLS);
+    up.host = "localhost";
+    up.username = "user";
+    up.password = "secret";
+    deliver(&up, "ca.pem", "x\r\n", 1, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(int, o.config_fault, 1));
+    cr_assert(eq(str, o.reply, "AUTH LOGIN: 535 5.7.8 Error: authentication failed"));
+    fake_stop(&f);
+}
+
+/* tls = none with a username but no allow_plaintext_auth: no AUTH is ever sent. */
+Test(smtpc, no_auth_in_cleartext)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250 AUTH PLAIN"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    up.username = "user";
+    up.password = "secret";
+    deliver(&up, NULL, "x\r\n", 1, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(int, o.config_fault, 1));
+    cr_assert_null(strstr(f.lines->data, "AUTH"));
+    fake_stop(&f);
+}
+
+/* 4xx to DATA's end: everyone accepted at RCPT is deferred with the server's words. */
+Test(smtpc, data_deferred)
+{
+    static const struct step script[] = {
+        {"EHLO", "554 go away"},
+        {"HELO relay.test", "250 hi"},
+        {"MAIL FROM:<fax@lan>", "250 Ok"},
+        {"RCPT TO:<a@example.com>", "250 Ok"},
+        {"RCPT TO:<b@example.com>", "450 4.2.0 mailbox busy"},
+        {"DATA", "354 go"},
+        {".", "451 4.3.0 try later"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    deliver(&up, NULL, "x\r\n", 2, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(str, o.reply, "451 4.3.0 try later"));
+    cr_assert(eq(int, (int)o.rcpt_status[0], SMTPC_DEFER));
+    cr_assert(eq(str, o.rcpt_reply[0], "451 4.3.0 try later"));
+    cr_assert(eq(str, o.rcpt_reply[1], "450 4.2.0 mailbox busy"));
+    fake_stop(&f);
+}
+
+/* Every recipient refused for good: the attempt fails, no DATA. */
+Test(smtpc, all_rcpts_refused)
+{
+    static const struct step script[] = {
+        {"EHLO", "250 fake"},
+        {"MAIL FROM:<fax@lan>", "250 Ok"},
+        {"RCPT TO:<a@example.com>", "550 no"},
+        {"RCPT TO:<b@example.com>", "550 5.1.1 nope"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    deliver(&up, NULL, "x\r\n", 2, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_FAIL));
+    cr_assert(eq(int, (int)o.rcpt_status[0], SMTPC_FAIL));
+    cr_assert(eq(str, o.rcpt_reply[0], "550 no"));
+    fake_stop(&f);
+}
+
+/* Silence after RCPT: a timeout in words. */
+Test(smtpc, timeout_waiting_for_rcpt)
+{
+    static const struct step script[] = {
+        {"EHLO", "250 fake"},
+        {"MAIL FROM:<fax@lan>", "250 Ok"},
+        {"RCPT TO:<a@example.com>", NULL},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    up.command_timeout = 1;
+    deliver(&up, NULL, "x\r\n", 1, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(str, o.reply, "timeout waiting for reply to RCPT"));
+    fake_stop(&f);
+}
+
+/* Nobody listening: libuv's words with the address. */
+Test(smtpc, connection_refused)
+{
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+    int port;
+
+    fake_start(&f, (const struct step[]){{NULL, NULL}});
+    port = f.port;
+    fake_stop(&f);
+    up = upstream(port, CFG_TLS_NONE);
+    deliver(&up, NULL, "x\r\n", 1, &o);
+    char want[128];
+    snprintf(want, sizeof(want), "connect to 127.0.0.1:%d: connection refused", port);
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(str, o.reply, want));
+}
+
+/* Abort mid-dialogue: done runs once, before smtpc_abort() returns, with DEFER. */
+Test(smtpc, abort_mid_dialogue)
+{
+    static const struct step script[] = {
+        {"EHLO", NULL},
+        {NULL, NULL},
+    };
+    struct smtpc_msg msg = {
+        .id = 1, .sender = "", .rcpts = rcpts2, .nrcpts = 1, .body = "x\r\n", .len = 3};
+    struct cfg_upstream up;
+    struct outcome o;
+    struct smtpc *c;
+    struct fake f;
+    int i;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    memset(&o, 0, sizeof(o));
+    o.nrcpts = 1;
+    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &msg, on_done, &o, &c), 0));
+    for (i = 0; i < 1000 && f.pos == 0; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    smtpc_abort(c);
+    cr_assert(eq(int, o.ncalls, 1));
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(str, o.reply, "delivery aborted (shutting down)"));
+    fake_stop(&f);
+    cr_assert(eq(int, o.ncalls, 1));
+}
+
+/* A body larger than one write chunk, over TLS, arrives intact and dot-stuffed. */
+Test(smtpc, large_body_in_chunks)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250 fake"},
+        {"MAIL FROM:<fax@lan>", "250 Ok"},
+        {"RCPT TO:<a@example.com>", "250 Ok"},
+        {"DATA", "354 go"},
+        {".", "250 2.0.0 Ok: queued as BIG"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct buf *body = buf_new(0), *want = buf_new(0);
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+    int i;
+
+    for (i = 0; i < 20000; i++) {
+        buf_printf(body, "%sline %d of a long message, padded to be a bit wider\r\n",
+                   i % 7 == 0 ? "." : "", i);
+        buf_printf(want, "%sline %d of a long message, padded to be a bit wider\r\n",
+                   i % 7 == 0 ? ".." : "", i);
+    }
+    fake_start(&f, script);
+    f.greeting = NULL;
+    up = upstream(f.port, CFG_TLS_IMPLICIT);
+    deliver(&up, "ca.pem", body->data, 1, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
+    cr_assert(eq(sz, f.data->len, want->len));
+    cr_assert(eq(int, memcmp(f.data->data, want->data, want->len), 0));
+    fake_stop(&f);
+    buf_free(body);
+    buf_free(want);
+}
