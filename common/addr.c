@@ -67,11 +67,14 @@ int addr_path_parse(const char *arg, char **addr, const char **params, char *err
     }
     if ((size_t)(end - start) > ADDR_MAX)
         return addr_fail(err, errlen, "address too long");
+    quoted = 0;
     for (p = start; p < end; p++) {
         unsigned char c = (unsigned char)*p;
         if (c < 0x20 || c == 0x7f)
             return addr_fail(err, errlen, "control character in address");
-        if ((c == '<' || c == '>') )
+        if (c == '"')
+            quoted = !quoted;
+        else if ((c == '<' || c == '>') && !quoted)
             return addr_fail(err, errlen, "stray angle bracket in address");
     }
     if (*rest != '\0' && *rest != ' ' && *rest != '\t')
