@@ -456,6 +456,8 @@ static void drive(struct tlsio *io)
     if (io->tls != TLSIO_T_READY)
         return;
     for (;;) {
+        size_t before = io->cin->len;
+
         n = gnutls_record_recv(io->sess, tmp, sizeof(tmp));
         if (n > 0) {
             buf_append(io->in, tmp, (size_t)n);
@@ -468,6 +470,10 @@ static void drive(struct tlsio *io)
         }
         if (n == GNUTLS_E_AGAIN) {
             if (gnutls_record_check_pending(io->sess) > 0)
+                continue;
+            /* A post-handshake message (a TLS 1.3 session ticket) also ends in EAGAIN, with
+             * application data still waiting in cin behind it: go on while we progress. */
+            if (io->cin->len > 0 && io->cin->len < before)
                 continue;
             break;
         }

@@ -35,6 +35,7 @@ struct sched_delivery {
     const char **rcpts;      /* the recipients sent in this attempt */
     size_t *rcpt_index;      /* their index in msg->rcpts */
     size_t nrcpts;
+    struct smtpc_msg m;      /* what smtpc delivers; must live until its done callback */
     struct smtpc *client;
     time_t started;
     struct sched_delivery *next;
@@ -111,13 +112,22 @@ static void sched_delivery_free(struct sched_delivery *d)
     free(d);
 }
 
+/* The result is durable: only now may the message be picked again (until then spool_due()
+ * still shows it, and picking it would deliver it twice). */
 static void sched_update_done(void *arg, int rc)
 {
-    char *qid = arg;
+    struct sched_delivery *d = arg;
+    struct sched *sc = d->sc;
+    char qid[17];
 
     if (rc != 0)
-        log_error("%s: could not record the delivery result: %s", qid, spool_strerror(rc));
-    free(qid);
+        log_error("%s: could not record the delivery result: %s", spool_id_str(d->msg->id, qid),
+                  spool_strerror(rc));
+    sched_delivery_free(d);
+    if (sc->stopping)
+        sched_maybe_stopped(sc);
+    else
+        sched_kick(sc);
 }
 
 static const char *sched_status_word(enum smtpc_status st)
@@ -218,28 +228,29 @@ static void sched_on_delivered(void *arg, const struct smtpc_result *res)
         log_info("%s: removed", qid);
     }
     (void)any_sent;
-    spool_update_async(sc->sp, &u, sched_update_done, xstrdup(qid));
+    spool_update_async(sc->sp, &u, sched_update_done, d); /* d stays busy until then */
     free(st);
     free(replies);
-    sched_delivery_free(d);
-    if (sc->stopping)
-        sched_maybe_stopped(sc);
-    else
-        sched_kick(sc);
 }
 
-static void sched_hold(struct sched *sc, const struct spool_msg *msg, const char *why)
+/* Holds msg (taken over) with the reason; it stays busy until the update is durable. */
+static void sched_hold(struct sched *sc, struct spool_msg *msg, const char *why)
 {
+    struct sched_delivery *d = xcalloc(1, sizeof(*d));
     struct spool_update u;
     char qid[17];
 
-    spool_id_str(msg->id, qid);
-    log_warn("%s: held: %s", qid, why);
+    log_warn("%s: held: %s", spool_id_str(msg->id, qid), why);
+    d->sc = sc;
+    d->msg = msg;
+    d->next = sc->active;
+    sc->active = d;
+    sc->nactive++;
     memset(&u, 0, sizeof(u));
     u.id = msg->id;
     u.state = SPOOL_HELD;
     u.last_error = why;
-    spool_update_async(sc->sp, &u, sched_update_done, xstrdup(qid));
+    spool_update_async(sc->sp, &u, sched_update_done, d);
 }
 
 static void sched_start_one(struct sched *sc, uint64_t id)
@@ -247,7 +258,6 @@ static void sched_start_one(struct sched *sc, uint64_t id)
     struct sched_delivery *d;
     struct spool_msg *msg;
     const struct cfg_route *route = NULL;
-    struct smtpc_msg m;
     char qid[17];
     size_t i;
     int rc;
@@ -263,7 +273,6 @@ static void sched_start_one(struct sched *sc, uint64_t id)
             route = cfg_route_find(sc->cfg, msg->sender, msg->rcpts[i].addr);
     if (route == NULL) {
         sched_hold(sc, msg, "no upstream route is configured for its recipients");
-        spool_msg_free(msg);
         return;
     }
     d = xcalloc(1, sizeof(*d));
@@ -294,16 +303,15 @@ static void sched_start_one(struct sched *sc, uint64_t id)
     d->next = sc->active;
     sc->active = d;
     sc->nactive++;
-    memset(&m, 0, sizeof(m));
-    m.id = id;
-    m.sender = msg->sender;
-    m.rcpts = d->rcpts;
-    m.nrcpts = d->nrcpts;
-    m.body = d->body;
-    m.len = d->len;
+    d->m.id = id;
+    d->m.sender = msg->sender;
+    d->m.rcpts = d->rcpts;
+    d->m.nrcpts = d->nrcpts;
+    d->m.body = d->body;
+    d->m.len = d->len;
     log_debug(1, "%s: delivering to upstream %s (%zu recipients)", qid, d->up->name, d->nrcpts);
     rc = smtpc_deliver(sc->loop, d->up, sc->creds[sched_upstream_index(sc, d->up)],
-                       sc->cfg->hostname, &m, sched_on_delivered, d, &d->client);
+                       sc->cfg->hostname, &d->m, sched_on_delivered, d, &d->client);
     if (rc != 0) {
         log_error("%s: cannot start delivery: %s", qid, uv_strerror(rc));
         sched_delivery_free(d);
