@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# contrib/test.sh - the whole test suite, as CI runs it.
+#
+# Installs the dependencies (contrib/setup.sh), builds relayd normally into build/ and runs
+# every unit and end-to-end test there with ctest, then does the same with AddressSanitizer
+# and UndefinedBehaviorSanitizer in build-asan/.  Exits non-zero if anything failed; the
+# last line is "summary: N passed, N failed".  The end-to-end tests start real Postfix
+# instances on loopback ports and need root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+jobs=$(nproc 2>/dev/null || echo 2)
+total_pass=0
+total_fail=0
+status=0
+
+# run_ctest DIR LABEL: runs ctest in DIR, adds its counts to the totals.
+run_ctest() {
+    local dir=$1 label=$2 log rc=0 line failed total
+    log=$(mktemp)
+    (cd "$dir" && ctest --output-on-failure -j "$jobs") 2>&1 | tee "$log" || rc=$?
+    line=$(grep -E 'tests passed, [0-9]+ tests? failed out of [0-9]+' "$log" | tail -n 1 || true)
+    rm -f "$log"
+    if [ -z "$line" ]; then
+        echo "test.sh: $label: ctest ran no test or did not finish (rc=$rc)"
+        total_fail=$((total_fail + 1))
+        status=1
+        return 0
+    fi
+    failed=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\1/' <<<"$line")
+    total=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\2/' <<<"$line")
+    echo "test.sh: $label: $((total - failed)) passed, $failed failed"
+    total_pass=$((total_pass + total - failed))
+    total_fail=$((total_fail + failed))
+    if [ "$rc" -ne 0 ] || [ "$failed" -ne 0 ]; then
+        status=1
+    fi
+}
+
+bash contrib/setup.sh
+
+echo "test.sh: === build (RelWithDebInfo) ==="
+bash contrib/build.sh
+echo "test.sh: === tests (build/) ==="
+run_ctest build normal
+
+echo "test.sh: === build (ASan + UBSan) ==="
+bash contrib/build.sh --sanitize
+echo "test.sh: === tests (build-asan/) ==="
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+run_ctest build-asan sanitize
+
+echo "summary: $total_pass passed, $total_fail failed"
+exit "$status"

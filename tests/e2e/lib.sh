@@ -1,0 +1,679 @@
+# tests/e2e/lib.sh - shared harness for relayd's end-to-end tests; source it, do not run it.
+#
+# Every t_*.sh sources this file and gets:
+#   - $T: a private directory under /tmp, removed on exit (kept when E2E_KEEP=1 or on failure
+#     when E2E_KEEP=fail);
+#   - an EXIT trap that stops everything the test started, each process by its own pid
+#     (relayd, the Postfix master and its process group), never by name;
+#   - a real Postfix upstream (own config, queue and data directories under $T, loopback
+#     only, STARTTLS required before AUTH, Cyrus SASL with a private sasldb, delivery into
+#     one Maildir), a throw-away CA, and helpers to start relayd and read its queue.
+# Every wait is bounded; on failure the last lines of each log are printed so that
+# `ctest --output-on-failure` shows why.
+#
+# Needs root (Postfix's master must start as root), python3, certtool (gnutls-bin),
+# saslpasswd2 (sasl2-bin), postfix and swaks.  contrib/setup.sh installs all of them.
+
+set -euo pipefail
+
+E2E_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+RELAYD_BIN=${RELAYD_BIN:-$E2E_SRC/build/relayd}
+RELAYCTL_BIN=${RELAYCTL_BIN:-$E2E_SRC/build/relayctl}
+E2E_NAME=$(basename "$0" .sh)
+
+# The SASL account the upstream knows and relayd uses.
+SASL_USER=relay
+SASL_REALM=example.com
+SASL_LOGIN=$SASL_USER@$SASL_REALM
+SASL_PASSWORD='e2e-Secret_pw.1'
+
+T=$(mktemp -d "/tmp/relayd-e2e-$E2E_NAME.XXXXXX")
+# Postfix daemons run as the postfix user and open the Maildir, sasldb and log by
+# absolute path, so they need to traverse (not list) the directory.
+chmod 0711 "$T"
+
+E2E_PIDS=()          # extra background processes, stopped by pid on exit
+E2E_FAILED=0
+RELAYD_PID=
+PF_DIR=
+PF_PORT=
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+
+say() { printf '%s: %s\n' "$E2E_NAME" "$*"; }
+
+fail() {
+    E2E_FAILED=1
+    printf '%s: FAIL: %s\n' "$E2E_NAME" "$*" >&2
+    exit 1
+}
+
+# pass: stops relayd, checks it went quietly, and ends the test with success.
+pass() {
+    check_relayd_exit
+    say "PASS"
+    exit 0
+}
+
+# Prints the tail of every log we know of, for a failing test's output.
+dump_logs() {
+    local f rc
+    if [ -n "${RELAYD_PID:-}" ] && ! pid_alive "$RELAYD_PID"; then
+        wait "$RELAYD_PID" 2>/dev/null && rc=0 || rc=$?
+        printf '%s: relayd (pid %s) is gone: exit status %s%s\n' "$E2E_NAME" "$RELAYD_PID" \
+            "$rc" "$([ "$rc" -gt 128 ] && echo " (signal $((rc - 128)))")" >&2
+        RELAYD_PID=
+    fi
+    for f in "$T/relayd.log" "$T/relayd.log.old" "${PF_DIR:+$PF_DIR/maillog}" "$T/swaks.log"; do
+        [ -n "$f" ] && [ -s "$f" ] || continue
+        printf -- '----- last lines of %s -----\n' "$f" >&2
+        tail -n 60 "$f" >&2
+    done
+}
+
+# ---------------------------------------------------------------------------------------
+# Cleanup: by pid only, bounded waits.
+
+# pid_alive PID: 0 while PID runs (a zombie waiting to be reaped counts as gone).
+pid_alive() {
+    local st
+    kill -0 "$1" 2>/dev/null || return 1
+    st=$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ "$st" != Z ]
+}
+
+# wait_pid_gone PID SECONDS: 0 once PID no longer runs, 1 on timeout.
+wait_pid_gone() {
+    local pid=$1 i n=$(($2 * 10))
+    for ((i = 0; i < n; i++)); do
+        pid_alive "$pid" || return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# stop_pid PID [SECONDS]: TERM, wait, then KILL.  Reaps it if it is our child.
+stop_pid() {
+    local pid=$1 secs=${2:-10}
+    [ -n "$pid" ] || return 0
+    pid_alive "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_pid_gone "$pid" "$secs"; then
+        say "pid $pid ignored SIGTERM for ${secs}s; sending SIGKILL" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_pid_gone "$pid" 5 || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+e2e_cleanup() {
+    local rc=$? p
+    set +e
+    trap - EXIT INT TERM
+    [ "$rc" -ne 0 ] && E2E_FAILED=1
+    if [ "$E2E_FAILED" -ne 0 ]; then
+        dump_logs
+    fi
+    stop_relayd
+    stop_postfix_upstream
+    for p in "${E2E_PIDS[@]}"; do
+        stop_pid "$p" 5
+    done
+    if [ "${E2E_KEEP:-}" = 1 ] || { [ "${E2E_KEEP:-}" = fail ] && [ "$E2E_FAILED" -ne 0 ]; }; then
+        say "keeping $T" >&2
+    else
+        rm -rf -- "$T"
+    fi
+    exit "$rc"
+}
+trap e2e_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------------------
+# Ports
+
+# free_port: prints a TCP port on 127.0.0.1 that nothing listens on right now.
+free_port() {
+    python3 - <<'EOF'
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+EOF
+}
+
+# port_open PORT: 0 when something accepts connections on 127.0.0.1:PORT.
+port_open() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(1)
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+finally:
+    s.close()
+EOF
+}
+
+# wait_for_port PORT [SECONDS]: bounded wait until 127.0.0.1:PORT accepts.
+wait_for_port() {
+    local port=$1 secs=${2:-15} i
+    for ((i = 0; i < secs * 5; i++)); do
+        port_open "$port" && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# wait_for_port_closed PORT [SECONDS]
+wait_for_port_closed() {
+    local port=$1 secs=${2:-15} i
+    for ((i = 0; i < secs * 5; i++)); do
+        port_open "$port" || return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# ---------------------------------------------------------------------------------------
+# Certificates (certtool).  make_ca creates, under $T/ca:
+#   ca.pem                     the test CA relayd trusts
+#   server.pem server.key      CN/SAN localhost + IP 127.0.0.1, signed by ca.pem
+#   wrongname.pem/.key         CN/SAN wrong.example, signed by ca.pem
+#   expired.pem/.key           localhost, signed by ca.pem, expired in 2001
+#   evil-ca.pem                an unrelated CA relayd does not trust
+#   evil.pem evil.key          localhost + 127.0.0.1, signed by evil-ca.pem
+
+_certtool() {
+    local out
+    if ! out=$(certtool "$@" 2>&1); then
+        printf '%s\n' "$out" >&2
+        fail "certtool $* failed"
+    fi
+}
+
+_make_key() { _certtool --generate-privkey --key-type rsa --bits 2048 --outfile "$1"; }
+
+# _make_ca_cert NAME CN
+_make_ca_cert() {
+    local d=$T/ca
+    cat > "$d/$1.tmpl" <<EOF
+cn = "$2"
+organization = "relayd e2e"
+ca
+cert_signing_key
+crl_signing_key
+expiration_days = 30
+EOF
+    _make_key "$d/$1.key"
+    _certtool --generate-self-signed --load-privkey "$d/$1.key" --template "$d/$1.tmpl" \
+        --outfile "$d/$1.pem"
+}
+
+# _make_server_cert NAME CA CN [DATES-LINES]
+_make_server_cert() {
+    local d=$T/ca name=$1 ca=$2 cn=$3 dates=${4:-"expiration_days = 30"}
+    {
+        printf 'cn = "%s"\norganization = "relayd e2e"\ndns_name = "%s"\n' "$cn" "$cn"
+        [ "$cn" = localhost ] && printf 'ip_address = "127.0.0.1"\n'
+        printf 'tls_www_server\nencryption_key\nsigning_key\n%s\n' "$dates"
+    } > "$d/$name.tmpl"
+    _make_key "$d/$name.key"
+    _certtool --generate-certificate --load-privkey "$d/$name.key" \
+        --load-ca-certificate "$d/$ca.pem" --load-ca-privkey "$d/$ca.key" \
+        --template "$d/$name.tmpl" --outfile "$d/$name.pem"
+}
+
+make_ca() {
+    [ -f "$T/ca/server.pem" ] && return 0
+    mkdir -p "$T/ca"
+    chmod 0755 "$T/ca"
+    _make_ca_cert ca "relayd e2e test CA"
+    _make_server_cert server ca localhost
+    _make_server_cert wrongname ca wrong.example
+    _make_server_cert expired ca localhost \
+        $'activation_date = "2000-01-01 00:00:00"\nexpiration_date = "2001-01-01 00:00:00"'
+    _make_ca_cert evil-ca "relayd e2e untrusted CA"
+    _make_server_cert evil evil-ca localhost
+    # Postfix reads the keys as root before it drops privileges, but keep them readable
+    # for its user too: nothing here is secret.
+    chmod 0644 "$T"/ca/*
+}
+
+# ---------------------------------------------------------------------------------------
+# The Postfix upstream.
+#
+# start_postfix_upstream [CERT]   CERT is a make_ca name (default server): the upstream's
+#   certificate.  Sets PF_DIR and PF_PORT (reused on a restart so relayd's config holds).
+#   Layout: $PF_DIR/etc (config_directory; etc/sasl holds smtpd.conf and sasldb2), queue, data,
+#   maillog, and the Maildir $T/mail/maildir.
+# stop_postfix_upstream            TERM to the master pid, bounded wait for its group.
+
+PF_UID=$(id -u postfix 2>/dev/null || echo '')
+PF_GID=$(id -g postfix 2>/dev/null || echo '')
+MAILDIR=$T/mail/maildir
+
+_pf_write_config() {
+    local cert=$1 etc=$PF_DIR/etc
+    mkdir -p "$etc" "$PF_DIR/queue" "$PF_DIR/data" "$PF_DIR/etc/sasl" "$T/mail"
+    chmod 0755 "$PF_DIR" "$etc" "$PF_DIR/etc/sasl"
+    chown postfix:postfix "$PF_DIR/data" "$T/mail"
+    chmod 0700 "$T/mail"
+
+    # A master.cf of our own rather than an edited copy of the system one: no chroot (the
+    # test directories are not inside a chroot), and only the services this test needs, so
+    # that a local change to /etc/postfix/master.cf cannot change the test.
+    cat > "$etc/master.cf" <<EOF
+# service type  private unpriv  chroot  wakeup  maxproc command + args
+127.0.0.1:$PF_PORT inet n - n - - smtpd
+  -o syslog_name=postfix/submission
+  -o smtpd_tls_security_level=encrypt
+  -o smtpd_sasl_auth_enable=yes
+  -o smtpd_tls_auth_only=yes
+  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
+  -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+
+    cat > "$etc/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $PF_DIR/queue
+data_directory = $PF_DIR/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = upstream.test
+mydomain = upstream.test
+myorigin = upstream.test
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.1/32
+mydestination =
+relay_domains =
+alias_maps =
+alias_database =
+local_recipient_maps =
+local_transport = error:no local delivery in the e2e upstream
+# Nothing may leave this machine: anything not for the virtual domains is an error.
+default_transport = error:no outbound mail from the e2e upstream
+relay_transport = error:no outbound mail from the e2e upstream
+virtual_mailbox_domains = example.com example.net
+virtual_mailbox_base = $T/mail
+virtual_mailbox_maps = static:maildir/
+virtual_uid_maps = static:$PF_UID
+virtual_gid_maps = static:$PF_GID
+virtual_minimum_uid = 1
+smtpd_banner = \$myhostname ESMTP e2e upstream
+smtpd_tls_cert_file = $T/ca/$cert.pem
+smtpd_tls_key_file = $T/ca/$cert.key
+smtpd_tls_loglevel = 1
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+# Debian's Postfix looks for smtpd.conf in \$config_directory/sasl whatever this says;
+# keep both pointing at the same place.
+cyrus_sasl_config_path = $PF_DIR/etc/sasl
+smtpd_sasl_security_options = noanonymous
+smtpd_sasl_tls_security_options = noanonymous
+smtpd_sasl_authenticated_header = no
+smtp_tls_security_level = none
+maillog_file = $PF_DIR/maillog
+maillog_file_prefixes = /tmp, /var, /dev/stdout
+biff = no
+delay_warning_time = 0
+bounce_queue_lifetime = 0
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+message_size_limit = 52428800
+virtual_mailbox_limit = 0
+smtputf8_enable = no
+EOF
+
+    cat > "$PF_DIR/etc/sasl/smtpd.conf" <<EOF
+pwcheck_method: auxprop
+auxprop_plugin: sasldb
+sasldb_path: $PF_DIR/etc/sasl/sasldb2
+mech_list: PLAIN LOGIN CRAM-MD5
+EOF
+    if [ ! -f "$PF_DIR/etc/sasl/sasldb2" ]; then
+        printf '%s' "$SASL_PASSWORD" |
+            saslpasswd2 -p -c -f "$PF_DIR/etc/sasl/sasldb2" -u "$SASL_REALM" "$SASL_USER"
+    fi
+    chown root:postfix "$PF_DIR/etc/sasl/sasldb2"
+    chmod 0640 "$PF_DIR/etc/sasl/sasldb2"
+}
+
+start_postfix_upstream() {
+    local cert=${1:-server} out
+    [ "$(id -u)" -eq 0 ] || fail "the Postfix upstream needs root"
+    [ -n "$PF_UID" ] || fail "no postfix user: run contrib/setup.sh"
+    make_ca
+    PF_DIR=${PF_DIR:-$T/postfix}
+    PF_PORT=${PF_PORT:-$(free_port)}
+    _pf_write_config "$cert"
+    # "postfix check" creates the queue's subdirectories with Postfix's own owners and
+    # modes (post-install create-missing); start then runs master -w, which returns once
+    # the master has finished initialising.
+    if ! out=$(postfix -c "$PF_DIR/etc" check 2>&1); then
+        printf '%s\n' "$out" >&2
+        fail "postfix check failed"
+    fi
+    if ! out=$(postfix -c "$PF_DIR/etc" start 2>&1); then
+        printf '%s\n' "$out" >&2
+        fail "postfix start failed"
+    fi
+    wait_for_port "$PF_PORT" 20 || fail "Postfix upstream not listening on 127.0.0.1:$PF_PORT"
+    say "Postfix upstream on 127.0.0.1:$PF_PORT (cert: $cert, pid $(postfix_pid))"
+}
+
+# postfix_pid: the master's pid, or nothing when it is not running.
+postfix_pid() {
+    local f=$PF_DIR/queue/pid/master.pid pid
+    [ -n "$PF_DIR" ] && [ -s "$f" ] || return 0
+    pid=$(tr -d ' \n' < "$f")
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+    return 0
+}
+
+stop_postfix_upstream() {
+    local pid i
+    pid=$(postfix_pid)
+    [ -n "$pid" ] || return 0
+    # The master is a session leader; on SIGTERM it signals its process group and exits.
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_pid_gone "$pid" 15 || { say "Postfix master $pid did not stop; SIGKILL" >&2;
+                                 kill -KILL -- "-$pid" 2>/dev/null || true; }
+    for ((i = 0; i < 50; i++)); do
+        kill -0 -- "-$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    [ -n "$PF_PORT" ] && wait_for_port_closed "$PF_PORT" 10 || true
+}
+
+# relayd_must_run: in a wait loop, stop waiting at once when relayd has died (a crash
+# would otherwise cost the whole timeout).
+relayd_must_run() {
+    [ -z "${RELAYD_PID:-}" ] || pid_alive "$RELAYD_PID" || fail "relayd died (pid $RELAYD_PID)"
+}
+
+# ---------------------------------------------------------------------------------------
+# The Maildir the upstream delivers into.
+
+# maildir_files: one delivered message file per line, oldest first.
+maildir_files() {
+    [ -d "$MAILDIR/new" ] || return 0
+    ls -1tr "$MAILDIR/new" 2>/dev/null | sed "s|^|$MAILDIR/new/|"
+}
+
+maildir_count() { maildir_files | grep -c . || true; }
+
+# wait_for_maildir_count N SECONDS: 0 once at least N messages were delivered.
+wait_for_maildir_count() {
+    local n=$1 secs=${2:-30} i
+    for ((i = 0; i < secs * 4; i++)); do
+        relayd_must_run
+        [ "$(maildir_count)" -ge "$n" ] && return 0
+        sleep 0.25
+    done
+    return 1
+}
+
+# ---------------------------------------------------------------------------------------
+# relayd
+
+# write_relayd_conf FILE [EXTRA-UPSTREAM-LINES]: a config for one LAN listener on a fresh
+# port (RELAYD_PORT) and the Postfix upstream.  Override with RELAYD_CA, RELAYD_PWFILE.
+write_relayd_conf() {
+    local conf=$1 extra=${2:-}
+    make_ca
+    # The upstream's port is fixed before Postfix runs, so a test can start relayd first.
+    PF_PORT=${PF_PORT:-$(free_port)}
+    RELAYD_PORT=${RELAYD_PORT:-$(free_port)}
+    local pwfile=${RELAYD_PWFILE:-$T/provider.secret}
+    if [ ! -f "$pwfile" ]; then
+        (umask 077; printf '%s\n' "$SASL_PASSWORD" > "$pwfile")
+    fi
+    mkdir -p "$T/spool"
+    cat > "$conf" <<EOF
+[relayd]
+hostname = relay.test
+spool = $T/spool
+retry_first = ${RELAYD_RETRY_FIRST:-2}s
+retry_max = ${RELAYD_RETRY_MAX:-4}s
+
+[listener lan]
+listen = 127.0.0.1:$RELAYD_PORT
+allow = 127.0.0.0/8
+
+[upstream provider]
+host = localhost
+port = $PF_PORT
+tls = starttls
+ca_file = ${RELAYD_CA:-$T/ca/ca.pem}
+username = $SASL_LOGIN
+password_file = $pwfile
+connect_timeout = 5s
+command_timeout = 15s
+$extra
+
+[route default]
+upstream = provider
+EOF
+}
+
+# start_relayd CONF: relayd in the background, stderr+stdout to $T/relayd.log.
+start_relayd() {
+    local conf=$1
+    [ -x "$RELAYD_BIN" ] || fail "no relayd binary at $RELAYD_BIN (set RELAYD_BIN)"
+    [ -f "$T/relayd.log" ] && cat "$T/relayd.log" >> "$T/relayd.log.old"
+    "$RELAYD_BIN" -c "$conf" > "$T/relayd.log" 2>&1 &
+    RELAYD_PID=$!
+    RELAYD_CONF=$conf
+    if ! wait_for_port "$RELAYD_PORT" 15; then
+        pid_alive "$RELAYD_PID" || fail "relayd exited at start (see relayd.log)"
+        fail "relayd not listening on 127.0.0.1:$RELAYD_PORT"
+    fi
+    say "relayd pid $RELAYD_PID on 127.0.0.1:$RELAYD_PORT"
+}
+
+# stop_relayd: SIGTERM, bounded wait; RELAYD_EXIT gets its exit status (143: it died of the
+# signal rather than exiting).
+stop_relayd() {
+    [ -n "${RELAYD_PID:-}" ] || return 0
+    RELAYD_EXIT=
+    if pid_alive "$RELAYD_PID"; then
+        kill -TERM "$RELAYD_PID" 2>/dev/null || true
+        if ! wait_pid_gone "$RELAYD_PID" 15; then
+            say "relayd $RELAYD_PID ignored SIGTERM for 15s; SIGKILL" >&2
+            kill -KILL "$RELAYD_PID" 2>/dev/null || true
+        fi
+    fi
+    wait "$RELAYD_PID" 2>/dev/null && RELAYD_EXIT=0 || RELAYD_EXIT=$?
+    RELAYD_PID=
+}
+
+# check_relayd_exit: stops relayd and fails on a crash or a sanitizer report.  A clean
+# exit (0) and death by the SIGTERM we sent (143) both pass.
+check_relayd_exit() {
+    [ -n "${RELAYD_PID:-}" ] || return 0
+    pid_alive "$RELAYD_PID" || fail "relayd was not running any more at the end of the test"
+    stop_relayd
+    if grep -qE 'ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:' \
+        "$T/relayd.log" "$T/relayd.log.old" 2>/dev/null; then
+        fail "sanitizer report in relayd's log"
+    fi
+    case "$RELAYD_EXIT" in
+        0) ;;
+        143) say "note: relayd died of SIGTERM instead of exiting 0" ;;
+        *) fail "relayd exited with status $RELAYD_EXIT on SIGTERM" ;;
+    esac
+}
+
+relayctl() { "$RELAYCTL_BIN" -c "$RELAYD_CONF" "$@"; }
+
+# queue_json: relayctl list --json.
+queue_json() { relayctl list --json; }
+
+# queue_field ID FIELD: one field of one message from list --json ("" when absent).
+queue_field() {
+    queue_json | python3 -c '
+import json, sys
+want, field = sys.argv[1], sys.argv[2]
+for m in json.load(sys.stdin):
+    if m.get("id") == want:
+        v = m.get(field)
+        print("" if v is None else v)
+        break
+' "$1" "$2"
+}
+
+# queue_ids [STATE]: ids in the queue, optionally only those in STATE.
+queue_ids() {
+    queue_json | python3 -c '
+import json, sys
+state = sys.argv[1] if len(sys.argv) > 1 else None
+for m in json.load(sys.stdin):
+    if state is None or m.get("state") == state:
+        print(m["id"])
+' "$@"
+}
+
+# wait_for_queue_state STATE SECONDS: prints the id of the first message in STATE.
+wait_for_queue_state() {
+    local state=$1 secs=${2:-30} i id
+    for ((i = 0; i < secs * 2; i++)); do
+        relayd_must_run
+        id=$(queue_ids "$state" 2>/dev/null | head -n 1) || true
+        if [ -n "$id" ]; then
+            echo "$id"
+            return 0
+        fi
+        sleep 0.5
+    done
+    return 1
+}
+
+# wait_for_attempt SECONDS: prints the id of the first message that has had a delivery
+# attempt and is no longer queued (deferred, held or failed).
+wait_for_attempt() {
+    local secs=${1:-30} i id
+    for ((i = 0; i < secs * 2; i++)); do
+        relayd_must_run
+        id=$(queue_json 2>/dev/null | python3 -c '
+import json, sys
+for m in json.load(sys.stdin):
+    if (m.get("attempts") or 0) >= 1 and m.get("state") != "queued":
+        print(m["id"])
+        break
+' 2>/dev/null) || true
+        if [ -n "$id" ]; then
+            echo "$id"
+            return 0
+        fi
+        sleep 0.5
+    done
+    return 1
+}
+
+# wait_for_queue_empty SECONDS
+wait_for_queue_empty() {
+    local secs=${1:-30} i
+    for ((i = 0; i < secs * 2; i++)); do
+        relayd_must_run
+        [ -z "$(queue_ids 2>/dev/null)" ] && return 0
+        sleep 0.5
+    done
+    return 1
+}
+
+# ---------------------------------------------------------------------------------------
+# Sending
+
+# send_swaks PORT [swaks args...]: one message; the dialogue goes to $T/swaks.log.
+send_swaks() {
+    local port=$1
+    shift
+    printf -- '----- swaks to port %s\n' "$port" >> "$T/swaks.log"
+    swaks --server 127.0.0.1 --port "$port" --timeout 20 --helo client.lan "$@" \
+        >> "$T/swaks.log" 2>&1
+}
+
+# make_message FILE SUBJECT: a test message whose body has the lines SMTP transparency
+# (RFC 5321 4.5.2) and careless relays get wrong: leading dots, a lone dot, blank and
+# whitespace-only lines, a tab, trailing spaces.  FILE has no final newline because swaks
+# adds CRLF.CRLF itself; FILE.body holds the body exactly as it must arrive (LF endings,
+# as Postfix stores Maildir files).
+make_message() {
+    python3 - "$1" "$2" <<'PY'
+import sys
+path, subject = sys.argv[1], sys.argv[2]
+body = ("Line one of the e2e body\n"
+        ".leading dot\n"
+        "..two leading dots\n"
+        ".\n"
+        " \n"
+        "trailing spaces   \n"
+        "\ttab at start\n"
+        "\n"
+        "\n"
+        + "x" * 900 + "\n"
+        "From the start of a line (mbox would quote this)\n"
+        "end")
+hdr = ("From: <sender@lan.test>\n"
+       "To: <user@example.com>\n"
+       "Subject: " + subject + "\n"
+       "Message-ID: <" + subject.replace(" ", "-") + "@lan.test>\n"
+       "\n")
+with open(path, "w") as f:
+    f.write(hdr + body)
+with open(path + ".body", "w") as f:
+    f.write(body + "\n")
+PY
+}
+
+# relay_send FILE RCPT[,RCPT...] [swaks args...]: submit FILE to relayd over plain SMTP from
+# sender@lan.test; fails (returns non-zero) unless every reply was a success.
+relay_send() {
+    local f=$1 rcpt=$2
+    shift 2
+    send_swaks "$RELAYD_PORT" --from sender@lan.test --to "$rcpt" --data "@$f" "$@"
+}
+
+# body_of FILE: everything after the first empty line (the header/body separator).
+body_of() { python3 -c '
+import sys
+data = open(sys.argv[1], "rb").read().replace(b"\r\n", b"\n")
+i = data.find(b"\n\n")
+sys.stdout.buffer.write(b"" if i < 0 else data[i + 2:])
+' "$1"; }
+
+# postfix_saw_auth: 0 when the upstream's log shows any AUTH command (smtpd counts them in
+# its "disconnect ... auth=N/M" line) or SASL exchange.
+postfix_saw_auth() {
+    grep -qE ' auth=[0-9]|sasl_method=|sasl_username=|SASL [A-Z0-9-]+ authentication' \
+        "$PF_DIR/maillog" 2>/dev/null
+}
