@@ -130,6 +130,7 @@ static const struct cfg_key upstream_keys[] = {
 static const struct cfg_key route_keys[] = {
     /* Required; must name an [upstream]. */
     {"upstream", CFG_T_STRING, offsetof(struct cfg_route, upstream_name), 0, 0, NULL, 0},
+    {"failover", CFG_T_STRING, offsetof(struct cfg_route, failover_names), 0, 0, NULL, 0},
     {"sender_domain", CFG_T_DOMAINS, offsetof(struct cfg_route, sender_domain), 0, 0, NULL, 0},
     {"recipient_domain", CFG_T_DOMAINS, offsetof(struct cfg_route, recipient_domain), 0, 0, NULL,
      0},
@@ -978,6 +979,23 @@ static void check_route(struct cfg_parse *p, const struct cfg_sec *s)
              r->upstream_name);
         return;
     }
+    if (r->failover_names != NULL) {
+        char *names = xstrdup(r->failover_names), *save = NULL, *name;
+        for (name = strtok_r(names, ", \t", &save); name != NULL;
+             name = strtok_r(NULL, ", \t", &save)) {
+            struct cfg_upstream *up = NULL;
+            for (i = 0; i < p->cfg->nupstreams && up == NULL; i++)
+                if (strcmp(p->cfg->upstreams[i].name, name) == 0)
+                    up = &p->cfg->upstreams[i];
+            if (up == NULL) {
+                perr(p, key_line(s, "failover"), s, "failover", "no [upstream %s] section", name);
+                break;
+            }
+            r->failover = xrealloc(r->failover, (size_t)(r->nfailover + 1) * sizeof(*r->failover));
+            r->failover[r->nfailover++] = up;
+        }
+        free(names);
+    }
     if (strcmp(r->name, "default") == 0) {
         if (r->sender_domain != NULL || r->recipient_domain != NULL)
             perr(p, key_line(s, r->sender_domain ? "sender_domain" : "recipient_domain"), s,
@@ -1139,6 +1157,7 @@ void cfg_free(struct cfg *cfg)
     }
     for (i = 0; i < cfg->nroutes; i++) {
         keys_free(&secdefs[CFG_K_ROUTE], &cfg->routes[i]);
+        free(cfg->routes[i].failover);
         free(cfg->routes[i].name);
     }
     free(cfg->listeners);

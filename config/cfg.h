@@ -55,6 +55,9 @@ struct cfg_route {
     char *name;                 /* from [route NAME]; "default" is the fallback */
     char *upstream_name;
     struct cfg_upstream *upstream; /* resolved at load */
+    char *failover_names;       /* "backup1, backup2": tried in order when upstream fails */
+    struct cfg_upstream **failover; /* resolved at load; nfailover entries */
+    int nfailover;
     char *sender_domain;        /* comma/space list matched by cfg_route_find(); NULL: none */
     char *recipient_domain;     /* same, for recipient domains; NULL: none */
     int line;

@@ -74,4 +74,16 @@ int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_c
  * Call it only before done has run (c is gone afterwards); from inside done it is a no-op. */
 void smtpc_abort(struct smtpc *c);
 
+/*
+ * "Test Connection": connects to up, EHLO, STARTTLS/implicit TLS, verifies the
+ * certificate, authenticates, QUIT, without sending mail.  step(arg, ok, text) is called
+ * once per step as it completes ("connect to 127.0.0.1:587: ok", "TLS: certificate signer
+ * not trusted"); done(arg, res) once at the end (res->status SMTPC_SENT means every step
+ * passed).  Used by relayctl test-upstream and the upstream health probe.
+ */
+typedef void (*smtpc_step_fn)(void *arg, int ok, const char *text);
+int smtpc_probe(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
+                const char *helo, smtpc_step_fn step, smtpc_done_fn done, void *arg,
+                struct smtpc **out);
+
 #endif
