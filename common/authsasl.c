@@ -1,5 +1,5 @@
 /*
- * authsasl - SMTP AUTH client through Cyrus SASL; see authsasl.h.
+ * authsasl - SMTP AUTH through Cyrus SASL, client and server sides; see authsasl.h.
  *
  * Mechanism choice is ours, not the library's: candidates are the server's offer, narrowed
  * and ordered by the configured preference (or a built-in ranking), minus plaintext
@@ -20,7 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
+#include "common/authsasl_int.h"
+#include "common/log.h"
 #include "common/xalloc.h"
 
 /* Used when no preference is configured: strongest first; anything else the server
@@ -56,6 +59,8 @@ int authsasl_client_init(char *err, size_t errlen)
                  sasl_errstring(rc, NULL, NULL));
         return AUTHSASL_FAIL;
     }
+    if (authsasl__oauth_register(err, errlen) != 0)
+        return AUTHSASL_FAIL;
     authsasl_initialised = 1;
     return 0;
 }
@@ -208,7 +213,8 @@ int authsasl_client_start(struct authsasl *a, const char *server_mechs, const ch
             if (in_list(offer, noffer, authsasl_ranking[i]))
                 cand[ncand++] = authsasl_ranking[i];
         for (i = 0; i < noffer && ncand < AUTHSASL_MAX_MECHS; i++)
-            if (!ranked(offer[i]) && strcasecmp(offer[i], "ANONYMOUS") != 0)
+            if (!ranked(offer[i]) && strcasecmp(offer[i], "ANONYMOUS") != 0 &&
+                !authsasl__is_token_mech(offer[i])) /* a password is no bearer token */
                 cand[ncand++] = offer[i];
     }
     if (ncand == 0) {
@@ -303,6 +309,408 @@ struct authsasl *authsasl_free(struct authsasl *a)
         free(a->secret);
         free(a->host);
         free(a->user);
+        free(a);
+    }
+    return NULL;
+}
+
+/* ==== Server side ====
+ *
+ * Happy path: authsasl_server_new() opens a Cyrus server connection whose GETOPT callback
+ * answers every option from the listener's configuration; _start() and _step() decode the
+ * client's base64, feed Cyrus, and encode its challenge.  The mechanisms offered are the
+ * configured list, in its order, narrowed to what Cyrus can do under the current security
+ * properties (no PLAIN/LOGIN without TLS unless allowed).
+ *
+ * accept-any runs the PLAIN, LOGIN and CRAM-MD5 dialogues here, without Cyrus, and
+ * accepts whatever arrives.  For the log we pick the user name out of what the client
+ * sent (PLAIN's authcid, LOGIN's first answer, CRAM-MD5's name): never the password.
+ */
+
+#define AUTHSASL_MECHS_MAX 256
+
+struct authsasl_server {
+    sasl_conn_t *conn;          /* NULL in accept-any mode */
+    sasl_callback_t callbacks[3];
+    char *hostname, *sasldb, *mech_list;
+    int accept_any;
+    char mechs[AUTHSASL_MECHS_MAX]; /* what we advertise now */
+    char mech[32];              /* current exchange */
+    int step;                   /* client answers received so far */
+    char user[256];
+    int plain_ok;
+    int used;                   /* conn has seen an exchange: make a new one for the next */
+};
+
+static int server_initialised;
+
+/* Cyrus's own messages ("Password verification failed") go to the debug log only: the
+ * session logs each failure itself, once, with the client's address. */
+static int server_log(void *context, int level, const char *message)
+{
+    (void)context;
+    if (level <= SASL_LOG_ERR)
+        log_warn("SASL: %s", message);
+    else
+        log_debug(2, "SASL: %s", message);
+    return SASL_OK;
+}
+
+static int server_getopt(void *context, const char *plugin, const char *option,
+                         const char **result, unsigned *len)
+{
+    struct authsasl_server *a = context;
+
+    (void)plugin;
+    *result = NULL;
+    if (a == NULL)
+        return SASL_FAIL;
+    if (strcmp(option, "pwcheck_method") == 0)
+        *result = "auxprop";
+    else if (strcmp(option, "auxprop_plugin") == 0)
+        *result = "sasldb";
+    else if (strcmp(option, "sasldb_path") == 0)
+        *result = a->sasldb;
+    else if (strcmp(option, "mech_list") == 0)
+        *result = a->mech_list;
+    else if (strcmp(option, "log_level") == 0)
+        *result = "1";
+    if (*result == NULL)
+        return SASL_FAIL;
+    if (len != NULL)
+        *len = (unsigned)strlen(*result);
+    return SASL_OK;
+}
+
+int authsasl_server_init(char *err, size_t errlen)
+{
+    static sasl_callback_t global[] = {
+        {SASL_CB_LOG, CB(server_log), NULL},
+        {SASL_CB_LIST_END, NULL, NULL},
+    };
+    int rc;
+
+    if (server_initialised)
+        return 0;
+    if ((rc = sasl_server_init(global, "relayd")) != SASL_OK) {
+        snprintf(err, errlen, "SASL server initialisation failed: %s",
+                 sasl_errstring(rc, NULL, NULL));
+        return AUTHSASL_FAIL;
+    }
+    server_initialised = 1;
+    return 0;
+}
+
+static int accept_any_mech(const char *m)
+{
+    return strcasecmp(m, "PLAIN") == 0 || strcasecmp(m, "LOGIN") == 0 ||
+           strcasecmp(m, "CRAM-MD5") == 0;
+}
+
+/* The configured mechanisms, in order, that are in avail (NULL: the accept-any three). */
+static void server_filter(struct authsasl_server *a, const char *avail, int plain_ok)
+{
+    char *cfg = xstrdup(a->mech_list), *w[AUTHSASL_MAX_MECHS];
+    char *av = xstrdup(avail != NULL ? avail : ""), *aw[AUTHSASL_MAX_MECHS];
+    size_t n = split(cfg, w, AUTHSASL_MAX_MECHS), na = split(av, aw, AUTHSASL_MAX_MECHS), i;
+    size_t used = 0;
+
+    a->mechs[0] = '\0';
+    for (i = 0; i < n; i++) {
+        int ok = avail != NULL ? in_list(aw, na, w[i]) : accept_any_mech(w[i]);
+
+        if (!ok || (!plain_ok && is_plaintext_mech(w[i])))
+            continue;
+        if (used + strlen(w[i]) + 2 > sizeof(a->mechs))
+            break;
+        used += (size_t)snprintf(a->mechs + used, sizeof(a->mechs) - used, "%s%s",
+                                 used ? " " : "", w[i]);
+    }
+    for (char *c = a->mechs; *c != '\0'; c++)
+        if (*c >= 'a' && *c <= 'z')
+            *c = (char)(*c - 'a' + 'A');
+    free(cfg);
+    free(av);
+}
+
+/* A fresh Cyrus server connection: Cyrus refuses a second exchange on a used one. */
+static int server_conn(struct authsasl_server *a, char *err, size_t errlen)
+{
+    sasl_security_properties_t props;
+    int rc;
+
+    if (a->conn != NULL)
+        sasl_dispose(&a->conn);
+    a->used = 0;
+    rc = sasl_server_new("smtp", a->hostname, NULL, NULL, NULL, a->callbacks, 0, &a->conn);
+    if (rc != SASL_OK) {
+        a->conn = NULL;
+        snprintf(err, errlen, "SASL server: %s", sasl_errstring(rc, NULL, NULL));
+        return AUTHSASL_TEMP;
+    }
+    memset(&props, 0, sizeof(props));
+    props.max_ssf = 0;
+    props.maxbufsize = 0; /* no security layer: TLS or nothing */
+    props.security_flags = SASL_SEC_NOANONYMOUS;
+    if (!a->plain_ok)
+        props.security_flags |= SASL_SEC_NOPLAINTEXT;
+    if ((rc = sasl_setprop(a->conn, SASL_SEC_PROPS, &props)) != SASL_OK) {
+        snprintf(err, errlen, "SASL server: %s", sasl_errstring(rc, NULL, NULL));
+        return AUTHSASL_TEMP;
+    }
+    return 0;
+}
+
+int authsasl_server_new(const struct authsasl_server_opts *o, struct authsasl_server **out,
+                        char *err, size_t errlen)
+{
+    struct authsasl_server *a = xcalloc(1, sizeof(*a));
+    const char *list = NULL;
+    unsigned plen = 0;
+    int count = 0, rc;
+
+    *out = NULL;
+    a->hostname = xstrdup(o->hostname != NULL ? o->hostname : "localhost");
+    a->sasldb = xstrdup(o->sasldb != NULL ? o->sasldb : "/etc/sasldb2");
+    a->mech_list = xstrdup(o->mechs != NULL ? o->mechs : "PLAIN LOGIN CRAM-MD5");
+    a->accept_any = o->accept_any;
+    a->plain_ok = o->secure || o->allow_plain;
+    if (a->accept_any) {
+        server_filter(a, NULL, a->plain_ok);
+        *out = a;
+        return 0;
+    }
+    a->callbacks[0] = (sasl_callback_t){SASL_CB_GETOPT, CB(server_getopt), a};
+    a->callbacks[1] = (sasl_callback_t){SASL_CB_LOG, CB(server_log), a};
+    a->callbacks[2] = (sasl_callback_t){SASL_CB_LIST_END, NULL, NULL};
+    if ((rc = server_conn(a, err, errlen)) != 0) {
+        authsasl_server_free(a);
+        return rc;
+    }
+    rc = sasl_listmech(a->conn, NULL, "", " ", "", &list, &plen, &count);
+    server_filter(a, rc == SASL_OK ? list : "", a->plain_ok);
+    *out = a;
+    return 0;
+}
+
+const char *authsasl_server_mechs(const struct authsasl_server *a)
+{
+    return a->mechs;
+}
+
+const char *authsasl_server_username(const struct authsasl_server *a)
+{
+    return a->user;
+}
+
+const char *authsasl_server_mech(const struct authsasl_server *a)
+{
+    return a->mech;
+}
+
+/* Decodes base64 ("=" alone: empty) into a malloc'd buffer; 0 or -1. */
+static int decode64(const char *in, char **out, unsigned *outlen)
+{
+    size_t inlen = strlen(in);
+    unsigned max = (unsigned)(inlen / 4 * 3 + 4);
+
+    *out = xmalloc(max);
+    *outlen = 0;
+    if (strcmp(in, "=") == 0 || inlen == 0)
+        return 0;
+    if (inlen > 65536 || sasl_decode64(in, (unsigned)inlen, *out, max, outlen) != SASL_OK) {
+        free(*out);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+static void set_user(struct authsasl_server *a, const char *p, size_t n)
+{
+    size_t i, j = 0;
+
+    /* Printable characters only: this goes into a log line. */
+    for (i = 0; i < n && j + 1 < sizeof(a->user); i++)
+        if ((unsigned char)p[i] >= 0x20 && p[i] != 0x7f)
+            a->user[j++] = p[i];
+    a->user[j] = '\0';
+}
+
+/* Learns the attempted user name from client data, by mechanism and step. */
+static void note_user(struct authsasl_server *a, int step, const char *d, unsigned n)
+{
+    if (strcasecmp(a->mech, "PLAIN") == 0) {
+        /* authzid NUL authcid NUL password */
+        const char *nul = memchr(d, '\0', n), *nul2;
+
+        if (nul != NULL) {
+            nul2 = memchr(nul + 1, '\0', (size_t)(d + n - nul - 1));
+            set_user(a, nul + 1, nul2 != NULL ? (size_t)(nul2 - nul - 1) : 0);
+        }
+    } else if (strcasecmp(a->mech, "LOGIN") == 0) {
+        if (step == 0)
+            set_user(a, d, n);
+    } else if (strcasecmp(a->mech, "CRAM-MD5") == 0) {
+        const char *sp = memchr(d, ' ', n);
+
+        set_user(a, d, sp != NULL ? (size_t)(sp - d) : n);
+    }
+}
+
+static int from_sasl(struct authsasl_server *a, int rc, const char *out, unsigned outlen,
+                     char **challenge_b64, char *err, size_t errlen)
+{
+    const char *u = NULL;
+
+    switch (rc) {
+    case SASL_OK:
+        if (sasl_getprop(a->conn, SASL_USERNAME, (const void **)&u) == SASL_OK && u != NULL)
+            set_user(a, u, strlen(u));
+        return AUTHSASL_DONE;
+    case SASL_CONTINUE:
+        *challenge_b64 = encode64(out != NULL ? out : "", out != NULL ? outlen : 0);
+        return AUTHSASL_MORE;
+    case SASL_NOMECH:
+    case SASL_TOOWEAK:
+    case SASL_ENCRYPT:
+        snprintf(err, errlen, "mechanism %s is not available", a->mech);
+        return AUTHSASL_NOMECH;
+    case SASL_TRYAGAIN:
+    case SASL_UNAVAIL:
+    case SASL_NOMEM:
+        snprintf(err, errlen, "%s", sasl_errstring(rc, NULL, NULL));
+        return AUTHSASL_TEMP;
+    default:
+        snprintf(err, errlen, "%s", sasl_errstring(rc, NULL, NULL));
+        return AUTHSASL_FAIL;
+    }
+}
+
+/* accept-any: "<random.time@hostname>" as the CRAM-MD5 challenge (RFC 2195). */
+static char *cram_challenge(const struct authsasl_server *a)
+{
+    char text[300];
+
+    snprintf(text, sizeof(text), "<%u.%lld@%s>", (unsigned)rand(), (long long)time(NULL),
+             a->hostname);
+    return encode64(text, (unsigned)strlen(text));
+}
+
+static int any_step(struct authsasl_server *a, const char *d, unsigned n, int have,
+                    char **challenge_b64)
+{
+    if (have)
+        note_user(a, a->step, d, n);
+    if (strcasecmp(a->mech, "PLAIN") == 0) {
+        if (!have) {
+            *challenge_b64 = xstrdup("");
+            return AUTHSASL_MORE;
+        }
+        return AUTHSASL_DONE;
+    }
+    if (strcasecmp(a->mech, "LOGIN") == 0) {
+        if (!have) {
+            *challenge_b64 = encode64("Username:", 9);
+            return AUTHSASL_MORE;
+        }
+        if (++a->step == 1) {
+            *challenge_b64 = encode64("Password:", 9);
+            return AUTHSASL_MORE;
+        }
+        return AUTHSASL_DONE;
+    }
+    /* CRAM-MD5: the challenge first, whatever the client sent with AUTH. */
+    if (a->step++ == 0) {
+        *challenge_b64 = cram_challenge(a);
+        return AUTHSASL_MORE;
+    }
+    return AUTHSASL_DONE;
+}
+
+int authsasl_server_start(struct authsasl_server *a, const char *mech, const char *initial_b64,
+                          char **challenge_b64, char *err, size_t errlen)
+{
+    char *w[AUTHSASL_MAX_MECHS], *list = xstrdup(a->mechs), *dec = NULL;
+    const char *out = NULL;
+    unsigned declen = 0, outlen = 0;
+    int offered, rc;
+
+    *challenge_b64 = NULL;
+    a->user[0] = '\0';
+    a->step = 0;
+    snprintf(a->mech, sizeof(a->mech), "%s", mech);
+    offered = in_list(w, split(list, w, AUTHSASL_MAX_MECHS), mech);
+    free(list);
+    if (!offered) {
+        snprintf(err, errlen, "mechanism %s is not offered", a->mech);
+        return AUTHSASL_NOMECH;
+    }
+    if (initial_b64 != NULL && decode64(initial_b64, &dec, &declen) != 0) {
+        snprintf(err, errlen, "malformed base64 in the initial response");
+        return AUTHSASL_FORM;
+    }
+    if (a->accept_any) {
+        if (strcasecmp(a->mech, "CRAM-MD5") == 0)
+            rc = any_step(a, NULL, 0, 0, challenge_b64);
+        else
+            rc = any_step(a, dec, declen, initial_b64 != NULL, challenge_b64);
+        free(dec);
+        return rc;
+    }
+    if (a->used && (rc = server_conn(a, err, errlen)) != 0) {
+        free(dec);
+        return rc;
+    }
+    a->used = 1;
+    if (dec != NULL)
+        note_user(a, a->step++, dec, declen);
+    rc = sasl_server_start(a->conn, a->mech, dec, initial_b64 != NULL ? declen : 0, &out,
+                           &outlen);
+    if (dec != NULL)
+        explicit_bzero(dec, declen);
+    free(dec);
+    return from_sasl(a, rc, out, outlen, challenge_b64, err, errlen);
+}
+
+int authsasl_server_step(struct authsasl_server *a, const char *resp_b64, char **challenge_b64,
+                         char *err, size_t errlen)
+{
+    char *dec = NULL;
+    const char *out = NULL;
+    unsigned declen = 0, outlen = 0;
+    int rc;
+
+    *challenge_b64 = NULL;
+    if (a->mech[0] == '\0') {
+        snprintf(err, errlen, "no authentication in progress");
+        return AUTHSASL_FAIL;
+    }
+    if (decode64(resp_b64, &dec, &declen) != 0) {
+        snprintf(err, errlen, "malformed base64 in the response");
+        return AUTHSASL_FORM;
+    }
+    if (a->accept_any) {
+        rc = any_step(a, dec, declen, 1, challenge_b64);
+        free(dec);
+        return rc;
+    }
+    /* LOGIN: only the first answer is the user name; the second is the password. */
+    note_user(a, a->step++, dec, declen);
+    rc = sasl_server_step(a->conn, dec, declen, &out, &outlen);
+    explicit_bzero(dec, declen);
+    free(dec);
+    return from_sasl(a, rc, out, outlen, challenge_b64, err, errlen);
+}
+
+struct authsasl_server *authsasl_server_free(struct authsasl_server *a)
+{
+    if (a != NULL) {
+        if (a->conn != NULL)
+            sasl_dispose(&a->conn);
+        free(a->hostname);
+        free(a->sasldb);
+        free(a->mech_list);
         free(a);
     }
     return NULL;

@@ -23,6 +23,8 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <gnutls/gnutls.h>
+#include <gnutls/abstract.h>
+#include <gnutls/crypto.h>
 #include <gnutls/x509.h>
 #include <signal.h>
 #include <stdio.h>
@@ -79,6 +81,8 @@ struct tlsio {
     int handles_closing; /* uv_close() called on both handles */
     int open_handles;    /* freed when this reaches 0 after handles_closing */
     int verify_failed;   /* last error was a certificate verification failure */
+    char *pins;          /* tls_pin list, or NULL: see tlsio_set_pin() */
+    char peer_pin[64];   /* "sha256//BASE64" of the peer's key once the handshake is done */
 
     void (*closed)(void *arg);
     void *closed_arg;
@@ -421,6 +425,151 @@ static void flush_preout(struct tlsio *io)
     }
 }
 
+/* ---- Public-key pinning (RFC 7469 pin-sha256, curl's --pinnedpubkey sha256//) ---- */
+
+static void base64(const unsigned char *in, size_t n, char *out, size_t outlen)
+{
+    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    size_t i, o = 0;
+
+    for (i = 0; i < n && o + 5 < outlen; i += 3) {
+        unsigned v = (unsigned)in[i] << 16;
+        if (i + 1 < n)
+            v |= (unsigned)in[i + 1] << 8;
+        if (i + 2 < n)
+            v |= in[i + 2];
+        out[o++] = tab[(v >> 18) & 63];
+        out[o++] = tab[(v >> 12) & 63];
+        out[o++] = i + 1 < n ? tab[(v >> 6) & 63] : '=';
+        out[o++] = i + 2 < n ? tab[v & 63] : '=';
+    }
+    out[o] = '\0';
+}
+
+/* "sha256//BASE64" of a DER certificate's SubjectPublicKeyInfo; 0 or a GnuTLS error. */
+static int spki_pin(const gnutls_datum_t *der, char *out, size_t outlen)
+{
+    gnutls_x509_crt_t crt = NULL;
+    gnutls_pubkey_t key = NULL;
+    gnutls_datum_t spki = {NULL, 0};
+    unsigned char digest[32];
+    int rc;
+
+    if ((rc = gnutls_x509_crt_init(&crt)) < 0)
+        return rc;
+    if ((rc = gnutls_x509_crt_import(crt, der, GNUTLS_X509_FMT_DER)) < 0)
+        goto free_crt;
+    if ((rc = gnutls_pubkey_init(&key)) < 0)
+        goto free_crt;
+    if ((rc = gnutls_pubkey_import_x509(key, crt, 0)) < 0)
+        goto free_key;
+    if ((rc = gnutls_pubkey_export2(key, GNUTLS_X509_FMT_DER, &spki)) < 0)
+        goto free_key;
+    rc = gnutls_hash_fast(GNUTLS_DIG_SHA256, spki.data, spki.size, digest);
+    gnutls_free(spki.data);
+    if (rc < 0)
+        goto free_key;
+    snprintf(out, outlen, "sha256//");
+    base64(digest, sizeof(digest), out + strlen(out), outlen - strlen(out));
+free_key:
+    gnutls_pubkey_deinit(key);
+free_crt:
+    gnutls_x509_crt_deinit(crt);
+    return rc < 0 ? rc : 0;
+}
+
+/* 1 when pin ("sha256//B64" or "sha256/B64") is in the list. */
+static int pin_listed(const char *list, const char *pin)
+{
+    const char *want = pin + 8; /* past "sha256//" */
+    size_t wlen = strlen(want);
+
+    while (*list != '\0') {
+        size_t len;
+
+        list += strspn(list, ";, \t");
+        len = strcspn(list, ";, \t");
+        if (len > 7 && strncasecmp(list, "sha256/", 7) == 0) {
+            const char *b = list + 7 + (list[7] == '/');
+            if ((size_t)(list + len - b) == wlen && memcmp(b, want, wlen) == 0)
+                return 1;
+        }
+        list += len;
+    }
+    return 0;
+}
+
+/* After the chain and name verified: the leaf's key must be pinned, when pins are set. */
+static int check_pin(struct tlsio *io)
+{
+    const gnutls_datum_t *certs;
+    unsigned n = 0;
+    int rc;
+
+    certs = gnutls_certificate_get_peers(io->sess, &n);
+    if (certs == NULL || n == 0) {
+        if (io->pins == NULL)
+            return 0;
+        io->verify_failed = 1;
+        fail(io, "server sent no certificate to check against tls_pin");
+        return -1;
+    }
+    if ((rc = spki_pin(&certs[0], io->peer_pin, sizeof(io->peer_pin))) < 0) {
+        io->peer_pin[0] = '\0';
+        if (io->pins == NULL)
+            return 0;
+        io->verify_failed = 1;
+        fail(io, "cannot read the server's public key: %s", gnutls_strerror(rc));
+        return -1;
+    }
+    if (io->pins != NULL && !pin_listed(io->pins, io->peer_pin)) {
+        io->verify_failed = 1;
+        fail(io, "certificate public key does not match tls_pin (server key is %s)",
+             io->peer_pin);
+        return -1;
+    }
+    return 0;
+}
+
+int tlsio_set_pin(struct tlsio *io, const char *pins)
+{
+    if (io->tls != TLSIO_T_NONE)
+        return UV_EINVAL;
+    free(io->pins);
+    io->pins = pins != NULL && *pins != '\0' ? xstrdup(pins) : NULL;
+    return 0;
+}
+
+const char *tlsio_peer_pin(const struct tlsio *io)
+{
+    return io->tls == TLSIO_T_READY ? io->peer_pin : "";
+}
+
+int tlsio_pin_of_cert_file(const char *pem_file, char *out, size_t outlen, char *err,
+                           size_t errlen)
+{
+    gnutls_datum_t pem = {NULL, 0}, der = {NULL, 0};
+    int rc;
+
+    if ((rc = gnutls_load_file(pem_file, &pem)) < 0) {
+        snprintf(err, errlen, "%s: %s", pem_file, gnutls_strerror(rc));
+        return -1;
+    }
+    rc = gnutls_pem_base64_decode2("CERTIFICATE", &pem, &der);
+    gnutls_free(pem.data);
+    if (rc < 0) {
+        snprintf(err, errlen, "%s: no PEM certificate: %s", pem_file, gnutls_strerror(rc));
+        return -1;
+    }
+    rc = spki_pin(&der, out, outlen);
+    gnutls_free(der.data);
+    if (rc < 0) {
+        snprintf(err, errlen, "%s: %s", pem_file, gnutls_strerror(rc));
+        return -1;
+    }
+    return 0;
+}
+
 /* Runs the TLS engine over everything in io->cin; see the file comment. */
 static void drive(struct tlsio *io)
 {
@@ -444,6 +593,8 @@ static void drive(struct tlsio *io)
             tls_fail(io, rc, "handshake");
             return;
         }
+        if (!io->is_server && check_pin(io) != 0)
+            return;
         io->tls = TLSIO_T_READY;
         update_reading(io);
         flush_preout(io);
@@ -777,6 +928,7 @@ static void handle_closed(uv_handle_t *h)
     buf_free(io->cin);
     buf_free(io->preout);
     free(io->servername);
+    free(io->pins);
     if (io->closed != NULL)
         io->closed(io->closed_arg);
     free(io);
@@ -823,4 +975,44 @@ void tlsio_close(struct tlsio *io, void (*closed)(void *arg), void *arg)
         }
     }
     close_handles(io);
+}
+
+/* ---- RS256 (JWT) signatures, for relayd/oauth2.c's Google service accounts ---- */
+
+int tlsio_rs256_sign(const char *pem_key, const void *data, size_t len, unsigned char **sig,
+                     size_t *siglen, char *err, size_t errlen)
+{
+    gnutls_datum_t key = {(unsigned char *)(uintptr_t)pem_key, (unsigned)strlen(pem_key)};
+    gnutls_datum_t in = {(unsigned char *)(uintptr_t)data, (unsigned)len};
+    gnutls_datum_t out = {NULL, 0};
+    gnutls_privkey_t pk;
+    int rc;
+
+    *sig = NULL;
+    *siglen = 0;
+    if ((rc = gnutls_privkey_init(&pk)) < 0)
+        goto fail;
+    if ((rc = gnutls_privkey_import_x509_raw(pk, &key, GNUTLS_X509_FMT_PEM, NULL, 0)) < 0) {
+        gnutls_privkey_deinit(pk);
+        snprintf(err, errlen, "private key: %s", gnutls_strerror(rc));
+        return -1;
+    }
+    if (gnutls_privkey_get_pk_algorithm(pk, NULL) != GNUTLS_PK_RSA) {
+        gnutls_privkey_deinit(pk);
+        snprintf(err, errlen, "private key: not an RSA key (RS256 needs one)");
+        return -1;
+    }
+    /* RSASSA-PKCS1-v1_5 with SHA-256 (RFC 7518 3.3). */
+    rc = gnutls_privkey_sign_data(pk, GNUTLS_DIG_SHA256, 0, &in, &out);
+    gnutls_privkey_deinit(pk);
+    if (rc < 0)
+        goto fail;
+    *sig = xmalloc(out.size);
+    memcpy(*sig, out.data, out.size);
+    *siglen = out.size;
+    gnutls_free(out.data);
+    return 0;
+fail:
+    snprintf(err, errlen, "RS256 signature: %s", gnutls_strerror(rc));
+    return -1;
 }

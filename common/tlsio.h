@@ -86,6 +86,21 @@ size_t tlsio_pending_write(const struct tlsio *io);
 int tlsio_starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server,
                    const char *servername);
 
+/*
+ * Public-key pinning for a client: pins is tls_pin's text, "sha256//BASE64" (the SHA-256 of
+ * the server certificate's SubjectPublicKeyInfo, as curl's --pinnedpubkey and RFC 7469's
+ * pin-sha256; "sha256/" accepted), several separated by ';', ',' or spaces.  Checked after
+ * the chain and the name verified; a mismatch is a TLSIO_ERROR "certificate public key does
+ * not match tls_pin (server key is sha256//...)" with tlsio_verify_failed() set.  Call before
+ * tlsio_starttls(); NULL clears.  0 or UV_EINVAL (TLS already started).  Copied.
+ */
+int tlsio_set_pin(struct tlsio *io, const char *pins);
+/* "sha256//BASE64" of the server's public key once TLS is up as a client, else "". */
+const char *tlsio_peer_pin(const struct tlsio *io);
+/* The pin of the first certificate in a PEM file (for tests and operators); 0 or -1 + err. */
+int tlsio_pin_of_cert_file(const char *pem_file, char *out, size_t outlen, char *err,
+                           size_t errlen);
+
 int tlsio_is_tls(const struct tlsio *io);
 /* "TLSv1.3 with cipher AES-256-GCM" style text for Received: headers and logs, or "". */
 char *tlsio_describe(const struct tlsio *io, char *out, size_t outlen);
@@ -102,5 +117,14 @@ int tlsio_peer(const struct tlsio *io, struct sockaddr_storage *ss);
  * final reply such as "221 Bye" may be written right before closing.  No event is
  * delivered once this has been called; closed(arg) runs later, from the loop. */
 void tlsio_close(struct tlsio *io, void (*closed)(void *arg), void *arg);
+
+/*
+ * RS256 (RSASSA-PKCS1-v1_5 with SHA-256, RFC 7518 3.3) signature of data with the RSA
+ * private key pem_key (PEM, PKCS#1 or unencrypted PKCS#8, as in a Google service account
+ * key).  For JWT assertions (relayd/oauth2.c).  0 with *sig malloc'd (*siglen bytes), or
+ * -1 with text in err (never the key).
+ */
+int tlsio_rs256_sign(const char *pem_key, const void *data, size_t len, unsigned char **sig,
+                     size_t *siglen, char *err, size_t errlen);
 
 #endif

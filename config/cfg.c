@@ -69,8 +69,11 @@ enum cfg_type {
     CFG_T_DURATION, /* int seconds, suffix s/m/h/d, within min..max */
     CFG_T_BOOL,     /* int 0/1 */
     CFG_T_TLS,      /* enum cfg_tls */
+    CFG_T_AUTH,     /* enum cfg_auth */
+    CFG_T_PROXY,    /* enum cfg_proxy */
     CFG_T_NETLIST,  /* struct netaddr_list */
     CFG_T_HOSTPORT, /* char * IP address at off, int port at off2 */
+    CFG_T_MAP,      /* char * path at off, struct cfg_map at off2 (cfg_map.c) */
 };
 
 struct cfg_key {
@@ -82,7 +85,7 @@ struct cfg_key {
     size_t off2;
 };
 
-#define CFG_KEYS_MAX 16
+#define CFG_KEYS_MAX 64
 
 static const struct cfg_key relayd_keys[] = {
     /* NULL: gethostname() at load. */
@@ -95,6 +98,26 @@ static const struct cfg_key relayd_keys[] = {
     {"max_lifetime", CFG_T_DURATION, offsetof(struct cfg, max_lifetime), MINUTE, 100 * DAY, "5d",
      0},
     {"workers", CFG_T_INT, offsetof(struct cfg, workers), 1, 1024, "4", 0},
+    /* Message lifecycle and bounces (sched.c, bounce.c). */
+    {"retry_factor", CFG_T_INT, offsetof(struct cfg, retry_factor), 1, 10, "2", 0},
+    /* 0: no delay warning. */
+    {"delay_warning", CFG_T_DURATION, offsetof(struct cfg, delay_warning), 0, 100 * DAY, "0", 0},
+    /* NULL: the envelope sender. */
+    {"bounce_to", CFG_T_STRING, offsetof(struct cfg, bounce_to), 0, 0, NULL, 0},
+    {"bounces", CFG_T_BOOL, offsetof(struct cfg, bounces), 0, 1, "yes", 0},
+    {"failed_retention", CFG_T_DURATION, offsetof(struct cfg, failed_retention), MINUTE,
+     365 * DAY, "7d", 0},
+    {"upstream_probe_interval", CFG_T_DURATION, offsetof(struct cfg, upstream_probe_interval), 1,
+     HOUR, "60s", 0},
+    {"max_connections", CFG_T_INT, offsetof(struct cfg, max_connections), 1, 100000, "200", 0},
+    {"max_connections_per_client", CFG_T_INT, offsetof(struct cfg, max_connections_per_client), 1,
+     100000, "20", 0},
+    {"max_memory", CFG_T_SIZE, offsetof(struct cfg, max_memory), MB, 1024 * GB, "256M", 0},
+    /* The spool refuses new mail (452 4.3.1) past either limit; 0 turns a limit off. */
+    {"spool_max_size", CFG_T_SIZE, offsetof(struct cfg, spool_max_size), 0, 16384 * GB, "0", 0},
+    {"spool_reserve", CFG_T_SIZE, offsetof(struct cfg, spool_reserve), 0, 16384 * GB, "100M", 0},
+    /* Loses acknowledged mail on a power failure or kernel crash; benchmarks only. */
+    {"unsafe_no_fsync", CFG_T_BOOL, offsetof(struct cfg, unsafe_no_fsync), 0, 1, "no", 0},
 };
 
 static const struct cfg_key listener_keys[] = {
@@ -103,6 +126,35 @@ static const struct cfg_key listener_keys[] = {
      offsetof(struct cfg_listener, port)},
     /* NULL: CFG_ALLOW_LOOPBACK when listen is loopback, else an error (open relay). */
     {"allow", CFG_T_NETLIST, offsetof(struct cfg_listener, allow), 0, 0, NULL, 0},
+    {"tls", CFG_T_TLS, offsetof(struct cfg_listener, tls), 0, 0, "none", 0},
+    /* Required when tls is not none. */
+    {"cert", CFG_T_FILE, offsetof(struct cfg_listener, cert), 0, 0, NULL, 0},
+    {"key", CFG_T_FILE, offsetof(struct cfg_listener, key), 0, 0, NULL, 0},
+    {"tls_priority", CFG_T_STRING, offsetof(struct cfg_listener, tls_priority), 0, 0,
+     CFG_TLS_PRIORITY, 0},
+    {"auth", CFG_T_AUTH, offsetof(struct cfg_listener, auth), 0, 0, "off", 0},
+    /* Must exist when auth is optional or required. */
+    {"sasldb", CFG_T_STRING, offsetof(struct cfg_listener, sasldb), 0, 0, "/etc/sasldb2", 0},
+    {"auth_mechanisms", CFG_T_STRING, offsetof(struct cfg_listener, auth_mechanisms), 0, 0,
+     "PLAIN LOGIN CRAM-MD5", 0},
+    {"auth_plaintext", CFG_T_BOOL, offsetof(struct cfg_listener, auth_plaintext), 0, 1, "no", 0},
+    {"sender_domains", CFG_T_DOMAINS, offsetof(struct cfg_listener, sender_domains), 0, 0, NULL,
+     0},
+    {"recipient_domains", CFG_T_DOMAINS, offsetof(struct cfg_listener, recipient_domains), 0, 0,
+     NULL, 0},
+    {"proxy_protocol", CFG_T_PROXY, offsetof(struct cfg_listener, proxy_protocol), 0, 0, "no", 0},
+    {"debug_peers", CFG_T_NETLIST, offsetof(struct cfg_listener, debug_peers), 0, 0, NULL, 0},
+    {"add_date", CFG_T_BOOL, offsetof(struct cfg_listener, add_date), 0, 1, "yes", 0},
+    {"add_message_id", CFG_T_BOOL, offsetof(struct cfg_listener, add_message_id), 0, 1, "yes", 0},
+    {"add_from", CFG_T_BOOL, offsetof(struct cfg_listener, add_from), 0, 1, "yes", 0},
+    {"add_received", CFG_T_BOOL, offsetof(struct cfg_listener, add_received), 0, 1, "yes", 0},
+    {"command_timeout", CFG_T_DURATION, offsetof(struct cfg_listener, command_timeout), 1, HOUR,
+     "300s", 0},
+    {"data_timeout", CFG_T_DURATION, offsetof(struct cfg_listener, data_timeout), 1, HOUR, "300s",
+     0},
+    {"max_line_length", CFG_T_INT, offsetof(struct cfg_listener, max_line_length), 512, 65536,
+     "2048", 0},
+    {"max_errors", CFG_T_INT, offsetof(struct cfg_listener, max_errors), 1, 10000, "20", 0},
 };
 
 static const struct cfg_key upstream_keys[] = {
@@ -125,6 +177,43 @@ static const struct cfg_key upstream_keys[] = {
      "30s", 0},
     {"command_timeout", CFG_T_DURATION, offsetof(struct cfg_upstream, command_timeout), 1, HOUR,
      "300s", 0},
+    /* RFC 5321 4.5.3.2.6: the reply to the end of data may take 10 minutes. */
+    {"data_timeout", CFG_T_DURATION, offsetof(struct cfg_upstream, data_timeout), 1, HOUR, "600s",
+     0},
+    {"max_connections", CFG_T_INT, offsetof(struct cfg_upstream, max_connections), 1, 1000, "4",
+     0},
+    {"idle_timeout", CFG_T_DURATION, offsetof(struct cfg_upstream, idle_timeout), 1, HOUR, "30s",
+     0},
+    {"reuse", CFG_T_BOOL, offsetof(struct cfg_upstream, reuse), 0, 1, "yes", 0},
+    /* Checked in check_upstream(): sha256//BASE64 of the SubjectPublicKeyInfo, ';' between. */
+    {"tls_pin", CFG_T_STRING, offsetof(struct cfg_upstream, tls_pin), 0, 0, NULL, 0},
+    {"max_messages_per_minute", CFG_T_INT, offsetof(struct cfg_upstream, max_messages_per_minute),
+     0, 1000000, "0", 0},
+    {"max_recipients_per_day", CFG_T_INT, offsetof(struct cfg_upstream, max_recipients_per_day), 0,
+     100000000, "0", 0},
+    /* OAuth 2.0 (relayd/oauth2.h).  Enumerations and presets: check_upstream_oauth2(). */
+    {"auth", CFG_T_STRING, offsetof(struct cfg_upstream, auth), 0, 0, "password", 0},
+    {"provider", CFG_T_STRING, offsetof(struct cfg_upstream, provider), 0, 0, NULL, 0},
+    {"tenant", CFG_T_STRING, offsetof(struct cfg_upstream, tenant), 0, 0, NULL, 0},
+    {"token_endpoint", CFG_T_STRING, offsetof(struct cfg_upstream, token_endpoint), 0, 0, NULL, 0},
+    {"device_endpoint", CFG_T_STRING, offsetof(struct cfg_upstream, device_endpoint), 0, 0, NULL,
+     0},
+    /* NULL: inferred from the files given (see check_upstream_oauth2()). */
+    {"oauth2_grant", CFG_T_STRING, offsetof(struct cfg_upstream, oauth2_grant), 0, 0, NULL, 0},
+    {"client_id", CFG_T_STRING, offsetof(struct cfg_upstream, client_id), 0, 0, NULL, 0},
+    {"client_secret_file", CFG_T_SECRET, offsetof(struct cfg_upstream, client_secret_file), 0, 0,
+     NULL, offsetof(struct cfg_upstream, client_secret)},
+    /* Paths only: relayd reads (and rewrites) them at run time; modes checked at load. */
+    {"refresh_token_file", CFG_T_STRING, offsetof(struct cfg_upstream, refresh_token_file), 0, 0,
+     NULL, 0},
+    {"service_account_file", CFG_T_STRING, offsetof(struct cfg_upstream, service_account_file), 0,
+     0, NULL, 0},
+    {"scope", CFG_T_STRING, offsetof(struct cfg_upstream, scope), 0, 0, NULL, 0},
+    {"oauth2_ca_file", CFG_T_FILE, offsetof(struct cfg_upstream, oauth2_ca_file), 0, 0, NULL, 0},
+    {"oauth2_token_command", CFG_T_STRING, offsetof(struct cfg_upstream, oauth2_token_command), 0,
+     0, NULL, 0},
+    {"oauth2_refresh_margin", CFG_T_DURATION, offsetof(struct cfg_upstream, oauth2_refresh_margin),
+     0, DAY, "10m", 0},
 };
 
 static const struct cfg_key route_keys[] = {
@@ -134,6 +223,18 @@ static const struct cfg_key route_keys[] = {
     {"sender_domain", CFG_T_DOMAINS, offsetof(struct cfg_route, sender_domain), 0, 0, NULL, 0},
     {"recipient_domain", CFG_T_DOMAINS, offsetof(struct cfg_route, recipient_domain), 0, 0, NULL,
      0},
+    /* Checked in check_route(): addresses, @domains or domains. */
+    {"sender", CFG_T_STRING, offsetof(struct cfg_route, sender), 0, 0, NULL, 0},
+    {"client", CFG_T_NETLIST, offsetof(struct cfg_route, client), 0, 0, NULL, 0},
+    /* Checked in check_route(): names of [listener] sections. */
+    {"listener", CFG_T_STRING, offsetof(struct cfg_route, listener), 0, 0, NULL, 0},
+    {"rewrite_sender", CFG_T_STRING, offsetof(struct cfg_route, rewrite_sender), 0, 0, NULL, 0},
+    {"rewrite_sender_map", CFG_T_MAP, offsetof(struct cfg_route, rewrite_sender_map_file), 0, 0,
+     NULL, offsetof(struct cfg_route, rewrite_sender_map)},
+    {"rewrite_from", CFG_T_BOOL, offsetof(struct cfg_route, rewrite_from), 0, 1, "no", 0},
+    {"keep_reply_to", CFG_T_BOOL, offsetof(struct cfg_route, keep_reply_to), 0, 1, "yes", 0},
+    {"recipient_map", CFG_T_MAP, offsetof(struct cfg_route, recipient_map_file), 0, 0, NULL,
+     offsetof(struct cfg_route, recipient_map)},
 };
 
 enum cfg_kind { CFG_K_RELAYD, CFG_K_LISTENER, CFG_K_UPSTREAM, CFG_K_ROUTE };
@@ -185,11 +286,39 @@ struct cfg_parse {
     size_t errlen;
 };
 
+static const char *const auth_names[] = {
+    [CFG_AUTH_OFF] = "off",
+    [CFG_AUTH_OPTIONAL] = "optional",
+    [CFG_AUTH_REQUIRED] = "required",
+    [CFG_AUTH_ACCEPT_ANY] = "accept-any",
+};
+
+static const char *const proxy_names[] = {
+    [CFG_PROXY_NO] = "no",
+    [CFG_PROXY_V1] = "v1",
+    [CFG_PROXY_V2] = "v2",
+    [CFG_PROXY_ANY] = "any",
+};
+
 const char *cfg_tls_name(enum cfg_tls tls)
 {
     if ((unsigned)tls >= NELEM(tls_names))
         return "?";
     return tls_names[tls];
+}
+
+const char *cfg_auth_name(enum cfg_auth auth)
+{
+    if ((unsigned)auth >= NELEM(auth_names))
+        return "?";
+    return auth_names[auth];
+}
+
+const char *cfg_proxy_name(enum cfg_proxy proxy)
+{
+    if ((unsigned)proxy >= NELEM(proxy_names))
+        return "?";
+    return proxy_names[proxy];
 }
 
 /* ---- helpers ---- */
@@ -401,15 +530,16 @@ bad:
     return -1;
 }
 
-/* Reads a password file, refusing one that others could read. */
-static int read_secret(const char *path, char **out, char *why, size_t whylen)
+/* Reads a password file, refusing one that others could read (see cfg.h). */
+int cfg_secret_read(const char *path, size_t max, char **out, char *why, size_t whylen)
 {
-    char data[CFG_SECRET_MAX + 1];
+    char *data;
     struct stat st;
     size_t len = 0;
     ssize_t n;
     int fd, rc = -1;
 
+    *out = NULL;
     if ((fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY)) < 0) {
         snprintf(why, whylen, "%s: %s", path, strerror(errno));
         return -1;
@@ -427,7 +557,8 @@ static int read_secret(const char *path, char **out, char *why, size_t whylen)
                  (unsigned)(st.st_mode & 07777));
         goto close_fd;
     }
-    while (len < sizeof data && (n = read(fd, data + len, sizeof data - len)) != 0) {
+    data = xmalloc(max + 1);
+    while (len < max + 1 && (n = read(fd, data + len, max + 1 - len)) != 0) {
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -436,9 +567,9 @@ static int read_secret(const char *path, char **out, char *why, size_t whylen)
         }
         len += (size_t)n;
     }
-    if (len > CFG_SECRET_MAX) {
-        snprintf(why, whylen, "%s: longer than %d bytes; it should hold just the password", path,
-                 CFG_SECRET_MAX);
+    if (len > max) {
+        snprintf(why, whylen, "%s: longer than %zu bytes; it should hold just the secret", path,
+                 max);
         goto wipe;
     }
     while (len > 0 && (data[len - 1] == '\n' || data[len - 1] == '\r'))
@@ -450,11 +581,18 @@ static int read_secret(const char *path, char **out, char *why, size_t whylen)
     *out = xstrndup(data, len);
     rc = 0;
 wipe:
-    explicit_bzero(data, sizeof data);
+    explicit_bzero(data, max + 1);
+    free(data);
 close_fd:
     close(fd);
     return rc;
 }
+
+static int read_secret(const char *path, char **out, char *why, size_t whylen)
+{
+    return cfg_secret_read(path, CFG_SECRET_MAX, out, why, whylen);
+}
+
 
 /* Releases what a key owns in obj and leaves it unset. */
 static void key_clear(const struct cfg_key *k, void *obj)
@@ -462,6 +600,12 @@ static void key_clear(const struct cfg_key *k, void *obj)
     char **sp;
 
     switch (k->type) {
+    case CFG_T_MAP:
+        cfg_map_free(FIELD(obj, k->off2, struct cfg_map));
+        sp = FIELD(obj, k->off, char *);
+        free(*sp);
+        *sp = NULL;
+        break;
     case CFG_T_SECRET:
         sp = FIELD(obj, k->off2, char *);
         if (*sp != NULL) {
@@ -487,6 +631,8 @@ static void key_clear(const struct cfg_key *k, void *obj)
     case CFG_T_DURATION:
     case CFG_T_BOOL:
     case CFG_T_TLS:
+    case CFG_T_AUTH:
+    case CFG_T_PROXY:
     case CFG_T_SIZE:
         break;
     }
@@ -558,6 +704,11 @@ static int key_set(const struct cfg_key *k, void *obj, const char *v, char *why,
             return -1;
         *FIELD(obj, k->off, char *) = xstrdup(v);
         return 0;
+    case CFG_T_MAP:
+        if (cfg_map_load(v, FIELD(obj, k->off2, struct cfg_map), why, whylen) != 0)
+            return -1;
+        *FIELD(obj, k->off, char *) = xstrdup(v);
+        return 0;
     case CFG_T_INT:
         rc = parse_scaled(v, NULL, NULL, &n);
         if (rc == -1) {
@@ -620,6 +771,24 @@ static int key_set(const struct cfg_key *k, void *obj, const char *v, char *why,
             }
         }
         snprintf(why, whylen, "'%.*s' is not one of starttls, implicit, none", VAL(v));
+        return -1;
+    case CFG_T_AUTH:
+        for (i = 0; i < NELEM(auth_names); i++) {
+            if (strcasecmp(v, auth_names[i]) == 0) {
+                *FIELD(obj, k->off, enum cfg_auth) = (enum cfg_auth)i;
+                return 0;
+            }
+        }
+        snprintf(why, whylen, "'%.*s' is not one of off, optional, required, accept-any", VAL(v));
+        return -1;
+    case CFG_T_PROXY:
+        for (i = 0; i < NELEM(proxy_names); i++) {
+            if (strcasecmp(v, proxy_names[i]) == 0) {
+                *FIELD(obj, k->off, enum cfg_proxy) = (enum cfg_proxy)i;
+                return 0;
+            }
+        }
+        snprintf(why, whylen, "'%.*s' is not one of no, v1, v2, any", VAL(v));
         return -1;
     case CFG_T_NETLIST:
         if (netaddr_list_parse(v, FIELD(obj, k->off, struct netaddr_list), why, whylen) != 0)
@@ -879,6 +1048,47 @@ static void check_relayd(struct cfg_parse *p, const struct cfg_sec *s)
         fmt_duration(cfg->retry_first, b, sizeof b);
         perr(p, key_line(s, "retry_max"), s, "retry_max", "%s is less than retry_first (%s)", a, b);
     }
+    if (cfg->bounce_to != NULL) {
+        const char *at = strrchr(cfg->bounce_to, '@');
+        const char *c;
+
+        for (c = cfg->bounce_to; *c != '\0' && (unsigned char)*c > ' ' && *c != '<' && *c != '>' &&
+                                 *c != ',' && *c != 0x7f;
+             c++)
+            ;
+        if (*c != '\0' || at == NULL || at == cfg->bounce_to || at[1] == '\0')
+            perr(p, key_line(s, "bounce_to"), s, "bounce_to",
+                 "'%.60s' is not a mail address (user@domain, no brackets)", cfg->bounce_to);
+    }
+}
+
+/* TLS files, the sasldb, and no cleartext passwords by accident.  0 or -1 (reported). */
+static int check_listener_tls_auth(struct cfg_parse *p, const struct cfg_sec *s,
+                                   const struct cfg_listener *l)
+{
+    struct stat st;
+
+    if (l->tls != CFG_TLS_NONE && (l->cert == NULL || l->key == NULL)) {
+        perr(p, key_line(s, "tls"), s, l->cert == NULL ? "cert" : "key",
+             "required with tls = %s (PEM file)", cfg_tls_name(l->tls));
+        return -1;
+    }
+    if ((l->auth == CFG_AUTH_OPTIONAL || l->auth == CFG_AUTH_REQUIRED) &&
+        (stat(l->sasldb, &st) != 0 || access(l->sasldb, R_OK) != 0)) {
+        perr(p, key_line(s, "sasldb"), s, "sasldb",
+             "%.*s: %s (create accounts with: saslpasswd2 -c -f %.*s -u DOMAIN USER)",
+             VAL(l->sasldb), strerror(errno), VAL(l->sasldb));
+        return -1;
+    }
+    if (l->tls == CFG_TLS_NONE && l->auth != CFG_AUTH_OFF && !l->auth_plaintext) {
+        perr(p, key_line(s, "auth"), s, "auth",
+             "%s on a listener with tls = none would have clients send passwords in "
+             "cleartext; set tls = starttls or implicit (with cert and key), or auth_plaintext "
+             "= yes for devices that cannot do TLS",
+             cfg_auth_name(l->auth));
+        return -1;
+    }
+    return 0;
 }
 
 static void check_listener(struct cfg_parse *p, const struct cfg_sec *s)
@@ -900,6 +1110,8 @@ static void check_listener(struct cfg_parse *p, const struct cfg_sec *s)
             return;
         }
     }
+    if (check_listener_tls_auth(p, s, l) != 0)
+        return;
     if (l->allow.n > 0)
         return;
 
@@ -936,16 +1148,245 @@ static void check_listener(struct cfg_parse *p, const struct cfg_sec *s)
                                                                 : "binds a public address");
 }
 
+/* tls_pin: "sha256//BASE64" (curl's --pinnedpubkey; "sha256/" accepted too) of a 32-byte
+ * SHA-256, several separated by ';', ',' or spaces.  0, or -1 with the reason in why. */
+static int pin_list_ok(const char *list, char *why, size_t whylen)
+{
+    const char *q = list;
+    int n = 0;
+
+    while (*q != '\0') {
+        size_t len, i;
+        const char *b;
+
+        q += strspn(q, ";, \t");
+        if (*q == '\0')
+            break;
+        len = strcspn(q, ";, \t");
+        if (len < 7 || strncasecmp(q, "sha256/", 7) != 0) {
+            snprintf(why, whylen, "\"%.*s\" must start with sha256// (sha256//BASE64 of the "
+                     "certificate's public key)", (int)(len > 60 ? 60 : len), q);
+            return -1;
+        }
+        b = q + 7 + (len > 7 && q[7] == '/');
+        i = len - (size_t)(b - q);
+        /* 32 bytes are 44 base64 characters, the last one '='. */
+        if (i != 44 || b[43] != '=' || strspn(b, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                                 "0123456789+/") != 43) {
+            snprintf(why, whylen, "\"%.*s\" is not a base64 SHA-256 (44 characters ending in =)",
+                     (int)(len > 60 ? 60 : len), q);
+            return -1;
+        }
+        q += len;
+        n++;
+    }
+    if (n == 0) {
+        snprintf(why, whylen, "no pin given");
+        return -1;
+    }
+    return 0;
+}
+
+/* Provider presets for [upstream] provider (README "OAuth 2.0"). */
+#define CFG_MS_LOGIN "https://login.microsoftonline.com/"
+#define CFG_MS_SCOPE_APP "https://outlook.office365.com/.default"
+#define CFG_MS_SCOPE_DELEGATED "https://outlook.office.com/SMTP.Send offline_access"
+#define CFG_GOOGLE_TOKEN "https://oauth2.googleapis.com/token"
+#define CFG_GOOGLE_DEVICE "https://oauth2.googleapis.com/device/code"
+#define CFG_GOOGLE_SCOPE "https://mail.google.com/"
+/* A Google service account key holds a 2048-bit PEM key and a few names: ~2.4 kB. */
+#define CFG_SA_MAX (64 * 1024)
+/* Microsoft's refresh tokens run to a few kB. */
+#define CFG_RT_MAX (64 * 1024)
+
+/* Fails the load when path exists and others could read it (or it is no regular file);
+ * a missing file is fine when may_be_missing (relayctl oauth2 authorize creates it). */
+static int oauth2_file_ok(struct cfg_parse *p, const struct cfg_sec *s, const char *key,
+                          const char *path, size_t max, int may_be_missing)
+{
+    char why[300], *data = NULL;
+
+    if (may_be_missing && access(path, F_OK) != 0 && errno == ENOENT)
+        return 0;
+    if (cfg_secret_read(path, max, &data, why, sizeof why) != 0) {
+        perr(p, key_line(s, key), s, key, "%s", why);
+        return -1;
+    }
+    explicit_bzero(data, strlen(data));
+    free(data);
+    return 0;
+}
+
+static int https_url_ok(struct cfg_parse *p, const struct cfg_sec *s, const char *key,
+                        const char *v)
+{
+    if (v != NULL && (strncasecmp(v, "https://", 8) != 0 || strpbrk(v, " \t\r\n") != NULL)) {
+        perr(p, key_line(s, key), s, key, "'%.*s' is not an https:// URL", VAL(v));
+        return -1;
+    }
+    return 0;
+}
+
+/* auth = xoauth2 | oauthbearer: the token source must be complete and its secrets private.
+ * Presets of provider fill token_endpoint, device_endpoint and scope when not given. */
+static void check_upstream_oauth2(struct cfg_parse *p, const struct cfg_sec *s)
+{
+    static const char *const grants[] = {
+        [CFG_GRANT_CLIENT_CREDENTIALS] = "client_credentials",
+        [CFG_GRANT_REFRESH_TOKEN] = "refresh_token",
+        [CFG_GRANT_JWT_BEARER] = "jwt_bearer",
+    };
+    struct cfg_upstream *u = &p->cfg->upstreams[s->index];
+    int ms, google;
+    size_t i;
+
+    if (strcasecmp(u->auth, "xoauth2") == 0)
+        u->upauth = CFG_UPAUTH_XOAUTH2;
+    else if (strcasecmp(u->auth, "oauthbearer") == 0)
+        u->upauth = CFG_UPAUTH_OAUTHBEARER;
+    else if (strcasecmp(u->auth, "password") == 0) {
+        perr(p, key_line(s, "auth"), s, "auth",
+             "OAuth 2.0 keys are set but auth = password; set auth = xoauth2 or oauthbearer");
+        return;
+    } else {
+        perr(p, key_line(s, "auth"), s, "auth", "'%.*s' is not one of password, xoauth2, "
+             "oauthbearer", VAL(u->auth));
+        return;
+    }
+    if (u->username == NULL) {
+        perr(p, s->line, s, "username", "required with auth = %s (the mailbox to send as)",
+             u->auth);
+        return;
+    }
+    if (u->password_file != NULL) {
+        perr(p, key_line(s, "password_file"), s, "password_file",
+             "not used with auth = %s: remove it (there is no password fallback)", u->auth);
+        return;
+    }
+    if (u->tls == CFG_TLS_NONE && !u->allow_plaintext_auth) {
+        perr(p, key_line(s, "tls"), s, "tls", "none with auth = %s would send the token in "
+             "cleartext; use starttls or implicit", u->auth);
+        return;
+    }
+    ms = u->provider != NULL && strcasecmp(u->provider, "microsoft") == 0;
+    google = u->provider != NULL && strcasecmp(u->provider, "google") == 0;
+    if (u->provider != NULL && !ms && !google) {
+        perr(p, key_line(s, "provider"), s, "provider", "'%.*s' is not one of microsoft, google",
+             VAL(u->provider));
+        return;
+    }
+    if (u->oauth2_token_command != NULL) {
+        if (u->oauth2_grant != NULL || u->client_id != NULL || u->refresh_token_file != NULL ||
+            u->client_secret_file != NULL || u->service_account_file != NULL) {
+            perr(p, key_line(s, "oauth2_token_command"), s, "oauth2_token_command",
+                 "the command is the token source: remove oauth2_grant, client_id and the "
+                 "secrets files");
+            return;
+        }
+        u->grant = CFG_GRANT_COMMAND;
+        return;
+    }
+    if (u->oauth2_grant == NULL) {
+        u->grant = u->service_account_file != NULL ? CFG_GRANT_JWT_BEARER
+                   : u->refresh_token_file != NULL ? CFG_GRANT_REFRESH_TOKEN
+                                                   : CFG_GRANT_CLIENT_CREDENTIALS;
+        u->oauth2_grant = xstrdup(grants[u->grant]);
+    } else {
+        for (i = 1; i < NELEM(grants); i++)
+            if (strcasecmp(u->oauth2_grant, grants[i]) == 0)
+                u->grant = (enum cfg_grant)i;
+        if (u->grant == CFG_GRANT_NONE) {
+            perr(p, key_line(s, "oauth2_grant"), s, "oauth2_grant",
+                 "'%.*s' is not one of client_credentials, refresh_token, jwt_bearer",
+                 VAL(u->oauth2_grant));
+            return;
+        }
+    }
+    if (ms && u->tenant == NULL) {
+        perr(p, s->line, s, "tenant",
+             "required with provider = microsoft (your tenant id or domain, e.g. contoso.com)");
+        return;
+    }
+    if (ms && u->token_endpoint == NULL)
+        u->token_endpoint = xasprintf(CFG_MS_LOGIN "%s/oauth2/v2.0/token", u->tenant);
+    if (ms && u->device_endpoint == NULL)
+        u->device_endpoint = xasprintf(CFG_MS_LOGIN "%s/oauth2/v2.0/devicecode", u->tenant);
+    if (ms && u->scope == NULL)
+        u->scope = xstrdup(u->grant == CFG_GRANT_CLIENT_CREDENTIALS ? CFG_MS_SCOPE_APP
+                                                                    : CFG_MS_SCOPE_DELEGATED);
+    if (google && u->token_endpoint == NULL)
+        u->token_endpoint = xstrdup(CFG_GOOGLE_TOKEN);
+    if (google && u->device_endpoint == NULL)
+        u->device_endpoint = xstrdup(CFG_GOOGLE_DEVICE);
+    if (google && u->scope == NULL)
+        u->scope = xstrdup(CFG_GOOGLE_SCOPE);
+    if (https_url_ok(p, s, "token_endpoint", u->token_endpoint) != 0 ||
+        https_url_ok(p, s, "device_endpoint", u->device_endpoint) != 0)
+        return;
+    switch (u->grant) {
+    case CFG_GRANT_JWT_BEARER:
+        if (u->service_account_file == NULL) {
+            perr(p, s->line, s, "service_account_file", "required with oauth2_grant = jwt_bearer");
+            return;
+        }
+        if (u->scope == NULL)
+            u->scope = xstrdup(CFG_GOOGLE_SCOPE);
+        oauth2_file_ok(p, s, "service_account_file", u->service_account_file, CFG_SA_MAX, 0);
+        return; /* token_endpoint may come from the key's token_uri */
+    case CFG_GRANT_REFRESH_TOKEN:
+        if (u->refresh_token_file == NULL) {
+            perr(p, s->line, s, "refresh_token_file", "required with oauth2_grant = refresh_token "
+                 "(relayctl oauth2 authorize %s creates it)", u->name);
+            return;
+        }
+        if (oauth2_file_ok(p, s, "refresh_token_file", u->refresh_token_file, CFG_RT_MAX, 1) != 0)
+            return;
+        break;
+    case CFG_GRANT_CLIENT_CREDENTIALS:
+        if (u->client_secret_file == NULL) {
+            perr(p, s->line, s, "client_secret_file", "required with oauth2_grant = "
+                 "client_credentials");
+            return;
+        }
+        break;
+    case CFG_GRANT_NONE:
+    case CFG_GRANT_COMMAND:
+        break;
+    }
+    if (u->client_id == NULL) {
+        perr(p, s->line, s, "client_id", "required with oauth2_grant = %s", u->oauth2_grant);
+        return;
+    }
+    if (u->token_endpoint == NULL) {
+        perr(p, s->line, s, "token_endpoint", "required (or provider = microsoft | google)");
+        return;
+    }
+}
+
 static void check_upstream(struct cfg_parse *p, const struct cfg_sec *s)
 {
     struct cfg_upstream *u = &p->cfg->upstreams[s->index];
+    char why[160];
 
     if (u->host == NULL) {
         perr(p, s->line, s, "host", "required (e.g. host = smtp.example.com)");
         return;
     }
+    if (u->tls_pin != NULL && pin_list_ok(u->tls_pin, why, sizeof why) != 0) {
+        perr(p, key_line(s, "tls_pin"), s, "tls_pin", "%s", why);
+        return;
+    }
+    if (u->tls_pin != NULL && u->tls == CFG_TLS_NONE) {
+        perr(p, key_line(s, "tls_pin"), s, "tls_pin", "needs tls = starttls or implicit");
+        return;
+    }
     if (u->tls == CFG_TLS_IMPLICIT && s->seen[key_index(s->def, "port")] == 0)
         u->port = CFG_IMPLICIT_PORT;
+    if (strcmp(u->auth, "password") != 0 || u->oauth2_grant != NULL || u->token_endpoint != NULL ||
+        u->provider != NULL || u->oauth2_token_command != NULL) {
+        check_upstream_oauth2(p, s);
+        return;
+    }
     if (u->username != NULL && u->password_file == NULL) {
         perr(p, key_line(s, "username"), s, "password_file", "required when username is set");
         return;
@@ -960,6 +1401,60 @@ static void check_upstream(struct cfg_parse *p, const struct cfg_sec *s)
              "in cleartext; use starttls or implicit (or allow_plaintext_auth = yes)");
         return;
     }
+}
+
+/* sender: "user@domain", "@domain" or "domain" entries; listener: [listener] names. */
+static void route_check_matchers(struct cfg_parse *p, const struct cfg_sec *s,
+                                 const struct cfg_route *r)
+{
+    const char *v, *at;
+    size_t len;
+    int i, found;
+
+    for (v = r->sender; v != NULL && *(v += strspn(v, ", \t")) != '\0'; v += len) {
+        char a[321];
+
+        len = strcspn(v, ", \t");
+        snprintf(a, sizeof a, "%.*s", (int)len, v);
+        at = strrchr(a, '@');
+        if (len >= sizeof a || (at != NULL && !host_ok(at + 1)) || (at == NULL && !host_ok(a)) ||
+            (at != NULL && at[1] == '\0') || strchr(a, ':') != NULL ||
+            strpbrk(a, "<>\"") != NULL) {
+            perr(p, key_line(s, "sender"), s, "sender",
+                 "'%.*s' is not an address, @domain or domain", (int)(len > 60 ? 60 : len), v);
+            return;
+        }
+    }
+    for (v = r->listener; v != NULL && *(v += strspn(v, ", \t")) != '\0'; v += len) {
+        len = strcspn(v, ", \t");
+        for (i = 0, found = 0; i < p->cfg->nlisteners && !found; i++)
+            found = strlen(p->cfg->listeners[i].name) == len &&
+                    strncmp(p->cfg->listeners[i].name, v, len) == 0;
+        if (!found) {
+            perr(p, key_line(s, "listener"), s, "listener", "no [listener %.*s] section",
+                 (int)(len > 60 ? 60 : len), v);
+            return;
+        }
+    }
+}
+
+static void route_check_rewrite(struct cfg_parse *p, const struct cfg_sec *s,
+                                const struct cfg_route *r)
+{
+    const char *v = r->rewrite_sender, *at;
+
+    if (v != NULL) {
+        at = strrchr(v, '@');
+        if (at == NULL || at == v || !host_ok(at + 1) || at[1] == '\0' ||
+            strpbrk(v, " \t<>,;\"") != NULL) {
+            perr(p, key_line(s, "rewrite_sender"), s, "rewrite_sender",
+                 "'%.*s' is not an address (e.g. scanner@corp.example)", VAL(v));
+            return;
+        }
+    }
+    if (r->rewrite_from && r->rewrite_sender == NULL && r->rewrite_sender_map_file == NULL)
+        perr(p, key_line(s, "rewrite_from"), s, "rewrite_from",
+             "yes needs rewrite_sender or rewrite_sender_map (the address to put in From:)");
 }
 
 static void check_route(struct cfg_parse *p, const struct cfg_sec *s)
@@ -996,12 +1491,26 @@ static void check_route(struct cfg_parse *p, const struct cfg_sec *s)
         }
         free(names);
     }
+    if (p->failed)
+        return;
+    route_check_matchers(p, s, r);
+    if (!p->failed)
+        route_check_rewrite(p, s, r);
+    if (p->failed)
+        return;
     if (strcmp(r->name, "default") == 0) {
         if (r->sender_domain != NULL || r->recipient_domain != NULL)
             perr(p, key_line(s, r->sender_domain ? "sender_domain" : "recipient_domain"), s,
                  r->sender_domain ? "sender_domain" : "recipient_domain",
                  "the default route matches everything; put domains in another route");
-    } else if (r->sender_domain == NULL && r->recipient_domain == NULL) {
+        else if (r->sender != NULL || r->client.n > 0 || r->listener != NULL) {
+            const char *k = r->sender ? "sender" : r->client.n > 0 ? "client" : "listener";
+
+            perr(p, key_line(s, k), s, k,
+                 "the default route matches everything; put matchers in another route");
+        }
+    } else if (r->sender_domain == NULL && r->recipient_domain == NULL && r->sender == NULL &&
+               r->client.n == 0 && r->listener == NULL) {
         perr(p, s->line, s, NULL,
              "matches nothing: set sender_domain or recipient_domain, or "
              "name it [route default]");
@@ -1193,6 +1702,14 @@ static void dump_keys(const struct cfg_secdef *def, const void *obj, FILE *out)
             if (k->type == CFG_T_SECRET && *FIELD(o, k->off2, char *) != NULL)
                 fprintf(out, "; password: ******** (read from %s)\n", k->name);
             break;
+        case CFG_T_MAP:
+            s = *FIELD(o, k->off, char *);
+            if (s == NULL)
+                fprintf(out, "; %s is not set\n", k->name);
+            else
+                fprintf(out, "%s = %s\n; %d entries\n", k->name, s,
+                        FIELD(o, k->off2, struct cfg_map)->n);
+            break;
         case CFG_T_INT:
             fprintf(out, "%s = %d\n", k->name, *FIELD(o, k->off, int));
             break;
@@ -1209,6 +1726,12 @@ static void dump_keys(const struct cfg_secdef *def, const void *obj, FILE *out)
             break;
         case CFG_T_TLS:
             fprintf(out, "%s = %s\n", k->name, cfg_tls_name(*FIELD(o, k->off, enum cfg_tls)));
+            break;
+        case CFG_T_AUTH:
+            fprintf(out, "%s = %s\n", k->name, cfg_auth_name(*FIELD(o, k->off, enum cfg_auth)));
+            break;
+        case CFG_T_PROXY:
+            fprintf(out, "%s = %s\n", k->name, cfg_proxy_name(*FIELD(o, k->off, enum cfg_proxy)));
             break;
         case CFG_T_NETLIST: {
             const struct netaddr_list *l = FIELD(o, k->off, struct netaddr_list);
@@ -1285,7 +1808,70 @@ static int domain_listed(const char *list, const char *dom, size_t domlen)
     return 0;
 }
 
-const struct cfg_route *cfg_route_find(const struct cfg *cfg, const char *sender, const char *rcpt)
+/* The sender is listed in r's sender (as address, "@domain" or domain) or sender_domain. */
+static int sender_listed(const struct cfg_route *r, const char *sender, const char *sdom,
+                         size_t slen)
+{
+    const char *p = r->sender;
+    size_t len;
+
+    if (domain_listed(r->sender_domain, sdom, slen))
+        return 1;
+    while (p != NULL && sender != NULL && *(p += strspn(p, ", \t")) != '\0') {
+        len = strcspn(p, ", \t");
+        if (memchr(p, '@', len) == NULL) {
+            if (len == slen && sdom != NULL && strncasecmp(p, sdom, len) == 0)
+                return 1;
+        } else if (*p == '@') {
+            if (len - 1 == slen && sdom != NULL && strncasecmp(p + 1, sdom, slen) == 0)
+                return 1;
+        } else if (strlen(sender) == len && strncasecmp(p, sender, len) == 0) {
+            return 1;
+        }
+        p += len;
+    }
+    return 0;
+}
+
+static int client_listed(const struct netaddr_list *l, const char *client)
+{
+    struct sockaddr_in sin;
+    struct sockaddr_in6 sin6;
+
+    if (client == NULL)
+        return 0;
+    memset(&sin, 0, sizeof sin);
+    memset(&sin6, 0, sizeof sin6);
+    if (inet_pton(AF_INET, client, &sin.sin_addr) == 1) {
+        sin.sin_family = AF_INET;
+        return netaddr_list_match(l, (struct sockaddr *)&sin);
+    }
+    if (inet_pton(AF_INET6, client, &sin6.sin6_addr) == 1) {
+        sin6.sin6_family = AF_INET6;
+        return netaddr_list_match(l, (struct sockaddr *)&sin6);
+    }
+    return 0;
+}
+
+static int name_listed(const char *list, const char *name)
+{
+    const char *p = list;
+    size_t len;
+
+    if (list == NULL || name == NULL)
+        return 0;
+    while (*(p += strspn(p, ", \t")) != '\0') {
+        len = strcspn(p, ", \t");
+        if (len == strlen(name) && strncmp(p, name, len) == 0)
+            return 1;
+        p += len;
+    }
+    return 0;
+}
+
+const struct cfg_route *cfg_route_match(const struct cfg *cfg, const char *sender,
+                                        const char *rcpt, const char *client_addr,
+                                        const char *listener)
 {
     const struct cfg_route *dflt = NULL;
     size_t slen = 0, rlen = 0;
@@ -1299,9 +1885,30 @@ const struct cfg_route *cfg_route_find(const struct cfg *cfg, const char *sender
             dflt = r;
             continue;
         }
-        if (domain_listed(r->recipient_domain, rdom, rlen) ||
-            domain_listed(r->sender_domain, sdom, slen))
-            return r;
+        /* Every matcher kind the route sets must match; a route sets at least one. */
+        if ((r->sender != NULL || r->sender_domain != NULL) &&
+            !sender_listed(r, sender, sdom, slen))
+            continue;
+        if (r->recipient_domain != NULL && !domain_listed(r->recipient_domain, rdom, rlen))
+            continue;
+        if (r->client.n > 0 && !client_listed(&r->client, client_addr))
+            continue;
+        if (r->listener != NULL && !name_listed(r->listener, listener))
+            continue;
+        return r;
     }
     return dflt;
+}
+
+int cfg_domain_listed(const char *list, const char *addr)
+{
+    size_t len = 0;
+    const char *dom = domain_of(addr, &len);
+
+    return domain_listed(list, dom, len);
+}
+
+const struct cfg_route *cfg_route_find(const struct cfg *cfg, const char *sender, const char *rcpt)
+{
+    return cfg_route_match(cfg, sender, rcpt, NULL, NULL);
 }

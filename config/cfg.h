@@ -25,11 +25,57 @@ enum cfg_tls {
     CFG_TLS_IMPLICIT,
 };
 
+enum cfg_auth {
+    CFG_AUTH_OFF,
+    CFG_AUTH_OPTIONAL,
+    CFG_AUTH_REQUIRED,
+    CFG_AUTH_ACCEPT_ANY,        /* any credentials get 235: for devices that insist */
+};
+
+/* [upstream] auth: how relayd authenticates to the upstream. */
+enum cfg_upauth {
+    CFG_UPAUTH_PASSWORD,
+    CFG_UPAUTH_XOAUTH2,
+    CFG_UPAUTH_OAUTHBEARER,
+};
+
+/* [upstream] oauth2_grant: where OAuth 2.0 access tokens come from. */
+enum cfg_grant {
+    CFG_GRANT_NONE,             /* auth = password */
+    CFG_GRANT_CLIENT_CREDENTIALS,
+    CFG_GRANT_REFRESH_TOKEN,
+    CFG_GRANT_JWT_BEARER,
+    CFG_GRANT_COMMAND,          /* oauth2_token_command */
+};
+
+enum cfg_proxy {
+    CFG_PROXY_NO,
+    CFG_PROXY_V1,
+    CFG_PROXY_V2,
+    CFG_PROXY_ANY,
+};
+
 struct cfg_listener {
     char *name;                 /* from [listener NAME] */
     char *host;                 /* "0.0.0.0", "::", "127.0.0.1" */
     int port;
     struct netaddr_list allow;  /* client networks allowed to connect */
+    enum cfg_tls tls;           /* none | starttls | implicit; default none */
+    char *cert, *key;           /* PEM files; required when tls != none */
+    char *tls_priority;         /* GnuTLS priority string */
+    enum cfg_auth auth;         /* default off */
+    char *sasldb;               /* Cyrus sasldb file; default /etc/sasldb2 */
+    char *auth_mechanisms;      /* default "PLAIN LOGIN CRAM-MD5" */
+    int auth_plaintext;         /* PLAIN/LOGIN without TLS; default no */
+    char *sender_domains;       /* comma/space list; NULL: any sender */
+    char *recipient_domains;    /* comma/space list; NULL: any recipient */
+    enum cfg_proxy proxy_protocol; /* default no */
+    struct netaddr_list debug_peers; /* clients whose dialogue is logged */
+    int add_date, add_message_id, add_from, add_received; /* repairs; default yes */
+    int command_timeout;        /* seconds; RFC 5321 4.5.3.2.7: 5 minutes */
+    int data_timeout;           /* seconds; same */
+    int max_line_length;        /* command line bytes; default 2048 */
+    int max_errors;             /* protocol errors before we hang up; default 20 */
     int line;                   /* where the section starts, for messages */
 };
 
@@ -48,7 +94,46 @@ struct cfg_upstream {
     int allow_plaintext_auth;   /* AUTH without TLS only with tls = none and this set */
     int connect_timeout;        /* seconds */
     int command_timeout;        /* seconds, RFC 5321 4.5.3.2 */
+    int data_timeout;           /* seconds for the reply to the final dot (4.5.3.2.6); 600 */
+    /* Outbound delivery engine (relayd/pool.c, relayd/upstream.c). */
+    int max_connections;        /* sessions open at once to this upstream; default 4 */
+    int idle_timeout;           /* seconds an unused session stays open; default 30 */
+    int reuse;                  /* several messages per session; default yes */
+    char *tls_pin;              /* "sha256//BASE64[;sha256//BASE64...]"; NULL: no pin */
+    int max_messages_per_minute; /* 0 (default): unlimited */
+    int max_recipients_per_day; /* 0 (default): unlimited; rolling 24 hours, in memory */
+    /* OAuth 2.0 upstream authentication (relayd/oauth2.h).  With auth = xoauth2 or
+     * oauthbearer, username is the mailbox and password_file is not used.  Presets from
+     * provider are resolved at load: token_endpoint, device_endpoint and scope are set. */
+    char *auth;                 /* "password" (default) | "xoauth2" | "oauthbearer" */
+    enum cfg_upauth upauth;     /* from auth */
+    char *provider;             /* "microsoft" | "google"; NULL: none */
+    char *tenant;               /* Microsoft tenant (id or domain) */
+    char *token_endpoint;       /* https URL */
+    char *device_endpoint;      /* https URL, for relayctl oauth2 authorize */
+    char *oauth2_grant;         /* "client_credentials" | "refresh_token" | "jwt_bearer" */
+    enum cfg_grant grant;       /* from oauth2_grant (or inferred) */
+    char *client_id;
+    char *client_secret_file;
+    char *client_secret;        /* contents of client_secret_file */
+    char *refresh_token_file;   /* read and rewritten at run time; mode 0600 */
+    char *service_account_file; /* Google JSON key (jwt_bearer); mode 0600 */
+    char *scope;
+    char *oauth2_ca_file;       /* NULL: system trust store */
+    char *oauth2_token_command; /* /bin/sh -c; prints a token (or a JSON token response) */
+    int oauth2_refresh_margin;  /* seconds before expiry to refresh; default 600 */
     int line;
+};
+
+/* A two-column map file ("device@lan  account@corp.example", '#' comments), loaded and
+ * validated at cfg_load().  Keys are full addresses or "@domain"; values full addresses. */
+struct cfg_map_entry {
+    char *from;
+    char *to;
+};
+struct cfg_map {
+    struct cfg_map_entry *e;
+    int n;
 };
 
 struct cfg_route {
@@ -60,6 +145,19 @@ struct cfg_route {
     int nfailover;
     char *sender_domain;        /* comma/space list matched by cfg_route_find(); NULL: none */
     char *recipient_domain;     /* same, for recipient domains; NULL: none */
+    char *sender;               /* "scan@lan, @fax.lan, lan.example": addresses, @domains or
+                                   domains; one matcher kind with sender_domain; NULL: none */
+    struct netaddr_list client; /* client networks (CIDR); n == 0: none */
+    char *listener;             /* listener names; NULL: none */
+    /* Rewriting (relayd/rewrite.h).  Recipients are never rewritten unless recipient_map
+     * maps them. */
+    char *rewrite_sender;       /* envelope sender for mail on this route; NULL: kept */
+    char *rewrite_sender_map_file;
+    struct cfg_map rewrite_sender_map; /* device sender -> account; tried first */
+    int rewrite_from;           /* From: gets the rewritten sender (default no) */
+    int keep_reply_to;          /* ... and Reply-To: the original From: (default yes) */
+    char *recipient_map_file;
+    struct cfg_map recipient_map;
     int line;
 };
 
@@ -73,6 +171,18 @@ struct cfg {
     int retry_max;              /* [relayd] retry_max, seconds; default 3600 */
     int max_lifetime;           /* [relayd] max_lifetime, seconds; default 5 days */
     int workers;                /* [relayd] workers: concurrent deliveries; default 4 */
+    int retry_factor;           /* [relayd] retry_factor: backoff multiplier; default 2 */
+    int delay_warning;          /* [relayd] delay_warning, seconds; 0 (default): none */
+    char *bounce_to;            /* [relayd] bounce_to; NULL: the envelope sender */
+    int bounces;                /* [relayd] bounces: send DSNs at all; default yes */
+    int failed_retention;       /* [relayd] failed_retention, seconds; default 7 days */
+    int upstream_probe_interval; /* [relayd] upstream_probe_interval, seconds; default 60 */
+    long spool_max_size;        /* [relayd] spool_max_size, bytes of mail; 0 (default): none */
+    long spool_reserve;         /* [relayd] spool_reserve, free disk to keep; default 100M */
+    int unsafe_no_fsync;        /* [relayd] unsafe_no_fsync: no fsync at commit; default no */
+    int max_connections;        /* [relayd] inbound sessions at once; default 200 */
+    int max_connections_per_client; /* [relayd] per client address; default 20 */
+    long max_memory;            /* [relayd] message bytes held by sessions; default 256M */
     struct cfg_listener *listeners;
     int nlisteners;
     struct cfg_upstream *upstreams;
@@ -94,13 +204,40 @@ void cfg_dump(const struct cfg *cfg, FILE *out);
 
 void cfg_free(struct cfg *cfg);
 
-/* The route for a message, or NULL when no route (then: hold).  The first route other than
- * "default", in file order, whose recipient_domain lists rcpt's domain or whose
- * sender_domain lists sender's domain (case-insensitive, exact) wins; else the route named
- * "default"; else NULL.  sender may be "" (null reverse-path).  The result points into cfg. */
+/* cfg_route_match() without client and listener (routes that match on them are skipped). */
 const struct cfg_route *cfg_route_find(const struct cfg *cfg, const char *sender,
                                        const char *rcpt);
 
+/*
+ * The route for one recipient of a message: the first route other than "default", in file
+ * order, all of whose given matcher kinds match: sender (sender and sender_domain together:
+ * the sender is listed as an address, "@domain" or domain), recipient_domain, client (the
+ * client address is inside one of the networks) and listener (named); else the route named
+ * "default"; else NULL (hold).  Domains compare case-insensitively, exactly (no
+ * subdomains).  sender may be "" or NULL; client_addr (textual IPv4/IPv6) and listener may
+ * be NULL (unknown): a route that needs them does not match.  Points into cfg.
+ */
+const struct cfg_route *cfg_route_match(const struct cfg *cfg, const char *sender,
+                                        const char *rcpt, const char *client_addr,
+                                        const char *listener);
+
+/* Map files (config/cfg_map.c).  cfg_map_load(): 0, or -1 with "PATH:LINE: why" in why;
+ * *map is empty on failure.  cfg_map_lookup(): the value for addr (exact address first,
+ * then "@domain", case-insensitive), or NULL; points into map. */
+int cfg_map_load(const char *path, struct cfg_map *map, char *why, size_t whylen);
+const char *cfg_map_lookup(const struct cfg_map *map, const char *addr);
+void cfg_map_free(struct cfg_map *map);
+
+/* Reads a secrets file (password_file rules: a regular file, not readable by group or
+ * others, at most max bytes, trailing newlines removed, not empty) into *out (malloc'd;
+ * wipe and free it).  0, or -1 with "PATH: why" in why.  Used at run time for files that
+ * relayd rewrites (refresh_token_file) or that are larger than a password. */
+int cfg_secret_read(const char *path, size_t max, char **out, char *why, size_t whylen);
+
 const char *cfg_tls_name(enum cfg_tls tls);
+const char *cfg_auth_name(enum cfg_auth auth);
+const char *cfg_proxy_name(enum cfg_proxy proxy);
+/* 1 when addr's domain is in list (comma/space separated, case-insensitive, exact). */
+int cfg_domain_listed(const char *list, const char *addr);
 
 #endif

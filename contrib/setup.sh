@@ -16,7 +16,9 @@ PKGS=(
     libsasl2-dev libsasl2-modules libsasl2-modules-db sasl2-bin
     liblmdb-dev lmdb-utils libcriterion-dev libinih-dev
     postfix swaks libnet-ssleay-perl   # swaks needs Net::SSLeay for --tls (only a Recommends)
-    ca-certificates python3 clang
+    ca-certificates python3 clang libclang-rt-14-dev   # clang + libFuzzer runtime: tests/fuzz
+    libcurl4-gnutls-dev                # OAuth 2.0 token endpoints (relayd/oauth2.c)
+    python3-aiosmtpd python3-cryptography  # OAuth 2.0 e2e: XOAUTH2 SMTP server, JWT checks
 )
 
 missing=()

@@ -21,6 +21,7 @@
 #include "common/log.h"
 #include "common/tlsio.h"
 #include "config/cfg.h"
+#include "relayd/oauth2.h"
 #include "relayd/sched.h"
 #include "relayd/smtpd.h"
 #include "spool/spool.h"
@@ -31,8 +32,10 @@ struct relayd {
     struct spool *sp;
     struct smtpd_server *smtpd;
     struct sched *sched;
+    struct oauth2 *oauth2;      /* OAuth 2.0 tokens for upstreams with auth = xoauth2 */
     uv_async_t spool_wake;
     uv_signal_t sigterm, sigint;
+    uv_signal_t sighup;         /* reloads listener TLS certificates */
     int stopping;
 };
 
@@ -71,11 +74,13 @@ static void relayd_on_sched_stopped(void *arg)
 {
     struct relayd *r = arg;
 
+    oauth2_stop(r->oauth2, NULL, NULL); /* its handles close from the loop */
     /* Let pending spool completions run, then leave the loop. */
     spool_writer_reap(r->sp);
     uv_close((uv_handle_t *)&r->spool_wake, NULL);
     uv_close((uv_handle_t *)&r->sigterm, NULL);
     uv_close((uv_handle_t *)&r->sigint, NULL);
+    uv_close((uv_handle_t *)&r->sighup, NULL);
 }
 
 static void relayd_on_smtpd_stopped(void *arg)
@@ -83,6 +88,18 @@ static void relayd_on_smtpd_stopped(void *arg)
     struct relayd *r = arg;
 
     sched_stop(r->sched, relayd_on_sched_stopped, r);
+}
+
+/* SIGHUP: new certificates for TLS listeners (renewed by certbot and the like). */
+static void relayd_on_sighup(uv_signal_t *h, int signum)
+{
+    struct relayd *r = h->data;
+
+    (void)signum;
+    if (r->stopping)
+        return;
+    log_info("SIGHUP: reloading listener TLS certificates");
+    smtpd_server_reload_tls(r->smtpd);
 }
 
 static void relayd_on_signal(uv_signal_t *h, int signum)
@@ -163,6 +180,12 @@ int main(int argc, char **argv)
         log_fatal("%s", err);
 
     memset(&so, 0, sizeof(so));
+    so.max_bytes = (uint64_t)r.cfg.spool_max_size;
+    so.reserve_bytes = (uint64_t)r.cfg.spool_reserve;
+    so.unsafe_nosync = r.cfg.unsafe_no_fsync;
+    if (so.unsafe_nosync)
+        log_warn("WARNING: unsafe_no_fsync = yes: the spool is not synced to disk; mail that "
+                 "was acknowledged with 250 is LOST on a power failure or kernel crash");
     if ((rc = spool_open(r.cfg.spool_dir, &so, &r.sp, err, sizeof(err))) != 0)
         log_fatal("%s", err);
 
@@ -172,6 +195,8 @@ int main(int argc, char **argv)
     if ((rc = spool_writer_start(r.sp, relayd_spool_wake, &r.spool_wake)) != 0)
         log_fatal("spool %s: cannot start the writer: %s", r.cfg.spool_dir, spool_strerror(rc));
 
+    r.oauth2 = oauth2_new(&r.loop, &r.cfg);
+    oauth2_start(r.oauth2); /* so that the first delivery finds a token */
     r.sched = sched_new(&r.loop, &r.cfg, r.sp);
     if (sched_start(r.sched, err, sizeof(err)) != 0)
         log_fatal("%s", err);
@@ -184,6 +209,9 @@ int main(int argc, char **argv)
     r.sigterm.data = r.sigint.data = &r;
     uv_signal_start(&r.sigterm, relayd_on_signal, SIGTERM);
     uv_signal_start(&r.sigint, relayd_on_signal, SIGINT);
+    uv_signal_init(&r.loop, &r.sighup);
+    r.sighup.data = &r;
+    uv_signal_start(&r.sighup, relayd_on_sighup, SIGHUP);
 
     log_info("started: hostname=%s spool=%s config=%s", r.cfg.hostname, r.cfg.spool_dir,
              r.cfg.path);
@@ -192,9 +220,18 @@ int main(int argc, char **argv)
     /* Finish queued writes and run their completions, so nothing is left half-done. */
     spool_writer_stop(r.sp);
     spool_writer_reap(r.sp);
+    {
+        struct spool_stats st;
+
+        /* contrib/bench.sh reads this line: durable commits (fsyncs) per message. */
+        if (spool_stats(r.sp, &st) == 0)
+            log_info("spool: %llu commits for %llu writes", (unsigned long long)st.commits,
+                     (unsigned long long)st.committed_jobs);
+    }
     spool_close(r.sp);
     smtpd_server_free(r.smtpd);
     sched_free(r.sched);
+    oauth2_free(r.oauth2);
     rc = uv_loop_close(&r.loop);
     if (rc != 0)
         log_warn("event loop closed with handles still open: %s", uv_strerror(rc));

@@ -1,17 +1,23 @@
 /*
  * relayctl - the operator's view of relayd's spool: list, show, cat, hold, release,
- * retry, delete, stats.
+ * retry, delete, purge, stats.
  *
  * It works on the spool directly through the spool API (LMDB's multi-process locking
  * makes that safe while relayd runs): read-only commands open the spool read-only,
  * the others make one durable commit per message.  The spool directory comes from the
  * configuration file (-c, default /etc/relayd/relayd.conf) unless --spool names it.
  *
- * Exit codes: 0 success, 1 operational error (no such message, spool cannot be opened),
- * 2 usage error.  Errors go to stderr as "relayctl: show 0190A3F2C1D4: no such message".
+ * Exit codes: 0 success, 1 operational error (no such message, spool cannot be opened,
+ * the operator said no), 2 usage error.  Errors go to stderr as
+ * "relayctl: show 0190A3F2C1D4: no such message".  With several ids, every id is tried
+ * and the status is 1 if any failed.  list --json, show --json and stats --json print one
+ * JSON document whose keys are stable (new keys may be added, none renamed or removed).
  */
+#include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,9 +25,12 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/netaddr.h"
 #include "common/xalloc.h"
 #include "config/cfg.h"
+#include "relayd/oauth2.h"
 #include "spool/spool.h"
+#include "relayd/diag.h"
 
 #define EXIT_OPER 1
 #define EXIT_USAGE 2
@@ -43,19 +52,43 @@ static void usage(FILE *out)
             "  -h, --help          this text\n"
             "\n"
             "commands:\n"
-            "  list [--json] [--state S]  messages in the spool\n"
-            "                             (S: queued, deferred, held or failed)\n"
-            "  show ID [--json]           envelope, recipients, attempt history and headers\n"
-            "  cat ID                     the message as received\n"
+            "  list [--json] [FILTERS]    messages in the spool, oldest first\n"
+            "      --state S              S: queued, deferred, held or failed\n"
+            "      --from TEXT            sender contains TEXT (case-insensitive; <> is the\n"
+            "                             null sender)\n"
+            "      --to TEXT              some recipient contains TEXT (case-insensitive)\n"
+            "      --client ADDR|CIDR     sent by this device or network (10.0.0.7, 10.0.0.0/24)\n"
+            "      --older-than AGE       arrived more than AGE ago (90s, 30m, 2h, 3d, 1w)\n"
+            "  show ID [--json]           envelope, recipients with their last reply, every\n"
+            "                             attempt with the server's reply, headers\n"
+            "  cat ID                     the message exactly as spooled\n"
             "  hold ID...                 keep messages until released\n"
             "  release ID...              queue held messages for delivery now\n"
             "  retry ID... | --all        attempt delivery now (--all: every queued or deferred\n"
             "                             message); a failed message retries its failed\n"
-            "                             recipients, a held one is released\n"
+            "                             recipients, a held one is released; a running relayd\n"
+            "                             starts it within about a second\n"
             "  delete ID... [--yes]       remove messages (asks on a terminal unless --yes)\n"
-            "  stats [--json]             counts per state, size, oldest message\n"
+            "  purge --failed [--older-than AGE] [--yes]\n"
+            "                             remove failed messages (asks unless --yes)\n"
+            "  stats [--json] [--by-client]\n"
+            "                             counts per state, bytes, oldest message age;\n"
+            "                             --by-client: the same per sending device\n"
+            "  oauth2 authorize NAME      OAuth 2.0 device-code sign-in for upstream NAME;\n"
+            "                             stores the refresh token in refresh_token_file\n"
+            "  oauth2 token NAME          obtain a token as relayd would (never printed)\n"
+            "  test-upstream NAME         connect, TLS, verify, AUTH, QUIT; prints each step\n"
+            "                             and a verdict (exit 0 only when all passed)\n"
+            "  send-test NAME --to ADDR [--from ADDR] [--wait SECS]\n"
+            "                             queue a test message through relayd and watch it\n"
             "\n"
-            "exit status: 0 success, 1 operational error, 2 usage error\n",
+            "list, show, cat and stats open the spool read-only: they need read permission\n"
+            "on the spool directory and data.mdb, and write permission on lock.mdb (LMDB's\n"
+            "reader table).  Without the latter they read unlocked, retrying when relayd\n"
+            "commits meanwhile.\n"
+            "\n"
+            "exit status: 0 success, 1 operational error (no such message, spool cannot be\n"
+            "opened, nothing confirmed), 2 usage error\n",
             prog, DEFAULT_CONFIG);
 }
 
@@ -284,16 +317,192 @@ static void report(struct ctx *c, const char *arg, int rc)
     fprintf(stderr, "%s: %s %s: %s\n", prog, c->cmd, arg, spool_strerror(rc));
 }
 
+/* "--name VALUE" or "--name=VALUE" at argv[*i]: 1 and *val set (advancing *i past a
+ * separate value), 0 when argv[*i] is another argument, -1 when the value is missing. */
+static int opt_value(int argc, char **argv, int *i, const char *name, const char **val)
+{
+    size_t n = strlen(name);
+
+    if (strncmp(argv[*i], name, n) != 0)
+        return 0;
+    if (argv[*i][n] == '=') {
+        *val = argv[*i] + n + 1;
+        return 1;
+    }
+    if (argv[*i][n] != '\0')
+        return 0;
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "%s: %s wants a value\n", prog, name);
+        return -1;
+    }
+    *val = argv[++*i];
+    return 1;
+}
+
+/* "90", "90s", "30m", "2h", "3d", "1w" -> seconds; -1 when not such a duration. */
+static int64_t parse_age(const char *text)
+{
+    char *end;
+    long long n;
+    int64_t mult = 1;
+
+    if (text == NULL || !isdigit((unsigned char)text[0]))
+        return -1;
+    errno = 0;
+    n = strtoll(text, &end, 10);
+    if (errno != 0 || n < 0)
+        return -1;
+    if (*end != '\0') {
+        switch (tolower((unsigned char)*end)) {
+        case 's':
+            mult = 1;
+            break;
+        case 'm':
+            mult = 60;
+            break;
+        case 'h':
+            mult = 3600;
+            break;
+        case 'd':
+            mult = 86400;
+            break;
+        case 'w':
+            mult = 7 * 86400;
+            break;
+        default:
+            return -1;
+        }
+        if (end[1] != '\0')
+            return -1;
+    }
+    if (n > INT64_MAX / mult / 2)
+        return -1;
+    return (int64_t)n * mult;
+}
+
+/* Case-insensitive "needle occurs in hay". */
+static int contains_ci(const char *hay, const char *needle)
+{
+    size_t n = strlen(needle);
+
+    if (hay == NULL)
+        return 0;
+    for (; *hay != '\0'; hay++)
+        if (strncasecmp(hay, needle, n) == 0)
+            return 1;
+    return n == 0;
+}
+
+/* 1 when the client address text lies inside net. */
+static int client_in(const char *client, const struct netaddr_net *net)
+{
+    struct sockaddr_storage ss;
+
+    memset(&ss, 0, sizeof(ss));
+    if (client == NULL)
+        return 0;
+    if (inet_pton(AF_INET, client, &((struct sockaddr_in *)&ss)->sin_addr) == 1)
+        ss.ss_family = AF_INET;
+    else if (inet_pton(AF_INET6, client, &((struct sockaddr_in6 *)&ss)->sin6_addr) == 1)
+        ss.ss_family = AF_INET6;
+    else
+        return 0;
+    return netaddr_net_match(net, (struct sockaddr *)&ss);
+}
+
+/* Message filters shared by list (and usable by other commands). */
+struct filter {
+    int state;             /* 0: any */
+    const char *from, *to; /* substrings; NULL: any */
+    int have_client;
+    struct netaddr_net client;
+    int64_t arrived_before; /* 0: any */
+};
+
+/* Parses one filter option at argv[*i]: 1 taken, 0 not a filter option, -1 bad value. */
+static int filter_opt(struct filter *f, const char *cmd, int argc, char **argv, int *i)
+{
+    const char *v;
+    char why[160];
+    int64_t age;
+    int r;
+
+    if ((r = opt_value(argc, argv, i, "--state", &v)) != 0) {
+        if (r > 0 && (f->state = spool_state_parse(v)) < 0) {
+            fprintf(stderr, "%s: %s: --state wants queued, deferred, held or failed\n", prog, cmd);
+            return -1;
+        }
+        return r;
+    }
+    if ((r = opt_value(argc, argv, i, "--from", &v)) != 0) {
+        /* "<>" and "" both mean the null sender, matched exactly. */
+        f->from = v;
+        return r;
+    }
+    if ((r = opt_value(argc, argv, i, "--to", &v)) != 0) {
+        f->to = v;
+        return r;
+    }
+    if ((r = opt_value(argc, argv, i, "--client", &v)) != 0) {
+        if (r > 0 && netaddr_net_parse(v, &f->client, why, sizeof(why)) != 0) {
+            fprintf(stderr, "%s: %s: --client: %s\n", prog, cmd, why);
+            return -1;
+        }
+        f->have_client = 1;
+        return r;
+    }
+    if ((r = opt_value(argc, argv, i, "--older-than", &v)) != 0) {
+        if (r > 0 && (age = parse_age(v)) < 0) {
+            fprintf(stderr, "%s: %s: --older-than %s: not an age (90s, 30m, 2h, 3d, 1w)\n", prog,
+                    cmd, v);
+            return -1;
+        }
+        if (r > 0)
+            f->arrived_before = (int64_t)time(NULL) - age;
+        return r;
+    }
+    return 0;
+}
+
+static int filter_match(const struct filter *f, const struct spool_msg *m)
+{
+    if (f->state > 0 && (int)m->state != f->state)
+        return 0;
+    if (f->arrived_before != 0 && m->arrived >= f->arrived_before)
+        return 0;
+    if (f->from != NULL) {
+        if (strcmp(f->from, "<>") == 0 || f->from[0] == '\0') {
+            if (m->sender[0] != '\0')
+                return 0;
+        } else if (!contains_ci(m->sender, f->from)) {
+            return 0;
+        }
+    }
+    if (f->to != NULL) {
+        size_t i;
+
+        for (i = 0; i < m->nrcpts; i++)
+            if (contains_ci(m->rcpts[i].addr, f->to))
+                break;
+        if (i == m->nrcpts)
+            return 0;
+    }
+    if (f->have_client && !client_in(m->client, &f->client))
+        return 0;
+    return 1;
+}
+
 struct list_arg {
-    int json, state, n;
+    int json, n;
+    struct filter f;
 };
 
 static int list_one(const struct spool_msg *m, void *arg)
 {
     struct list_arg *la = arg;
-    char id[17], tb[32], sender[25], rcpt[64], err[41], more[24] = "";
+    char id[17], tb[32], sender[25], rcpt[64], err[41], more[24] = "", cl[16];
 
-    if (la->state > 0 && (int)m->state != la->state)
+    if (!filter_match(&la->f, m))
         return 0;
     if (la->json) {
         fputs(la->n > 0 ? ",\n" : "\n", stdout);
@@ -303,8 +512,8 @@ static int list_one(const struct spool_msg *m, void *arg)
         return 0;
     }
     if (la->n++ == 0)
-        printf("%-12s  %-8s  %-20s  %8s  %-24s  %-28s  %3s  %s\n", "ID", "STATE", "ARRIVED", "SIZE",
-               "SENDER", "RECIPIENTS", "ATT", "LAST ERROR");
+        printf("%-12s  %-8s  %-20s  %8s  %-15s  %-24s  %-28s  %3s  %s\n", "ID", "STATE", "ARRIVED",
+               "SIZE", "CLIENT", "SENDER", "RECIPIENTS", "ATT", "LAST ERROR");
     if (m->nrcpts > 1)
         snprintf(more, sizeof(more), " +%zu", m->nrcpts - 1);
     {
@@ -313,8 +522,9 @@ static int list_one(const struct spool_msg *m, void *arg)
         shorten(m->nrcpts ? m->rcpts[0].addr : "-", first, sizeof(first) - strlen(more));
         snprintf(rcpt, sizeof(rcpt), "%s%s", first, more);
     }
-    printf("%-12s  %-8s  %-20s  %8llu  %-24s  %-28s  %3d  %s\n", spool_id_str(m->id, id),
+    printf("%-12s  %-8s  %-20s  %8llu  %-15s  %-24s  %-28s  %3d  %s\n", spool_id_str(m->id, id),
            spool_state_name(m->state), fmt_time(m->arrived, tb), (unsigned long long)m->size,
+           shorten(m->client, cl, sizeof(cl)),
            m->sender[0] ? shorten(m->sender, sender, sizeof(sender)) : "<>", rcpt, m->attempts,
            shorten(m->last_error, err, sizeof(err)));
     return 0;
@@ -326,15 +536,13 @@ static int cmd_list(struct ctx *c, int argc, char **argv)
     int rc;
 
     for (int i = 0; i < argc; i++) {
+        int r;
+
         if (strcmp(argv[i], "--json") == 0) {
             la.json = 1;
-        } else if (strcmp(argv[i], "--state") == 0 || strncmp(argv[i], "--state=", 8) == 0) {
-            const char *v = argv[i][7] == '=' ? argv[i] + 8 : (i + 1 < argc ? argv[++i] : NULL);
-
-            if (v == NULL || (la.state = spool_state_parse(v)) < 0) {
-                fprintf(stderr, "%s: list: --state wants queued, deferred, held or failed\n", prog);
+        } else if ((r = filter_opt(&la.f, "list", argc, argv, &i)) != 0) {
+            if (r < 0)
                 return EXIT_USAGE;
-            }
         } else {
             fprintf(stderr, "%s: list: unexpected argument %s\n", prog, argv[i]);
             return EXIT_USAGE;
@@ -558,7 +766,10 @@ static int confirm(size_t n)
 {
     char line[32];
 
-    fprintf(stderr, "Delete %zu message%s? [y/N] ", n, n == 1 ? "" : "s");
+    if (n == 0)
+        fprintf(stderr, "Delete them? [y/N] ");
+    else
+        fprintf(stderr, "Delete %zu message%s? [y/N] ", n, n == 1 ? "" : "s");
     if (fgets(line, sizeof(line), stdin) == NULL)
         return 0;
     return line[0] == 'y' || line[0] == 'Y';
@@ -642,25 +853,154 @@ out:
     return rc;
 }
 
+static int cmd_purge(struct ctx *c, int argc, char **argv)
+{
+    struct filter f = {0};
+    int failed = 0, yes = 0, r, rc;
+    size_t removed = 0;
+    char tb[32];
+
+    for (int i = 0; i < argc; i++) {
+        const char *v;
+
+        if (strcmp(argv[i], "--failed") == 0) {
+            failed = 1;
+        } else if (strcmp(argv[i], "--yes") == 0 || strcmp(argv[i], "-y") == 0) {
+            yes = 1;
+        } else if ((r = opt_value(argc, argv, &i, "--older-than", &v)) != 0) {
+            int64_t age = r > 0 ? parse_age(v) : -1;
+
+            if (age < 0) {
+                if (r > 0)
+                    fprintf(stderr, "%s: purge: --older-than %s: not an age (90s, 30m, 2h, 3d)\n",
+                            prog, v);
+                return EXIT_USAGE;
+            }
+            f.arrived_before = (int64_t)time(NULL) - age;
+        } else {
+            fprintf(stderr, "%s: purge: unexpected argument %s\n", prog, argv[i]);
+            return EXIT_USAGE;
+        }
+    }
+    if (!failed) {
+        fprintf(stderr, "%s: purge: say what to purge: relayctl purge --failed\n", prog);
+        return EXIT_USAGE;
+    }
+    if (!yes) {
+        if (!isatty(STDIN_FILENO)) {
+            fprintf(stderr, "%s: purge: not a terminal; add --yes to purge without asking\n", prog);
+            return EXIT_USAGE;
+        }
+        if (f.arrived_before != 0)
+            fprintf(stderr, "Failed messages that arrived before %s will be deleted.\n",
+                    fmt_time(f.arrived_before, tb));
+        else
+            fprintf(stderr, "Every failed message will be deleted.\n");
+        if (!confirm(0)) {
+            fprintf(stderr, "%s: purge: nothing deleted\n", prog);
+            return EXIT_OPER;
+        }
+    }
+    if (open_spool(c, 0) != 0)
+        return EXIT_OPER;
+    if ((rc = spool_purge(c->sp, SPOOL_FAILED, f.arrived_before, &removed)) != 0) {
+        fprintf(stderr, "%s: purge: %s\n", prog, spool_strerror(rc));
+        return EXIT_OPER;
+    }
+    printf("%zu failed message%s deleted\n", removed, removed == 1 ? "" : "s");
+    return 0;
+}
+
+/* Per-device figures for stats --by-client. */
+struct client_stat {
+    char *client;
+    uint64_t messages, bytes, by_state[5];
+    int64_t oldest;
+};
+
+struct client_stats {
+    struct client_stat *v;
+    size_t n, cap;
+};
+
+static int client_stat_add(const struct spool_msg *m, void *arg)
+{
+    struct client_stats *cs = arg;
+    const char *client = m->client != NULL ? m->client : "-";
+    struct client_stat *e = NULL;
+
+    for (size_t i = 0; i < cs->n; i++) {
+        if (strcmp(cs->v[i].client, client) == 0) {
+            e = &cs->v[i];
+            break;
+        }
+    }
+    if (e == NULL) {
+        if (cs->n == cs->cap) {
+            cs->cap = cs->cap ? cs->cap * 2 : 16;
+            cs->v = xrealloc(cs->v, cs->cap * sizeof(*cs->v));
+        }
+        e = &cs->v[cs->n++];
+        memset(e, 0, sizeof(*e));
+        e->client = xstrdup(client);
+    }
+    e->messages++;
+    e->bytes += m->size;
+    if (m->state >= SPOOL_QUEUED && m->state <= SPOOL_FAILED)
+        e->by_state[m->state]++;
+    if (e->oldest == 0 || m->arrived < e->oldest)
+        e->oldest = m->arrived;
+    return 0;
+}
+
+static int client_stat_cmp(const void *a, const void *b)
+{
+    const struct client_stat *x = a, *y = b;
+
+    if (x->messages != y->messages)
+        return x->messages > y->messages ? -1 : 1;
+    return strcmp(x->client, y->client);
+}
+
+static void print_age(int64_t arrived)
+{
+    long long age = arrived != 0 ? (long long)(time(NULL) - arrived) : 0;
+
+    if (arrived == 0)
+        printf("-");
+    else if (age >= 86400)
+        printf("%lldd%02lldh", age / 86400, (age % 86400) / 3600);
+    else
+        printf("%lldh%02lldm", age / 3600, (age % 3600) / 60);
+}
+
 static int cmd_stats(struct ctx *c, int argc, char **argv)
 {
     struct spool_stats st;
+    struct client_stats cs = {0};
     char tb[32];
-    int json = 0, rc;
+    int json = 0, by_client = 0, rc;
 
     for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--json") != 0) {
+        if (strcmp(argv[i], "--json") == 0) {
+            json = 1;
+        } else if (strcmp(argv[i], "--by-client") == 0) {
+            by_client = 1;
+        } else {
             fprintf(stderr, "%s: stats: unexpected argument %s\n", prog, argv[i]);
             return EXIT_USAGE;
         }
-        json = 1;
     }
     if (open_spool(c, 1) != 0)
         return EXIT_OPER;
-    if ((rc = spool_stats(c->sp, &st)) != 0) {
+    if ((rc = spool_stats(c->sp, &st)) != 0 ||
+        (by_client && (rc = spool_foreach(c->sp, client_stat_add, &cs)) != 0)) {
         fprintf(stderr, "%s: stats: %s\n", prog, spool_strerror(rc));
-        return EXIT_OPER;
+        rc = EXIT_OPER;
+        goto out;
     }
+    if (cs.n > 1)
+        qsort(cs.v, cs.n, sizeof(*cs.v), client_stat_cmp);
     if (json) {
         printf("{\"messages\":%llu", (unsigned long long)st.messages);
         for (int s = SPOOL_QUEUED; s <= SPOOL_FAILED; s++)
@@ -668,9 +1008,47 @@ static int cmd_stats(struct ctx *c, int argc, char **argv)
         printf(",\"recipients_pending\":%llu,\"bytes\":%llu,\"oldest_arrival\":",
                (unsigned long long)st.recipients, (unsigned long long)st.bytes);
         json_time(stdout, st.oldest_arrival);
-        printf(",\"map_bytes\":%llu,\"used_bytes\":%llu}\n", (unsigned long long)st.map_bytes,
+        printf(",\"oldest_age\":%lld",
+               st.oldest_arrival ? (long long)(time(NULL) - st.oldest_arrival) : 0LL);
+        printf(",\"map_bytes\":%llu,\"used_bytes\":%llu", (unsigned long long)st.map_bytes,
                (unsigned long long)st.used_bytes);
-        return 0;
+        if (by_client) {
+            fputs(",\"by_client\":[", stdout);
+            for (size_t i = 0; i < cs.n; i++) {
+                fputs(i > 0 ? ",{\"client\":" : "{\"client\":", stdout);
+                json_str(stdout, cs.v[i].client);
+                printf(",\"messages\":%llu", (unsigned long long)cs.v[i].messages);
+                for (int s = SPOOL_QUEUED; s <= SPOOL_FAILED; s++)
+                    printf(",\"%s\":%llu", spool_state_name(s),
+                           (unsigned long long)cs.v[i].by_state[s]);
+                printf(",\"bytes\":%llu,\"oldest_arrival\":", (unsigned long long)cs.v[i].bytes);
+                json_time(stdout, cs.v[i].oldest);
+                putchar('}');
+            }
+            putchar(']');
+        }
+        fputs("}\n", stdout);
+        rc = 0;
+        goto out;
+    }
+    if (by_client) {
+        printf("%-39s  %8s  %8s  %8s  %8s  %8s  %12s  %s\n", "CLIENT", "MESSAGES", "QUEUED",
+               "DEFERRED", "HELD", "FAILED", "BYTES", "OLDEST");
+        for (size_t i = 0; i < cs.n; i++) {
+            const struct client_stat *e = &cs.v[i];
+
+            printf("%-39s  %8llu  %8llu  %8llu  %8llu  %8llu  %12llu  ", oneline(e->client),
+                   (unsigned long long)e->messages, (unsigned long long)e->by_state[SPOOL_QUEUED],
+                   (unsigned long long)e->by_state[SPOOL_DEFERRED],
+                   (unsigned long long)e->by_state[SPOOL_HELD],
+                   (unsigned long long)e->by_state[SPOOL_FAILED], (unsigned long long)e->bytes);
+            print_age(e->oldest);
+            putchar('\n');
+        }
+        if (cs.n == 0)
+            printf("(no messages)\n");
+        rc = 0;
+        goto out;
     }
     printf("messages:           %llu\n", (unsigned long long)st.messages);
     for (int s = SPOOL_QUEUED; s <= SPOOL_FAILED; s++)
@@ -687,7 +1065,12 @@ static int cmd_stats(struct ctx *c, int argc, char **argv)
     }
     printf("map:                %.1f MiB (%.1f MiB used)\n", st.map_bytes / 1048576.0,
            st.used_bytes / 1048576.0);
-    return 0;
+    rc = 0;
+out:
+    for (size_t i = 0; i < cs.n; i++)
+        free(cs.v[i].client);
+    free(cs.v);
+    return rc;
 }
 
 int main(int argc, char **argv)
@@ -733,10 +1116,14 @@ int main(int argc, char **argv)
         usage(stdout);
         return 0;
     }
+    if (strcmp(c.cmd, "test-upstream") == 0 || strcmp(c.cmd, "send-test") == 0)
+        return diag_command(prog, config != NULL ? config : DEFAULT_CONFIG, c.cmd, cargc, cargv);
+    if (strcmp(c.cmd, "oauth2") == 0)
+        return oauth2_cli_main(config != NULL ? config : DEFAULT_CONFIG, cargc, cargv);
     if (strcmp(c.cmd, "list") != 0 && strcmp(c.cmd, "show") != 0 && strcmp(c.cmd, "cat") != 0 &&
         strcmp(c.cmd, "hold") != 0 && strcmp(c.cmd, "release") != 0 &&
         strcmp(c.cmd, "retry") != 0 && strcmp(c.cmd, "delete") != 0 &&
-        strcmp(c.cmd, "stats") != 0) {
+        strcmp(c.cmd, "purge") != 0 && strcmp(c.cmd, "stats") != 0) {
         fprintf(stderr, "%s: unknown command %s (relayctl --help lists them)\n", prog, c.cmd);
         return EXIT_USAGE;
     }
@@ -774,6 +1161,8 @@ int main(int argc, char **argv)
         rc = cmd_action(&c, ACT_RETRY, cargc, cargv);
     else if (strcmp(c.cmd, "delete") == 0)
         rc = cmd_action(&c, ACT_DELETE, cargc, cargv);
+    else if (strcmp(c.cmd, "purge") == 0)
+        rc = cmd_purge(&c, cargc, cargv);
     else
         rc = cmd_stats(&c, cargc, cargv);
 

@@ -5,7 +5,17 @@
  * It polls the spool's schedule index once a second (so `relayctl retry` takes effect
  * within a second, and so does mail another process queued) and at once when smtpd
  * reports a new message.  Which messages are in delivery is known only in memory: after
- * a crash nothing is "in delivery", so everything due is simply tried again.
+ * a crash nothing is "in delivery", so everything due is simply tried again (recipients
+ * already recorded as sent are never sent again: results are written per recipient).
+ *
+ * Lifecycle of a message: QUEUED -> (attempt) -> removed when every recipient is sent;
+ * DEFERRED with exponential backoff while some are pending; FAILED when some were refused
+ * permanently or max_lifetime passed (an RFC 3464 notification goes to the sender or
+ * bounce_to, see bounce.h; FAILED messages are deleted failed_retention after arrival);
+ * HELD when no route leads anywhere.  A failure that is the relay's own fault (TLS
+ * verification, authentication: smtpc's config_fault) neither counts as an attempt nor
+ * expires nor bounces the message: it waits, and one message per upstream_probe_interval
+ * tries the upstream again.
  */
 #ifndef RELAYD_SCHED_H
 #define RELAYD_SCHED_H
@@ -31,5 +41,16 @@ void sched_free(struct sched *sc);
 /* Next retry delay in seconds after attempts failures: first * 2^(attempts-1), capped,
  * with +-10% jitter so that a queue of deferred mail does not retry in lock step. */
 int64_t sched_backoff(int attempts, int first, int max, unsigned rnd);
+/* The same with [relayd] retry_factor: first * factor^(attempts-1), capped at max, +-10%
+ * jitter (rnd % 2001 picks it), never below 1. */
+int64_t sched_backoff_factor(int attempts, int first, int factor, int max, unsigned rnd);
+
+/*
+ * Deletes FAILED messages that arrived more than retention seconds before now, at most max
+ * of them, and puts their ids into ids[0..*n).  Synchronous (one durable commit per
+ * message): the daemon runs it on libuv's thread pool, never on the loop.  0 or SPOOL_E*.
+ */
+int sched_purge_failed(struct spool *sp, int64_t now, int64_t retention, uint64_t *ids, size_t max,
+                       size_t *n);
 
 #endif

@@ -1,25 +1,36 @@
 /*
  * smtpc - the outbound SMTP client; see smtpc.h.
  *
- * One struct smtpc per delivery attempt, driven by tlsio events and one timer:
+ * One struct smtpc per connection, driven by tlsio events and one timer:
  *
  *   RESOLVE -> CONNECT (each address in turn) -> [TLS_IMPLICIT] -> GREETING -> EHLO
- *     -> [STARTTLS -> TLS_HANDSHAKE -> EHLO] -> [AUTH ...] -> MAIL -> RCPT ... -> DATA
- *     -> BODY (written in chunks, each after TLSIO_DRAINED) -> DOT -> QUIT -> CLOSING
+ *     -> [STARTTLS -> TLS_HANDSHAKE -> EHLO] -> [AUTH ...] -> IDLE
+ *   IDLE -> TX (replies to [RSET] MAIL RCPT... DATA, in order) -> BODY (written in chunks,
+ *     each after TLSIO_DRAINED) -> TX (reply to the dot) -> IDLE ... -> QUIT -> CLOSING
  *
- * Commands are not pipelined: every command waits for its reply, re-arming the timer with
- * command_timeout (RFC 5321 4.5.3.2 suggests minutes; the operator chooses).
+ * Replies are matched to commands through a queue of expectations (RFC 2920: replies come
+ * in the order of the commands), so the same code runs a transaction pipelined (one write
+ * for RSET, MAIL, every RCPT and DATA) or in lock step.  Each wait re-arms the timer:
+ * command_timeout for commands, data_timeout for the reply to the final dot (RFC 5321
+ * 4.5.3.2: 5 and 10 minutes suggested; the operator chooses), idle_timeout while idle.
  *
- * Failure modes: anything that ends the attempt goes through finish(), which records the
- * result once (the first reason wins, so a dropped connection during QUIT never turns a
- * delivered message into a deferred one), sends QUIT when the dialogue is still in step,
- * and closes.  Never a cleartext fallback after STARTTLS was required, never AUTH before
- * TLS unless tls = none and allow_plaintext_auth.  TLS verification and AUTH refusals set
- * config_fault: retrying will not help until the operator fixes something.
+ * Three modes share the machine.  DELIVER (smtpc_deliver): one transaction, then QUIT; the
+ * caller's done runs once everything is closed, with the transaction's result.  SESSION
+ * (pool): events for set-up, each transaction's done as soon as its last reply is in.
+ * PROBE: set-up only, each step reported, then QUIT.
  *
- * Ownership and the one call of done: the client frees itself once the tlsio, the timer
- * and any pending getaddrinfo have all reported back.  done runs right before that free,
- * or synchronously inside smtpc_abort(); done_called keeps it to exactly once.
+ * Failure modes: anything that ends the connection goes through fail(), which records the
+ * result (the first reason wins, so a dropped connection during QUIT never turns a
+ * delivered message into a deferred one), hands it to the transaction or reports the set-up
+ * failure, sends QUIT when the dialogue is still in step, and closes.  A transaction that
+ * fails while the dialogue stays in step (MAIL refused, every RCPT refused, DATA refused)
+ * ends through tx_end() and leaves the session usable.  A 421 at any step closes.  Never a
+ * cleartext fallback after STARTTLS was required, never AUTH before TLS unless tls = none
+ * and allow_plaintext_auth.  TLS verification, pin and AUTH refusals set config_fault.
+ *
+ * Ownership: the client frees itself once the tlsio, the timer and any pending getaddrinfo
+ * have all reported back; SMTPC_EV_CLOSED (session) or done (deliver, probe) runs right
+ * before that free, or done synchronously inside smtpc_abort().
  */
 #include "relayd/smtpc.h"
 
@@ -35,6 +46,7 @@
 #include "common/buf.h"
 #include "common/log.h"
 #include "common/xalloc.h"
+#include "relayd/upstream.h"
 
 /* Message body bytes handed to tlsio per write; the next chunk waits for TLSIO_DRAINED so
  * a large message is never copied whole into write requests. */
@@ -45,6 +57,14 @@
 #define SMTPC_REPLY_MAX 2048
 /* How long to wait for the reply to QUIT: the outcome is known already. */
 #define SMTPC_QUIT_TIMEOUT 10
+/* Used when the configuration says nothing (tests build cfg_upstream by hand). */
+#define SMTPC_IDLE_TIMEOUT_DEFAULT 30
+
+enum smtpc_mode {
+    SMTPC_M_DELIVER,
+    SMTPC_M_SESSION,
+    SMTPC_M_PROBE,
+};
 
 enum smtpc_state {
     SMTPC_S_RESOLVE,
@@ -56,11 +76,10 @@ enum smtpc_state {
     SMTPC_S_STARTTLS,
     SMTPC_S_TLS_HANDSHAKE,
     SMTPC_S_AUTH,
-    SMTPC_S_MAIL,
-    SMTPC_S_RCPT,
-    SMTPC_S_DATA,
+    SMTPC_S_IDLE,
+    SMTPC_S_TXCHECK, /* a transaction refused before sending anything; ends from the timer */
+    SMTPC_S_TX,
     SMTPC_S_BODY,
-    SMTPC_S_DOT,
     SMTPC_S_QUIT,
     SMTPC_S_CLOSING,
 };
@@ -71,6 +90,12 @@ enum smtpc_state {
 #define SMTPC_E_SIZE 0x04
 #define SMTPC_E_PIPELINING 0x08
 #define SMTPC_E_8BITMIME 0x10
+#define SMTPC_E_SMTPUTF8 0x20
+
+/* fail() flags. */
+#define F_QUIT 0x01  /* the dialogue is in step: say QUIT before closing */
+#define F_FAULT 0x02 /* the relay's configuration is at fault */
+#define F_STALE 0x04 /* connection trouble: a reused session may be stale */
 
 enum smtpc_rcpt_state {
     SMTPC_R_UNTRIED,
@@ -79,18 +104,54 @@ enum smtpc_rcpt_state {
     SMTPC_R_FAIL,
 };
 
+/* What the next reply answers. */
+enum smtpc_expect {
+    X_RSET,
+    X_MAIL,
+    X_RCPT,
+    X_DATA,
+    X_DOT,
+    X_DOT_DISCARD, /* the dot sent after an unwanted 354: its reply changes nothing */
+};
+
+struct smtpc_tx {
+    const struct smtpc_msg *msg;
+    smtpc_done_fn done;
+    void *arg;
+    size_t nrcpts;
+    enum smtpc_rcpt_state *rstate;
+    char **rreply;
+    enum smtpc_status *rstatus;
+    struct smtpc_result res;
+    int have_result;
+    int reused;    /* the session carried a transaction before this one */
+    int pipelined; /* everything up to DATA was sent in one group */
+    int offered;   /* the final dot was sent: a retry could duplicate */
+    int mail_failed;
+    size_t rcpt_next, rcpt_replies, naccepted;
+    char last_rcpt_reply[SMTPC_REPLY_MAX];
+    enum smtpc_expect *expect; /* queue of nrcpts + 4 */
+    size_t xhead, xtail;
+    size_t body_off;
+    int body_bol, body_cr, body_8bit;
+};
+
 struct smtpc {
+    enum smtpc_mode mode;
     uv_loop_t *loop;
     const struct cfg_upstream *up;
     struct tlsio_cred *cred;
     char *helo;
-    const struct smtpc_msg *msg;
-    smtpc_done_fn done;
-    void *arg;
-    char qid[17];
+    char qid[24];
+    char sid[24]; /* session tag for logs when no message is in transit */
     enum smtpc_state state;
     const char *cmd; /* last command sent, for "timeout waiting for reply to X" */
-    int connect_timeout, command_timeout;
+    int connect_timeout, command_timeout, dot_timeout, idle_timeout;
+
+    smtpc_event_fn ev;  /* SESSION */
+    smtpc_done_fn done; /* DELIVER, PROBE */
+    smtpc_step_fn step; /* PROBE */
+    void *arg;
 
     uv_getaddrinfo_t gai;
     int gai_pending;
@@ -103,79 +164,212 @@ struct smtpc {
     uv_timer_t timer;
     int timer_closed;
     int tls_up;
+    int ready; /* set-up finished */
+    int ntx;   /* transactions started */
 
     unsigned ext; /* SMTPC_E_* from the last EHLO */
+    unsigned long size_limit;
     char auth_mechs[256];
+    char ehlo_kw[256]; /* keywords, for the probe's report */
     struct authsasl *sasl;
     const char *mech;
 
     struct buf *reply; /* reply being assembled */
     int reply_lines;
-    int body_8bit;
-    size_t body_off;
-    int body_bol, body_cr; /* at beginning of line; previous byte was CR */
 
-    size_t nrcpts;    /* msg->nrcpts: msg may be gone once done has run */
-    size_t rcpt_next; /* next recipient for RCPT */
-    size_t naccepted;
-    enum smtpc_rcpt_state *rstate;
-    char **rreply;
-
-    struct smtpc_result res;
+    struct smtpc_tx *tx;     /* transaction in progress (DELIVER: until the free) */
+    struct smtpc_result res; /* set-up result (session failure, probe outcome) */
     int have_result;
     int done_called;
 };
 
 static void smtpc_io_cb(struct tlsio *io, enum tlsio_event ev, void *arg);
-static void smtpc_finish(struct smtpc *c, enum smtpc_status st, int quit, const char *fmt, ...)
+static void fail(struct smtpc *c, enum smtpc_status st, int flags, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 static void smtpc_try_connect(struct smtpc *c);
-static void smtpc_send_mail(struct smtpc *c);
+static void smtpc_ready(struct smtpc *c);
+static void tx_send_next(struct smtpc *c);
+static void smtpc_arm(struct smtpc *c, int seconds);
 
-/* ---- Lifetime ---- */
+static const char *tag(const struct smtpc *c)
+{
+    return c->tx != NULL && c->state >= SMTPC_S_IDLE ? c->qid : c->sid;
+}
 
-static void smtpc_fill_results(struct smtpc *c)
+static void step(struct smtpc *c, int ok, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void step(struct smtpc *c, int ok, const char *fmt, ...)
+{
+    char text[600];
+    va_list ap;
+
+    if (c->mode != SMTPC_M_PROBE || c->step == NULL)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof(text), fmt, ap);
+    va_end(ap);
+    c->step(c->arg, ok, text);
+}
+
+/* Applies the provider reply table to a finished result. */
+static void classify(struct smtpc_result *res)
+{
+    struct upstream_reply_info info;
+
+    upstream_reply_classify(res->reply, &info);
+    if (info.action != NULL && res->action[0] == '\0')
+        snprintf(res->action, sizeof(res->action), "%s", info.action);
+    res->config_fault |= info.config_fault;
+    res->throttled |= info.throttle;
+    /* The relay's own trouble, or a quota: hold the mail, never bounce it. */
+    if (res->status == SMTPC_FAIL && (res->config_fault || res->throttled))
+        res->status = SMTPC_DEFER;
+}
+
+/* ---- Transactions ---- */
+
+static struct smtpc_tx *tx_new(const struct smtpc_msg *msg, smtpc_done_fn done, void *arg)
+{
+    struct smtpc_tx *tx = xcalloc(1, sizeof(*tx));
+    size_t i;
+
+    tx->msg = msg;
+    tx->done = done;
+    tx->arg = arg;
+    tx->nrcpts = msg->nrcpts;
+    tx->rstate = xcalloc(msg->nrcpts + 1, sizeof(*tx->rstate));
+    tx->rreply = xcalloc(msg->nrcpts + 1, sizeof(*tx->rreply));
+    tx->rstatus = xcalloc(msg->nrcpts + 1, sizeof(*tx->rstatus));
+    tx->expect = xcalloc(msg->nrcpts + 4, sizeof(*tx->expect));
+    for (i = 0; i < msg->len && !tx->body_8bit; i++)
+        tx->body_8bit = (unsigned char)msg->body[i] >= 0x80;
+    return tx;
+}
+
+static void tx_free(struct smtpc_tx *tx)
 {
     size_t i;
 
-    for (i = 0; i < c->msg->nrcpts; i++) {
-        switch (c->rstate[i]) {
+    if (tx == NULL)
+        return;
+    for (i = 0; i < tx->nrcpts; i++)
+        free(tx->rreply[i]);
+    free(tx->rreply);
+    free(tx->rstate);
+    free(tx->rstatus);
+    free(tx->expect);
+    free(tx);
+}
+
+/* Records the transaction's result; the first one wins. */
+static void tx_result(struct smtpc *c, struct smtpc_tx *tx, enum smtpc_status st, const char *text)
+{
+    if (tx->have_result)
+        return;
+    tx->have_result = 1;
+    tx->res.status = st;
+    snprintf(tx->res.reply, sizeof(tx->res.reply), "%s", text);
+    snprintf(tx->res.tls, sizeof(tx->res.tls), "%s", c->res.tls);
+    tx->res.up = c->up;
+}
+
+/* The per-recipient view of a finished transaction. */
+static void tx_fill(struct smtpc_tx *tx)
+{
+    size_t i;
+
+    classify(&tx->res);
+    for (i = 0; i < tx->nrcpts; i++) {
+        switch (tx->rstate[i]) {
         case SMTPC_R_UNTRIED:
         case SMTPC_R_ACCEPTED:
             /* Recipients the server took (or never saw) share the fate of the message. */
-            c->res.rcpt_status[i] = c->res.status;
-            free(c->rreply[i]);
-            c->rreply[i] = xstrdup(c->res.reply);
+            tx->rstatus[i] = tx->res.status;
+            free(tx->rreply[i]);
+            tx->rreply[i] = xstrdup(tx->res.reply);
             break;
         case SMTPC_R_DEFER:
-            c->res.rcpt_status[i] = SMTPC_DEFER;
+            tx->rstatus[i] = SMTPC_DEFER;
             break;
         case SMTPC_R_FAIL:
-            c->res.rcpt_status[i] = SMTPC_FAIL;
+            tx->rstatus[i] = SMTPC_FAIL;
             break;
         }
     }
-    c->res.rcpt_reply = c->rreply;
+    tx->res.rcpt_status = tx->rstatus;
+    tx->res.rcpt_reply = tx->rreply;
 }
+
+/* Hands a finished transaction to its owner (SESSION); DELIVER keeps it for the end. */
+static void tx_deliver(struct smtpc *c)
+{
+    struct smtpc_tx *tx = c->tx;
+
+    if (c->mode != SMTPC_M_SESSION || tx == NULL)
+        return;
+    c->tx = NULL;
+    tx_fill(tx);
+    log_debug(1, "%s: smtpc transaction done: status=%d reply=%s", c->qid, (int)tx->res.status,
+              tx->res.reply);
+    tx->done(tx->arg, &tx->res);
+    tx_free(tx);
+}
+
+/* The transaction ended with the dialogue in step: the session carries on. */
+static void tx_end(struct smtpc *c, enum smtpc_status st, const char *text)
+{
+    uv_timer_stop(&c->timer);
+    tx_result(c, c->tx, st, text);
+    if (c->mode != SMTPC_M_SESSION) {
+        fail(c, c->tx->res.status, F_QUIT, "%s", c->tx->res.reply);
+        return;
+    }
+    c->state = SMTPC_S_IDLE;
+    c->cmd = NULL;
+    smtpc_arm(c, c->idle_timeout);
+    tx_deliver(c);
+    /* c may be closing now (the owner may have quit it); tell it otherwise. */
+    if (c->state == SMTPC_S_IDLE && c->ev != NULL)
+        c->ev(c->arg, c, SMTPC_EV_IDLE, NULL);
+}
+
+/* ---- Lifetime ---- */
 
 static void smtpc_call_done(struct smtpc *c)
 {
+    const struct smtpc_result *res = &c->res;
+
     if (c->done_called)
         return;
     c->done_called = 1;
-    if (!c->have_result) {
-        c->res.status = SMTPC_DEFER;
-        snprintf(c->res.reply, sizeof(c->res.reply), "delivery ended without a result");
+    if (c->mode == SMTPC_M_SESSION) {
+        if (c->ev != NULL)
+            c->ev(c->arg, c, SMTPC_EV_CLOSED, NULL);
+        return;
     }
-    smtpc_fill_results(c);
-    log_debug(1, "%s: smtpc done: status=%d reply=%s", c->qid, (int)c->res.status, c->res.reply);
-    c->done(c->arg, &c->res);
+    if (c->mode == SMTPC_M_DELIVER && c->tx != NULL) {
+        if (!c->tx->have_result) {
+            if (c->have_result)
+                tx_result(c, c->tx, c->res.status, c->res.reply);
+            else
+                tx_result(c, c->tx, SMTPC_DEFER, "delivery ended without a result");
+            c->tx->res.config_fault |= c->res.config_fault;
+            c->tx->res.setup |= c->res.setup;
+            c->tx->res.stale |= c->res.stale;
+            snprintf(c->tx->res.action, sizeof(c->tx->res.action), "%s", c->res.action);
+        }
+        tx_fill(c->tx);
+        res = &c->tx->res;
+    } else if (!c->have_result) {
+        c->res.status = SMTPC_DEFER;
+        snprintf(c->res.reply, sizeof(c->res.reply), "probe ended without a result");
+    }
+    log_debug(1, "%s: smtpc done: status=%d reply=%s", tag(c), (int)res->status, res->reply);
+    c->done(c->arg, res);
 }
 
 static void smtpc_maybe_free(struct smtpc *c)
 {
-    size_t i;
-
     if (c->state != SMTPC_S_CLOSING || c->nios > 0 || !c->timer_closed || c->gai_pending)
         return;
     smtpc_call_done(c);
@@ -183,11 +377,7 @@ static void smtpc_maybe_free(struct smtpc *c)
         uv_freeaddrinfo(c->ai);
     authsasl_free(c->sasl);
     buf_free(c->reply);
-    for (i = 0; i < c->nrcpts; i++)
-        free(c->rreply[i]);
-    free(c->rreply);
-    free(c->rstate);
-    free(c->res.rcpt_status);
+    tx_free(c->tx);
     free(c->helo);
     free(c);
 }
@@ -227,16 +417,29 @@ static void smtpc_close(struct smtpc *c)
 
 /* ---- Sending ---- */
 
-static void smtpc_arm(struct smtpc *c, int seconds);
-
 static void smtpc_lost(struct smtpc *c, const char *why)
 {
-    if (c->cmd == NULL)
-        smtpc_finish(c, SMTPC_DEFER, 0, "connection lost while waiting for greeting%s%s",
-                     why != NULL ? ": " : "", why != NULL ? why : "");
+    if (c->cmd == NULL && !c->ready)
+        fail(c, SMTPC_DEFER, F_STALE, "connection lost while waiting for greeting%s%s",
+             why != NULL ? ": " : "", why != NULL ? why : "");
+    else if (c->cmd == NULL)
+        fail(c, SMTPC_DEFER, F_STALE, "connection closed by the server%s%s",
+             why != NULL ? ": " : "", why != NULL ? why : "");
     else
-        smtpc_finish(c, SMTPC_DEFER, 0, "connection lost after %s%s%s", c->cmd,
-                     why != NULL ? ": " : "", why != NULL ? why : "");
+        fail(c, SMTPC_DEFER, F_STALE, "connection lost after %s%s%s", c->cmd,
+             why != NULL ? ": " : "", why != NULL ? why : "");
+}
+
+/* Writes b (one or more command lines, already CRLF-terminated); 0 or -1 (then failed). */
+static int smtpc_write(struct smtpc *c, struct buf *b)
+{
+    int rc = tlsio_write(c->io, b->data, b->len);
+
+    if (rc < 0) {
+        smtpc_lost(c, tlsio_errstr(c->io));
+        return -1;
+    }
+    return 0;
 }
 
 /* Sends one command line; logged is what the debug log shows instead (AUTH payloads). */
@@ -252,45 +455,74 @@ static void smtpc_send(struct smtpc *c, enum smtpc_state st, const char *cmd, co
     va_start(ap, fmt);
     buf_vprintf(b, fmt, ap);
     va_end(ap);
-    log_debug(1, "%s: > %s", c->qid, logged != NULL ? logged : b->data);
+    log_debug(1, "%s: > %s", tag(c), logged != NULL ? logged : b->data);
     buf_puts(b, "\r\n");
     c->state = st;
     c->cmd = cmd;
-    rc = tlsio_write(c->io, b->data, b->len);
+    rc = smtpc_write(c, b);
     buf_free(b);
-    if (rc < 0) {
-        smtpc_lost(c, tlsio_errstr(c->io));
-        return;
-    }
-    smtpc_arm(c, c->command_timeout);
+    if (rc == 0)
+        smtpc_arm(c, c->command_timeout);
 }
 
 /*
- * Ends the attempt.  The first result recorded wins.  quit: the dialogue is in step (we
- * just read a complete reply), so say QUIT politely before closing.
+ * Ends the connection.  The first result recorded wins: a transaction in progress gets it
+ * (SESSION: its done runs now), a set-up failure is reported (SMTPC_EV_FAILED, the probe's
+ * failed step).  F_QUIT: the dialogue is in step (we just read a complete reply), so say
+ * QUIT politely before closing.
  */
-static void smtpc_finish(struct smtpc *c, enum smtpc_status st, int quit, const char *fmt, ...)
+static void fail(struct smtpc *c, enum smtpc_status st, int flags, const char *fmt, ...)
 {
+    char text[sizeof(c->res.reply)];
+    int was_ready = c->ready, first = !c->have_result;
     va_list ap;
 
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof(text), fmt, ap);
+    va_end(ap);
     if (!c->have_result) {
         c->have_result = 1;
         c->res.status = st;
-        va_start(ap, fmt);
-        vsnprintf(c->res.reply, sizeof(c->res.reply), fmt, ap);
-        va_end(ap);
+        snprintf(c->res.reply, sizeof(c->res.reply), "%s", text);
+        c->res.config_fault |= (flags & F_FAULT) != 0;
+        c->res.setup = !was_ready;
+        classify(&c->res);
     }
-    if (c->state == SMTPC_S_CLOSING || c->state == SMTPC_S_QUIT)
-        quit = 0;
-    if (quit && c->io != NULL) {
-        smtpc_send(c, SMTPC_S_QUIT, "QUIT", NULL, "QUIT");
-        if (c->state == SMTPC_S_QUIT) {
-            smtpc_arm(c, c->command_timeout < SMTPC_QUIT_TIMEOUT ? c->command_timeout
-                                                                 : SMTPC_QUIT_TIMEOUT);
-            return;
+    if (c->tx != NULL && c->state != SMTPC_S_CLOSING) {
+        struct smtpc_tx *tx = c->tx;
+        if (!tx->have_result) {
+            tx_result(c, tx, c->res.status, c->res.reply);
+            tx->res.config_fault = c->res.config_fault;
+            tx->res.setup = c->res.setup;
+            snprintf(tx->res.action, sizeof(tx->res.action), "%s", c->res.action);
+            /* Nothing was delivered and the session had worked before: retry at once. */
+            tx->res.stale = tx->reused && !tx->offered && (flags & F_STALE) != 0;
         }
     }
-    smtpc_close(c);
+    if (c->state == SMTPC_S_CLOSING || c->state == SMTPC_S_QUIT)
+        flags &= ~F_QUIT;
+    if ((flags & F_QUIT) && c->io != NULL) {
+        smtpc_send(c, SMTPC_S_QUIT, "QUIT", NULL, "QUIT");
+        if (c->state == SMTPC_S_QUIT)
+            smtpc_arm(c, c->command_timeout < SMTPC_QUIT_TIMEOUT ? c->command_timeout
+                                                                 : SMTPC_QUIT_TIMEOUT);
+        else
+            smtpc_close(c);
+    } else {
+        smtpc_close(c);
+    }
+    if (!first)
+        return;
+    if (c->mode == SMTPC_M_PROBE && c->res.status != SMTPC_SENT)
+        step(c, 0, "%s", c->res.reply);
+    if (c->mode == SMTPC_M_SESSION) {
+        if (c->tx != NULL) {
+            tx_deliver(c);
+        } else if (!was_ready && c->ev != NULL) {
+            log_debug(1, "%s: session set-up failed: %s", c->sid, c->res.reply);
+            c->ev(c->arg, c, SMTPC_EV_FAILED, &c->res);
+        }
+    }
 }
 
 /* ---- Timer ---- */
@@ -307,23 +539,31 @@ static void smtpc_timeout(uv_timer_t *t)
         break;
     case SMTPC_S_TLS_IMPLICIT:
     case SMTPC_S_TLS_HANDSHAKE:
-        smtpc_finish(c, SMTPC_DEFER, 0, "TLS: timeout during handshake with %s", c->peer);
+        fail(c, SMTPC_DEFER, 0, "TLS: timeout during handshake with %s", c->peer);
         break;
     case SMTPC_S_GREETING:
-        smtpc_finish(c, SMTPC_DEFER, 0, "timeout waiting for greeting from %s", c->peer);
+        fail(c, SMTPC_DEFER, 0, "timeout waiting for greeting from %s", c->peer);
         break;
     case SMTPC_S_BODY:
-        smtpc_finish(c, SMTPC_DEFER, 0, "timeout sending message body to %s", c->peer);
+        fail(c, SMTPC_DEFER, 0, "timeout sending message body to %s", c->peer);
         break;
     case SMTPC_S_QUIT:
+        step(c, 1, "QUIT: no reply (closed)");
         smtpc_close(c);
         break;
-    case SMTPC_S_DOT:
-        smtpc_finish(c, SMTPC_DEFER, 0, "timeout waiting for reply to end of data");
+    case SMTPC_S_IDLE:
+        /* Idle long enough: say goodbye (RFC 5321 4.1.1.10). */
+        log_debug(1, "%s: idle for %ds, closing", c->sid, c->idle_timeout);
+        smtpc_send(c, SMTPC_S_QUIT, "QUIT", NULL, "QUIT");
+        if (c->state == SMTPC_S_QUIT)
+            smtpc_arm(c, SMTPC_QUIT_TIMEOUT);
+        break;
+    case SMTPC_S_TXCHECK:
+        tx_end(c, c->tx->res.status, c->tx->res.reply);
         break;
     default:
-        smtpc_finish(c, SMTPC_DEFER, 0, "timeout waiting for reply to %s",
-                     c->cmd != NULL ? c->cmd : "command");
+        fail(c, SMTPC_DEFER, 0, "timeout waiting for reply to %s",
+             c->cmd != NULL ? c->cmd : "command");
         break;
     }
 }
@@ -363,7 +603,9 @@ static void smtpc_try_connect(struct smtpc *c)
         c->io = tlsio_new(c->loop, smtpc_io_cb, c);
         c->nios++;
         c->state = SMTPC_S_CONNECT;
-        log_debug(1, "%s: connecting to %s (%s)", c->qid, c->peer, c->up->host);
+        log_debug(1, "%s: connecting to %s (%s)", tag(c), c->peer, c->up->host);
+        if (c->up->tls_pin != NULL)
+            tlsio_set_pin(c->io, c->up->tls_pin);
         if ((rc = tlsio_connect(c->io, ai->ai_addr)) < 0) {
             snprintf(c->lasterr, sizeof(c->lasterr), "connect to %s: %s", c->peer, uv_strerror(rc));
             smtpc_drop_io(c);
@@ -372,13 +614,15 @@ static void smtpc_try_connect(struct smtpc *c)
         smtpc_arm(c, c->connect_timeout);
         return;
     }
-    smtpc_finish(c, SMTPC_DEFER, 0, "%s",
-                 c->lasterr[0] != '\0' ? c->lasterr : "no usable address for upstream");
+    fail(c, SMTPC_DEFER, 0, "%s",
+         c->lasterr[0] != '\0' ? c->lasterr : "no usable address for upstream");
 }
 
 static void smtpc_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *ai)
 {
     struct smtpc *c = req->data;
+    struct addrinfo *p;
+    int n = 0;
 
     c->gai_pending = 0;
     c->ai = ai;
@@ -387,21 +631,26 @@ static void smtpc_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *a
         return;
     }
     if (status < 0) {
-        smtpc_finish(c, SMTPC_DEFER, 0, "host lookup for %s failed: %s", c->up->host,
-                     uv_strerror(status));
+        fail(c, SMTPC_DEFER, 0, "host lookup for %s failed: %s", c->up->host, uv_strerror(status));
         return;
     }
+    for (p = ai; p != NULL; p = p->ai_next)
+        n++;
+    step(c, 1, "resolve %s: %d address%s", c->up->host, n, n == 1 ? "" : "es");
     c->ai_next = ai;
     smtpc_try_connect(c);
 }
 
-/* ---- Replies ---- */
+/* ---- Set-up replies ---- */
 
 static void smtpc_ehlo_line(struct smtpc *c, const char *text)
 {
     const char *args;
     size_t kwlen = strcspn(text, " =");
+    size_t used = strlen(c->ehlo_kw);
 
+    snprintf(c->ehlo_kw + used, sizeof(c->ehlo_kw) - used, "%s%.*s", used > 0 ? " " : "",
+             (int)kwlen, text);
     args = text + kwlen;
     while (*args == ' ' || *args == '=')
         args++;
@@ -409,23 +658,28 @@ static void smtpc_ehlo_line(struct smtpc *c, const char *text)
         c->ext |= SMTPC_E_STARTTLS;
     } else if (kwlen == 4 && strncasecmp(text, "AUTH", 4) == 0) {
         /* "AUTH=" is the pre-RFC 4954 spelling some servers still send as well. */
-        size_t used = strlen(c->auth_mechs);
+        size_t n = strlen(c->auth_mechs);
         c->ext |= SMTPC_E_AUTH;
-        snprintf(c->auth_mechs + used, sizeof(c->auth_mechs) - used, "%s%s", used > 0 ? " " : "",
-                 args);
+        snprintf(c->auth_mechs + n, sizeof(c->auth_mechs) - n, "%s%s", n > 0 ? " " : "", args);
     } else if (kwlen == 4 && strncasecmp(text, "SIZE", 4) == 0) {
+        /* RFC 1870: "SIZE" alone or "SIZE 0" means no fixed limit. */
         c->ext |= SMTPC_E_SIZE;
+        c->size_limit = strtoul(args, NULL, 10);
     } else if (kwlen == 10 && strncasecmp(text, "PIPELINING", 10) == 0) {
         c->ext |= SMTPC_E_PIPELINING;
     } else if (kwlen == 8 && strncasecmp(text, "8BITMIME", 8) == 0) {
         c->ext |= SMTPC_E_8BITMIME;
+    } else if (kwlen == 8 && strncasecmp(text, "SMTPUTF8", 8) == 0) {
+        c->ext |= SMTPC_E_SMTPUTF8;
     }
 }
 
 static void smtpc_send_ehlo(struct smtpc *c)
 {
     c->ext = 0;
+    c->size_limit = 0;
     c->auth_mechs[0] = '\0';
+    c->ehlo_kw[0] = '\0';
     smtpc_send(c, SMTPC_S_EHLO, "EHLO", NULL, "EHLO %s", c->helo);
 }
 
@@ -438,15 +692,12 @@ static void smtpc_start_auth(struct smtpc *c)
 
     /* RFC 4954 section 4: credentials only under TLS, unless the operator insists. */
     if (!c->tls_up && !allow_plain) {
-        smtpc_finish(c, SMTPC_DEFER, 1,
-                     "refusing to send AUTH without TLS (tls = none needs "
-                     "allow_plaintext_auth)");
-        c->res.config_fault = 1;
+        fail(c, SMTPC_DEFER, F_QUIT | F_FAULT,
+             "refusing to send AUTH without TLS (tls = none needs allow_plaintext_auth)");
         return;
     }
     if (!(c->ext & SMTPC_E_AUTH)) {
-        smtpc_finish(c, SMTPC_DEFER, 1, "upstream does not offer AUTH");
-        c->res.config_fault = 1;
+        fail(c, SMTPC_DEFER, F_QUIT | F_FAULT, "upstream does not offer AUTH");
         return;
     }
     if (authsasl_client_init(err, sizeof(err)) != 0 ||
@@ -454,8 +705,7 @@ static void smtpc_start_auth(struct smtpc *c)
                             &c->sasl, err, sizeof(err)) != 0 ||
         authsasl_client_start(c->sasl, c->auth_mechs, up->mechanisms, c->tls_up, allow_plain,
                               &c->mech, &resp, err, sizeof(err)) < 0) {
-        smtpc_finish(c, SMTPC_DEFER, 1, "AUTH: %s", err);
-        c->res.config_fault = 1;
+        fail(c, SMTPC_DEFER, F_QUIT | F_FAULT, "AUTH: %s", err);
         return;
     }
     snprintf(logged, sizeof(logged), "AUTH %s%s", c->mech, resp != NULL ? " ***" : "");
@@ -475,15 +725,15 @@ static void smtpc_auth_reply(struct smtpc *c, int code, const char *text)
     char *resp = NULL;
 
     if (code == 235) {
-        smtpc_send_mail(c);
+        step(c, 1, "AUTH %s as %s: %s", c->mech, c->up->username, text);
+        smtpc_ready(c);
         return;
     }
     if (code == 334) {
         const char *chal = strlen(text) > 4 ? text + 4 : "";
         if (authsasl_client_step(c->sasl, chal, &resp, err, sizeof(err)) < 0) {
             /* Mid-exchange the dialogue is out of step for QUIT: just drop it. */
-            smtpc_finish(c, SMTPC_DEFER, 0, "AUTH %s: %s", c->mech, err);
-            c->res.config_fault = 1;
+            fail(c, SMTPC_DEFER, F_FAULT, "AUTH %s: %s", c->mech, err);
             return;
         }
         smtpc_send(c, SMTPC_S_AUTH, "AUTH", "***", "%s", resp);
@@ -491,19 +741,16 @@ static void smtpc_auth_reply(struct smtpc *c, int code, const char *text)
         free(resp);
         return;
     }
-    smtpc_finish(c, SMTPC_DEFER, 1, "AUTH %s: %s", c->mech, text);
     /* A 4xx is the server's trouble (RFC 4954 454: temporary failure), not ours. */
-    if (code / 100 == 5)
-        c->res.config_fault = 1;
+    fail(c, SMTPC_DEFER, F_QUIT | (code / 100 == 5 ? F_FAULT : 0), "AUTH %s: %s", c->mech, text);
 }
 
 static void smtpc_after_ehlo(struct smtpc *c)
 {
     if (c->up->tls == CFG_TLS_STARTTLS && !c->tls_up) {
         if (!(c->ext & SMTPC_E_STARTTLS)) {
-            smtpc_finish(c, SMTPC_DEFER, 1,
-                         "upstream does not offer STARTTLS; refusing to send in cleartext");
-            c->res.config_fault = 1;
+            fail(c, SMTPC_DEFER, F_QUIT | F_FAULT,
+                 "upstream does not offer STARTTLS; refusing to send in cleartext");
             return;
         }
         smtpc_send(c, SMTPC_S_STARTTLS, "STARTTLS", NULL, "STARTTLS");
@@ -513,96 +760,9 @@ static void smtpc_after_ehlo(struct smtpc *c)
         smtpc_start_auth(c);
         return;
     }
-    smtpc_send_mail(c);
-}
-
-static void smtpc_send_mail(struct smtpc *c)
-{
-    char size[32] = "";
-    const char *body = "";
-
-    if (c->body_8bit && (c->ext & SMTPC_E_8BITMIME))
-        body = " BODY=8BITMIME";
-    /* RFC 1870: announce the size so the server can refuse before we send it all. */
-    if (c->ext & SMTPC_E_SIZE)
-        snprintf(size, sizeof(size), " SIZE=%zu", c->msg->len);
-    smtpc_send(c, SMTPC_S_MAIL, "MAIL", NULL, "MAIL FROM:<%s>%s%s", c->msg->sender, body, size);
-}
-
-static void smtpc_send_rcpt(struct smtpc *c)
-{
-    const char *r = c->msg->rcpts[c->rcpt_next++];
-
-    smtpc_send(c, SMTPC_S_RCPT, "RCPT", NULL, "RCPT TO:<%s>", r);
-}
-
-static void smtpc_rcpt_reply(struct smtpc *c, int code, const char *text)
-{
-    size_t i = c->rcpt_next - 1, nfail = 0;
-
-    free(c->rreply[i]);
-    c->rreply[i] = xstrdup(text);
-    if (code / 100 == 2) {
-        c->rstate[i] = SMTPC_R_ACCEPTED;
-        c->naccepted++;
-    } else if (code / 100 == 5) {
-        c->rstate[i] = SMTPC_R_FAIL;
-    } else {
-        c->rstate[i] = SMTPC_R_DEFER;
-    }
-    if (c->rcpt_next < c->msg->nrcpts) {
-        smtpc_send_rcpt(c);
-        return;
-    }
-    if (c->naccepted > 0) {
-        smtpc_send(c, SMTPC_S_DATA, "DATA", NULL, "DATA");
-        return;
-    }
-    for (i = 0; i < c->msg->nrcpts; i++)
-        nfail += c->rstate[i] == SMTPC_R_FAIL;
-    /* Nobody accepted: the message fails only if every recipient failed for good. */
-    smtpc_finish(c, nfail == c->msg->nrcpts ? SMTPC_FAIL : SMTPC_DEFER, 1, "%s", text);
-}
-
-/* Writes the next chunk of the dot-stuffed body (RFC 5321 4.5.2), then ".". */
-static void smtpc_send_body(struct smtpc *c)
-{
-    const char *p = c->msg->body;
-    size_t len = c->msg->len, i;
-    struct buf *b = buf_new(0);
-    int rc, last;
-
-    buf_reserve(b, SMTPC_BODY_CHUNK + SMTPC_BODY_CHUNK / 2);
-    for (i = c->body_off; i < len && b->len < SMTPC_BODY_CHUNK; i++) {
-        char ch = p[i];
-
-        if (c->body_bol && ch == '.')
-            buf_append(b, ".", 1);
-        /* RFC 5321 2.3.8: bare LF is not a line ending on the wire. */
-        if (ch == '\n' && !c->body_cr)
-            buf_append(b, "\r", 1);
-        buf_append(b, &ch, 1);
-        c->body_bol = ch == '\n';
-        c->body_cr = ch == '\r';
-    }
-    c->body_off = i;
-    last = c->body_off == len;
-    if (last) {
-        if (!c->body_bol)
-            buf_puts(b, "\r\n");
-        buf_puts(b, ".\r\n");
-        log_debug(1, "%s: > (%zu bytes of message) .", c->qid, len);
-        c->state = SMTPC_S_DOT;
-        c->cmd = "end of data";
-    }
-    rc = tlsio_write(c->io, b->data, b->len);
-    buf_free(b);
-    if (rc < 0) {
-        smtpc_finish(c, SMTPC_DEFER, 0, "connection lost while sending message body: %s",
-                     tlsio_errstr(c->io));
-        return;
-    }
-    smtpc_arm(c, c->command_timeout);
+    if (c->mode == SMTPC_M_PROBE)
+        step(c, 1, "AUTH: not configured (no username)");
+    smtpc_ready(c);
 }
 
 static void smtpc_starttls(struct smtpc *c, int implicit)
@@ -611,16 +771,344 @@ static void smtpc_starttls(struct smtpc *c, int implicit)
 
     c->state = implicit ? SMTPC_S_TLS_IMPLICIT : SMTPC_S_TLS_HANDSHAKE;
     if (c->cred == NULL) {
-        smtpc_finish(c, SMTPC_DEFER, 0, "TLS: no client credentials for upstream %s",
-                     c->up->name != NULL ? c->up->name : c->up->host);
-        c->res.config_fault = 1;
+        fail(c, SMTPC_DEFER, F_FAULT, "TLS: no client credentials for upstream %s",
+             c->up->name != NULL ? c->up->name : c->up->host);
         return;
     }
     if (tlsio_starttls(c->io, c->cred, 0, name) < 0) {
-        smtpc_finish(c, SMTPC_DEFER, 0, "TLS: %s", tlsio_errstr(c->io));
+        fail(c, SMTPC_DEFER, 0, "TLS: %s", tlsio_errstr(c->io));
         return;
     }
     smtpc_arm(c, c->command_timeout);
+}
+
+/* Set-up is done: the session can carry mail. */
+static void smtpc_ready(struct smtpc *c)
+{
+    uv_timer_stop(&c->timer);
+    c->ready = 1;
+    c->state = SMTPC_S_IDLE;
+    c->cmd = NULL;
+    switch (c->mode) {
+    case SMTPC_M_PROBE:
+        c->have_result = 1;
+        c->res.status = SMTPC_SENT;
+        snprintf(c->res.reply, sizeof(c->res.reply), "every step passed");
+        smtpc_send(c, SMTPC_S_QUIT, "QUIT", NULL, "QUIT");
+        break;
+    case SMTPC_M_DELIVER:
+        tx_send_next(c);
+        break;
+    case SMTPC_M_SESSION:
+        smtpc_arm(c, c->idle_timeout);
+        log_debug(1, "%s: session ready with %s%s%s", c->sid, c->peer, c->tls_up ? ", " : "",
+                  c->res.tls);
+        if (c->ev != NULL)
+            c->ev(c->arg, c, SMTPC_EV_READY, NULL);
+        break;
+    }
+}
+
+/* ---- Transaction: commands ---- */
+
+static int has_8bit(const char *s)
+{
+    for (; *s != '\0'; s++)
+        if ((unsigned char)*s >= 0x80)
+            return 1;
+    return 0;
+}
+
+static void expect(struct smtpc_tx *tx, enum smtpc_expect x)
+{
+    tx->expect[tx->xtail++] = x;
+}
+
+static const char *expect_name(enum smtpc_expect x)
+{
+    static const char *const names[] = {"RSET", "MAIL",        "RCPT",
+                                        "DATA", "end of data", "end of data"};
+    return names[x];
+}
+
+static void add_mail(struct smtpc *c, struct smtpc_tx *tx, struct buf *b, int utf8)
+{
+    const struct smtpc_msg *m = tx->msg;
+    size_t start = b->len;
+
+    buf_printf(b, "MAIL FROM:<%s>", m->sender);
+    if (tx->body_8bit && (c->ext & SMTPC_E_8BITMIME))
+        buf_puts(b, " BODY=8BITMIME");
+    /* RFC 6531 3.4: SMTPUTF8 only when the envelope needs it. */
+    if (utf8)
+        buf_puts(b, " SMTPUTF8");
+    /* RFC 1870: announce the size so the server can refuse before we send it all. */
+    if (c->ext & SMTPC_E_SIZE)
+        buf_printf(b, " SIZE=%zu", m->len);
+    log_debug(1, "%s: > %s", c->qid, b->data + start);
+    buf_puts(b, "\r\n");
+    expect(tx, X_MAIL);
+}
+
+static void add_rcpt(struct smtpc *c, struct smtpc_tx *tx, struct buf *b)
+{
+    const char *r = tx->msg->rcpts[tx->rcpt_next++];
+
+    log_debug(1, "%s: > RCPT TO:<%s>", c->qid, r);
+    buf_printf(b, "RCPT TO:<%s>\r\n", r);
+    expect(tx, X_RCPT);
+}
+
+static void send_group(struct smtpc *c, struct buf *b)
+{
+    c->state = SMTPC_S_TX;
+    c->cmd = expect_name(c->tx->expect[c->tx->xhead]);
+    if (smtpc_write(c, b) == 0)
+        smtpc_arm(c, c->command_timeout);
+    buf_free(b);
+}
+
+/* Checks the message against what the upstream offers, then sends the first command (or,
+ * with PIPELINING, everything up to DATA). */
+static void tx_send_next(struct smtpc *c)
+{
+    struct smtpc_tx *tx = c->tx;
+    const struct smtpc_msg *m = tx->msg;
+    const char *need8 = NULL;
+    struct buf *b;
+    size_t i;
+
+    snprintf(c->qid, sizeof(c->qid), "%012" PRIX64, m->id);
+    tx->reused = c->ntx++ > 0;
+    if (has_8bit(m->sender))
+        need8 = m->sender;
+    for (i = 0; i < m->nrcpts && need8 == NULL; i++)
+        if (has_8bit(m->rcpts[i]))
+            need8 = m->rcpts[i];
+    if (m->nrcpts == 0)
+        tx_result(c, tx, SMTPC_FAIL, "no recipients");
+    else if (c->size_limit > 0 && m->len > c->size_limit)
+        tx_result(c, tx, SMTPC_FAIL, "");
+    else if (need8 != NULL && !(c->ext & SMTPC_E_SMTPUTF8))
+        tx_result(c, tx, SMTPC_FAIL, "");
+    if (tx->have_result) {
+        /* Say why in words; nothing was sent, the session stays in step. */
+        if (c->size_limit > 0 && m->len > c->size_limit && m->nrcpts > 0)
+            snprintf(tx->res.reply, sizeof(tx->res.reply),
+                     "message size %zu exceeds upstream limit %lu", m->len, c->size_limit);
+        else if (m->nrcpts > 0)
+            snprintf(tx->res.reply, sizeof(tx->res.reply),
+                     "upstream does not offer SMTPUTF8, needed for the address <%.200s>", need8);
+        c->state = SMTPC_S_TXCHECK;
+        uv_timer_start(&c->timer, smtpc_timeout, 0, 0);
+        return;
+    }
+    b = buf_new(0);
+    tx->pipelined = (c->ext & SMTPC_E_PIPELINING) != 0;
+    if (tx->reused) {
+        /* A fresh transaction state whatever the last one left behind (RFC 5321 4.1.1.5). */
+        log_debug(1, "%s: > RSET", c->qid);
+        buf_puts(b, "RSET\r\n");
+        expect(tx, X_RSET);
+        if (!tx->pipelined) {
+            send_group(c, b);
+            return;
+        }
+    }
+    add_mail(c, tx, b, need8 != NULL);
+    if (tx->pipelined) {
+        /* RFC 2920 3.1: MAIL, RCPT... and DATA may go in one group, DATA last. */
+        while (tx->rcpt_next < m->nrcpts)
+            add_rcpt(c, tx, b);
+        log_debug(1, "%s: > DATA", c->qid);
+        buf_puts(b, "DATA\r\n");
+        expect(tx, X_DATA);
+    }
+    send_group(c, b);
+}
+
+/* Writes the next chunk of the dot-stuffed body (RFC 5321 4.5.2), then ".". */
+static void smtpc_send_body(struct smtpc *c)
+{
+    struct smtpc_tx *tx = c->tx;
+    const char *p = tx->msg->body;
+    size_t len = tx->msg->len, i;
+    struct buf *b = buf_new(0);
+    int rc, last;
+
+    buf_reserve(b, SMTPC_BODY_CHUNK + SMTPC_BODY_CHUNK / 2);
+    for (i = tx->body_off; i < len && b->len < SMTPC_BODY_CHUNK; i++) {
+        char ch = p[i];
+
+        if (tx->body_bol && ch == '.')
+            buf_append(b, ".", 1);
+        /* RFC 5321 2.3.8: bare LF is not a line ending on the wire. */
+        if (ch == '\n' && !tx->body_cr)
+            buf_append(b, "\r", 1);
+        buf_append(b, &ch, 1);
+        tx->body_bol = ch == '\n';
+        tx->body_cr = ch == '\r';
+    }
+    tx->body_off = i;
+    last = tx->body_off == len;
+    if (last) {
+        if (!tx->body_bol)
+            buf_puts(b, "\r\n");
+        buf_puts(b, ".\r\n");
+        log_debug(1, "%s: > (%zu bytes of message) .", c->qid, len);
+        tx->offered = 1;
+        expect(tx, X_DOT);
+        c->state = SMTPC_S_TX;
+        c->cmd = "end of data";
+    }
+    rc = tlsio_write(c->io, b->data, b->len);
+    buf_free(b);
+    if (rc < 0) {
+        fail(c, SMTPC_DEFER, 0, "connection lost while sending message body: %s",
+             tlsio_errstr(c->io));
+        return;
+    }
+    smtpc_arm(c, last ? c->dot_timeout : c->command_timeout);
+}
+
+/* ---- Transaction: replies ---- */
+
+static void tx_rcpt_reply(struct smtpc *c, struct smtpc_tx *tx, int code, const char *text)
+{
+    size_t i = tx->rcpt_replies++;
+    struct upstream_reply_info info;
+
+    /* After a refused MAIL the RCPT replies (503) say nothing about the recipients. */
+    if (i >= tx->nrcpts || tx->mail_failed)
+        return;
+    free(tx->rreply[i]);
+    tx->rreply[i] = xstrdup(text);
+    snprintf(tx->last_rcpt_reply, sizeof(tx->last_rcpt_reply), "%s", text);
+    upstream_reply_classify(text, &info);
+    if (code / 100 == 2) {
+        tx->rstate[i] = SMTPC_R_ACCEPTED;
+        tx->naccepted++;
+    } else if (code / 100 == 5 && !info.config_fault && !info.throttle) {
+        tx->rstate[i] = SMTPC_R_FAIL;
+    } else {
+        /* 4xx; or a 5xx that is the relay's fault ("sender not owned by user"): hold. */
+        tx->rstate[i] = SMTPC_R_DEFER;
+        tx->res.config_fault |= info.config_fault;
+        tx->res.throttled |= info.throttle;
+        if (info.action != NULL && tx->res.action[0] == '\0')
+            snprintf(tx->res.action, sizeof(tx->res.action), "%s", info.action);
+    }
+    (void)c;
+}
+
+/* Nobody accepted: the message fails only if every recipient failed for good. */
+static enum smtpc_status tx_nobody_status(const struct smtpc_tx *tx)
+{
+    size_t i, nfail = 0;
+
+    for (i = 0; i < tx->nrcpts; i++)
+        nfail += tx->rstate[i] == SMTPC_R_FAIL;
+    return nfail == tx->nrcpts ? SMTPC_FAIL : SMTPC_DEFER;
+}
+
+/* Sends the next command in lock step (no PIPELINING). */
+static void tx_lockstep(struct smtpc *c, struct smtpc_tx *tx)
+{
+    struct buf *b = buf_new(0);
+
+    if (tx->rcpt_next < tx->nrcpts) {
+        add_rcpt(c, tx, b);
+    } else {
+        log_debug(1, "%s: > DATA", c->qid);
+        buf_puts(b, "DATA\r\n");
+        expect(tx, X_DATA);
+    }
+    send_group(c, b);
+}
+
+static void tx_reply(struct smtpc *c, int code, const char *text)
+{
+    struct smtpc_tx *tx = c->tx;
+    int cls = code / 100;
+    enum smtpc_expect x;
+
+    if (tx->xhead == tx->xtail) {
+        fail(c, SMTPC_DEFER, 0, "unexpected reply from server: %s", text);
+        return;
+    }
+    x = tx->expect[tx->xhead++];
+    switch (x) {
+    case X_RSET:
+        if (cls != 2) {
+            /* The session is confused: start over on a new one. */
+            fail(c, SMTPC_DEFER, F_QUIT | F_STALE, "RSET: %s", text);
+            return;
+        }
+        if (!tx->pipelined) {
+            struct buf *b = buf_new(0);
+            int utf8 = has_8bit(tx->msg->sender);
+            for (size_t i = 0; i < tx->nrcpts && !utf8; i++)
+                utf8 = has_8bit(tx->msg->rcpts[i]);
+            add_mail(c, tx, b, utf8);
+            send_group(c, b);
+        }
+        return;
+    case X_MAIL:
+        if (cls != 2) {
+            tx->mail_failed = 1;
+            tx_result(c, tx, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, text);
+            if (!tx->pipelined)
+                tx_end(c, tx->res.status, text);
+            return;
+        }
+        if (!tx->pipelined)
+            tx_lockstep(c, tx);
+        return;
+    case X_RCPT:
+        tx_rcpt_reply(c, tx, code, text);
+        if (tx->pipelined)
+            return;
+        if (tx->rcpt_next < tx->nrcpts || tx->naccepted > 0)
+            tx_lockstep(c, tx);
+        else
+            tx_end(c, tx_nobody_status(tx), tx->last_rcpt_reply);
+        return;
+    case X_DATA:
+        if (code == 354 && !tx->mail_failed && tx->naccepted > 0) {
+            c->state = SMTPC_S_BODY;
+            c->cmd = "DATA";
+            tx->body_off = 0;
+            tx->body_bol = 1;
+            tx->body_cr = 0;
+            smtpc_send_body(c);
+            return;
+        }
+        if (code == 354) {
+            /* RFC 2920 3.1: DATA accepted with nobody to deliver to; end it empty. */
+            log_debug(1, "%s: > . (nobody accepted)", c->qid);
+            tlsio_write(c->io, ".\r\n", 3);
+            expect(tx, X_DOT_DISCARD);
+            c->cmd = "end of data";
+            smtpc_arm(c, c->command_timeout);
+            return;
+        }
+        if (tx->mail_failed)
+            tx_end(c, tx->res.status, tx->res.reply);
+        else if (tx->naccepted == 0)
+            tx_end(c, tx_nobody_status(tx), tx->last_rcpt_reply);
+        else
+            tx_end(c, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, text);
+        return;
+    case X_DOT:
+        tx_end(c, cls == 2 ? SMTPC_SENT : cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, text);
+        return;
+    case X_DOT_DISCARD:
+        if (tx->mail_failed)
+            tx_end(c, tx->res.status, tx->res.reply);
+        else
+            tx_end(c, tx_nobody_status(tx), tx->last_rcpt_reply);
+        return;
+    }
 }
 
 /* One complete (possibly multi-line) reply in the current state. */
@@ -629,72 +1117,63 @@ static void smtpc_reply(struct smtpc *c, int code, const char *text)
     int cls = code / 100;
 
     uv_timer_stop(&c->timer);
+    /* RFC 5321 3.8: 421 at any point: the server is closing the channel. */
+    if (code == 421 && c->state != SMTPC_S_QUIT) {
+        fail(c, SMTPC_DEFER, 0, "%s", text);
+        return;
+    }
     switch (c->state) {
     case SMTPC_S_GREETING:
-        if (cls == 2)
+        if (cls == 2) {
+            step(c, 1, "greeting from %s: %s", c->peer, text);
             smtpc_send_ehlo(c);
-        else
-            smtpc_finish(c, SMTPC_DEFER, 1, "%s", text);
+        } else {
+            fail(c, SMTPC_DEFER, F_QUIT, "%s", text);
+        }
         break;
     case SMTPC_S_EHLO:
-        if (cls == 2)
+        if (cls == 2) {
+            step(c, 1, "EHLO %s: %s", c->helo, c->ehlo_kw[0] ? c->ehlo_kw : "no extensions");
             smtpc_after_ehlo(c);
-        else if (cls == 5 && c->up->tls == CFG_TLS_NONE && !c->tls_up)
+        } else if (cls == 5 && c->up->tls == CFG_TLS_NONE && !c->tls_up) {
             smtpc_send(c, SMTPC_S_HELO, "HELO", NULL, "HELO %s", c->helo);
-        else
-            smtpc_finish(c, SMTPC_DEFER, 1, "%s", text);
+        } else {
+            fail(c, SMTPC_DEFER, F_QUIT, "%s", text);
+        }
         break;
     case SMTPC_S_HELO:
         if (cls == 2)
             smtpc_after_ehlo(c);
         else
-            smtpc_finish(c, SMTPC_DEFER, 1, "%s", text);
+            fail(c, SMTPC_DEFER, F_QUIT, "%s", text);
         break;
     case SMTPC_S_STARTTLS:
         if (code == 220)
             smtpc_starttls(c, 0);
         else
-            smtpc_finish(c, SMTPC_DEFER, 1, "STARTTLS: %s", text);
+            fail(c, SMTPC_DEFER, F_QUIT, "STARTTLS: %s", text);
         break;
     case SMTPC_S_AUTH:
         smtpc_auth_reply(c, code, text);
         break;
-    case SMTPC_S_MAIL:
-        if (cls == 2)
-            smtpc_send_rcpt(c);
-        else
-            smtpc_finish(c, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, 1, "%s", text);
-        break;
-    case SMTPC_S_RCPT:
-        smtpc_rcpt_reply(c, code, text);
-        break;
-    case SMTPC_S_DATA:
-        if (code == 354) {
-            c->state = SMTPC_S_BODY;
-            c->cmd = "DATA";
-            c->body_off = 0;
-            c->body_bol = 1;
-            c->body_cr = 0;
-            smtpc_send_body(c);
-        } else {
-            smtpc_finish(c, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, 1, "%s", text);
-        }
+    case SMTPC_S_TX:
+        tx_reply(c, code, text);
         break;
     case SMTPC_S_BODY:
         /* The server spoke while we were still sending: it gave up on the message. */
-        smtpc_finish(c, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, 0, "%s", text);
-        break;
-    case SMTPC_S_DOT:
-        if (cls == 2)
-            smtpc_finish(c, SMTPC_SENT, 1, "%s", text);
-        else
-            smtpc_finish(c, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, 1, "%s", text);
+        fail(c, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, 0, "%s", text);
         break;
     case SMTPC_S_QUIT:
+        step(c, 1, "QUIT: %s", text);
+        smtpc_close(c);
+        break;
+    case SMTPC_S_IDLE:
+        /* Unsolicited while idle (a server's own idle timeout): just close. */
+        log_debug(1, "%s: closing idle session after: %s", c->sid, text);
         smtpc_close(c);
         break;
     default:
-        smtpc_finish(c, SMTPC_DEFER, 0, "unexpected reply from server: %s", text);
+        fail(c, SMTPC_DEFER, 0, "unexpected reply from server: %s", text);
         break;
     }
 }
@@ -712,7 +1191,7 @@ static void smtpc_input(struct smtpc *c)
 
         if ((used = buf_getline(in, &line, &n)) == 0) {
             if (in->len > SMTPC_LINE_MAX)
-                smtpc_finish(c, SMTPC_DEFER, 0, "reply line too long from %s", c->peer);
+                fail(c, SMTPC_DEFER, 0, "reply line too long from %s", c->peer);
             return;
         }
         if (n > SMTPC_LINE_MAX)
@@ -720,11 +1199,11 @@ static void smtpc_input(struct smtpc *c)
         memcpy(text, line, n);
         text[n] = '\0';
         buf_consume(in, used);
-        log_debug(1, "%s: < %s", c->qid, text);
+        log_debug(1, "%s: < %s", tag(c), text);
         /* RFC 5321 4.2: three digits, then space (last line) or hyphen (more follow). */
         if (n < 3 || text[0] < '2' || text[0] > '5' || text[1] < '0' || text[1] > '9' ||
             text[2] < '0' || text[2] > '9' || (n > 3 && text[3] != ' ' && text[3] != '-')) {
-            smtpc_finish(c, SMTPC_DEFER, 0, "malformed reply from %s: %.200s", c->peer, text);
+            fail(c, SMTPC_DEFER, 0, "malformed reply from %s: %.200s", c->peer, text);
             return;
         }
         code = atoi(text);
@@ -749,10 +1228,16 @@ static void smtpc_input(struct smtpc *c)
 
 static void smtpc_tls_ready(struct smtpc *c)
 {
+    const char *pin;
+
     uv_timer_stop(&c->timer);
     c->tls_up = 1;
     tlsio_describe(c->io, c->res.tls, sizeof(c->res.tls));
-    log_debug(1, "%s: TLS with %s: %s", c->qid, c->peer, c->res.tls);
+    pin = tlsio_peer_pin(c->io);
+    log_debug(1, "%s: TLS with %s: %s, key %s", tag(c), c->peer, c->res.tls, pin);
+    step(c, 1, "TLS: %s; certificate verified for %s%s; public key %s", c->res.tls,
+         c->up->tls_name != NULL ? c->up->tls_name : c->up->host,
+         c->up->tls_pin != NULL ? ", matches tls_pin" : "", pin);
     if (c->state == SMTPC_S_TLS_IMPLICIT) {
         c->state = SMTPC_S_GREETING;
         smtpc_arm(c, c->command_timeout);
@@ -771,11 +1256,12 @@ static void smtpc_io_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
     switch (ev) {
     case TLSIO_CONNECTED:
         uv_timer_stop(&c->timer);
-        log_debug(1, "%s: connected to %s", c->qid, c->peer);
+        log_debug(1, "%s: connected to %s", tag(c), c->peer);
         if (tlsio_read_start(io) < 0) {
-            smtpc_finish(c, SMTPC_DEFER, 0, "connect to %s: %s", c->peer, tlsio_errstr(io));
+            fail(c, SMTPC_DEFER, 0, "connect to %s: %s", c->peer, tlsio_errstr(io));
             return;
         }
+        step(c, 1, "connect to %s: ok", c->peer);
         if (c->up->tls == CFG_TLS_IMPLICIT) {
             smtpc_starttls(c, 1);
         } else {
@@ -804,18 +1290,21 @@ static void smtpc_io_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
             break;
         case SMTPC_S_TLS_IMPLICIT:
         case SMTPC_S_TLS_HANDSHAKE:
-            smtpc_finish(c, SMTPC_DEFER, 0, "TLS: %s",
-                         ev == TLSIO_EOF ? "connection closed by peer during handshake"
-                                         : tlsio_errstr(io));
-            if (ev == TLSIO_ERROR && tlsio_verify_failed(io))
-                c->res.config_fault = 1;
+            fail(c, SMTPC_DEFER, ev == TLSIO_ERROR && tlsio_verify_failed(io) ? F_FAULT : 0,
+                 "TLS: %s",
+                 ev == TLSIO_EOF ? "connection closed by peer during handshake" : tlsio_errstr(io));
             break;
         case SMTPC_S_QUIT:
+            step(c, 1, "QUIT: connection closed");
+            smtpc_close(c);
+            break;
+        case SMTPC_S_IDLE:
+            log_debug(1, "%s: idle session closed by the server", c->sid);
             smtpc_close(c);
             break;
         case SMTPC_S_BODY:
-            smtpc_finish(c, SMTPC_DEFER, 0, "connection lost while sending message body%s%s",
-                         ev == TLSIO_ERROR ? ": " : "", ev == TLSIO_ERROR ? tlsio_errstr(io) : "");
+            fail(c, SMTPC_DEFER, F_STALE, "connection lost while sending message body%s%s",
+                 ev == TLSIO_ERROR ? ": " : "", ev == TLSIO_ERROR ? tlsio_errstr(io) : "");
             break;
         default:
             smtpc_lost(c, ev == TLSIO_ERROR ? tlsio_errstr(io) : NULL);
@@ -827,56 +1316,90 @@ static void smtpc_io_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
 
 /* ---- Public ---- */
 
-int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                  const char *helo, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg,
-                  struct smtpc **out)
+static uint64_t session_serial;
+
+static struct smtpc *smtpc_new(uv_loop_t *loop, enum smtpc_mode mode, const struct cfg_upstream *up,
+                               struct tlsio_cred *cred, const char *helo)
 {
     struct smtpc *c = xcalloc(1, sizeof(*c));
-    struct addrinfo hints;
-    char port[16];
-    size_t i;
-    int rc;
 
+    c->mode = mode;
     c->loop = loop;
     c->up = up;
     c->cred = cred;
     c->helo = xstrdup(helo != NULL && *helo != '\0' ? helo : "localhost");
-    c->msg = msg;
-    c->nrcpts = msg->nrcpts;
-    c->done = done;
-    c->arg = arg;
     c->connect_timeout = up->connect_timeout;
     c->command_timeout = up->command_timeout;
-    snprintf(c->qid, sizeof(c->qid), "%012" PRIX64, msg->id);
+    c->dot_timeout = up->data_timeout > 0 ? up->data_timeout : c->command_timeout;
+    c->idle_timeout = up->idle_timeout > 0 ? up->idle_timeout : SMTPC_IDLE_TIMEOUT_DEFAULT;
+    snprintf(c->sid, sizeof(c->sid), "%s#%" PRIu64, up->name != NULL ? up->name : up->host,
+             ++session_serial);
+    snprintf(c->qid, sizeof(c->qid), "%s", c->sid);
     c->reply = buf_new(0);
-    c->rstate = xcalloc(msg->nrcpts + 1, sizeof(*c->rstate));
-    c->rreply = xcalloc(msg->nrcpts + 1, sizeof(*c->rreply));
-    c->res.rcpt_status = xcalloc(msg->nrcpts + 1, sizeof(*c->res.rcpt_status));
-    for (i = 0; i < msg->len && !c->body_8bit; i++)
-        c->body_8bit = (unsigned char)msg->body[i] >= 0x80;
+    c->res.up = up;
+    return c;
+}
+
+static int smtpc_begin(struct smtpc *c)
+{
+    struct addrinfo hints;
+    char port[16];
+    int rc;
 
     memset(&hints, 0, sizeof(hints));
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_protocol = IPPROTO_TCP;
-    snprintf(port, sizeof(port), "%d", up->port);
+    snprintf(port, sizeof(port), "%d", c->up->port);
     c->gai.data = c;
-    rc = uv_getaddrinfo(loop, &c->gai, smtpc_resolved, up->host, port, &hints);
+    rc = uv_getaddrinfo(c->loop, &c->gai, smtpc_resolved, c->up->host, port, &hints);
     if (rc < 0) {
         buf_free(c->reply);
-        free(c->rstate);
-        free(c->rreply);
-        free(c->res.rcpt_status);
+        tx_free(c->tx);
         free(c->helo);
         free(c);
         return rc;
     }
     c->gai_pending = 1;
-    uv_timer_init(loop, &c->timer);
+    uv_timer_init(c->loop, &c->timer);
     c->timer.data = c;
     c->state = SMTPC_S_RESOLVE;
+    return 0;
+}
+
+int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
+                  const char *helo, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg,
+                  struct smtpc **out)
+{
+    struct smtpc *c = smtpc_new(loop, SMTPC_M_DELIVER, up, cred, helo);
+    int rc;
+
+    c->done = done;
+    c->arg = arg;
+    c->tx = tx_new(msg, NULL, NULL);
+    snprintf(c->qid, sizeof(c->qid), "%012" PRIX64, msg->id);
+    snprintf(c->sid, sizeof(c->sid), "%s", c->qid);
+    if ((rc = smtpc_begin(c)) < 0)
+        return rc;
     if (msg->nrcpts == 0)
-        smtpc_finish(c, SMTPC_FAIL, 0, "no recipients");
+        fail(c, SMTPC_FAIL, 0, "no recipients");
+    if (out != NULL)
+        *out = c;
+    return 0;
+}
+
+int smtpc_probe(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
+                const char *helo, smtpc_step_fn stepfn, smtpc_done_fn done, void *arg,
+                struct smtpc **out)
+{
+    struct smtpc *c = smtpc_new(loop, SMTPC_M_PROBE, up, cred, helo);
+    int rc;
+
+    c->done = done;
+    c->step = stepfn;
+    c->arg = arg;
+    if ((rc = smtpc_begin(c)) < 0)
+        return rc;
     if (out != NULL)
         *out = c;
     return 0;
@@ -886,6 +1409,10 @@ void smtpc_abort(struct smtpc *c)
 {
     if (c == NULL || c->done_called)
         return;
+    if (c->mode == SMTPC_M_SESSION) {
+        smtpc_session_abort(c);
+        return;
+    }
     if (!c->have_result) {
         c->have_result = 1;
         c->res.status = SMTPC_DEFER;
@@ -895,4 +1422,68 @@ void smtpc_abort(struct smtpc *c)
         uv_cancel((uv_req_t *)&c->gai);
     smtpc_close(c);
     smtpc_call_done(c);
+}
+
+int smtpc_session_open(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
+                       const char *helo, smtpc_event_fn ev, void *arg, struct smtpc **out)
+{
+    struct smtpc *c = smtpc_new(loop, SMTPC_M_SESSION, up, cred, helo);
+    int rc;
+
+    c->ev = ev;
+    c->arg = arg;
+    if ((rc = smtpc_begin(c)) < 0)
+        return rc;
+    *out = c;
+    return 0;
+}
+
+int smtpc_session_idle(const struct smtpc *c)
+{
+    return c->mode == SMTPC_M_SESSION && c->state == SMTPC_S_IDLE && c->tx == NULL;
+}
+
+int smtpc_session_count(const struct smtpc *c)
+{
+    return c->ntx;
+}
+
+int smtpc_session_send(struct smtpc *c, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg)
+{
+    if (!smtpc_session_idle(c))
+        return UV_EBUSY;
+    uv_timer_stop(&c->timer);
+    c->tx = tx_new(msg, done, arg);
+    /* The first reply cannot arrive before this returns: done always runs from the loop. */
+    tx_send_next(c);
+    return 0;
+}
+
+void smtpc_session_abort(struct smtpc *c)
+{
+    if (c == NULL || c->state == SMTPC_S_CLOSING)
+        return;
+    if (c->tx != NULL) {
+        tx_result(c, c->tx, SMTPC_DEFER, "delivery aborted (shutting down)");
+        c->have_result = 1;
+    }
+    c->have_result = 1; /* no SMTPC_EV_FAILED */
+    if (c->gai_pending)
+        uv_cancel((uv_req_t *)&c->gai);
+    smtpc_close(c);
+    tx_deliver(c);
+}
+
+void smtpc_session_quit(struct smtpc *c)
+{
+    if (c == NULL || c->state == SMTPC_S_CLOSING || c->state == SMTPC_S_QUIT)
+        return;
+    if (smtpc_session_idle(c)) {
+        c->have_result = 1;
+        smtpc_send(c, SMTPC_S_QUIT, "QUIT", NULL, "QUIT");
+        if (c->state == SMTPC_S_QUIT)
+            smtpc_arm(c, SMTPC_QUIT_TIMEOUT);
+        return;
+    }
+    smtpc_session_abort(c);
 }

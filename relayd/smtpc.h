@@ -1,8 +1,22 @@
 /*
- * smtpc - the outbound SMTP client: delivers one message to one upstream.
+ * smtpc - the outbound SMTP client.
  *
- * Happy path: resolve, connect, 220, EHLO, STARTTLS (or implicit TLS), verify, EHLO again,
- * AUTH through authsasl, MAIL, RCPT for each recipient, DATA with dot-stuffing, QUIT.
+ * Two ways to use it:
+ *   smtpc_deliver()        one message on its own connection (the original API), and
+ *   smtpc_session_open() + smtpc_session_send()...  a session (connect, EHLO, TLS, AUTH)
+ *                          that carries several transactions (MAIL..DATA), RSET between
+ *                          them, closed with QUIT after idle_timeout (relayd/pool.c).
+ * smtpc_probe() runs the set-up only and reports every step (relayctl test-upstream and
+ * the health probe).
+ *
+ * Happy path: resolve, connect, 220, EHLO, STARTTLS (or implicit TLS), verify (chain, name,
+ * tls_pin), EHLO again, AUTH through authsasl, then per message: [RSET,] MAIL, RCPT for
+ * each recipient, DATA (MAIL, the RCPTs and DATA in one group when PIPELINING is offered,
+ * RFC 2920), the body with dot-stuffing; QUIT at the end.  MAIL carries SIZE (when
+ * offered), BODY=8BITMIME (8-bit body, when offered) and SMTPUTF8 (non-ASCII envelope).
+ * Before sending, a message larger than the upstream's SIZE fails ("message size N
+ * exceeds upstream limit M"), and so does a non-ASCII envelope when SMTPUTF8 is not
+ * offered: retrying would not help.
  *
  * Failure modes and how they are reported (status of the whole attempt):
  *   SMTPC_DEFER  network errors, timeouts, 4xx, TLS failures (never a cleartext fallback,
@@ -33,26 +47,36 @@ enum smtpc_status {
 };
 
 struct smtpc_msg {
-    uint64_t id;            /* queue id, for logs */
-    const char *sender;     /* "" for <> */
+    uint64_t id;        /* queue id, for logs */
+    const char *sender; /* "" for <> */
     const char *const *rcpts;
     size_t nrcpts;
-    const char *body;       /* CRLF lines, not dot-stuffed */
+    const char *body; /* CRLF lines, not dot-stuffed */
     size_t len;
 };
 
 struct smtpc_result {
     enum smtpc_status status;
-    int config_fault;       /* 1: TLS verification or authentication failed: the relay's
-                               configuration, not the message, is at fault */
-    char reply[512];        /* the reply or the reason in words, e.g.
-                               "250 2.0.0 Ok: queued as 3B1F0",
-                               "connect to 127.0.0.1:1587: connection refused",
-                               "TLS: certificate signer not trusted",
-                               "AUTH PLAIN: 535 5.7.8 Error: authentication failed" */
-    char tls[128];          /* "TLSv1.3 with cipher ..." or "" when cleartext */
+    int config_fault;               /* 1: TLS verification or authentication failed: the relay's
+                                       configuration, not the message, is at fault */
+    char reply[512];                /* the reply or the reason in words, e.g.
+                                       "250 2.0.0 Ok: queued as 3B1F0",
+                                       "connect to 127.0.0.1:1587: connection refused",
+                                       "TLS: certificate signer not trusted",
+                                       "AUTH PLAIN: 535 5.7.8 Error: authentication failed" */
+    char tls[128];                  /* "TLSv1.3 with cipher ..." or "" when cleartext */
     enum smtpc_status *rcpt_status; /* nrcpts entries */
     char **rcpt_reply;              /* nrcpts entries, may be NULL */
+    char action[256];               /* what the operator must do, from the provider reply table
+                                       (relayd/upstream.c), or "" */
+    int throttled;                 /* 1: the upstream asked us to slow down (421, a 4xx about rates,
+                                      a quota reply): not the message's fault */
+    int setup;                     /* 1: the session failed before it could carry mail (resolve,
+                                      connect, greeting, EHLO, TLS, AUTH): another upstream may work */
+    const struct cfg_upstream *up; /* the upstream that produced this result */
+    int stale;                     /* 1: a reused session broke before the message was offered
+                                      (RSET refused or connection lost before the body's end): it
+                                      can be retried at once on a new session */
 };
 
 struct smtpc;
@@ -69,6 +93,14 @@ typedef void (*smtpc_done_fn)(void *arg, const struct smtpc_result *res);
 int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
                   const char *helo, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg,
                   struct smtpc **out);
+/*
+ * Rules shared by every result: a reply the provider table marks as the relay's own fault
+ * (AUTH refused, "send as denied", a TLS version refused) sets config_fault and is never
+ * SMTPC_FAIL, only SMTPC_DEFER; so is a throttling or quota reply.  A 421 at any step
+ * closes the connection and defers the message.  Per recipient, 2xx/4xx/5xx to RCPT give
+ * SENT (if DATA then succeeds), DEFER and FAIL independently.
+ */
+
 /* Aborts (shutdown): the connection is dropped and done runs with SMTPC_DEFER (or with the
  * result already known, e.g. SENT when only QUIT was outstanding) before this returns.
  * Call it only before done has run (c is gone afterwards); from inside done it is a no-op. */
@@ -85,5 +117,48 @@ typedef void (*smtpc_step_fn)(void *arg, int ok, const char *text);
 int smtpc_probe(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
                 const char *helo, smtpc_step_fn step, smtpc_done_fn done, void *arg,
                 struct smtpc **out);
+/* smtpc_abort() stops a probe too (done runs with SMTPC_DEFER before it returns). */
+
+/* ---- Sessions: one connection, several transactions (used by relayd/pool.c) ---- */
+
+enum smtpc_event {
+    SMTPC_EV_READY,  /* set-up done: the session is idle, smtpc_session_send() may follow */
+    SMTPC_EV_FAILED, /* set-up failed; res says why (res->setup = 1); SMTPC_EV_CLOSED follows */
+    SMTPC_EV_IDLE,   /* a transaction ended and the session can carry another one */
+    SMTPC_EV_CLOSED, /* the connection is gone; c is freed right after this callback */
+};
+/* res is non-NULL for SMTPC_EV_FAILED only, and valid during the call only. */
+typedef void (*smtpc_event_fn)(void *arg, struct smtpc *c, enum smtpc_event ev,
+                               const struct smtpc_result *res);
+
+/*
+ * Opens a session to up: resolve, connect, greeting, EHLO, TLS, AUTH.  ev(arg, c, ...) gets
+ * SMTPC_EV_READY or SMTPC_EV_FAILED once, SMTPC_EV_IDLE after each transaction that left
+ * the session usable, and SMTPC_EV_CLOSED exactly once at the end, always from the loop.
+ * An idle session closes itself (QUIT) after up->idle_timeout seconds, or when the server
+ * drops it.  Returns 0 (*out set), or a negative UV_E* when it could not start (no event).
+ * up, cred and helo (copied) as for smtpc_deliver().
+ */
+int smtpc_session_open(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
+                       const char *helo, smtpc_event_fn ev, void *arg, struct smtpc **out);
+/* 1 when c is idle: set up, no transaction, not closing. */
+int smtpc_session_idle(const struct smtpc *c);
+/*
+ * Runs one transaction on an idle session ([RSET,] MAIL, RCPT..., DATA, body).  done(arg,
+ * res) is called exactly once, from the loop (or from smtpc_session_abort()), never inside
+ * this call; msg must stay valid until then.  Afterwards SMTPC_EV_IDLE follows when the
+ * session can carry another message, SMTPC_EV_CLOSED otherwise.  0, or UV_EBUSY when c is
+ * not idle (done is then never called).
+ */
+int smtpc_session_send(struct smtpc *c, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg);
+/* Says QUIT (when idle) and closes; SMTPC_EV_CLOSED follows from the loop.  A transaction
+ * in progress is aborted as by smtpc_session_abort(). */
+void smtpc_session_quit(struct smtpc *c);
+/* Drops the connection now.  A transaction in progress gets done(SMTPC_DEFER, "delivery
+ * aborted (shutting down)") before this returns; no SMTPC_EV_FAILED; SMTPC_EV_CLOSED
+ * follows from the loop.  Safe to call twice. */
+void smtpc_session_abort(struct smtpc *c);
+/* Transactions started on this session so far (0 for a fresh one). */
+int smtpc_session_count(const struct smtpc *c);
 
 #endif

@@ -5,6 +5,9 @@
  * machine (see smtpd.c).  A message is handed to the spool at the end of DATA and the
  * 250 reply is sent only from the spool's completion callback, after the durable commit.
  *
+ * Listeners may use STARTTLS or implicit TLS (GnuTLS, via tlsio), inbound AUTH (Cyrus SASL
+ * server, via authsasl), and the PROXY protocol (proxyproto); see smtpd.c for the states.
+ *
  * Ownership: the server owns its listeners and sessions; smtpd_server_stop() stops
  * accepting and closes every session (transactions not yet committed are dropped: the
  * client never saw a 250 for them).
@@ -26,6 +29,10 @@ struct smtpd_server *smtpd_server_new(uv_loop_t *loop, const struct cfg *cfg, st
                                       void (*on_spooled)(void *arg, uint64_t id), void *arg);
 /* Binds and listens on every configured listener; 0 or negative with text in err. */
 int smtpd_server_listen(struct smtpd_server *srv, char *err, size_t errlen);
+/* Re-reads every TLS listener's certificate and key (SIGHUP).  Sessions in progress keep
+ * the credentials they started with.  A listener whose files fail to load keeps its old
+ * ones (logged).  0, or -1 when any listener failed. */
+int smtpd_server_reload_tls(struct smtpd_server *srv);
 /* Stops accepting and closes all sessions; done(arg) runs once every handle is closed. */
 void smtpd_server_stop(struct smtpd_server *srv, void (*done)(void *arg), void *arg);
 /* Frees a stopped server. */

@@ -16,6 +16,17 @@
  * process grew it) re-adopts the size from the file and retries.  ENOSPC from the disk
  * becomes SPOOL_EFULL so the daemon answers 452; other LMDB errors become SPOOL_EIO and
  * are logged with LMDB's text.
+ *
+ * Unlocked reads: a read-only open by a user who may read data.mdb but not write lock.mdb
+ * (LMDB keeps its reader table there) falls back to MDB_NOLOCK.  Such a reader is
+ * invisible to the writer, which may then recycle pages the reader still walks.  LMDB
+ * recycles a page only once no reader can see it, judged by the oldest registered reader;
+ * with none registered, pages of snapshot S are freed at the earliest by commit S+1 and
+ * reused at the earliest by transaction S+3 (the freeing transaction's own id must be below
+ * the oldest snapshot, S+2, before its pages are taken).  So every unlocked read is checked
+ * afterwards (read_end): if more than one commit happened since its snapshot, its result
+ * is thrown away and the read redone.  XXX After READ_TRIES redos (seconds of constant
+ * commits) the last result is returned as it is; a torn read never writes anything.
  */
 #include "spool/spool.h"
 
@@ -33,6 +44,8 @@
 #include "spool/spool_int.h"
 
 #define RETRY_MAX 40 /* MAP_FULL/MAP_RESIZED retries: 2^40 times the map is enough */
+#define READ_AGAIN (-3999) /* internal: an unlocked read overlapped commits; redo it */
+#define READ_TRIES 200
 
 const char *spool_strerror(int rc)
 {
@@ -162,6 +175,31 @@ int spool__txn_commit(struct spool *sp, MDB_txn *txn)
 
     pthread_rwlock_unlock(&sp->maplock);
     return rc;
+}
+
+/* Ends a read transaction: 0, or READ_AGAIN when an unlocked read may have seen recycled
+ * pages (see the file header). */
+static int read_end(struct spool *sp, MDB_txn *txn)
+{
+    MDB_envinfo info;
+    size_t snap;
+
+    if (!sp->unlocked) {
+        spool__txn_abort(sp, txn);
+        return 0;
+    }
+    snap = mdb_txn_id(txn);
+    spool__txn_abort(sp, txn);
+    mdb_env_info(sp->env, &info);
+    return info.me_last_txnid > snap + 1 ? READ_AGAIN : 0;
+}
+
+/* A short, growing pause before an unlocked read is redone. */
+static void read_pause(int tries)
+{
+    struct timespec ts = {0, (long)(tries < 20 ? tries + 1 : 20) * 1000000L};
+
+    nanosleep(&ts, NULL);
 }
 
 static int get_u64(struct spool *sp, MDB_txn *txn, const char *name, uint64_t *v)
@@ -317,7 +355,17 @@ int spool_open(const char *dir, const struct spool_opts *opts, struct spool **ou
         flags |= MDB_RDONLY;
     if (sp->opts.unsafe_nosync)
         flags |= MDB_NOSYNC | MDB_NOMETASYNC;
-    if ((rc = mdb_env_open(sp->env, dir, flags, 0600)) != 0)
+    rc = mdb_env_open(sp->env, dir, flags, 0600);
+    if (rc == EACCES && sp->opts.readonly) {
+        /* data.mdb may be readable while lock.mdb is not writable: read unlocked. */
+        mdb_env_close(sp->env);
+        sp->env = NULL;
+        if ((rc = mdb_env_create(&sp->env)) != 0 || (rc = mdb_env_set_maxdbs(sp->env, 8)) != 0)
+            goto mdb_fail;
+        if ((rc = mdb_env_open(sp->env, dir, flags | MDB_NOLOCK, 0600)) == 0)
+            sp->unlocked = 1;
+    }
+    if (rc != 0)
         goto mdb_fail;
     /* Set the size after open so an existing larger map (from the file) is kept. */
     want = sp->opts.map_bytes ? sp->opts.map_bytes : SPOOL_MAP_DEFAULT;
@@ -455,11 +503,16 @@ int spool_msg_get(struct spool *sp, uint64_t id, unsigned flags, struct spool_ms
     int rc;
 
     *out = NULL;
-    if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
-        goto fail;
-    if ((rc = msg_load(sp, txn, id, m)) == 0 && (flags & SPOOL_GET_HISTORY))
-        rc = load_history(sp, txn, m);
-    spool__txn_abort(sp, txn);
+    for (int tries = 0;; tries++) {
+        if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
+            goto fail;
+        if ((rc = msg_load(sp, txn, id, m)) == 0 && (flags & SPOOL_GET_HISTORY))
+            rc = load_history(sp, txn, m);
+        if (read_end(sp, txn) != READ_AGAIN || tries == READ_TRIES)
+            break;
+        spool__msg_clear(m);
+        read_pause(tries);
+    }
     if (rc != 0)
         goto fail;
     *out = m;
@@ -485,18 +538,28 @@ int spool_body_get(struct spool *sp, uint64_t id, char **data, size_t *len)
     MDB_txn *txn;
     int rc;
 
-    *data = NULL;
-    *len = 0;
-    if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
-        return spool__from_mdb(rc, "read body");
-    id_key(kb, &k, id);
-    if ((rc = mdb_get(txn, sp->body, &k, &d)) == 0) {
-        *data = xmalloc(d.mv_size + 1);
-        memcpy(*data, d.mv_data, d.mv_size);
-        (*data)[d.mv_size] = '\0'; /* a safety net for callers that parse headers */
-        *len = d.mv_size;
+    for (int tries = 0;; tries++) {
+        *data = NULL;
+        *len = 0;
+        if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
+            return spool__from_mdb(rc, "read body");
+        id_key(kb, &k, id);
+        if ((rc = mdb_get(txn, sp->body, &k, &d)) == 0) {
+            *data = xmalloc(d.mv_size + 1);
+            memcpy(*data, d.mv_data, d.mv_size);
+            (*data)[d.mv_size] = '\0'; /* a safety net for callers that parse headers */
+            *len = d.mv_size;
+        }
+        if (read_end(sp, txn) != READ_AGAIN || tries == READ_TRIES)
+            break;
+        free(*data);
+        read_pause(tries);
     }
-    spool__txn_abort(sp, txn);
+    if (rc != 0) {
+        free(*data);
+        *data = NULL;
+        *len = 0;
+    }
     return spool__from_mdb(rc, "read body");
 }
 
@@ -507,26 +570,30 @@ int spool_due(struct spool *sp, int64_t now, uint64_t *ids, size_t max, size_t *
     MDB_val k, d;
     int rc, op = MDB_FIRST;
 
-    *n = 0;
-    if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
-        return spool__from_mdb(rc, "scan schedule");
-    if ((rc = mdb_cursor_open(txn, sp->sched, &cur)) != 0)
-        goto txn_abort;
-    while (*n < max && (rc = mdb_cursor_get(cur, &k, &d, op)) == 0) {
-        op = MDB_NEXT;
-        if (k.mv_size != 16) {
-            rc = SPOOL_ECORRUPT;
-            break;
+    for (int tries = 0;; tries++, read_pause(tries)) {
+        *n = 0;
+        op = MDB_FIRST;
+        if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
+            return spool__from_mdb(rc, "scan schedule");
+        if ((rc = mdb_cursor_open(txn, sp->sched, &cur)) != 0)
+            goto txn_end;
+        while (*n < max && (rc = mdb_cursor_get(cur, &k, &d, op)) == 0) {
+            op = MDB_NEXT;
+            if (k.mv_size != 16) {
+                rc = SPOOL_ECORRUPT;
+                break;
+            }
+            if ((int64_t)spool__get_be64(k.mv_data) > now)
+                break;
+            ids[(*n)++] = spool__get_be64((unsigned char *)k.mv_data + 8);
         }
-        if ((int64_t)spool__get_be64(k.mv_data) > now)
+        if (rc == MDB_NOTFOUND)
+            rc = 0;
+        mdb_cursor_close(cur);
+    txn_end:
+        if (read_end(sp, txn) != READ_AGAIN || tries == READ_TRIES)
             break;
-        ids[(*n)++] = spool__get_be64((unsigned char *)k.mv_data + 8);
     }
-    if (rc == MDB_NOTFOUND)
-        rc = 0;
-    mdb_cursor_close(cur);
-txn_abort:
-    spool__txn_abort(sp, txn);
     return spool__from_mdb(rc, "scan schedule");
 }
 
@@ -536,7 +603,7 @@ int spool_foreach(struct spool *sp, int (*fn)(const struct spool_msg *msg, void 
 {
     struct spool_msg *chunk = xcalloc(FOREACH_CHUNK, sizeof(*chunk));
     uint64_t next = 0;
-    int rc = 0, stop = 0, more = 1;
+    int rc = 0, stop = 0, more = 1, tries = 0;
 
     /* Read in chunks and call fn outside the transaction: fn may then call into the
      * spool (even write), and a slow fn does not pin old pages for long. */
@@ -546,6 +613,7 @@ int spool_foreach(struct spool *sp, int (*fn)(const struct spool_msg *msg, void 
         MDB_txn *txn;
         MDB_val k, d;
         size_t n = 0;
+        uint64_t chunk_start = next;
 
         if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
             break;
@@ -568,7 +636,15 @@ int spool_foreach(struct spool *sp, int (*fn)(const struct spool_msg *msg, void 
             n++;
         }
         mdb_cursor_close(cur);
-        spool__txn_abort(sp, txn);
+        if (read_end(sp, txn) == READ_AGAIN && tries++ < READ_TRIES) {
+            /* Redo this chunk from its start. */
+            for (size_t i = 0; i < n; i++)
+                spool__msg_clear(&chunk[i]);
+            next = chunk_start;
+            rc = 0;
+            read_pause(tries);
+            continue;
+        }
         if (rc == MDB_NOTFOUND) {
             rc = 0;
             more = 0;
@@ -590,9 +666,11 @@ int spool_stats(struct spool *sp, struct spool_stats *st)
     MDB_cursor *cur;
     MDB_txn *txn;
     MDB_val k, d;
-    int rc, op = MDB_FIRST;
+    int rc, op, tries = 0;
 
+again:
     memset(st, 0, sizeof(*st));
+    op = MDB_FIRST;
     if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
         return spool__from_mdb(rc, "stats");
     mdb_env_info(sp->env, &info);
@@ -620,7 +698,10 @@ int spool_stats(struct spool *sp, struct spool_stats *st)
         rc = 0;
     mdb_cursor_close(cur);
 txn_abort:
-    spool__txn_abort(sp, txn);
+    if (read_end(sp, txn) == READ_AGAIN && tries++ < READ_TRIES) {
+        read_pause(tries);
+        goto again;
+    }
     pthread_mutex_lock(&sp->qlock);
     st->commits = sp->commits;
     st->committed_jobs = sp->committed_jobs;
@@ -864,10 +945,56 @@ out:
 /* ---- synchronous writes (relayctl, start-up) ---- */
 
 struct sync_op {
-    enum { OP_STATE, OP_RETRY, OP_DELETE } kind;
+    enum { OP_STATE, OP_RETRY, OP_DELETE, OP_PURGE } kind;
     uint64_t id;
     enum spool_state state;
+    int64_t before;  /* OP_PURGE: arrived earlier than this; 0: any time */
+    size_t *removed; /* OP_PURGE: how many went */
 };
+
+/* Removes every message in op->state that arrived before op->before.  The state is read
+ * inside the write transaction, so a message retried a moment ago by someone else stays. */
+static int purge_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
+{
+    uint64_t *ids = NULL;
+    size_t n = 0, cap = 0;
+    MDB_cursor *cur;
+    MDB_val k, d;
+    int rc, op_get = MDB_FIRST;
+
+    *op->removed = 0;
+    if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
+        return rc;
+    /* Collect first: deleting under a cursor that walks the same database is fragile. */
+    while ((rc = mdb_cursor_get(cur, &k, &d, op_get)) == 0) {
+        struct spool_msg m;
+
+        op_get = MDB_NEXT;
+        if (k.mv_size != 8) {
+            rc = SPOOL_ECORRUPT;
+            break;
+        }
+        if ((rc = spool__decode_msg(d.mv_data, d.mv_size, spool__get_be64(k.mv_data), &m)) != 0)
+            break;
+        if (m.state == op->state && (op->before == 0 || m.arrived < op->before)) {
+            if (n == cap) {
+                cap = cap ? cap * 2 : 64;
+                ids = xrealloc(ids, cap * sizeof(*ids));
+            }
+            ids[n++] = m.id;
+        }
+        spool__msg_clear(&m);
+    }
+    mdb_cursor_close(cur);
+    if (rc == MDB_NOTFOUND)
+        rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++)
+        rc = spool__txn_delete(sp, txn, ids[i]);
+    if (rc == 0)
+        *op->removed = n;
+    free(ids);
+    return rc;
+}
 
 static int sync_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
 {
@@ -876,6 +1003,8 @@ static int sync_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
 
     if (op->kind == OP_DELETE)
         return spool__txn_delete(sp, txn, op->id);
+    if (op->kind == OP_PURGE)
+        return purge_apply(sp, txn, op);
     if ((rc = msg_load(sp, txn, op->id, &m)) != 0)
         return rc;
     if ((rc = sched_del(sp, txn, &m)) != 0)
@@ -923,7 +1052,7 @@ static int sync_write(struct spool *sp, const struct sync_op *op)
 
 int spool_msg_set_state(struct spool *sp, uint64_t id, enum spool_state state)
 {
-    struct sync_op op = {OP_STATE, id, state};
+    struct sync_op op = {.kind = OP_STATE, .id = id, .state = state};
 
     if (state < SPOOL_QUEUED || state > SPOOL_FAILED)
         return -EINVAL;
@@ -932,14 +1061,38 @@ int spool_msg_set_state(struct spool *sp, uint64_t id, enum spool_state state)
 
 int spool_msg_retry(struct spool *sp, uint64_t id)
 {
-    struct sync_op op = {OP_RETRY, id, SPOOL_QUEUED};
+    struct sync_op op = {.kind = OP_RETRY, .id = id, .state = SPOOL_QUEUED};
 
     return sync_write(sp, &op);
 }
 
 int spool_msg_delete(struct spool *sp, uint64_t id)
 {
-    struct sync_op op = {OP_DELETE, id, 0};
+    struct sync_op op = {.kind = OP_DELETE, .id = id};
 
     return sync_write(sp, &op);
+}
+
+int spool_purge(struct spool *sp, enum spool_state state, int64_t arrived_before, size_t *removed)
+{
+    struct sync_op op = {.kind = OP_PURGE, .state = state, .before = arrived_before};
+    size_t dummy;
+
+    op.removed = removed != NULL ? removed : &dummy;
+    *op.removed = 0;
+    if (state < SPOOL_QUEUED || state > SPOOL_FAILED)
+        return -EINVAL;
+    return sync_write(sp, &op);
+}
+
+int spool_room(struct spool *sp, uint64_t len)
+{
+    MDB_txn *txn;
+    int rc;
+
+    if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
+        return spool__from_mdb(rc, "check room");
+    rc = check_room(sp, txn, len);
+    spool__txn_abort(sp, txn); /* one number: a torn read is as good as a stale one */
+    return spool__from_mdb(rc, "check room");
 }

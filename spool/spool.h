@@ -158,6 +158,14 @@ int spool_foreach(struct spool *sp, int (*fn)(const struct spool_msg *msg, void 
 int spool_msg_set_state(struct spool *sp, uint64_t id, enum spool_state state);
 int spool_msg_retry(struct spool *sp, uint64_t id);
 int spool_msg_delete(struct spool *sp, uint64_t id);
+/* Deletes every message in state that arrived before arrived_before (unix seconds; 0: any
+ * time), in one durable transaction; *removed (may be NULL) gets how many.  relayctl purge. */
+int spool_purge(struct spool *sp, enum spool_state state, int64_t arrived_before, size_t *removed);
+
+/* 0 when a message of len bytes would fit now under max_bytes and reserve_bytes, else
+ * SPOOL_EFULL: lets a session refuse early (at MAIL, with SIZE=) instead of after DATA.
+ * The writer checks again at commit; this is advice, not a reservation. */
+int spool_room(struct spool *sp, uint64_t len);
 
 /* ---- Statistics (relayctl stats, benchmarks) ---- */
 

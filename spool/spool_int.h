@@ -28,6 +28,7 @@ struct spool {
     struct spool_opts opts;
     MDB_env *env;
     MDB_dbi meta, msg, body, sched, attempt;
+    int unlocked; /* read-only without lock.mdb (MDB_NOLOCK): reads are validated */
 
     pthread_rwlock_t maplock; /* shared around every txn, exclusive to resize the map */
 

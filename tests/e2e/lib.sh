@@ -65,7 +65,7 @@ dump_logs() {
             "$rc" "$([ "$rc" -gt 128 ] && echo " (signal $((rc - 128)))")" >&2
         RELAYD_PID=
     fi
-    for f in "$T/relayd.log" "$T/relayd.log.old" "${PF_DIR:+$PF_DIR/maillog}" "$T/swaks.log"; do
+    for f in "$T/relayd.log" "$T/relayd.log.old" "${PF_DIR:+$PF_DIR/maillog}" "$T/swaks.log" "$T/dialogue.log"; do
         [ -n "$f" ] && [ -s "$f" ] || continue
         printf -- '----- last lines of %s -----\n' "$f" >&2
         tail -n 60 "$f" >&2
@@ -277,6 +277,7 @@ _pf_write_config() {
   -o smtpd_tls_auth_only=yes
   -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
   -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject
+${PF_EXTRA_MASTER:-}
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -350,6 +351,7 @@ maximal_backoff_time = 2s
 message_size_limit = 52428800
 virtual_mailbox_limit = 0
 smtputf8_enable = no
+${PF_EXTRA_MAIN:-}
 EOF
 
     cat > "$PF_DIR/etc/sasl/smtpd.conf" <<EOF
@@ -386,6 +388,10 @@ start_postfix_upstream() {
         fail "postfix start failed"
     fi
     wait_for_port "$PF_PORT" 20 || fail "Postfix upstream not listening on 127.0.0.1:$PF_PORT"
+    local p
+    for p in ${PF_EXTRA_PORTS:-}; do
+        wait_for_port "$p" 20 || fail "Postfix service not listening on 127.0.0.1:$p"
+    done
     say "Postfix upstream on 127.0.0.1:$PF_PORT (cert: $cert, pid $(postfix_pid))"
 }
 
@@ -578,7 +584,9 @@ wait_for_queue_state() {
 }
 
 # wait_for_attempt SECONDS: prints the id of the first message that has had a delivery
-# attempt and is no longer queued (deferred, held or failed).
+# attempt and is no longer queued (deferred, held or failed).  An attempt that failed by the
+# relay's own configuration (TLS verification, AUTH) is not counted in "attempts"; its
+# last_error shows it.
 wait_for_attempt() {
     local secs=${1:-30} i id
     for ((i = 0; i < secs * 2; i++)); do
@@ -586,7 +594,7 @@ wait_for_attempt() {
         id=$(queue_json 2>/dev/null | python3 -c '
 import json, sys
 for m in json.load(sys.stdin):
-    if (m.get("attempts") or 0) >= 1 and m.get("state") != "queued":
+    if ((m.get("attempts") or 0) >= 1 or m.get("last_error")) and m.get("state") != "queued":
         print(m["id"])
         break
 ' 2>/dev/null) || true
@@ -676,4 +684,170 @@ sys.stdout.buffer.write(b"" if i < 0 else data[i + 2:])
 postfix_saw_auth() {
     grep -qE ' auth=[0-9]|sasl_method=|sasl_username=|SASL [A-Z0-9-]+ authentication' \
         "$PF_DIR/maillog" 2>/dev/null
+}
+
+# ---------------------------------------------------------------------------------------
+# Listener tests: raw dialogues, extra config lines, memory figures.
+
+# relayd_conf_add FILE SECTION LINES: inserts LINES (newline-separated) at the top of
+# [SECTION] ("relayd", "listener lan", ...) in a config written by write_relayd_conf.
+relayd_conf_add() {
+    python3 - "$1" "$2" "$3" <<'PY'
+import sys
+path, section, lines = sys.argv[1], "[" + sys.argv[2] + "]", sys.argv[3]
+text = open(path).read().split("\n")
+i = text.index(section)
+text[i + 1:i + 1] = lines.split("\n")
+open(path, "w").write("\n".join(text))
+PY
+}
+
+# smtp_dialogue [smtpclient args...] < SCRIPT: runs tests/e2e/smtpclient.py against relayd's
+# port (unless --port is given) with the script on standard input; the transcript goes to
+# standard output and is appended to $T/dialogue.log.  Returns the client's status.
+smtp_dialogue() {
+    local port=() rc=0
+    case " $* " in *" --port "*) ;; *) port=(--port "$RELAYD_PORT") ;; esac
+    printf -- '----- dialogue %s\n' "$*" >> "$T/dialogue.log"
+    python3 "$E2E_SRC/tests/e2e/smtpclient.py" "${port[@]}" "$@" > "$T/dialogue.out" 2>&1 ||
+        rc=$?
+    cat "$T/dialogue.out" >> "$T/dialogue.log"
+    cat "$T/dialogue.out"
+    return "$rc"
+}
+
+# spool_count: messages in relayd's queue, whatever their state.
+spool_count() { queue_ids 2>/dev/null | grep -c . || true; }
+
+# proc_status_kb PID FIELD: VmRSS, VmHWM, ... of PID in kB (empty when PID is gone).
+proc_status_kb() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null; }
+
+# log_wait REGEX SECONDS: 0 once relayd's log has a line matching the extended REGEX.
+log_wait() {
+    local re=$1 secs=${2:-10} i
+    for ((i = 0; i < secs * 5; i++)); do
+        grep -qE -- "$re" "$T/relayd.log" 2>/dev/null && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# maildir_find SUBJECT: the delivered file whose Subject: is exactly SUBJECT (the first).
+maildir_find() {
+    local f
+    for f in $(maildir_files); do
+        grep -qF -x "Subject: $1" "$f" && { echo "$f"; return 0; }
+    done
+    return 1
+}
+
+# wait_for_subject SUBJECT SECONDS: prints the delivered file once it has arrived.
+wait_for_subject() {
+    local i
+    for ((i = 0; i < ${2:-30} * 4; i++)); do
+        relayd_must_run
+        maildir_find "$1" && return 0
+        sleep 0.25
+    done
+    return 1
+}
+
+# assert_repaired FILE: the upstream got Date: and a Message-ID: made by relayd (relay.test)
+# and relayd's Received: header.
+assert_repaired() {
+    grep -q '^Date: ' "$1" || fail "no Date: header in $1"
+    grep -qiE '^Message-ID: <[^>]*@relay\.test>' "$1" || fail "no Message-ID@relay.test in $1"
+    grep -qE '^Received: from .*by relay\.test|^[[:space:]]+by relay\.test \(relayd\)' "$1" ||
+        fail "no Received: header by relay.test in $1"
+}
+
+# assert_body FILE EXPECTED: the body (after the first empty line, CRLF read as LF) of the
+# delivered FILE equals the file EXPECTED byte for byte.
+assert_body() {
+    body_of "$1" > "$T/body.got"
+    if ! cmp -s "$2" "$T/body.got"; then
+        diff -u "$2" "$T/body.got" | head -n 30 >&2 || true
+        fail "body of $1 differs from $2"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------
+# Outbound tests: more Postfix services, more upstreams and routes, a fault-injecting server.
+#
+# PF_EXTRA_MASTER: master.cf text added after the main submission service (pf_service makes
+#   it); PF_EXTRA_PORTS: their ports, waited for by start_postfix_upstream; PF_EXTRA_MAIN:
+#   extra main.cf lines.  Set all three before start_postfix_upstream.
+
+# pf_service PORT NAME [k=v]...: a master.cf smtpd service on 127.0.0.1:PORT like the main
+# one (STARTTLS required, AUTH after TLS, relay for authenticated clients), syslog name
+# postfix/NAME; the k=v options given override (a later -o wins in master.cf).
+pf_service() {
+    local port=$1 name=$2
+    shift 2
+    printf '127.0.0.1:%s inet n - n - - smtpd\n  -o syslog_name=postfix/%s\n' "$port" "$name"
+    printf '  -o %s\n' smtpd_tls_security_level=encrypt smtpd_sasl_auth_enable=yes \
+        smtpd_tls_auth_only=yes smtpd_relay_restrictions=permit_sasl_authenticated,reject \
+        smtpd_recipient_restrictions=permit_sasl_authenticated,reject "$@"
+}
+
+# relayd_conf_append FILE TEXT: appends TEXT (more [upstream]/[route] sections) to FILE.
+relayd_conf_append() { printf '\n%s\n' "$2" >> "$1"; }
+
+# relayd_conf_set FILE SECTION KEY VALUE: sets KEY in [SECTION] (replacing it when present).
+relayd_conf_set() {
+    python3 - "$@" <<'PY'
+import sys
+path, section, key, value = sys.argv[1], "[" + sys.argv[2] + "]", sys.argv[3], sys.argv[4]
+lines = open(path).read().split("\n")
+i = lines.index(section)
+j = i + 1
+while j < len(lines) and not lines[j].startswith("["):
+    if lines[j].split("=")[0].strip() == key:
+        lines[j] = "%s = %s" % (key, value)
+        break
+    j += 1
+else:
+    lines.insert(i + 1, "%s = %s" % (key, value))
+open(path, "w").write("\n".join(lines))
+PY
+}
+
+# start_fake_upstream PORT DIR [fake_upstream.py args]: the fault-injecting SMTP server
+# (tests/e2e/fake_upstream.py) on 127.0.0.1:PORT, recording into DIR; stopped by pid.
+start_fake_upstream() {
+    local port=$1 dir=$2
+    shift 2
+    mkdir -p "$dir"
+    python3 "$E2E_SRC/tests/e2e/fake_upstream.py" --port "$port" --dir "$dir" "$@" \
+        > "$dir/server.log" 2>&1 &
+    E2E_PIDS+=($!)
+    wait_for_port "$port" 10 || fail "fake upstream not listening on 127.0.0.1:$port"
+    say "fake upstream on 127.0.0.1:$port (pid $!${*:+, $*})"
+}
+
+# fake_count DIR: messages the fake upstream accepted.
+fake_count() { ls "$1" 2>/dev/null | grep -c '^msg-.*\.eml$' || true; }
+
+# wait_for_fake_count DIR N SECONDS
+wait_for_fake_count() {
+    local i
+    for ((i = 0; i < ${3:-30} * 4; i++)); do
+        relayd_must_run
+        [ "$(fake_count "$1")" -ge "$2" ] && return 0
+        sleep 0.25
+    done
+    return 1
+}
+
+# write_fake_relayd_conf FILE PORT: relayd delivering to the fake upstream on PORT
+# (tls = none, no AUTH), retrying fast.
+write_fake_relayd_conf() {
+    write_relayd_conf "$1"
+    relayd_conf_append "$1" "[upstream fake]
+host = 127.0.0.1
+port = $2
+tls = none
+connect_timeout = 5s
+command_timeout = 10s"
+    relayd_conf_set "$1" "route default" upstream fake
 }

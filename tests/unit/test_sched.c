@@ -1,5 +1,13 @@
-/* Unit tests for relayd/sched: retry backoff. */
+/* Unit tests for relayd/sched: retry backoff and the failed_retention purge. */
 #include <criterion/criterion.h>
+#include <criterion/new/assert.h>
+
+#include <ftw.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
 #include "relayd/sched.h"
 
@@ -15,4 +23,152 @@ Test(sched, backoff)
         cr_expect(d20 >= 3240 && d20 <= 3960, "%lld", (long long)d20);
     }
     cr_expect_geq(sched_backoff(1, 0, 0, 0), 1);
+}
+
+struct backoff_case {
+    const char *label;
+    int attempts, first, factor, max;
+    int64_t want; /* without jitter (rnd = 1000) */
+};
+
+/* retry_factor: first * factor^(attempts-1), capped; factor 1 is a constant interval. */
+Test(sched, backoff_factor)
+{
+    static const struct backoff_case cases[] = {
+        {"first attempt", 1, 60, 3, 3600, 60},
+        {"factor 3, second", 2, 60, 3, 3600, 180},
+        {"factor 3, third", 3, 60, 3, 3600, 540},
+        {"factor 3, capped", 5, 60, 3, 3600, 3600},
+        {"factor 1", 7, 300, 1, 3600, 300},
+        {"factor 10", 3, 10, 10, 100000, 1000},
+        {"factor 10, huge attempts", 1000000, 10, 10, 7 * 86400, 7 * 86400},
+        {"factor 2 = sched_backoff", 4, 60, 2, 3600, 480},
+        {"zero attempts", 0, 60, 2, 3600, 60},
+    };
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const struct backoff_case *c = &cases[i];
+        int64_t mid = sched_backoff_factor(c->attempts, c->first, c->factor, c->max, 1000);
+        int64_t lo = sched_backoff_factor(c->attempts, c->first, c->factor, c->max, 0);
+        int64_t hi = sched_backoff_factor(c->attempts, c->first, c->factor, c->max, 2000);
+        cr_expect(eq(i64, mid, c->want), "%s", c->label);
+        cr_expect(lo >= c->want - c->want / 10 - 1 && lo < c->want, "%s: %lld", c->label,
+                  (long long)lo);
+        cr_expect(hi <= c->want + c->want / 10 + 1 && hi > c->want, "%s: %lld", c->label,
+                  (long long)hi);
+    }
+    cr_expect(eq(i64, sched_backoff(4, 60, 3600, 1000), 480));
+}
+
+/* ---- failed_retention ---- */
+
+static char tdir[64];
+
+static int rm_cb(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static pthread_mutex_t wmu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wcond = PTHREAD_COND_INITIALIZER;
+
+static void test_wake(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&wmu);
+    pthread_cond_signal(&wcond);
+    pthread_mutex_unlock(&wmu);
+}
+
+static void on_done(void *arg, int rc)
+{
+    int *r = arg;
+    *r = rc == 0 ? 1 : -1;
+}
+
+/* Stores a message that arrived age seconds ago, then sets its state. */
+static uint64_t put_aged(struct spool *sp, int64_t age, enum spool_state st)
+{
+    struct spool_msg m;
+    struct spool_rcpt r = {"a@example.org", SPOOL_RCPT_PENDING, NULL};
+    int done = 0;
+
+    memset(&m, 0, sizeof(m));
+    m.id = spool_id_new(sp);
+    m.state = SPOOL_QUEUED;
+    m.arrived = time(NULL) - age;
+    m.next_attempt = m.arrived;
+    m.sender = "fax@lan";
+    m.client = "10.0.0.7";
+    m.rcpts = &r;
+    m.nrcpts = 1;
+    spool_put_async(sp, &m, strdup("Subject: x\r\n\r\nx\r\n"), 17, on_done, &done);
+    for (int i = 0; i < 2000 && done == 0; i++) {
+        struct timespec ts;
+        spool_writer_reap(sp);
+        if (done)
+            break;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 10 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_mutex_lock(&wmu);
+        pthread_cond_timedwait(&wcond, &wmu, &ts);
+        pthread_mutex_unlock(&wmu);
+    }
+    cr_assert(eq(int, done, 1));
+    if (st != SPOOL_QUEUED)
+        cr_assert(eq(int, spool_msg_set_state(sp, m.id, st), 0));
+    return m.id;
+}
+
+/* Only FAILED messages older than the retention go; the ids say which; max is honoured. */
+Test(sched, purge_failed, .timeout = 60)
+{
+    struct spool_opts o = {0};
+    struct spool *sp = NULL;
+    struct spool_msg *m;
+    uint64_t old_failed, old_failed2, new_failed, old_held, old_queued, ids[4];
+    char err[256], sdir[96];
+    size_t n = 0;
+
+    strcpy(tdir, "/tmp/test_sched.XXXXXX");
+    cr_assert(mkdtemp(tdir) != NULL);
+    snprintf(sdir, sizeof sdir, "%s/spool", tdir);
+    cr_assert(eq(int, spool_open(sdir, &o, &sp, err, sizeof err), 0), "%s", err);
+    cr_assert(eq(int, spool_writer_start(sp, test_wake, NULL), 0));
+
+    old_failed = put_aged(sp, 8 * 86400, SPOOL_FAILED);
+    old_failed2 = put_aged(sp, 9 * 86400, SPOOL_FAILED);
+    new_failed = put_aged(sp, 86400, SPOOL_FAILED);
+    old_held = put_aged(sp, 30 * 86400, SPOOL_HELD);
+    old_queued = put_aged(sp, 30 * 86400, SPOOL_QUEUED);
+
+    /* max 1: one of the two old failed ones. */
+    cr_assert(eq(int, sched_purge_failed(sp, time(NULL), 7 * 86400, ids, 1, &n), 0));
+    cr_assert(eq(sz, n, 1));
+    cr_expect(ids[0] == old_failed || ids[0] == old_failed2);
+    cr_assert(eq(int, sched_purge_failed(sp, time(NULL), 7 * 86400, ids, 4, &n), 0));
+    cr_assert(eq(sz, n, 1));
+    cr_assert(eq(int, sched_purge_failed(sp, time(NULL), 7 * 86400, ids, 4, &n), 0));
+    cr_expect(eq(sz, n, 0));
+
+    cr_expect(eq(int, spool_msg_get(sp, old_failed, 0, &m), SPOOL_ENOTFOUND));
+    cr_expect(eq(int, spool_msg_get(sp, old_failed2, 0, &m), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, spool_msg_get(sp, new_failed, 0, &m), 0));
+    spool_msg_free(m);
+    cr_assert(eq(int, spool_msg_get(sp, old_held, 0, &m), 0));
+    spool_msg_free(m);
+    cr_assert(eq(int, spool_msg_get(sp, old_queued, 0, &m), 0));
+    spool_msg_free(m);
+
+    spool_writer_stop(sp);
+    spool_writer_reap(sp);
+    spool_close(sp);
+    nftw(tdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
 }

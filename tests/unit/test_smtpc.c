@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "common/authsasl.h"
+#include "common/log.h"
 #include "common/tlsio.h"
 #include "relayd/smtpc.h"
 
@@ -37,6 +38,7 @@ struct fake {
     struct buf *data;  /* the message as received, still dot-stuffed */
     struct buf *lines; /* every command line, "\n"-separated */
     int closed;
+    int max_batch; /* most command lines read from one TLSIO_DATAIN (pipelining) */
 };
 
 struct outcome {
@@ -91,6 +93,8 @@ static void setup(void)
     cr_assert(eq(int, tlsio_global_init(err, sizeof(err)), 0));
     cr_assert(eq(int, authsasl_client_init(err, sizeof(err)), 0));
     cr_assert(eq(int, uv_loop_init(&loop), 0));
+    if (getenv("SMTPC_TEST_VERBOSE") != NULL)
+        log_set_verbose(2);
 }
 
 static void walk_close(uv_handle_t *h, void *arg)
@@ -140,6 +144,10 @@ static void fake_reply(struct fake *f, const char *line)
     f->pos++;
     if (st->reply == NULL)
         return;
+    if (strcmp(st->reply, "CLOSE") == 0) {
+        tlsio_close(f->io, fake_closed, f);
+        return;
+    }
     tlsio_write(f->io, st->reply, strlen(st->reply));
     tlsio_write(f->io, "\r\n", 2);
     if (strcmp(st->expect, "STARTTLS") == 0 && strncmp(st->reply, "220", 3) == 0)
@@ -156,10 +164,13 @@ static void fake_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
     const char *line;
     size_t n, used;
     char text[1024];
+    int batch = 0;
 
     switch (ev) {
     case TLSIO_DATAIN:
         while (!f->closed && (used = buf_getline(tlsio_input(io), &line, &n)) > 0) {
+            if (!f->in_data && ++batch > f->max_batch)
+                f->max_batch = batch;
             snprintf(text, sizeof(text), "%.*s", (int)n, line);
             if (f->in_data) {
                 if (strcmp(text, ".") == 0) {
@@ -667,4 +678,476 @@ Test(smtpc, large_body_in_chunks)
     fake_stop(&f);
     buf_free(body);
     buf_free(want);
+}
+
+/* ---- Sessions: several transactions on one connection ---- */
+
+struct sess {
+    int events[SMTPC_EV_CLOSED + 1];
+    char failed[512];
+    int failed_fault;
+    struct smtpc *c;
+};
+
+static void on_event(void *arg, struct smtpc *c, enum smtpc_event ev,
+                     const struct smtpc_result *res)
+{
+    struct sess *s = arg;
+
+    s->events[ev]++;
+    if (ev == SMTPC_EV_FAILED) {
+        snprintf(s->failed, sizeof(s->failed), "%s", res->reply);
+        s->failed_fault = res->config_fault;
+    }
+    if (ev == SMTPC_EV_CLOSED)
+        s->c = NULL;
+    (void)c;
+}
+
+static void tick(uv_timer_t *t)
+{
+    (void)t;
+}
+
+/* Runs the loop until *flag reaches want.  A 10 ms tick keeps UV_RUN_ONCE from sleeping
+ * in poll until the next long timer after a callback that ran from a timer. */
+static void run_until(int *flag, int want)
+{
+    uv_timer_t t;
+    int i;
+
+    uv_timer_init(&loop, &t);
+    uv_timer_start(&t, tick, 10, 10);
+    for (i = 0; i < 100000 && *flag < want; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    uv_close((uv_handle_t *)&t, NULL);
+    uv_run(&loop, UV_RUN_NOWAIT);
+    cr_assert(ge(int, *flag, want), "the loop ended before the event came");
+}
+
+struct full_outcome {
+    struct outcome o;
+    int throttled, stale, setup;
+    char action[256];
+};
+
+static void on_done_full(void *arg, const struct smtpc_result *res)
+{
+    struct full_outcome *fo = arg;
+
+    on_done(&fo->o, res);
+    fo->throttled = res->throttled;
+    fo->stale = res->stale;
+    fo->setup = res->setup;
+    snprintf(fo->action, sizeof(fo->action), "%s", res->action);
+}
+
+static void session_open(struct sess *s, const struct cfg_upstream *up)
+{
+    memset(s, 0, sizeof(*s));
+    cr_assert(eq(int, smtpc_session_open(&loop, up, NULL, "relay.test", on_event, s, &s->c), 0));
+    run_until(&s->events[SMTPC_EV_READY], 1);
+    cr_assert(eq(int, smtpc_session_idle(s->c), 1));
+}
+
+static void session_send(struct sess *s, const struct smtpc_msg *msg, struct full_outcome *fo)
+{
+    memset(fo, 0, sizeof(*fo));
+    fo->o.nrcpts = msg->nrcpts;
+    cr_assert(eq(int, smtpc_session_send(s->c, msg, on_done_full, fo), 0));
+    cr_assert(eq(int, fo->o.ncalls, 0), "done must not run inside smtpc_session_send()");
+    cr_assert(eq(int, smtpc_session_send(s->c, msg, on_done_full, fo), UV_EBUSY));
+    run_until(&fo->o.ncalls, 1);
+}
+
+static void session_close(struct sess *s)
+{
+    if (s->c != NULL)
+        smtpc_session_quit(s->c);
+    run_until(&s->events[SMTPC_EV_CLOSED], 1);
+    cr_assert(eq(int, s->events[SMTPC_EV_CLOSED], 1));
+}
+
+/* Two messages on one session: pipelined MAIL/RCPT/DATA, RSET before the second, and each
+ * recipient's 2xx/4xx/5xx kept apart. */
+Test(smtpc, session_reuse_pipelining_partial_rcpts)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME"},
+        {"MAIL FROM:<fax@lan> SIZE=3", "250 2.1.0 Ok"},
+        {"RCPT TO:<a@example.com>", "250 2.1.5 Ok"},
+        {"RCPT TO:<b@example.com>", "450 4.2.0 <b@example.com>: mailbox busy"},
+        {"DATA", "354 go"},
+        {".", "250 2.0.0 Ok: queued as ONE"},
+        {"RSET", "250 2.0.0 Ok"},
+        {"MAIL FROM:<> SIZE=3", "250 2.1.0 Ok"},
+        {"RCPT TO:<a@example.com>", "550 5.1.1 <a@example.com>: unknown"},
+        {"RCPT TO:<b@example.com>", "250 2.1.5 Ok"},
+        {"DATA", "354 go"},
+        {".", "250 2.0.0 Ok: queued as TWO"},
+        {"QUIT", "221 2.0.0 Bye"},
+        {NULL, NULL},
+    };
+    struct smtpc_msg m1 = {
+        .id = 1, .sender = "fax@lan", .rcpts = rcpts2, .nrcpts = 2, .body = "x\r\n", .len = 3};
+    struct smtpc_msg m2 = m1;
+    struct cfg_upstream up;
+    struct full_outcome fo;
+    struct sess s;
+    struct fake f;
+
+    m2.id = 2;
+    m2.sender = "";
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    session_open(&s, &up);
+    session_send(&s, &m1, &fo);
+    cr_assert(eq(int, (int)fo.o.status, SMTPC_SENT), "%s", fo.o.reply);
+    cr_assert(eq(int, (int)fo.o.rcpt_status[0], SMTPC_SENT));
+    cr_assert(eq(int, (int)fo.o.rcpt_status[1], SMTPC_DEFER));
+    cr_assert(eq(str, fo.o.rcpt_reply[1], "450 4.2.0 <b@example.com>: mailbox busy"));
+    cr_assert(eq(int, fo.stale, 0));
+    run_until(&s.events[SMTPC_EV_IDLE], 1);
+    cr_assert(eq(int, smtpc_session_count(s.c), 1));
+    session_send(&s, &m2, &fo);
+    cr_assert(eq(int, (int)fo.o.status, SMTPC_SENT), "%s", fo.o.reply);
+    cr_assert(eq(str, fo.o.reply, "250 2.0.0 Ok: queued as TWO"));
+    cr_assert(eq(int, (int)fo.o.rcpt_status[0], SMTPC_FAIL));
+    cr_assert(eq(int, (int)fo.o.rcpt_status[1], SMTPC_SENT));
+    /* RSET, MAIL, two RCPTs and DATA came in one group. */
+    cr_assert(ge(int, f.max_batch, 5), "max batch %d", f.max_batch);
+    session_close(&s);
+    cr_assert(eq(int, f.pos, 13));
+    fake_stop(&f);
+}
+
+/* 421 in the middle of a transaction: the message is deferred as a throttle and the
+ * session closes without waiting. */
+Test(smtpc, session_421_mid_transaction)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250 fake"},
+        {"MAIL FROM:<fax@lan>", "250 Ok"},
+        {"RCPT TO:<a@example.com>", "421 4.7.0 Too many messages, closing connection"},
+        {NULL, NULL},
+    };
+    struct smtpc_msg m = {
+        .id = 1, .sender = "fax@lan", .rcpts = rcpts2, .nrcpts = 1, .body = "x\r\n", .len = 3};
+    struct cfg_upstream up;
+    struct full_outcome fo;
+    struct sess s;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    session_open(&s, &up);
+    session_send(&s, &m, &fo);
+    cr_assert(eq(int, (int)fo.o.status, SMTPC_DEFER));
+    cr_assert(eq(str, fo.o.reply, "421 4.7.0 Too many messages, closing connection"));
+    cr_assert(eq(int, fo.throttled, 1));
+    cr_assert(eq(int, (int)fo.o.rcpt_status[0], SMTPC_DEFER));
+    session_close(&s);
+    cr_assert(eq(int, s.events[SMTPC_EV_IDLE], 0));
+    fake_stop(&f);
+}
+
+/* A reused session that the server dropped: the message is marked stale (retry at once). */
+Test(smtpc, session_stale_after_reuse)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250 fake"},
+        {"MAIL FROM:<fax@lan>", "250 Ok"},
+        {"RCPT TO:<a@example.com>", "250 Ok"},
+        {"DATA", "354 go"},
+        {".", "250 2.0.0 Ok: queued as ONE"},
+        {"RSET", "CLOSE"},
+        {NULL, NULL},
+    };
+    struct smtpc_msg m = {
+        .id = 1, .sender = "fax@lan", .rcpts = rcpts2, .nrcpts = 1, .body = "x\r\n", .len = 3};
+    struct cfg_upstream up;
+    struct full_outcome fo;
+    struct sess s;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    session_open(&s, &up);
+    session_send(&s, &m, &fo);
+    cr_assert(eq(int, (int)fo.o.status, SMTPC_SENT));
+    session_send(&s, &m, &fo);
+    cr_assert(eq(int, (int)fo.o.status, SMTPC_DEFER));
+    cr_assert(eq(int, fo.stale, 1), "%s", fo.o.reply);
+    session_close(&s);
+    fake_stop(&f);
+}
+
+/* Too big for the upstream's SIZE: fails at once with both numbers, nothing is sent, and
+ * the session stays usable. */
+Test(smtpc, size_exceeds_upstream_limit)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250 SIZE 10"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct smtpc_msg m = {.id = 1,
+                          .sender = "fax@lan",
+                          .rcpts = rcpts2,
+                          .nrcpts = 2,
+                          .body = "0123456789012345678\n",
+                          .len = 20};
+    struct cfg_upstream up;
+    struct full_outcome fo;
+    struct sess s;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    session_open(&s, &up);
+    session_send(&s, &m, &fo);
+    cr_assert(eq(int, (int)fo.o.status, SMTPC_FAIL));
+    cr_assert(eq(str, fo.o.reply, "message size 20 exceeds upstream limit 10"));
+    cr_assert(eq(int, (int)fo.o.rcpt_status[1], SMTPC_FAIL));
+    run_until(&s.events[SMTPC_EV_IDLE], 1);
+    session_close(&s);
+    cr_assert_null(strstr(f.lines->data, "MAIL"));
+    fake_stop(&f);
+}
+
+/* A non-ASCII envelope: SMTPUTF8 on MAIL when offered, a clear failure when not. */
+Test(smtpc, smtputf8)
+{
+    static const struct step offered[] = {
+        {"EHLO relay.test", "250-fake\r\n250 SMTPUTF8"},
+        {"MAIL FROM:<fax@lan> SMTPUTF8", "250 Ok"},
+        {"RCPT TO:<j\xc3\xb6rg@example.com>", "250 Ok"},
+        {"DATA", "354 go"},
+        {".", "250 2.0.0 Ok: queued as U8"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    static const struct step missing[] = {
+        {"EHLO relay.test", "250 fake"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    static const char *u8[] = {"j\xc3\xb6rg@example.com", NULL};
+    struct smtpc_msg m = {
+        .id = 1, .sender = "fax@lan", .rcpts = u8, .nrcpts = 1, .body = "x\r\n", .len = 3};
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, offered);
+    up = upstream(f.port, CFG_TLS_NONE);
+    memset(&o, 0, sizeof(o));
+    o.nrcpts = 1;
+    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done, &o, NULL), 0));
+    run_until(&o.ncalls, 1);
+    cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
+    fake_stop(&f);
+
+    fake_start(&f, missing);
+    up = upstream(f.port, CFG_TLS_NONE);
+    memset(&o, 0, sizeof(o));
+    o.nrcpts = 1;
+    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done, &o, NULL), 0));
+    run_until(&o.ncalls, 1);
+    cr_assert(eq(int, (int)o.status, SMTPC_FAIL));
+    cr_assert(
+        eq(str, o.reply,
+           "upstream does not offer SMTPUTF8, needed for the address <j\xc3\xb6rg@example.com>"));
+    fake_stop(&f);
+}
+
+/* Microsoft's SendAsDenied is the relay's fault: deferred (held), never bounced, with the
+ * operator action. */
+Test(smtpc, send_as_denied_is_held)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250 fake"},
+        {"MAIL FROM:<fax@lan>", "250 Ok"},
+        {"RCPT TO:<a@example.com>", "250 Ok"},
+        {"DATA", "354 go"},
+        {".", "554 5.2.252 SendAsDenied; dev@corp.example not allowed to send as fax@lan"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct smtpc_msg m = {
+        .id = 1, .sender = "fax@lan", .rcpts = rcpts2, .nrcpts = 1, .body = "x\r\n", .len = 3};
+    struct cfg_upstream up;
+    struct full_outcome fo;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    memset(&fo, 0, sizeof(fo));
+    fo.o.nrcpts = 1;
+    cr_assert(
+        eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done_full, &fo, NULL), 0));
+    run_until(&fo.o.ncalls, 1);
+    cr_assert(eq(int, (int)fo.o.status, SMTPC_DEFER));
+    cr_assert(eq(int, fo.o.config_fault, 1));
+    cr_assert(eq(int, (int)fo.o.rcpt_status[0], SMTPC_DEFER));
+    cr_assert_not_null(strstr(fo.action, "Send As"), "%s", fo.action);
+    fake_stop(&f);
+}
+
+/* An idle session says QUIT by itself after idle_timeout. */
+Test(smtpc, session_idle_timeout)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250 fake"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct sess s;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    up.idle_timeout = 1;
+    session_open(&s, &up);
+    run_until(&s.events[SMTPC_EV_CLOSED], 1);
+    cr_assert(eq(int, f.pos, 2));
+    fake_stop(&f);
+}
+
+/* A failed set-up is reported once as SMTPC_EV_FAILED (with the fault), then CLOSED. */
+Test(smtpc, session_setup_failure)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250 STARTTLS"},
+        {"STARTTLS", "220 go"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct tlsio_cred *cred;
+    struct sess s;
+    struct fake f;
+    char err[256], path[128];
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_STARTTLS);
+    up.tls_name = "localhost";
+    snprintf(path, sizeof(path), "%s/ca2.pem", dir);
+    cr_assert(eq(int, tlsio_cred_client_new(path, NULL, &cred, err, sizeof(err)), 0));
+    memset(&s, 0, sizeof(s));
+    cr_assert(eq(int, smtpc_session_open(&loop, &up, cred, "relay.test", on_event, &s, &s.c), 0));
+    run_until(&s.events[SMTPC_EV_CLOSED], 1);
+    cr_assert(eq(int, s.events[SMTPC_EV_FAILED], 1));
+    cr_assert(eq(int, s.events[SMTPC_EV_READY], 0));
+    cr_assert(eq(str, s.failed, "TLS: certificate signer not trusted"));
+    cr_assert(eq(int, s.failed_fault, 1));
+    tlsio_cred_free(cred);
+    fake_stop(&f);
+}
+
+/* ---- Probe ---- */
+
+struct probe_log {
+    char steps[4096];
+    int nsteps, nfail;
+    struct full_outcome fo;
+};
+
+static void on_step(void *arg, int ok, const char *text)
+{
+    struct probe_log *pl = arg;
+    size_t used = strlen(pl->steps);
+
+    snprintf(pl->steps + used, sizeof(pl->steps) - used, "%s %s\n", ok ? "ok" : "FAIL", text);
+    pl->nsteps++;
+    pl->nfail += !ok;
+}
+
+static void on_probe_done(void *arg, const struct smtpc_result *res)
+{
+    struct probe_log *pl = arg;
+
+    on_done_full(&pl->fo, res);
+}
+
+static void probe(const struct cfg_upstream *up, const char *ca, struct probe_log *pl)
+{
+    struct tlsio_cred *cred = NULL;
+    char err[256], path[128];
+
+    memset(pl, 0, sizeof(*pl));
+    if (ca != NULL) {
+        snprintf(path, sizeof(path), "%s/%s", dir, ca);
+        cr_assert(eq(int, tlsio_cred_client_new(path, NULL, &cred, err, sizeof(err)), 0));
+    }
+    cr_assert(
+        eq(int, smtpc_probe(&loop, up, cred, "relay.test", on_step, on_probe_done, pl, NULL), 0));
+    run_until(&pl->fo.o.ncalls, 1);
+    uv_run(&loop, UV_RUN_NOWAIT);
+    tlsio_cred_free(cred);
+}
+
+/* Every step reported: resolve, connect, greeting, EHLO, TLS (with the key's pin), AUTH,
+ * QUIT; no MAIL. */
+Test(smtpc, probe_all_steps)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250 STARTTLS"},
+        {"STARTTLS", "220 go"},
+        {"EHLO relay.test", "250-fake\r\n250 AUTH PLAIN"},
+        {"AUTH PLAIN", "235 2.7.0 Authentication successful"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct probe_log pl;
+    struct fake f;
+    char pin[64], err[256], path[128];
+
+    snprintf(path, sizeof(path), "%s/srv.pem", dir);
+    cr_assert(eq(int, tlsio_pin_of_cert_file(path, pin, sizeof(pin), err, sizeof(err)), 0));
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_STARTTLS);
+    up.host = "localhost";
+    up.username = "user";
+    up.password = "secret";
+    up.tls_pin = pin;
+    probe(&up, "ca.pem", &pl);
+    cr_assert(eq(int, (int)pl.fo.o.status, SMTPC_SENT), "%s\n%s", pl.fo.o.reply, pl.steps);
+    cr_assert(eq(int, pl.nfail, 0), "%s", pl.steps);
+    cr_assert_not_null(strstr(pl.steps, "ok resolve localhost"), "%s", pl.steps);
+    cr_assert_not_null(strstr(pl.steps, "ok greeting from "), "%s", pl.steps);
+    cr_assert_not_null(strstr(pl.steps, "matches tls_pin; public key sha256//"), "%s", pl.steps);
+    cr_assert_not_null(strstr(pl.steps, "ok AUTH PLAIN as user: 235"), "%s", pl.steps);
+    cr_assert_not_null(strstr(pl.steps, "ok QUIT: 221 Bye"), "%s", pl.steps);
+    cr_assert_null(strstr(f.lines->data, "MAIL"));
+    fake_stop(&f);
+}
+
+/* A probe refused at AUTH with Microsoft's 5.7.139: failed step, fault, the action. */
+Test(smtpc, probe_auth_disabled)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250 AUTH LOGIN"},
+        {"AUTH LOGIN", "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is "
+                       "disabled for the Tenant"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct probe_log pl;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    up.username = "user";
+    up.password = "secret";
+    up.allow_plaintext_auth = 1;
+    probe(&up, NULL, &pl);
+    cr_assert(eq(int, (int)pl.fo.o.status, SMTPC_DEFER));
+    cr_assert(eq(int, pl.fo.o.config_fault, 1));
+    cr_assert(eq(int, pl.nfail, 1), "%s", pl.steps);
+    cr_assert_not_null(strstr(pl.steps, "FAIL AUTH LOGIN: 535 5.7.139"), "%s", pl.steps);
+    cr_assert_not_null(strstr(pl.fo.action, "Authenticated SMTP"), "%s", pl.fo.action);
+    fake_stop(&f);
 }

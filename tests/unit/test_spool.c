@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -591,6 +592,59 @@ Test(spool, max_bytes)
     spool_close(sp);
 }
 
+/* spool_room() answers as the writer would: max_bytes and the disk reserve. */
+Test(spool, room)
+{
+    struct spool_opts o = {.max_bytes = 3000};
+    struct spool *sp = open_rw(&o);
+
+    cr_assert(eq(int, spool_room(sp, 3000), 0));
+    cr_assert(eq(int, spool_room(sp, 3001), SPOOL_EFULL));
+    cr_assert(eq(int, put_one(sp, spool_id_new(sp), 0, SPOOL_QUEUED, 1000), 0));
+    cr_assert(eq(int, spool_room(sp, 2000), 0));
+    cr_assert(eq(int, spool_room(sp, 2001), SPOOL_EFULL));
+    spool_close(sp);
+    /* A reserve larger than any disk refuses everything, even an empty message. */
+    o = (struct spool_opts){.reserve_bytes = UINT64_MAX / 4};
+    sp = open_rw(&o);
+    cr_assert(eq(int, spool_room(sp, 0), SPOOL_EFULL));
+    cr_assert(eq(int, put_one(sp, spool_id_new(sp), 0, SPOOL_QUEUED, 10), SPOOL_EFULL));
+    spool_close(sp);
+}
+
+/* purge removes failed messages only (optionally only old ones), in one commit, and
+ * keeps the byte count right. */
+Test(spool, purge_failed)
+{
+    struct spool *sp = open_rw(NULL);
+    uint64_t q = spool_id_new(sp), f1 = spool_id_new(sp), f2 = spool_id_new(sp),
+             h = spool_id_new(sp);
+    struct spool_stats st;
+    struct spool_msg *g;
+    size_t n = 99;
+
+    cr_assert(eq(int, put_one(sp, q, 0, SPOOL_QUEUED, 100), 0));
+    cr_assert(eq(int, put_one(sp, f1, 0, SPOOL_QUEUED, 200), 0));
+    cr_assert(eq(int, put_one(sp, f2, 0, SPOOL_QUEUED, 300), 0));
+    cr_assert(eq(int, put_one(sp, h, 0, SPOOL_HELD, 400), 0));
+    cr_assert(eq(int, spool_msg_set_state(sp, f1, SPOOL_FAILED), 0));
+    cr_assert(eq(int, spool_msg_set_state(sp, f2, SPOOL_FAILED), 0));
+    /* Nothing arrived before 1970-01-01T00:00:10Z. */
+    cr_assert(eq(int, spool_purge(sp, SPOOL_FAILED, 10, &n), 0));
+    cr_assert(eq(sz, n, 0));
+    cr_assert(eq(int, spool_purge(sp, 0, 0, &n), -EINVAL));
+    cr_assert(eq(int, spool_purge(sp, SPOOL_FAILED, 0, &n), 0));
+    cr_assert(eq(sz, n, 2));
+    cr_assert(eq(int, spool_msg_get(sp, f1, 0, &g), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, spool_msg_get(sp, f2, 0, &g), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, spool_stats(sp, &st), 0));
+    cr_assert(eq(u64, st.messages, 2));
+    cr_assert(eq(u64, st.bytes, 500));
+    cr_assert(eq(u64, st.by_state[SPOOL_FAILED], 0));
+    cr_assert(eq(int, spool_purge(sp, SPOOL_FAILED, 0, NULL), 0), "nothing left is fine");
+    spool_close(sp);
+}
+
 struct wr {
     struct spool *sp;
     int n;
@@ -732,6 +786,77 @@ Test(spool, readonly_while_writing)
     }
     for (int i = 0; i < 40; i++)
         cr_assert(eq(int, put_one(sp, spool_id_new(sp), 0, SPOOL_QUEUED, 64 << 10), 0));
+    cr_assert(eq(int, waitpid(pid, &status, 0), pid));
+    cr_assert(eq(int, WIFEXITED(status) ? 1 : 0, 1));
+    cr_assert(eq(int, WEXITSTATUS(status), 0));
+    spool_close(sp);
+}
+
+/* A reader without write access to lock.mdb reads unlocked (MDB_NOLOCK) and still sees
+ * consistent data while the writer stores and deletes (recycling pages) underneath. */
+Test(spool, unlocked_reader_while_writing)
+{
+    struct spool_opts o = {.map_bytes = 1 << 20};
+    struct spool *sp;
+    uint64_t first;
+    char path[160];
+    pid_t pid;
+    int status;
+
+    if (geteuid() != 0)
+        cr_skip_test("needs root to drop to another user");
+    sp = open_rw(&o);
+    first = spool_id_new(sp);
+    cr_assert(eq(int, put_one(sp, first, 0, SPOOL_QUEUED, 100), 0));
+    cr_assert(eq(int, chmod(tdir, 0755), 0));
+    cr_assert(eq(int, chmod(sdir, 0755), 0));
+    snprintf(path, sizeof(path), "%s/data.mdb", sdir);
+    cr_assert(eq(int, chmod(path, 0644), 0));
+    snprintf(path, sizeof(path), "%s/lock.mdb", sdir);
+    cr_assert(eq(int, chmod(path, 0644), 0));
+    pid = fork();
+    cr_assert(ne(int, pid, -1));
+    if (pid == 0) {
+        struct spool_opts ro = {.readonly = 1};
+        struct spool *r;
+        char err[256];
+        int bad = 0;
+
+        if (setgid(65534) != 0 || setuid(65534) != 0)
+            _exit(9);
+        if (spool_open(sdir, &ro, &r, err, sizeof(err)) != 0)
+            _exit(10);
+        for (int i = 0; i < 300 && !bad; i++) {
+            struct spool_msg *g;
+            struct spool_stats st;
+            char *body;
+            size_t len;
+            int n = 0;
+
+            if (spool_msg_get(r, first, 0, &g) != 0 || strcmp(g->sender, "fax@lan") != 0)
+                bad = 11;
+            spool_msg_free(g);
+            if (spool_body_get(r, first, &body, &len) != 0 || len != 100)
+                bad = 12;
+            free(body);
+            if (spool_foreach(r, count_cb, &n) != 0 || n < 1)
+                bad = 13;
+            if (spool_stats(r, &st) != 0 || st.messages < 1)
+                bad = 14;
+        }
+        if (spool_msg_set_state(r, first, SPOOL_HELD) != -EROFS)
+            bad = 15;
+        spool_close(r);
+        _exit(bad);
+    }
+    /* Store and delete, so that freed pages are reused while the child reads. */
+    for (int i = 0; i < 60; i++) {
+        uint64_t id = spool_id_new(sp);
+
+        cr_assert(eq(int, put_one(sp, id, 0, SPOOL_QUEUED, 32 << 10), 0));
+        if (i % 2)
+            cr_assert(eq(int, spool_msg_delete(sp, id), 0));
+    }
     cr_assert(eq(int, waitpid(pid, &status, 0), pid));
     cr_assert(eq(int, WIFEXITED(status) ? 1 : 0, 1));
     cr_assert(eq(int, WEXITSTATUS(status), 0));

@@ -107,6 +107,7 @@ struct dialogue {
     uv_tcp_t listener;
     struct tlsio_cred *scred, *ccred;
     const char *servername;
+    const char *pin; /* tls_pin for the client, or NULL */
     int implicit;
     struct side srv, cli;
     int done;
@@ -182,6 +183,7 @@ static void cli_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
     switch (ev) {
     case TLSIO_CONNECTED:
         cr_assert(eq(int, tlsio_read_start(io), 0));
+        cr_assert(eq(int, tlsio_set_pin(io, d->pin), 0));
         if (d->implicit) {
             cr_assert(eq(int, tlsio_starttls(io, d->ccred, 0, d->servername), 0));
             s->step = 1;
@@ -396,4 +398,64 @@ Test(tlsio, close_twice)
     tlsio_close(s.io, side_closed, &s);
     uv_run(&loop, UV_RUN_DEFAULT);
     cr_assert(eq(int, s.closed, 1));
+}
+
+/* ---- Public-key pinning ---- */
+
+/* The pin we compute for a certificate file is certtool's "pin-sha256" for it. */
+Test(tlsio, pin_of_cert_file_matches_certtool)
+{
+    char pin[64], err[256], cmd[512], want[128] = "";
+    FILE *p;
+
+    snprintf(cmd, sizeof(cmd), "%s/srv.pem", dir);
+    cr_assert(eq(int, tlsio_pin_of_cert_file(cmd, pin, sizeof(pin), err, sizeof(err)), 0), "%s",
+              err);
+    snprintf(cmd, sizeof(cmd),
+             "certtool --certificate-info --infile %s/srv.pem | sed -n 's/.*pin-sha256:\\(.*\\)/\\1/p'"
+             " | head -1",
+             dir);
+    cr_assert_not_null(p = popen(cmd, "r"));
+    cr_assert_not_null(fgets(want, sizeof(want), p));
+    pclose(p);
+    want[strcspn(want, "\n")] = '\0';
+    cr_assert(eq(int, strncmp(pin, "sha256//", 8), 0));
+    cr_assert(eq(str, pin + 8, want));
+}
+
+/* The right pin (in a list with a backup pin) lets the handshake finish. */
+Test(tlsio, pin_match)
+{
+    struct dialogue d;
+    char pin[64], list[200], err[256], path[128];
+
+    snprintf(path, sizeof(path), "%s/srv.pem", dir);
+    cr_assert(eq(int, tlsio_pin_of_cert_file(path, pin, sizeof(pin), err, sizeof(err)), 0));
+    snprintf(list, sizeof(list), "sha256/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=; %s", pin);
+    start(&d, "ca.pem", "localhost");
+    d.pin = list;
+    run_until_closed(&d);
+    cr_assert(eq(str, d.cli.err, ""));
+    cr_assert(eq(str, d.cli.got, "pong"));
+    stop(&d);
+}
+
+/* A trusted certificate whose key is not pinned is refused, naming the key it has. */
+Test(tlsio, pin_mismatch)
+{
+    struct dialogue d;
+    char pin[64], want[200], err[256], path[128];
+
+    snprintf(path, sizeof(path), "%s/srv.pem", dir);
+    cr_assert(eq(int, tlsio_pin_of_cert_file(path, pin, sizeof(pin), err, sizeof(err)), 0));
+    start(&d, "ca.pem", "localhost");
+    d.pin = "sha256//AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    d.implicit = 1;
+    run_until_closed(&d);
+    snprintf(want, sizeof(want), "certificate public key does not match tls_pin (server key is %s)",
+             pin);
+    cr_assert(eq(int, d.cli.events[TLSIO_ERROR], 1));
+    cr_assert(eq(int, d.cli.events[TLSIO_TLSREADY], 0));
+    cr_assert(eq(str, d.cli.err, want));
+    stop(&d);
 }

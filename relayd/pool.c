@@ -1,0 +1,763 @@
+/*
+ * pool - the outbound worker pool; see pool.h.
+ *
+ * Per upstream (struct pool_up): the list of sessions (struct pool_conn, one smtpc session
+ * each), a FIFO of requests waiting in memory, a wake-up timer for rate windows and
+ * throttle pauses, and a probe timer while unhealthy.  Every state change (a session ready,
+ * idle, failed or closed; a new request; a window opening) only records what happened and
+ * arms the pool's kick timer; pool_dispatch() then matches queued requests to sessions from
+ * the loop.  So no callback of ours ever runs inside pool_deliver(), and smtpc callbacks
+ * never re-enter smtpc.
+ *
+ * Happy path: pool_deliver() -> queue -> dispatch: idle session? send : open a session (up
+ * to max_connections) -> SMTPC_EV_READY -> dispatch -> smtpc_session_send() -> done ->
+ * the scheduler's done -> SMTPC_EV_IDLE -> dispatch (next message, or idle until
+ * idle_timeout).
+ *
+ * Failure modes: set-up failure with no working session left -> every queued request moves
+ * to its next candidate upstream (or finishes with the failure); configuration fault ->
+ * unhealthy + probe; throttle -> pause; a reused session found stale -> the message is
+ * retried once at the head of the queue, not counted as an attempt.
+ */
+#include "relayd/pool.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/tlsio.h"
+#include "common/xalloc.h"
+#include "relayd/upstream.h"
+
+#define POOL_PROBE_INTERVAL_DEFAULT 60
+/* After a session could not be set up, no new one to that upstream for this long (a
+ * provider refusing extra connections must not see a reconnect storm). */
+#define POOL_REOPEN_DELAY_MS 5000
+
+struct pool_up;
+
+struct pool_req {
+    struct pool *p;
+    const struct cfg_route *route;
+    const struct smtpc_msg *msg;
+    smtpc_done_fn done;
+    void *arg;
+    int cand;                 /* 0: route->upstream, i: route->failover[i - 1] */
+    int retried;              /* retried once after a stale session */
+    struct smtpc_result last; /* why the previous candidate failed (no arrays) */
+    int have_last;
+    struct pool_req *next;
+};
+
+struct pool_conn {
+    struct pool_up *pu;
+    struct smtpc *c;
+    int ready;            /* set-up done */
+    int failed;           /* set-up failed: closing */
+    struct pool_req *req; /* in transit */
+    struct pool_conn *next;
+};
+
+struct pool_up {
+    struct pool *p;
+    const struct cfg_upstream *cfg;
+    struct upstream *u;
+    struct tlsio_cred *cred;
+    struct pool_conn *conns;
+    int nconns, nconnecting;
+    struct pool_req *qhead, *qtail;
+    int nqueued;
+    uint64_t reopen_at; /* no new session before this (after a set-up failure) */
+    uv_timer_t wake;
+    uv_timer_t probe_timer;
+    struct smtpc *probe;
+};
+
+struct pool {
+    uv_loop_t *loop;
+    const struct cfg *cfg;
+    struct pool_up *ups;
+    int nups;
+    int started;
+    uv_timer_t kick;
+    struct pool_req *finished; /* requests to finish from the loop (pool_deliver refusals) */
+    int open_handles;
+    int stopping;
+    void (*stop_done)(void *arg);
+    void *stop_arg;
+    long opened, transactions;
+};
+
+static void pool_kick(struct pool *p);
+
+static uint64_t pool_now(const struct pool *p)
+{
+    return uv_now(p->loop);
+}
+
+static struct pool_up *pool_up_of(struct pool *p, const struct cfg_upstream *up)
+{
+    int i;
+
+    for (i = 0; i < p->nups; i++)
+        if (p->ups[i].cfg == up)
+            return &p->ups[i];
+    return NULL;
+}
+
+static const struct cfg_upstream *cand_up(const struct cfg_route *r, int cand)
+{
+    if (cand == 0)
+        return r->upstream;
+    return cand - 1 < r->nfailover ? r->failover[cand - 1] : NULL;
+}
+
+static int pool_up_ok(const struct pool_up *pu)
+{
+    return pu != NULL && upstream_is_healthy(pu->u);
+}
+
+/* Healthy, within its rates, and not just found unreachable: a message could go now. */
+static int pool_up_ready(const struct pool_up *pu, size_t nrcpts, uint64_t now)
+{
+    const struct pool_conn *conn;
+    int working = 0;
+
+    if (!pool_up_ok(pu) || upstream_rate_wait(pu->u, nrcpts, now, NULL))
+        return 0;
+    for (conn = pu->conns; conn != NULL; conn = conn->next)
+        working += conn->ready && !conn->failed;
+    return working > 0 || pu->reopen_at <= now;
+}
+
+/* ---- Finishing requests ---- */
+
+/* Calls done with res, giving it per-recipient arrays if it has none. */
+static void req_finish(struct pool_req *req, const struct smtpc_result *res)
+{
+    size_t n = req->msg->nrcpts, i;
+    struct smtpc_result r = *res;
+    enum smtpc_status *st = NULL;
+    char **rr = NULL;
+
+    if (r.rcpt_status == NULL) {
+        st = xcalloc(n + 1, sizeof(*st));
+        rr = xcalloc(n + 1, sizeof(*rr));
+        for (i = 0; i < n; i++) {
+            st[i] = r.status;
+            rr[i] = r.reply;
+        }
+        r.rcpt_status = st;
+        r.rcpt_reply = rr;
+    }
+    req->done(req->arg, &r);
+    free(st);
+    free(rr);
+    free(req);
+}
+
+static void req_fail_now(struct pool_req *req, int config_fault, const char *action,
+                         const struct cfg_upstream *up, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static void req_fail_now(struct pool_req *req, int config_fault, const char *action,
+                         const struct cfg_upstream *up, const char *fmt, ...)
+{
+    struct smtpc_result r;
+    va_list ap;
+
+    memset(&r, 0, sizeof(r));
+    r.status = SMTPC_DEFER;
+    r.config_fault = config_fault;
+    r.up = up;
+    snprintf(r.action, sizeof(r.action), "%s", action != NULL ? action : "");
+    va_start(ap, fmt);
+    vsnprintf(r.reply, sizeof(r.reply), fmt, ap);
+    va_end(ap);
+    req_finish(req, &r);
+}
+
+/* Finishes req from the loop with its recorded result (pool_deliver() must not call done). */
+static void req_finish_later(struct pool_req *req)
+{
+    struct pool *p = req->p;
+
+    req->next = p->finished;
+    p->finished = req;
+    pool_kick(p);
+}
+
+/* ---- Queues ---- */
+
+static void queue_push(struct pool_up *pu, struct pool_req *req, int at_head)
+{
+    req->next = NULL;
+    if (at_head) {
+        req->next = pu->qhead;
+        pu->qhead = req;
+        if (pu->qtail == NULL)
+            pu->qtail = req;
+    } else {
+        if (pu->qtail != NULL)
+            pu->qtail->next = req;
+        else
+            pu->qhead = req;
+        pu->qtail = req;
+    }
+    pu->nqueued++;
+}
+
+static struct pool_req *queue_pop(struct pool_up *pu)
+{
+    struct pool_req *req = pu->qhead;
+
+    if (req == NULL)
+        return NULL;
+    pu->qhead = req->next;
+    if (pu->qhead == NULL)
+        pu->qtail = NULL;
+    pu->nqueued--;
+    req->next = NULL;
+    return req;
+}
+
+/*
+ * The candidate req->cand failed (last says why): go on with the next healthy candidate,
+ * or finish with last.
+ */
+static void req_failover(struct pool_req *req, const struct smtpc_result *last)
+{
+    struct pool *p = req->p;
+    const struct cfg_upstream *from = cand_up(req->route, req->cand);
+    int cand;
+
+    if (last != NULL) {
+        req->last = *last;
+        req->last.rcpt_status = NULL;
+        req->last.rcpt_reply = NULL;
+        req->have_last = 1;
+    }
+    if (!p->stopping) {
+        for (cand = req->cand + 1; cand_up(req->route, cand) != NULL; cand++) {
+            struct pool_up *pu = pool_up_of(p, cand_up(req->route, cand));
+            if (!pool_up_ok(pu))
+                continue;
+            log_info("%012llX: upstream %s failed (%s); trying failover upstream %s",
+                     (unsigned long long)req->msg->id, from->name,
+                     req->have_last ? req->last.reply : upstream_reason(pool_up_of(p, from)->u),
+                     pu->cfg->name);
+            req->cand = cand;
+            queue_push(pu, req, 0);
+            pool_kick(p);
+            return;
+        }
+    }
+    if (req->have_last) {
+        req_finish(req, &req->last);
+    } else {
+        struct pool_up *pu = pool_up_of(p, from);
+        req_fail_now(req, 1, upstream_action(pu->u), from, "upstream %s is unhealthy: %s",
+                     from->name, upstream_reason(pu->u));
+    }
+}
+
+/* ---- Health probes ---- */
+
+static void probe_fire(uv_timer_t *t);
+
+static void probe_arm(struct pool_up *pu)
+{
+    int every = pu->p->cfg->upstream_probe_interval;
+
+    if (pu->p->stopping || pu->probe != NULL)
+        return;
+    if (every <= 0)
+        every = POOL_PROBE_INTERVAL_DEFAULT;
+    if (!uv_is_active((uv_handle_t *)&pu->probe_timer))
+        uv_timer_start(&pu->probe_timer, probe_fire, (uint64_t)every * 1000, 0);
+}
+
+static void probe_done(void *arg, const struct smtpc_result *res)
+{
+    struct pool_up *pu = arg;
+
+    pu->probe = NULL;
+    if (pu->p->stopping)
+        return;
+    if (res->status == SMTPC_SENT) {
+        upstream_set_healthy(pu->u, pool_now(pu->p));
+        pool_kick(pu->p);
+        return;
+    }
+    log_info("upstream %s: probe failed: %s", pu->cfg->name, res->reply);
+    /* A new configuration fault replaces the reason; anything else keeps the old one. */
+    if (res->config_fault)
+        upstream_set_unhealthy(pu->u, res->reply, res->action, pool_now(pu->p));
+    probe_arm(pu);
+}
+
+static void probe_fire(uv_timer_t *t)
+{
+    struct pool_up *pu = t->data;
+    int rc;
+
+    if (pu->p->stopping || upstream_is_healthy(pu->u))
+        return;
+    log_debug(1, "upstream %s: probing", pu->cfg->name);
+    rc = smtpc_probe(pu->p->loop, pu->cfg, pu->cred, pu->p->cfg->hostname, NULL, probe_done, pu,
+                     &pu->probe);
+    if (rc < 0) {
+        pu->probe = NULL;
+        log_warn("upstream %s: cannot start a probe: %s", pu->cfg->name, uv_strerror(rc));
+        probe_arm(pu);
+    }
+}
+
+/* A configuration fault: unhealthy, probing, its queue moves on. */
+static void up_fault(struct pool_up *pu, const struct smtpc_result *res)
+{
+    struct pool_req *req;
+
+    upstream_set_unhealthy(pu->u, res->reply, res->action[0] != '\0' ? res->action : NULL,
+                           pool_now(pu->p));
+    probe_arm(pu);
+    while ((req = queue_pop(pu)) != NULL)
+        req_failover(req, res);
+}
+
+/* ---- Sessions ---- */
+
+static void conn_event(void *arg, struct smtpc *c, enum smtpc_event ev,
+                       const struct smtpc_result *res);
+
+static void conn_unlink(struct pool_conn *conn)
+{
+    struct pool_up *pu = conn->pu;
+    struct pool_conn **pp;
+
+    for (pp = &pu->conns; *pp != NULL; pp = &(*pp)->next) {
+        if (*pp == conn) {
+            *pp = conn->next;
+            break;
+        }
+    }
+    pu->nconns--;
+}
+
+static void pool_maybe_stopped(struct pool *p)
+{
+    int i;
+
+    if (!p->stopping || p->open_handles > 0 || p->stop_done == NULL)
+        return;
+    for (i = 0; i < p->nups; i++)
+        if (p->ups[i].nconns > 0 || p->ups[i].probe != NULL)
+            return;
+    {
+        void (*done)(void *) = p->stop_done;
+        p->stop_done = NULL;
+        done(p->stop_arg);
+    }
+}
+
+static void tx_done(void *arg, const struct smtpc_result *res)
+{
+    struct pool_conn *conn = arg;
+    struct pool_up *pu = conn->pu;
+    struct pool *p = pu->p;
+    struct pool_req *req = conn->req;
+
+    conn->req = NULL;
+    if (res->stale && !req->retried && !p->stopping) {
+        /* The reused session had gone stale; nothing was offered: go again, first in line. */
+        log_debug(1, "%012llX: session to %s was stale (%s); retrying on another",
+                  (unsigned long long)req->msg->id, pu->cfg->name, res->reply);
+        req->retried = 1;
+        queue_push(pu, req, 1);
+        pool_kick(p);
+        return;
+    }
+    if (res->throttled)
+        upstream_throttle(pu->u, pool_now(p));
+    else if (res->status == SMTPC_SENT)
+        upstream_throttle_clear(pu->u);
+    if (res->config_fault && !p->stopping) {
+        up_fault(pu, res);
+        req_failover(req, res);
+        return;
+    }
+    req_finish(req, res);
+    pool_kick(p);
+}
+
+static void conn_event(void *arg, struct smtpc *c, enum smtpc_event ev,
+                       const struct smtpc_result *res)
+{
+    struct pool_conn *conn = arg;
+    struct pool_up *pu = conn->pu;
+    struct pool *p = pu->p;
+    struct pool_req *req;
+    struct pool_conn *o;
+    int working = 0;
+
+    (void)c;
+    switch (ev) {
+    case SMTPC_EV_READY:
+        conn->ready = 1;
+        pu->nconnecting--;
+        pool_kick(p);
+        break;
+    case SMTPC_EV_FAILED:
+        conn->failed = 1;
+        pu->nconnecting--;
+        pu->reopen_at = pool_now(p) + POOL_REOPEN_DELAY_MS;
+        log_warn("upstream %s: cannot set up a session: %s%s%s", pu->cfg->name, res->reply,
+                 res->action[0] != '\0' ? "; action: " : "", res->action);
+        if (res->throttled)
+            upstream_throttle(pu->u, pool_now(p));
+        if (res->config_fault && !p->stopping) {
+            up_fault(pu, res);
+            break;
+        }
+        for (o = pu->conns; o != NULL; o = o->next)
+            working += o->ready && !o->failed;
+        /* With no working session left, the queue goes to the failover upstreams (or
+         * finishes); sessions still being set up get new requests as they come. */
+        if (working == 0) {
+            int keep = pu->nconnecting;
+            struct pool_req *kept = NULL, **kt = &kept;
+            while ((req = queue_pop(pu)) != NULL) {
+                if (keep > 0 && cand_up(req->route, req->cand + 1) == NULL) {
+                    /* No failover for it: let a session still being set up try. */
+                    keep--;
+                    *kt = req;
+                    kt = &req->next;
+                    continue;
+                }
+                req_failover(req, res);
+            }
+            while ((req = kept) != NULL) {
+                kept = req->next;
+                queue_push(pu, req, 0);
+            }
+        }
+        pool_kick(p);
+        break;
+    case SMTPC_EV_IDLE:
+        if (!pu->cfg->reuse || p->stopping)
+            smtpc_session_quit(conn->c);
+        else
+            pool_kick(p);
+        break;
+    case SMTPC_EV_CLOSED:
+        if (!conn->ready && !conn->failed)
+            pu->nconnecting--;
+        conn_unlink(conn);
+        free(conn);
+        pool_kick(p);
+        pool_maybe_stopped(p);
+        break;
+    }
+}
+
+static int conn_open(struct pool_up *pu)
+{
+    struct pool_conn *conn = xcalloc(1, sizeof(*conn));
+    int rc;
+
+    conn->pu = pu;
+    rc = smtpc_session_open(pu->p->loop, pu->cfg, pu->cred, pu->p->cfg->hostname, conn_event, conn,
+                            &conn->c);
+    if (rc < 0) {
+        free(conn);
+        return rc;
+    }
+    conn->next = pu->conns;
+    pu->conns = conn;
+    pu->nconns++;
+    pu->nconnecting++;
+    pu->p->opened++;
+    log_debug(1, "upstream %s: opening session %d of at most %d", pu->cfg->name, pu->nconns,
+              pu->cfg->max_connections);
+    return 0;
+}
+
+/* ---- Dispatch ---- */
+
+static void wake_fire(uv_timer_t *t)
+{
+    struct pool_up *pu = t->data;
+
+    pool_kick(pu->p);
+}
+
+static void pool_dispatch_up(struct pool_up *pu)
+{
+    struct pool *p = pu->p;
+    uint64_t now = pool_now(p), wait;
+    struct pool_req *req;
+    struct pool_conn *conn;
+    int rc, maxc = pu->cfg->max_connections > 0 ? pu->cfg->max_connections : 4;
+
+    if (!upstream_is_healthy(pu->u)) {
+        while ((req = queue_pop(pu)) != NULL)
+            req_failover(req, NULL);
+        return;
+    }
+    while ((req = pu->qhead) != NULL) {
+        if (upstream_rate_wait(pu->u, req->msg->nrcpts, now, &wait)) {
+            uv_timer_start(&pu->wake, wake_fire, wait, 0);
+            return;
+        }
+        for (conn = pu->conns; conn != NULL; conn = conn->next)
+            if (conn->ready && !conn->failed && conn->req == NULL && smtpc_session_idle(conn->c))
+                break;
+        if (conn != NULL) {
+            queue_pop(pu);
+            conn->req = req;
+            upstream_rate_take(pu->u, req->msg->nrcpts, now);
+            p->transactions++;
+            rc = smtpc_session_send(conn->c, req->msg, tx_done, conn);
+            if (rc < 0) {
+                conn->req = NULL;
+                queue_push(pu, req, 1);
+                return;
+            }
+            continue;
+        }
+        if (pu->nconns < maxc && pu->nconnecting < pu->nqueued) {
+            if (pu->reopen_at > now) {
+                uv_timer_start(&pu->wake, wake_fire, pu->reopen_at - now, 0);
+                return;
+            }
+            if ((rc = conn_open(pu)) < 0) {
+                queue_pop(pu);
+                req_fail_now(req, 0, NULL, pu->cfg, "cannot start a session to %s: %s",
+                             pu->cfg->name, uv_strerror(rc));
+            }
+            continue;
+        }
+        return;
+    }
+}
+
+static void kick_fire(uv_timer_t *t)
+{
+    struct pool *p = t->data;
+    struct pool_req *req;
+    int i;
+
+    while ((req = p->finished) != NULL) {
+        p->finished = req->next;
+        req_failover(req, NULL);
+    }
+    if (p->stopping)
+        return;
+    for (i = 0; i < p->nups; i++)
+        pool_dispatch_up(&p->ups[i]);
+}
+
+static void pool_kick(struct pool *p)
+{
+    if (p->started && !uv_is_closing((uv_handle_t *)&p->kick))
+        uv_timer_start(&p->kick, kick_fire, 0, 0);
+}
+
+/* ---- Public ---- */
+
+struct pool *pool_new(uv_loop_t *loop, const struct cfg *cfg)
+{
+    struct pool *p = xcalloc(1, sizeof(*p));
+    int i;
+
+    p->loop = loop;
+    p->cfg = cfg;
+    p->nups = cfg->nupstreams;
+    p->ups = xcalloc((size_t)p->nups + 1, sizeof(*p->ups));
+    for (i = 0; i < p->nups; i++) {
+        p->ups[i].p = p;
+        p->ups[i].cfg = &cfg->upstreams[i];
+        p->ups[i].u = upstream_new(&cfg->upstreams[i]);
+    }
+    return p;
+}
+
+int pool_start(struct pool *p, char *err, size_t errlen)
+{
+    char e[256];
+    int i, rc;
+
+    for (i = 0; i < p->nups; i++) {
+        struct pool_up *pu = &p->ups[i];
+        if (pu->cfg->tls == CFG_TLS_NONE)
+            continue;
+        if ((rc = tlsio_cred_client_new(pu->cfg->ca_file, pu->cfg->tls_priority, &pu->cred, e,
+                                        sizeof(e))) != 0) {
+            snprintf(err, errlen, "upstream %s: %s", pu->cfg->name, e);
+            return rc;
+        }
+    }
+    uv_timer_init(p->loop, &p->kick);
+    p->kick.data = p;
+    p->open_handles = 1;
+    for (i = 0; i < p->nups; i++) {
+        struct pool_up *pu = &p->ups[i];
+        uv_timer_init(p->loop, &pu->wake);
+        uv_timer_init(p->loop, &pu->probe_timer);
+        pu->wake.data = pu;
+        pu->probe_timer.data = pu;
+        p->open_handles += 2;
+    }
+    p->started = 1;
+    return 0;
+}
+
+int pool_deliver(struct pool *p, const struct cfg_route *route, const struct smtpc_msg *msg,
+                 smtpc_done_fn done, void *arg)
+{
+    struct pool_req *req;
+    struct pool_up *first_ok = NULL, *pu;
+    int cand, first_cand = 0;
+    uint64_t now = pool_now(p);
+
+    if (p->stopping || !p->started)
+        return UV_ECANCELED;
+    if (route == NULL || route->upstream == NULL || pool_up_of(p, route->upstream) == NULL)
+        return UV_EINVAL;
+    req = xcalloc(1, sizeof(*req));
+    req->p = p;
+    req->route = route;
+    req->msg = msg;
+    req->done = done;
+    req->arg = arg;
+    /* The first healthy candidate that can send now; else the first healthy one (wait). */
+    for (cand = 0; cand_up(route, cand) != NULL; cand++) {
+        pu = pool_up_of(p, cand_up(route, cand));
+        if (!pool_up_ok(pu))
+            continue;
+        if (first_ok == NULL) {
+            first_ok = pu;
+            first_cand = cand;
+        }
+        if (pool_up_ready(pu, msg->nrcpts, now)) {
+            first_ok = pu;
+            first_cand = cand;
+            break;
+        }
+    }
+    if (first_ok == NULL) {
+        /* Every candidate is unhealthy: finish from the loop with the primary's reason. */
+        req->cand = 0;
+        req_finish_later(req);
+        return 0;
+    }
+    req->cand = first_cand;
+    queue_push(first_ok, req, 0);
+    pool_kick(p);
+    return 0;
+}
+
+int pool_would_accept(struct pool *p, const struct cfg_route *route)
+{
+    uint64_t now = pool_now(p);
+    int cand;
+
+    if (p->stopping || route == NULL)
+        return 0;
+    for (cand = 0; cand_up(route, cand) != NULL; cand++) {
+        struct pool_up *pu = pool_up_of(p, cand_up(route, cand));
+        if (pool_up_ok(pu) && !upstream_rate_wait(pu->u, 1, now, NULL))
+            return 1;
+    }
+    return 0;
+}
+
+static void kick_closed(uv_handle_t *h)
+{
+    struct pool *p = h->data;
+
+    p->open_handles--;
+    pool_maybe_stopped(p);
+}
+
+static void up_timer_closed(uv_handle_t *h)
+{
+    struct pool_up *pu = h->data;
+
+    pu->p->open_handles--;
+    pool_maybe_stopped(pu->p);
+}
+
+void pool_stop(struct pool *p, void (*done)(void *arg), void *arg)
+{
+    struct pool_req *req;
+    struct pool_conn *conn, *next;
+    int i;
+
+    p->stopping = 1;
+    p->stop_done = done;
+    p->stop_arg = arg;
+    while ((req = p->finished) != NULL) {
+        p->finished = req->next;
+        req_fail_now(req, 0, NULL, cand_up(req->route, req->cand),
+                     "delivery aborted (shutting down)");
+    }
+    for (i = 0; i < p->nups; i++) {
+        struct pool_up *pu = &p->ups[i];
+        while ((req = queue_pop(pu)) != NULL)
+            req_fail_now(req, 0, NULL, pu->cfg, "delivery aborted (shutting down)");
+        for (conn = pu->conns; conn != NULL; conn = next) {
+            next = conn->next;
+            if (conn->req != NULL || !conn->ready)
+                smtpc_session_abort(conn->c); /* tx_done runs now */
+            else
+                smtpc_session_quit(conn->c);
+        }
+        if (pu->probe != NULL)
+            smtpc_abort(pu->probe); /* probe_done runs now */
+        if (p->started) {
+            uv_close((uv_handle_t *)&pu->wake, up_timer_closed);
+            uv_close((uv_handle_t *)&pu->probe_timer, up_timer_closed);
+        }
+    }
+    if (p->started)
+        uv_close((uv_handle_t *)&p->kick, kick_closed);
+    pool_maybe_stopped(p);
+}
+
+void pool_free(struct pool *p)
+{
+    int i;
+
+    if (p == NULL)
+        return;
+    for (i = 0; i < p->nups; i++) {
+        tlsio_cred_free(p->ups[i].cred);
+        upstream_free(p->ups[i].u);
+    }
+    free(p->ups);
+    free(p);
+}
+
+struct upstream *pool_upstream(struct pool *p, const struct cfg_upstream *up)
+{
+    struct pool_up *pu = pool_up_of(p, up);
+
+    return pu != NULL ? pu->u : NULL;
+}
+
+void pool_get_stats(const struct pool *p, struct pool_stats *st)
+{
+    const struct pool_conn *conn;
+    int i;
+
+    memset(st, 0, sizeof(*st));
+    for (i = 0; i < p->nups; i++) {
+        st->sessions += p->ups[i].nconns;
+        st->queued += p->ups[i].nqueued;
+        for (conn = p->ups[i].conns; conn != NULL; conn = conn->next)
+            st->idle += conn->ready && conn->req == NULL && smtpc_session_idle(conn->c);
+    }
+    st->opened = p->opened;
+    st->transactions = p->transactions;
+}

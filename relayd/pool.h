@@ -1,0 +1,89 @@
+/*
+ * pool - the outbound worker pool: sessions to every upstream, reused across messages, with
+ * limits, failover, rate shaping, throttling and health (relayd/upstream.h).
+ *
+ * For each upstream: at most max_connections sessions (smtpc_session_open()); a message
+ * goes to an idle session of its upstream if there is one (RSET first), else to a new
+ * session while under the limit, else it waits in memory, first in first out.  An idle
+ * session says QUIT after idle_timeout (reuse = no: after every message).  A message over
+ * the upstream's rate (max_messages_per_minute, max_recipients_per_day) or during a
+ * throttle pause waits in that queue until the window opens; pool_would_accept() tells the
+ * scheduler to leave further mail in the spool meanwhile.
+ *
+ * Failover: a route's upstream, then its failover list in order.  The next one is tried
+ * when a session cannot be set up (resolve, connect, greeting, EHLO, TLS, AUTH: including
+ * 4xx at connect or AUTH), when the upstream reports a configuration fault, or when it is
+ * unhealthy to begin with.  Nothing is retried elsewhere once a message was offered (MAIL
+ * sent on a working session), except after a configuration fault.
+ *
+ * Health: a configuration fault (res->config_fault: TLS verification or pin, AUTH refused,
+ * "send as denied", ...) marks the upstream unhealthy with the reason and the provider
+ * table's action (logged by upstream.c); its queued mail moves to a failover upstream or
+ * finishes with SMTPC_DEFER + config_fault; every [relayd] upstream_probe_interval an
+ * smtpc_probe() runs, and its success makes the upstream healthy again.  A throttling
+ * reply (res->throttled) pauses the whole upstream (upstream_throttle()).
+ *
+ * Errors: negative UV_E* returns; OOM dies.  Ownership: pool_new() allocates; pool_free()
+ * releases, after pool_stop() has called its done.  State is in memory only.
+ */
+#ifndef RELAYD_POOL_H
+#define RELAYD_POOL_H
+
+#include <stddef.h>
+#include <uv.h>
+
+#include "config/cfg.h"
+#include "relayd/smtpc.h"
+
+struct pool;
+struct upstream;
+
+/* cfg must outlive the pool; helo is cfg->hostname. */
+struct pool *pool_new(uv_loop_t *loop, const struct cfg *cfg);
+/* Loads the TLS client credentials of every upstream (ca_file or the system store, the
+ * tls_priority); 0, or negative with "upstream NAME: why" in err. */
+int pool_start(struct pool *p, char *err, size_t errlen);
+
+/*
+ * Delivers msg on route (route->upstream, then route->failover[] in order; see above).
+ * Contract, the same as smtpc_deliver()'s:
+ *   - returns 0 and calls done(arg, res) exactly once, always from the loop (never inside
+ *     this call) or synchronously from pool_stop(); or returns a negative UV_E* (UV_ECANCELED
+ *     while stopping) and never calls done;
+ *   - msg and everything it points to must stay valid until done has run;
+ *   - res and its arrays are valid only during the call; res->rcpt_status/rcpt_reply have
+ *     msg->nrcpts entries; res->up names the upstream that produced the result (it differs
+ *     from route->upstream after a failover);
+ *   - res->config_fault = 1: the relay's configuration is at fault (TLS verification, AUTH,
+ *     "send as denied", the upstream unhealthy); do not count the attempt; res->action says
+ *     what the administrator must do (also for other known provider replies), "" if nothing;
+ *   - res->throttled = 1: the upstream asked us to slow down; it is paused.
+ */
+int pool_deliver(struct pool *p, const struct cfg_route *route, const struct smtpc_msg *msg,
+                 smtpc_done_fn done, void *arg);
+
+/* 0 when every upstream of route is unhealthy, throttled or at its rate limit (leave the
+ * mail in the spool), or the pool is stopping; else 1. */
+int pool_would_accept(struct pool *p, const struct cfg_route *route);
+
+/*
+ * Stops: every message queued or in transit gets done(SMTPC_DEFER, "delivery aborted
+ * (shutting down)") before this returns (they stay queued in the spool); idle sessions say
+ * QUIT; done(arg) runs from the loop once every handle is closed.
+ */
+void pool_stop(struct pool *p, void (*done)(void *arg), void *arg);
+void pool_free(struct pool *p);
+
+/* The run-time state of up (health, rates), for logs and relayctl; NULL if unknown. */
+struct upstream *pool_upstream(struct pool *p, const struct cfg_upstream *up);
+/* Counters for tests and stats. */
+struct pool_stats {
+    int sessions;      /* open or opening */
+    int idle;          /* idle sessions */
+    int queued;        /* messages waiting in memory */
+    long opened;       /* sessions opened since start */
+    long transactions; /* messages handed to sessions since start */
+};
+void pool_get_stats(const struct pool *p, struct pool_stats *st);
+
+#endif

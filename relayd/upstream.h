@@ -1,0 +1,95 @@
+/*
+ * upstream - what relayd knows about each upstream at run time: health, rate shaping,
+ * throttle back-off, and the table that turns a provider's reply into an operator action.
+ *
+ * Health: an upstream is unhealthy after a fault of the relay's own configuration
+ * (authentication refused, TLS verification or pin failed, "send as denied"): its mail is
+ * held in the spool without burning attempts, the reason and the action stay here for logs
+ * and relayctl, and a probe (smtpc_probe(), run by the pool every
+ * [relayd] upstream_probe_interval) makes it healthy again by itself.
+ *
+ * Rate shaping (max_messages_per_minute: a sliding 60 s window of send times;
+ * max_recipients_per_day: a rolling 24 h window in one-minute buckets) and throttling (a
+ * 421 or a 4xx "slow down" pauses the whole upstream for 60 s, doubling up to an hour,
+ * until a message gets through) are kept in memory only: after a restart the windows start
+ * empty.  XXX: a restart inside a provider's 24 h window may exceed its daily quota.
+ *
+ * Every function that depends on time takes now_ms (a monotonic clock in milliseconds,
+ * uv_now() in the daemon) so tests control the clock.
+ *
+ * Errors: none expected; OOM dies in xmalloc().  Ownership: upstream_new() allocates,
+ * upstream_free() releases; strings returned point into the upstream and stay valid until
+ * the next call that changes its health.
+ */
+#ifndef RELAYD_UPSTREAM_H
+#define RELAYD_UPSTREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config/cfg.h"
+
+/* First pause after a throttling reply, and the cap of its doubling. */
+#define UPSTREAM_THROTTLE_FIRST_MS (60 * 1000)
+#define UPSTREAM_THROTTLE_MAX_MS (3600 * 1000)
+
+struct upstream;
+
+/* What a reply means beyond its code; see upstream_reply_classify(). */
+struct upstream_reply_info {
+    const char *action; /* what the operator must do, or NULL */
+    int config_fault;   /* 1: the relay's configuration is at fault, not the message */
+    int throttle;       /* 1: the upstream asks us to slow down (all workers) */
+};
+
+/*
+ * Looks reply ("535 5.7.139 Authentication unsuccessful...", possibly prefixed as in
+ * smtpc's results, e.g. "AUTH LOGIN: 535 ...") up in the provider table.  Fills *info
+ * (zeroes when nothing matches) and returns 1 when a table row matched, else 0.  A reply
+ * code 421, or a 4xx that speaks of rates or limits, is a throttle even without a row.
+ */
+int upstream_reply_classify(const char *reply, struct upstream_reply_info *info);
+/* The operator action for reply, or NULL: upstream_reply_classify()'s action. */
+const char *upstream_reply_action(const char *reply);
+
+struct upstream *upstream_new(const struct cfg_upstream *cfg);
+struct upstream *upstream_free(struct upstream *u); /* returns NULL; NULL is fine */
+const struct cfg_upstream *upstream_cfg(const struct upstream *u);
+
+/* ---- Health ---- */
+int upstream_is_healthy(const struct upstream *u);
+/* Marks u unhealthy (reason and action copied; action may be NULL); logs a warning saying
+ * what the administrator must fix when the state or the reason changes. */
+void upstream_set_unhealthy(struct upstream *u, const char *reason, const char *action,
+                            uint64_t now_ms);
+/* Marks u healthy again (logs once when it was not). */
+void upstream_set_healthy(struct upstream *u, uint64_t now_ms);
+const char *upstream_reason(const struct upstream *u); /* "" when healthy */
+const char *upstream_action(const struct upstream *u); /* "" when none */
+
+/* ---- Throttling ---- */
+/* The upstream asked us to slow down: pause it (first 60 s, doubling up to 1 h). */
+void upstream_throttle(struct upstream *u, uint64_t now_ms);
+/* A message went through: the next throttle starts at 60 s again. */
+void upstream_throttle_clear(struct upstream *u);
+/* 0 when not paused, else the time the pause ends. */
+uint64_t upstream_paused_until(const struct upstream *u, uint64_t now_ms);
+
+/* ---- Rate shaping ---- */
+/* 0: a message with nrcpts recipients may go now.  1: it must wait; *wait_ms (if not NULL)
+ * says how long until the windows (or the throttle pause) may let it go.  A message alone
+ * bigger than the daily limit goes when the day's window is empty, rather than never. */
+int upstream_rate_wait(const struct upstream *u, size_t nrcpts, uint64_t now_ms, uint64_t *wait_ms);
+/* Counts a message with nrcpts recipients as sent now (call when it is handed over). */
+void upstream_rate_take(struct upstream *u, size_t nrcpts, uint64_t now_ms);
+/* Messages in the last minute and recipients in the last 24 hours. */
+void upstream_rate_usage(const struct upstream *u, uint64_t now_ms, int *msgs_minute,
+                         long *rcpts_day);
+
+/* ---- Summary ---- */
+/* One line for logs and relayctl: "healthy", "healthy, paused for 60s after throttling",
+ * "unhealthy since 120s: AUTH PLAIN: 535 ...; action: ...", with rate usage when limited.
+ * Returns the length written (snprintf semantics). */
+int upstream_status(const struct upstream *u, uint64_t now_ms, char *out, size_t outlen);
+
+#endif

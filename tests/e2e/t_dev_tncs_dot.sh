@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# t_dev_tncs_dot: the TNCS quirk "no CRLF before the final dot".  Some firmware ends DATA
+# with "<last line>.\r\n" (the dot glued to the last line) or "<last line>\n.\r\n" (bare
+# LF).  The bare-LF form must end the message at once; the glued form must not leave the
+# device hanging: relayd must answer and the alarm must arrive within the data timeout.
+source "$(dirname "$0")/lib.sh"
+
+start_postfix_upstream
+write_relayd_conf "$T/relayd.conf"
+relayd_conf_add "$T/relayd.conf" "listener lan" "data_timeout = 5s"
+start_relayd "$T/relayd.conf"
+
+say "1: bare LF before the final dot"
+smtp_dialogue <<'S' || fail "bare LF before the dot was not taken as the end of DATA"
+< 220
+> HELO TNCS-SERVER
+< 250
+> MAIL FROM: < alarm@example.net >
+< 250
+> RCPT To: < user@example.net >
+< 250
+> DATA
+< 354
+>raw To: user@example.net\r\nFrom: alarm@example.net\r\nSubject: TNCS lf dot\r\n\r\nALARM 7 lf\n.\r\n
+< 250
+> QUIT
+< 221
+S
+f=$(wait_for_subject "TNCS lf dot" 30) || fail "the bare-LF alarm did not arrive"
+printf 'ALARM 7 lf\n' > "$T/want1.body"
+assert_body "$f" "$T/want1.body"
+assert_repaired "$f"
+
+say "2: the dot glued to the last line, then silence (the device waits for 250)"
+smtp_dialogue --timeout 12 <<'S' || fail "relayd left a glued final dot unanswered (known TNCS quirk)"
+< 220
+> HELO TNCS-SERVER
+< 250
+> MAIL FROM: < alarm@example.net >
+< 250
+> RCPT To: < user@example.net >
+< 250
+> DATA
+< 354
+>raw To: user@example.net\r\nFrom: alarm@example.net\r\nSubject: TNCS glued dot\r\n\r\nALARM 8 glued.\r\n
+< 250
+> QUIT
+< 221
+S
+f=$(wait_for_subject "TNCS glued dot" 30) || fail "the glued-dot alarm did not arrive"
+grep -q '^ALARM 8 glued' "$f" || fail "the glued-dot alarm lost its text"
+pass
