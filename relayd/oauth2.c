@@ -1790,6 +1790,30 @@ static int cli_token(const struct cfg *cfg, const struct cfg_upstream *up)
     return 0;
 }
 
+int oauth2_probe_token(uv_loop_t *loop, const struct cfg *cfg, const struct cfg_upstream *up,
+                       struct oauth2 **out, char *text, size_t textlen)
+{
+    struct cli_get g = {0, 0, ""};
+    int i;
+
+    *out = oauth2_new(loop, cfg);
+    ensure_started(*out);
+    if (oauth2_token_get(*out, up, cli_got, &g) != 0) {
+        snprintf(text, textlen, "oauth2: upstream %s does not use OAuth 2.0", up->name);
+        return -1;
+    }
+    for (i = 0; i < 600 && !g.done; i++)
+        uv_run(loop, UV_RUN_ONCE);
+    if (!g.ok) {
+        snprintf(text, textlen, "%s", g.err[0] ? g.err : "oauth2: no answer");
+        return -1;
+    }
+    snprintf(text, textlen, "oauth2: token ok (grant %s, %s as %s, expires in %ld s)",
+             grant_name(up->grant), oauth2_mechanism(up), up->username,
+             oauth2_token_ttl(*out, up));
+    return 0;
+}
+
 /* One blocking POST for the device flow; 0 with the parsed JSON in *j (any status). */
 static int cli_post(const struct cfg_upstream *up, const char *url, const char *post,
                     long *status, struct oauth2_json **j, char *err, size_t errlen)

@@ -82,6 +82,16 @@ int oauth2_token_get(struct oauth2 *o, const struct cfg_upstream *up, oauth2_tok
 /* Seconds the current token of up still has, or -1 when there is none.  For reports. */
 long oauth2_token_ttl(struct oauth2 *o, const struct cfg_upstream *up);
 
+/*
+ * For relayctl test-upstream: creates a manager on loop (it becomes oauth2_instance(), so
+ * smtpc_probe() on the same loop finds the token), runs the loop until up has a token or
+ * the attempt failed, and puts the step's line in text ("oauth2: token ok (grant
+ * client_credentials, XOAUTH2 as a@b, expires in 3599 s)" or the reason).  0 or -1; either
+ * way *out must later get oauth2_stop() (then run the loop) and oauth2_free().
+ */
+int oauth2_probe_token(uv_loop_t *loop, const struct cfg *cfg, const struct cfg_upstream *up,
+                       struct oauth2 **out, char *text, size_t textlen);
+
 /* "XOAUTH2" or "OAUTHBEARER" for auth = xoauth2 | oauthbearer, else NULL. */
 const char *oauth2_mechanism(const struct cfg_upstream *up);
 

@@ -13,11 +13,12 @@
  * Failure modes: 4xx, network and TLS failures defer with exponential backoff; 5xx fails
  * the recipients concerned, and a notification (bounce.c) for just those goes to the sender
  * or bounce_to as a new message with the null sender; a message older than max_lifetime
- * fails as expired, likewise.  Faults of the relay's own configuration (smtpc's
- * config_fault: TLS verification, AUTH refused) only wait: no attempt counted, no expiry,
- * no bounce; the upstream is marked faulty, the administrator is told once, and from then
- * on one message per upstream_probe_interval tries it (the probe) while the others wait
- * without connecting.  A message whose recipients have no route any more is held.
+ * fails as expired, likewise.  Faults of the relay's own configuration (the result's
+ * config_fault: TLS verification, AUTH refused, "send as denied") and slow-down replies
+ * only wait: no attempt counted, no expiry, no bounce.  The pool (relayd/pool.c) marks
+ * such an upstream unhealthy, tells the administrator, and probes it; meanwhile
+ * pool_would_accept() says no and the mail stays in the spool without connecting.  A
+ * message whose recipients have no route any more is held.
  *
  * A delivery (struct sched_delivery) lives from its start until the round is over and
  * every spool write it made is durable; until then spool_due() may still show the message
@@ -35,7 +36,10 @@
 #include "common/tlsio.h"
 #include "common/xalloc.h"
 #include "relayd/bounce.h"
+#include "relayd/pool.h"
+#include "relayd/rewrite.h"
 #include "relayd/smtpc.h"
+#include "relayd/upstream.h"
 
 #define SCHED_TICK_MS 1000
 #define SCHED_PURGE_EVERY 60 /* seconds between looks for FAILED mail past failed_retention */
@@ -61,7 +65,11 @@ struct sched_delivery {
     size_t *rcpt_index;
     size_t nrcpts;
     struct smtpc_msg m; /* what smtpc delivers; must live until its done callback */
-    struct smtpc *client;
+    /* The group's rewriting (relayd/rewrite.h), owned; NULL when nothing was rewritten: */
+    char *rw_sender;    /* envelope sender per the route */
+    char *rw_body;      /* message with From:/Reply-To: rewritten */
+    size_t rw_len;
+    char **rw_rcpts;    /* per group slot: recipient per recipient_map */
     char result[768]; /* attempt-log line of the last group delivered, "" when none */
     const char *result_up;
     char last_error[512];
@@ -73,21 +81,13 @@ struct sched_delivery {
     struct sched_delivery *next;
 };
 
-/* What the scheduler knows about an upstream (memory only: a restart forgets it). */
-struct sched_up {
-    int fault;          /* the last attempt failed by a config fault */
-    int probing;        /* a delivery to it is under way while fault is set */
-    int64_t next_probe; /* when fault: the earliest time to try it again */
-    char reason[512];
-};
-
 struct sched {
     uv_loop_t *loop;
     const struct cfg *cfg;
     struct spool *sp;
     uv_timer_t timer;
-    struct tlsio_cred **creds; /* per upstream, NULL for tls = none */
-    struct sched_up *ups;      /* per upstream */
+    struct pool *pool;         /* sessions to the upstreams (relayd/pool.h) */
+    int pool_open;             /* pool_stop() has not finished yet */
     struct sched_delivery *active;
     int nactive;
     int stopping;
@@ -134,14 +134,60 @@ static int sched_in_delivery(const struct sched *sc, uint64_t id)
     return 0;
 }
 
-static int sched_upstream_index(const struct sched *sc, const struct cfg_upstream *up)
+/* The route of recipient i: sender, recipient, client address and listener all count. */
+static const struct cfg_route *sched_route(const struct cfg *cfg, const struct spool_msg *msg,
+                                           size_t i)
 {
-    return (int)(up - sc->cfg->upstreams);
+    return cfg_route_match(cfg, msg->sender, msg->rcpts[i].addr, msg->client, msg->listener);
+}
+
+/*
+ * Applies route's rewriting to the group in d: the envelope sender (rewrite_sender[_map]),
+ * explicitly mapped recipients (recipient_map) and, with rewrite_from, the From: and
+ * Reply-To: headers.  Fills d->m's sender and body; d->rcpts slots may then point to
+ * d->rw_rcpts.  Everything it allocates is freed here on the next group or with d.
+ */
+static void sched_rewrite(struct sched_delivery *d, const struct cfg_route *route)
+{
+    const struct spool_msg *msg = d->msg;
+    char qid[17];
+    size_t i;
+
+    spool_id_str(msg->id, qid);
+    d->rw_sender = (free(d->rw_sender), NULL);
+    d->rw_body = (free(d->rw_body), NULL);
+    d->m.sender = msg->sender;
+    d->m.body = d->body;
+    d->m.len = d->len;
+    for (i = 0; i < d->nrcpts; i++) {
+        d->rw_rcpts[i] = (free(d->rw_rcpts[i]), NULL);
+        if (rewrite_recipient(route, d->rcpts[i], &d->rw_rcpts[i])) {
+            log_info("%s: orig_to=<%s> to=<%s> route=%s: recipient_map", qid, d->rcpts[i],
+                     d->rw_rcpts[i], route->name);
+            d->rcpts[i] = d->rw_rcpts[i];
+        }
+    }
+    if (!rewrite_envelope(route, msg->sender, &d->rw_sender))
+        return;
+    d->m.sender = d->rw_sender;
+    if (rewrite_wants_headers(route)) {
+        struct buf *b = buf_new(0);
+
+        if (rewrite_headers(route, msg->sender, d->rw_sender, d->body, d->len, b) == 1)
+            d->rw_body = buf_steal(b, &d->rw_len);
+        buf_free(b);
+        if (d->rw_body != NULL) {
+            d->m.body = d->rw_body;
+            d->m.len = d->rw_len;
+        }
+    }
+    log_info("%s: orig_from=<%s> from=<%s> route=%s%s", qid, msg->sender, d->rw_sender,
+             route->name, d->rw_body != NULL ? " header=From,Reply-To" : "");
 }
 
 static void sched_maybe_stopped(struct sched *sc)
 {
-    if (sc->stopping && sc->nactive == 0 && !sc->timer_open && !sc->purging &&
+    if (sc->stopping && sc->nactive == 0 && !sc->timer_open && !sc->purging && !sc->pool_open &&
         sc->stop_done != NULL) {
         void (*done)(void *) = sc->stop_done;
         sc->stop_done = NULL;
@@ -164,6 +210,7 @@ static struct sched_delivery *sched_delivery_new(struct sched *sc, struct spool_
     d->when = xcalloc(n, sizeof(*d->when));
     d->rcpts = xcalloc(n, sizeof(*d->rcpts));
     d->rcpt_index = xcalloc(n, sizeof(*d->rcpt_index));
+    d->rw_rcpts = xcalloc(n, sizeof(*d->rw_rcpts));
     d->next = sc->active;
     sc->active = d;
     sc->nactive++;
@@ -185,6 +232,11 @@ static void sched_delivery_free(struct sched_delivery *d)
     sc->nactive--;
     for (i = 0; i < d->msg->nrcpts; i++)
         free(d->reply[i]);
+    for (i = 0; i < d->msg->nrcpts; i++)
+        free(d->rw_rcpts[i]);
+    free(d->rw_rcpts);
+    free(d->rw_sender);
+    free(d->rw_body);
     spool_msg_free(d->msg);
     free(d->body);
     free(d->tried);
@@ -368,7 +420,7 @@ static void sched_round_finish(struct sched_delivery *d)
         if (!d->tried[i]) {
             if (msg->rcpts[i].status != SPOOL_RCPT_PENDING)
                 continue;
-            if (cfg_route_find(cfg, msg->sender, msg->rcpts[i].addr) != NULL)
+            if (sched_route(cfg, msg, i) != NULL)
                 pending_routed++; /* not reached: shutdown came first */
             else
                 pending_noroute++;
@@ -443,15 +495,11 @@ static void sched_round_finish(struct sched_delivery *d)
             next = now + sched_backoff_factor(msg->attempts + d->counted, cfg->retry_first,
                                               cfg->retry_factor, cfg->retry_max, (unsigned)rand());
         if (pending_fault > 0) {
-            const struct sched_up *su = NULL;
-            for (i = 0; i < msg->nrcpts && su == NULL; i++)
-                if (d->tried[i] && d->fault[i] && d->at[i] != NULL)
-                    su = &sc->ups[sched_upstream_index(sc, d->at[i])];
-            /* Due again at the upstream's next probe (or one interval on); a little jitter
-             * so that the first one due is the probe and the rest see its outcome. */
-            int64_t t = su != NULL && su->next_probe > now ? su->next_probe
-                                                           : now + cfg->upstream_probe_interval;
-            t += rand() % 3;
+            /* The pool probes an unhealthy upstream every upstream_probe_interval and a
+             * paused one opens again within a minute: look again then, with a little
+             * jitter so that waiting mail does not move in lock step. */
+            int64_t t = now + (cfg->upstream_probe_interval < 60 ? cfg->upstream_probe_interval
+                                                                 : 60) + rand() % 3;
             next = t < next ? t : next;
         }
         if (pending_routed > 0)
@@ -513,40 +561,6 @@ static const char *sched_status_word(enum smtpc_status st)
     return st == SMTPC_SENT ? "sent" : st == SMTPC_FAIL ? "bounced" : "deferred";
 }
 
-/* The relay's own configuration failed at up: tell the administrator once per upstream. */
-static void sched_up_result(struct sched *sc, const struct cfg_upstream *up,
-                            const struct smtpc_result *res)
-{
-    struct sched_up *su = &sc->ups[sched_upstream_index(sc, up)];
-
-    su->probing = 0;
-    if (res->config_fault) {
-        if (!su->fault || strcmp(su->reason, res->reply) != 0)
-            log_warn("upstream %s: %s; this is the relay's configuration, not the mail: %s. "
-                     "Its mail stays queued without using up attempts; one message tries "
-                     "again every %ds",
-                     up->name, res->reply,
-                     res->action[0] != '\0'
-                         ? res->action
-                         : "check the upstream's credentials and TLS settings (username, "
-                           "password_file, ca_file, tls_name)",
-                     sc->cfg->upstream_probe_interval);
-        su->fault = 1;
-        snprintf(su->reason, sizeof su->reason, "%s", res->reply);
-        su->next_probe = (int64_t)time(NULL) + sc->cfg->upstream_probe_interval;
-    } else if (su->fault) {
-        log_info("upstream %s: works again; delivering the mail that waited for it", up->name);
-        su->fault = 0;
-    }
-}
-
-/* The upstream failed by the relay's own fault and it is not time for the next probe (or
- * the probe is under way): do not connect. */
-static int sched_up_gated(const struct sched_up *su, int64_t now)
-{
-    return su->fault && (su->probing || now < su->next_probe);
-}
-
 /* Another group of recipients is left for this round. */
 static int sched_more_groups(const struct sched_delivery *d)
 {
@@ -554,7 +568,7 @@ static int sched_more_groups(const struct sched_delivery *d)
 
     for (size_t i = 0; i < msg->nrcpts; i++)
         if (!d->tried[i] && msg->rcpts[i].status == SPOOL_RCPT_PENDING &&
-            cfg_route_find(d->sc->cfg, msg->sender, msg->rcpts[i].addr) != NULL)
+            sched_route(d->sc->cfg, msg, i) != NULL)
             return 1;
     return 0;
 }
@@ -572,17 +586,16 @@ static void sched_on_delivered(void *arg, const struct smtpc_result *res)
     size_t i;
 
     spool_id_str(msg->id, qid);
-    d->client = NULL;
     if (sc->stopping && res->status == SMTPC_DEFER) {
         /* Aborted by shutdown: not a failed attempt; it stays due as it was (groups before
          * this one are recorded already). */
-        sc->ups[sched_upstream_index(sc, d->up)].probing = 0;
         log_info("%s: delivery interrupted by shutdown; it stays queued", qid);
         sched_delivery_free(d);
         sched_maybe_stopped(sc);
         return;
     }
-    sched_up_result(sc, d->up, res);
+    if (res->up != NULL)
+        d->up = res->up; /* failover may have picked another upstream of the route */
     st = xcalloc(d->nrcpts + 1, sizeof(*st));
     replies = xcalloc(d->nrcpts + 1, sizeof(*replies));
     for (i = 0; i < d->nrcpts; i++) {
@@ -613,8 +626,9 @@ static void sched_on_delivered(void *arg, const struct smtpc_result *res)
                  d->up->name, d->up->host, d->up->port, (long long)(now - msg->arrived),
                  res->tls[0] ? res->tls : "none", sched_status_word(rs), reply);
     }
-    /* An attempt counts unless only the relay's own configuration is to blame. */
-    if (!res->config_fault)
+    /* An attempt counts unless only the relay's own configuration is to blame, or the
+     * upstream asked us to slow down. */
+    if (!res->config_fault && !res->throttled)
         d->counted = 1;
     snprintf(d->result, sizeof d->result, "%s: %s", sched_status_word(res->status), res->reply);
     d->result_up = d->up->name;
@@ -643,16 +657,13 @@ static void sched_on_delivered(void *arg, const struct smtpc_result *res)
 }
 
 /*
- * The one place that hands a group to the outbound side; smtpc_done_fn-shaped completion.
- * A connection pool takes smtpc_deliver()'s place here: pool_deliver(pool, d->route, &d->m,
- * sched_on_delivered, d) (then sched_on_delivered should take d->up from the result, as
- * failover may pick another upstream, and sched_up_gated() is the pool's health instead).
- * 0, or a negative UV_E* when the attempt could not start (then no callback).
+ * The one place that hands a group to the outbound side: the pool picks the route's
+ * upstream or a failover one (res->up says which) and reuses sessions.  0, or a negative
+ * UV_E* when the attempt could not start (then no callback).
  */
 static int sched_deliver(struct sched *sc, struct sched_delivery *d)
 {
-    return smtpc_deliver(sc->loop, d->up, sc->creds[sched_upstream_index(sc, d->up)],
-                         sc->cfg->hostname, &d->m, sched_on_delivered, d, &d->client);
+    return pool_deliver(sc->pool, d->route, &d->m, sched_on_delivered, d);
 }
 
 /* Starts the next group of the round, or finishes the round when none is left. */
@@ -667,12 +678,11 @@ static void sched_round_next(struct sched_delivery *d)
     spool_id_str(msg->id, qid);
     while (!sc->stopping) {
         const struct cfg_route *route = NULL;
-        struct sched_up *su;
         int64_t now = (int64_t)time(NULL);
 
         for (i = 0; i < msg->nrcpts && route == NULL; i++)
             if (!d->tried[i] && msg->rcpts[i].status == SPOOL_RCPT_PENDING)
-                route = cfg_route_find(sc->cfg, msg->sender, msg->rcpts[i].addr);
+                route = sched_route(sc->cfg, msg, i);
         if (route == NULL)
             break;
         d->route = route;
@@ -682,7 +692,7 @@ static void sched_round_next(struct sched_delivery *d)
             const struct cfg_route *r;
             if (d->tried[i] || msg->rcpts[i].status != SPOOL_RCPT_PENDING)
                 continue;
-            r = cfg_route_find(sc->cfg, msg->sender, msg->rcpts[i].addr);
+            r = sched_route(sc->cfg, msg, i);
             if (r != route)
                 continue; /* another route: another group */
             d->tried[i] = 1;
@@ -690,33 +700,32 @@ static void sched_round_next(struct sched_delivery *d)
             d->rcpts[d->nrcpts] = msg->rcpts[i].addr;
             d->rcpt_index[d->nrcpts++] = i;
         }
-        su = &sc->ups[sched_upstream_index(sc, d->up)];
-        if (sched_up_gated(su, now)) {
-            /* Known to fail by the relay's own fault: wait for the probe, do not connect. */
-            log_debug(1, "%s: upstream %s waits for the administrator: %s", qid, d->up->name,
-                      su->reason);
+        if (!pool_would_accept(sc->pool, route)) {
+            /* Unhealthy (the pool probes it), throttled or at its rate limit: the mail
+             * waits in the spool, no attempt counted, and tries again a little later. */
+            struct upstream *pu = pool_upstream(sc->pool, d->up);
+            const char *why = pu != NULL ? upstream_reason(pu) : "";
+            char reason[512];
+
+            snprintf(reason, sizeof reason, "waiting for upstream %s: %s", d->up->name,
+                     why[0] != '\0' ? why : "rate limit or slow-down pause");
+            log_debug(1, "%s: %s", qid, reason);
             for (i = 0; i < d->nrcpts; i++) {
                 size_t k = d->rcpt_index[i];
                 d->fault[k] = 1;
                 d->at[k] = d->up;
-                sched_set_reply(d, k, su->reason);
+                sched_set_reply(d, k, reason);
             }
-            snprintf(d->last_error, sizeof d->last_error, "%s", su->reason);
+            snprintf(d->last_error, sizeof d->last_error, "%s", reason);
             continue;
         }
         d->m.id = msg->id;
-        d->m.sender = msg->sender;
         d->m.rcpts = d->rcpts;
         d->m.nrcpts = d->nrcpts;
-        d->m.body = d->body;
-        d->m.len = d->len;
-        if (su->fault)
-            su->probing = 1; /* this delivery is the probe */
-        log_debug(1, "%s: delivering to upstream %s (%zu recipients)%s", qid, d->up->name,
-                  d->nrcpts, su->fault ? " as its probe" : "");
+        sched_rewrite(d, route); /* sets d->m.sender, body and len */
+        log_debug(1, "%s: delivering on route %s (%zu recipients)", qid, route->name, d->nrcpts);
         if ((rc = sched_deliver(sc, d)) == 0)
             return; /* sched_on_delivered goes on */
-        su->probing = 0;
         log_error("%s: cannot start delivery to %s: %s", qid, d->up->name, uv_strerror(rc));
         for (i = 0; i < d->nrcpts; i++) {
             size_t k = d->rcpt_index[i];
@@ -763,7 +772,7 @@ static void sched_start_one(struct sched *sc, uint64_t id)
     }
     for (i = 0; i < msg->nrcpts && !routed; i++)
         routed = msg->rcpts[i].status == SPOOL_RCPT_PENDING &&
-                 cfg_route_find(sc->cfg, msg->sender, msg->rcpts[i].addr) != NULL;
+                 sched_route(sc->cfg, msg, i) != NULL;
     if (!routed) {
         sched_hold(sc, msg, "no upstream route is configured for its recipients");
         return;
@@ -897,26 +906,17 @@ struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp
     sc->loop = loop;
     sc->cfg = cfg;
     sc->sp = sp;
-    sc->creds = xcalloc((size_t)cfg->nupstreams + 1, sizeof(*sc->creds));
-    sc->ups = xcalloc((size_t)cfg->nupstreams + 1, sizeof(*sc->ups));
+    sc->pool = pool_new(loop, cfg);
     return sc;
 }
 
 int sched_start(struct sched *sc, char *err, size_t errlen)
 {
-    char e[256];
-    int i, rc;
+    int rc;
 
-    for (i = 0; i < sc->cfg->nupstreams; i++) {
-        const struct cfg_upstream *up = &sc->cfg->upstreams[i];
-        if (up->tls == CFG_TLS_NONE)
-            continue;
-        if ((rc = tlsio_cred_client_new(up->ca_file, up->tls_priority, &sc->creds[i], e,
-                                        sizeof(e))) != 0) {
-            snprintf(err, errlen, "upstream %s: %s", up->name, e);
-            return rc;
-        }
-    }
+    if ((rc = pool_start(sc->pool, err, errlen)) != 0)
+        return rc;
+    sc->pool_open = 1;
     if (sc->cfg->nupstreams == 0)
         log_warn("no upstream is configured: mail is accepted and held in the spool");
     /* Nothing is "in delivery" at start: that state lives only in sc->active, so mail a
@@ -935,6 +935,14 @@ void sched_kick(struct sched *sc)
         uv_timer_start(&sc->timer, sched_on_tick, 0, SCHED_TICK_MS);
 }
 
+static void sched_on_pool_stopped(void *arg)
+{
+    struct sched *sc = arg;
+
+    sc->pool_open = 0;
+    sched_maybe_stopped(sc);
+}
+
 static void sched_on_timer_closed(uv_handle_t *h)
 {
     struct sched *sc = h->data;
@@ -945,16 +953,13 @@ static void sched_on_timer_closed(uv_handle_t *h)
 
 void sched_stop(struct sched *sc, void (*done)(void *arg), void *arg)
 {
-    struct sched_delivery *d, *next;
-
     sc->stopping = 1;
     sc->stop_done = done;
     sc->stop_arg = arg;
-    for (d = sc->active; d != NULL; d = next) {
-        next = d->next;
-        if (d->client != NULL)
-            smtpc_abort(d->client); /* calls sched_on_delivered: stays queued */
-    }
+    /* Every delivery in the pool ends now with SMTPC_DEFER (sched_on_delivered: stays
+     * queued); the pool's own sessions close after. */
+    if (sc->pool_open)
+        pool_stop(sc->pool, sched_on_pool_stopped, sc);
     if (sc->timer_open)
         uv_close((uv_handle_t *)&sc->timer, sched_on_timer_closed);
     else
@@ -967,9 +972,7 @@ void sched_free(struct sched *sc)
 
     if (sc == NULL)
         return;
-    for (i = 0; i < sc->cfg->nupstreams; i++)
-        tlsio_cred_free(sc->creds[i]);
-    free(sc->creds);
-    free(sc->ups);
+    (void)i;
+    pool_free(sc->pool);
     free(sc);
 }

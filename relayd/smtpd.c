@@ -1092,7 +1092,7 @@ static void smtpd_data_end(struct smtpd_session *s)
     rcpts = xcalloc(tx->nrcpts, sizeof(*rcpts));
     for (i = 0; i < tx->nrcpts; i++) {
         rcpts[i].addr = tx->rcpts[i];
-        if (cfg_route_find(srv->cfg, tx->sender, tx->rcpts[i]) == NULL)
+        if (cfg_route_match(srv->cfg, tx->sender, tx->rcpts[i], s->peer, lc->name) == NULL)
             held = 1;
     }
     msg.state = held ? SPOOL_HELD : SPOOL_QUEUED;

@@ -172,12 +172,12 @@ static double fuzz_now(void)
 }
 
 /*
- * Connections whose session had not ended 0.5 s after our EOF: relayd may legitimately keep
+ * Connections whose session had not ended 0.1 s after our EOF: relayd may legitimately keep
  * one until one of its own timeouts (10 s for a PROXY header that never completes: it
  * peeks at the socket and cannot see the EOF behind unread bytes).  They are watched while
  * later inputs run; one still open FUZZ_HANG_SECONDS after its EOF is a hang and aborts.
  */
-#define FUZZ_LINGER_MAX 64
+#define FUZZ_LINGER_MAX 256
 #define FUZZ_HANG_SECONDS 30.0
 static struct {
     int fd;
@@ -265,7 +265,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break; /* relayd ended the session */
         }
         fuzz_watch_lingering(now);
-        if (eof_at != 0 && now - eof_at > 0.5 && nlingering < FUZZ_LINGER_MAX) {
+        if (eof_at != 0 && now - eof_at > 0.1 && nlingering < FUZZ_LINGER_MAX) {
             lingering[nlingering].fd = fd;
             lingering[nlingering].eof_at = eof_at;
             nlingering++;
