@@ -12,6 +12,7 @@
  * send it elsewhere than NAME is warned about before sending.
  */
 #include "relayd/diag.h"
+#include "relayd/oauth2.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -165,6 +166,7 @@ int diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
     struct probe_state ps;
     struct tlsio_cred *cred = NULL;
     struct smtpc *client = NULL;
+    struct oauth2 *oauth = NULL;
     uv_loop_t loop;
     char err[512];
     const char *stage, *advice;
@@ -194,6 +196,14 @@ int diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
         tlsio_cred_free(cred);
         return DIAG_EXIT_FAIL;
     }
+    if (up->upauth != CFG_UPAUTH_PASSWORD) {
+        /* The token is a step of its own: most OAuth2 trouble shows here, not at AUTH. */
+        char text[512];
+
+        rc = oauth2_probe_token(&loop, cfg, up, &oauth, text, sizeof text);
+        fprintf(out, "[%s] %s\n", rc == 0 ? " ok " : "FAIL", text);
+        fflush(out);
+    }
     rc = smtpc_probe(&loop, up, cred, cfg->hostname, probe_step, probe_done, &ps, &client);
     if (rc != 0) {
         ps.done = 1;
@@ -202,6 +212,11 @@ int diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
     }
     /* smtpc's connect and command timeouts bound this run. */
     uv_run(&loop, UV_RUN_DEFAULT);
+    if (oauth != NULL) {
+        oauth2_stop(oauth, NULL, NULL);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        oauth = oauth2_free(oauth);
+    }
     if (uv_loop_close(&loop) != 0) {
         /* A handle left open is smtpc's bug; run once more so nothing leaks. */
         uv_run(&loop, UV_RUN_NOWAIT);

@@ -184,7 +184,7 @@ int main(int argc, char **argv)
     so.reserve_bytes = (uint64_t)r.cfg.spool_reserve;
     so.unsafe_nosync = r.cfg.unsafe_no_fsync;
     if (so.unsafe_nosync)
-        log_warn("WARNING: unsafe_no_fsync = yes: the spool is not synced to disk; mail that "
+        log_warn("UNSAFE: unsafe_no_fsync = yes: the spool is not synced to disk; mail that "
                  "was acknowledged with 250 is LOST on a power failure or kernel crash");
     if ((rc = spool_open(r.cfg.spool_dir, &so, &r.sp, err, sizeof(err))) != 0)
         log_fatal("%s", err);

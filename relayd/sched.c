@@ -622,9 +622,11 @@ static void sched_on_delivered(void *arg, const struct smtpc_result *res)
         replies[i] = d->reply[k];
         if (rs != SMTPC_SENT)
             snprintf(d->last_error, sizeof d->last_error, "%s", reply);
-        log_info("%s: to=<%s> relay=%s[%s]:%d delay=%lld tls=%s status=%s (%s)", qid, d->rcpts[i],
-                 d->up->name, d->up->host, d->up->port, (long long)(now - msg->arrived),
-                 res->tls[0] ? res->tls : "none", sched_status_word(rs), reply);
+        /* A session with TLS up has passed verification: relayd never goes on otherwise. */
+        log_info("%s: to=<%s> relay=%s[%s]:%d delay=%lld tls=%s%s status=%s (%s)", qid,
+                 d->rcpts[i], d->up->name, d->up->host, d->up->port,
+                 (long long)(now - msg->arrived), res->tls[0] ? res->tls : "none",
+                 res->tls[0] ? " verify=ok" : "", sched_status_word(rs), reply);
     }
     /* An attempt counts unless only the relay's own configuration is to blame, or the
      * upstream asked us to slow down. */

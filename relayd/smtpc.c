@@ -43,6 +43,7 @@
 #include <strings.h>
 
 #include "common/authsasl.h"
+#include "relayd/oauth2.h"
 #include "common/buf.h"
 #include "common/log.h"
 #include "common/xalloc.h"
@@ -687,6 +688,8 @@ static void smtpc_start_auth(struct smtpc *c)
 {
     const struct cfg_upstream *up = c->up;
     int allow_plain = up->tls == CFG_TLS_NONE && up->allow_plaintext_auth;
+    const char *secret = up->password != NULL ? up->password : "";
+    const char *pref = up->mechanisms;
     char err[256], logged[80];
     char *resp = NULL;
 
@@ -700,10 +703,19 @@ static void smtpc_start_auth(struct smtpc *c)
         fail(c, SMTPC_DEFER, F_QUIT | F_FAULT, "upstream does not offer AUTH");
         return;
     }
+    if (up->upauth != CFG_UPAUTH_PASSWORD) {
+        /* OAuth 2.0: the token is the secret, the mechanism the only one allowed. */
+        if ((secret = oauth2_token_peek(oauth2_instance(), up)) == NULL) {
+            fail(c, SMTPC_DEFER, F_QUIT | F_FAULT, "AUTH: %s",
+                 oauth2_last_error(oauth2_instance(), up));
+            return;
+        }
+        pref = oauth2_mechanism(up);
+    }
     if (authsasl_client_init(err, sizeof(err)) != 0 ||
-        authsasl_client_new(up->host, up->username, up->password != NULL ? up->password : "",
+        authsasl_client_new(up->host, up->username, secret,
                             &c->sasl, err, sizeof(err)) != 0 ||
-        authsasl_client_start(c->sasl, c->auth_mechs, up->mechanisms, c->tls_up, allow_plain,
+        authsasl_client_start(c->sasl, c->auth_mechs, pref, c->tls_up, allow_plain,
                               &c->mech, &resp, err, sizeof(err)) < 0) {
         fail(c, SMTPC_DEFER, F_QUIT | F_FAULT, "AUTH: %s", err);
         return;
@@ -741,6 +753,9 @@ static void smtpc_auth_reply(struct smtpc *c, int code, const char *text)
         free(resp);
         return;
     }
+    /* The token was refused (revoked, expired early): fetch a new one, once. */
+    if (code == 535 && c->up->upauth != CFG_UPAUTH_PASSWORD)
+        oauth2_invalidate(oauth2_instance(), c->up);
     /* A 4xx is the server's trouble (RFC 4954 454: temporary failure), not ours. */
     fail(c, SMTPC_DEFER, F_QUIT | (code / 100 == 5 ? F_FAULT : 0), "AUTH %s: %s", c->mech, text);
 }

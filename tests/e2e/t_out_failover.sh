@@ -41,7 +41,7 @@ assert_body "$f" "$T/dead.eml.body"
 f=$(wait_for_subject "failover from a 421 greeting" 25) ||
     { queue_json >&2 || true; fail "421 primary: not delivered through the failover upstream"; }
 assert_body "$f" "$T/busy.eml.body"
-grep -qE 'relay=busy\[.*421 4\.3\.2' "$T/relayd.log" || fail "the busy upstream was never tried"
+grep -qE 'upstream busy failed \(421 4\.3\.2' "$T/relayd.log" || fail "the busy upstream was never tried"
 grep -qE 'to=<user@example.com> relay=provider\[.*status=sent' "$T/relayd.log" ||
     fail "no status=sent through provider for the busy route"
 [ "$(fake_count "$T/busy")" -eq 0 ] || fail "the busy upstream accepted mail"
