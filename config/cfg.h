@@ -234,6 +234,10 @@ void cfg_map_free(struct cfg_map *map);
  * relayd rewrites (refresh_token_file) or that are larger than a password. */
 int cfg_secret_read(const char *path, size_t max, char **out, char *why, size_t whylen);
 
+/* SIGHUP: reads every upstream's password_file again (a secret that cannot be read keeps
+ * its old value).  0, or -1 with the last problem in err. */
+int cfg_reload_secrets(struct cfg *cfg, char *err, size_t errlen);
+
 const char *cfg_tls_name(enum cfg_tls tls);
 const char *cfg_auth_name(enum cfg_auth auth);
 const char *cfg_proxy_name(enum cfg_proxy proxy);

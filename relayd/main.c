@@ -90,7 +90,8 @@ static void relayd_on_smtpd_stopped(void *arg)
     sched_stop(r->sched, relayd_on_sched_stopped, r);
 }
 
-/* SIGHUP: new certificates for TLS listeners (renewed by certbot and the like). */
+/* SIGHUP: new certificates for TLS listeners (renewed by certbot and the like) and new
+ * upstream passwords; unhealthy upstreams are probed at once. */
 static void relayd_on_sighup(uv_signal_t *h, int signum)
 {
     struct relayd *r = h->data;
@@ -98,8 +99,13 @@ static void relayd_on_sighup(uv_signal_t *h, int signum)
     (void)signum;
     if (r->stopping)
         return;
-    log_info("SIGHUP: reloading listener TLS certificates");
+    char err[512];
+
+    log_info("SIGHUP: reloading listener TLS certificates and upstream secrets");
     smtpd_server_reload_tls(r->smtpd);
+    if (cfg_reload_secrets(&r->cfg, err, sizeof err) != 0)
+        log_warn("SIGHUP: %s; keeping the old secret", err);
+    sched_reload(r->sched);
 }
 
 static void relayd_on_signal(uv_signal_t *h, int signum)

@@ -87,6 +87,8 @@ struct pool {
     void (*stop_done)(void *arg);
     void *stop_arg;
     long opened, transactions;
+    void (*on_healthy)(void *arg, const struct cfg_upstream *up);
+    void *on_healthy_arg;
 };
 
 static void pool_kick(struct pool *p);
@@ -287,6 +289,8 @@ static void probe_done(void *arg, const struct smtpc_result *res)
     if (res->status == SMTPC_SENT) {
         upstream_set_healthy(pu->u, pool_now(pu->p));
         pool_kick(pu->p);
+        if (pu->p->on_healthy != NULL)
+            pu->p->on_healthy(pu->p->on_healthy_arg, pu->cfg);
         return;
     }
     log_info("upstream %s: probe failed: %s", pu->cfg->name, res->reply);
@@ -760,4 +764,27 @@ void pool_get_stats(const struct pool *p, struct pool_stats *st)
     }
     st->opened = p->opened;
     st->transactions = p->transactions;
+}
+
+void pool_set_on_healthy(struct pool *p, void (*fn)(void *arg, const struct cfg_upstream *up),
+                         void *arg)
+{
+    p->on_healthy = fn;
+    p->on_healthy_arg = arg;
+}
+
+void pool_reprobe(struct pool *p)
+{
+    int i;
+
+    if (p->stopping || !p->started)
+        return;
+    for (i = 0; i < p->nups; i++) {
+        struct pool_up *pu = &p->ups[i];
+
+        /* An unhealthy upstream is probed now rather than at the end of its interval: the
+         * administrator has just fixed something (a reload).  Healthy ones are left be. */
+        if (!upstream_is_healthy(pu->u) && pu->probe == NULL)
+            uv_timer_start(&pu->probe_timer, probe_fire, 0, 0);
+    }
 }

@@ -74,6 +74,13 @@ int pool_would_accept(struct pool *p, const struct cfg_route *route);
 void pool_stop(struct pool *p, void (*done)(void *arg), void *arg);
 void pool_free(struct pool *p);
 
+/* fn(arg, up) runs when a probe finds an unhealthy upstream working again (the scheduler
+ * then wakes the mail that waited for it). */
+void pool_set_on_healthy(struct pool *p, void (*fn)(void *arg, const struct cfg_upstream *up),
+                         void *arg);
+/* Probes every unhealthy upstream now (after a reload with new credentials). */
+void pool_reprobe(struct pool *p);
+
 /* The run-time state of up (health, rates), for logs and relayctl; NULL if unknown. */
 struct upstream *pool_upstream(struct pool *p, const struct cfg_upstream *up);
 /* Counters for tests and stats. */

@@ -81,6 +81,14 @@ struct sched_delivery {
     struct sched_delivery *next;
 };
 
+/* A message deferred because its upstream was unhealthy (memory only: after a restart the
+ * message's next_attempt is the fallback). */
+struct sched_waiter {
+    uint64_t id;
+    const struct cfg_upstream *up;
+    struct sched_waiter *next;
+};
+
 struct sched {
     uv_loop_t *loop;
     const struct cfg *cfg;
@@ -90,6 +98,7 @@ struct sched {
     int pool_open;             /* pool_stop() has not finished yet */
     struct sched_delivery *active;
     int nactive;
+    struct sched_waiter *waiters;
     int stopping;
     int timer_open;
     int64_t last_purge; /* when the last purge started */
@@ -104,6 +113,61 @@ struct sched {
 };
 
 static void sched_round_next(struct sched_delivery *d);
+static int sched_in_delivery(const struct sched *sc, uint64_t id);
+
+static void sched_waiter_add(struct sched *sc, uint64_t id, const struct cfg_upstream *up)
+{
+    struct sched_waiter *w;
+
+    for (w = sc->waiters; w != NULL; w = w->next)
+        if (w->id == id) {
+            w->up = up;
+            return;
+        }
+    w = xcalloc(1, sizeof(*w));
+    w->id = id;
+    w->up = up;
+    w->next = sc->waiters;
+    sc->waiters = w;
+}
+
+static void sched_wake_done(void *arg, int rc)
+{
+    (void)arg;
+    (void)rc; /* SPOOL_ENOTFOUND: delivered or deleted meanwhile; nothing to wake */
+}
+
+/* The pool found up working again: the mail that waited for it is due now, instead of at
+ * its next_attempt (up to a probe interval away). */
+static void sched_on_upstream_healthy(void *arg, const struct cfg_upstream *up)
+{
+    struct sched *sc = arg;
+    struct sched_waiter **pp = &sc->waiters, *w;
+    int64_t now = (int64_t)time(NULL);
+    int n = 0;
+
+    while ((w = *pp) != NULL) {
+        if (w->up != up) {
+            pp = &w->next;
+            continue;
+        }
+        *pp = w->next;
+        if (!sched_in_delivery(sc, w->id)) {
+            struct spool_update u;
+
+            memset(&u, 0, sizeof(u));
+            u.id = w->id;
+            u.state = SPOOL_DEFERRED;
+            u.next_attempt = now;
+            spool_update_async(sc->sp, &u, sched_wake_done, NULL);
+            n++;
+        }
+        free(w);
+    }
+    if (n > 0)
+        log_info("upstream %s: %d waiting message%s due now", up->name, n, n == 1 ? " is" : "s are");
+    sched_kick(sc);
+}
 
 int64_t sched_backoff_factor(int attempts, int first, int factor, int max, unsigned rnd)
 {
@@ -495,6 +559,12 @@ static void sched_round_finish(struct sched_delivery *d)
             next = now + sched_backoff_factor(msg->attempts + d->counted, cfg->retry_first,
                                               cfg->retry_factor, cfg->retry_max, (unsigned)rand());
         if (pending_fault > 0) {
+            for (i = 0; i < msg->nrcpts; i++) {
+                if (d->tried[i] && d->fault[i] && d->at[i] != NULL) {
+                    sched_waiter_add(sc, msg->id, d->at[i]);
+                    break;
+                }
+            }
             /* The pool probes an unhealthy upstream every upstream_probe_interval and a
              * paused one opens again within a minute: look again then, with a little
              * jitter so that waiting mail does not move in lock step. */
@@ -918,6 +988,7 @@ int sched_start(struct sched *sc, char *err, size_t errlen)
 
     if ((rc = pool_start(sc->pool, err, errlen)) != 0)
         return rc;
+    pool_set_on_healthy(sc->pool, sched_on_upstream_healthy, sc);
     sc->pool_open = 1;
     if (sc->cfg->nupstreams == 0)
         log_warn("no upstream is configured: mail is accepted and held in the spool");
@@ -929,6 +1000,12 @@ int sched_start(struct sched *sc, char *err, size_t errlen)
     sc->timer_open = 1;
     uv_timer_start(&sc->timer, sched_on_tick, 0, SCHED_TICK_MS);
     return 0;
+}
+
+void sched_reload(struct sched *sc)
+{
+    if (!sc->stopping)
+        pool_reprobe(sc->pool);
 }
 
 void sched_kick(struct sched *sc)
@@ -976,5 +1053,10 @@ void sched_free(struct sched *sc)
         return;
     (void)i;
     pool_free(sc->pool);
+    while (sc->waiters != NULL) {
+        struct sched_waiter *w = sc->waiters;
+        sc->waiters = w->next;
+        free(w);
+    }
     free(sc);
 }

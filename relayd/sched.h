@@ -34,6 +34,9 @@ struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp
 int sched_start(struct sched *sc, char *err, size_t errlen);
 /* A new message is in the spool: look for due work now. */
 void sched_kick(struct sched *sc);
+/* After SIGHUP re-read the upstream secrets: probe unhealthy upstreams now; mail waiting
+ * for one becomes due as soon as its probe succeeds. */
+void sched_reload(struct sched *sc);
 /* Aborts deliveries in progress (they stay queued) and stops; done(arg) when idle. */
 void sched_stop(struct sched *sc, void (*done)(void *arg), void *arg);
 void sched_free(struct sched *sc);

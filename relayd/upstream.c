@@ -168,10 +168,11 @@ int upstream_reply_classify(const char *reply, struct upstream_reply_info *info)
         info->throttle = r->throttle;
         return 1;
     }
-    /* RFC 5321 4.2.3: 421 means the service is closing; providers use it to shed load. */
-    if (code == 421) {
-        info->throttle = 1;
-    } else if (code / 100 == 4) {
+    /* RFC 5321 4.2.3: 421 means the service is closing.  Providers shed load with
+     * 421 4.7.x (RFC 3463: security or policy) or say so in words; a bare 421 (a timeout,
+     * a restart) only defers the message at hand, it does not pause the upstream. */
+    if (code / 100 == 4) {
+        info->throttle = code == 421 && strstr(reply, " 4.7.") != NULL;
         for (i = 0; i < NELEM(throttle_words) && !info->throttle; i++)
             info->throttle = strcasestr(reply, throttle_words[i]) != NULL;
     }

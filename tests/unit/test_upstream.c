@@ -46,7 +46,7 @@ static const struct reply_case reply_cases[] = {
      1},
     {"m365 concurrency", "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
      "max_connections", 0, 1},
-    {"plain 421 throttles", "421 4.3.2 Service shutting down", NULL, 0, 1},
+    {"plain 421 only defers", "421 4.3.2 Service shutting down", NULL, 0, 0},
     {"4xx rate words throttle", "450 4.7.1 Error: too many messages, slow down", NULL, 0, 1},
     {"too many recipients is not a throttle", "452 4.5.3 Error: too many recipients", NULL, 0, 0},
     {"ordinary 4xx", "451 4.3.0 try later", NULL, 0, 0},
