@@ -1063,6 +1063,23 @@ static void check_relayd(struct cfg_parse *p, const struct cfg_sec *s)
 }
 
 /* TLS files, the sasldb, and no cleartext passwords by accident.  0 or -1 (reported). */
+/* 1 when the list names PLAIN or LOGIN (mechanisms that send the password as it is). */
+static int cfg_mechs_have_plaintext(const char *mechs)
+{
+    const char *p = mechs != NULL ? mechs : "PLAIN LOGIN";
+
+    while (*p != '\0') {
+        size_t n;
+
+        p += strspn(p, ", \t");
+        n = strcspn(p, ", \t");
+        if (n == 5 && (strncasecmp(p, "PLAIN", 5) == 0 || strncasecmp(p, "LOGIN", 5) == 0))
+            return 1;
+        p += n;
+    }
+    return 0;
+}
+
 static int check_listener_tls_auth(struct cfg_parse *p, const struct cfg_sec *s,
                                    const struct cfg_listener *l)
 {
@@ -1080,7 +1097,10 @@ static int check_listener_tls_auth(struct cfg_parse *p, const struct cfg_sec *s,
              VAL(l->sasldb), strerror(errno), VAL(l->sasldb));
         return -1;
     }
-    if (l->tls == CFG_TLS_NONE && l->auth != CFG_AUTH_OFF && !l->auth_plaintext) {
+    /* CRAM-MD5 (and the like) never send the password itself: a fax machine that offers
+     * only that may log in without TLS; PLAIN and LOGIN may not, unless said so. */
+    if (l->tls == CFG_TLS_NONE && l->auth != CFG_AUTH_OFF && !l->auth_plaintext &&
+        cfg_mechs_have_plaintext(l->auth_mechanisms)) {
         perr(p, key_line(s, "auth"), s, "auth",
              "%s on a listener with tls = none would have clients send passwords in "
              "cleartext; set tls = starttls or implicit (with cert and key), or auth_plaintext "

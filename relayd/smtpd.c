@@ -910,15 +910,23 @@ static void smtpd_cmd_auth(struct smtpd_session *s, const char *arg)
 }
 
 /* The client's answer to a 334. */
+/* Ends an AUTH exchange early.  The SASL context goes too: Cyrus's LOGIN mechanism keeps
+ * (and leaks) state from a step it never finished, and a new AUTH starts from scratch. */
+static void smtpd_auth_abort(struct smtpd_session *s, const char *reply)
+{
+    smtpd_reply(s, "%s", reply);
+    s->sasl = authsasl_server_free(s->sasl);
+    smtpd_enter_state(s, SMTPD_S_CMD);
+    smtpd_error(s);
+}
+
 static void smtpd_auth_line(struct smtpd_session *s, const char *line)
 {
     char err[256] = "", *challenge = NULL;
     int rc;
 
     if (strcmp(line, "*") == 0) {
-        smtpd_reply(s, "501 5.7.0 Authentication aborted");
-        smtpd_enter_state(s, SMTPD_S_CMD);
-        smtpd_error(s);
+        smtpd_auth_abort(s, "501 5.7.0 Authentication aborted");
         return;
     }
     rc = authsasl_server_step(s->sasl, line, &challenge, err, sizeof(err));
@@ -956,6 +964,10 @@ static void smtpd_dispatch(struct smtpd_session *s, char *cmd, size_t n)
 
     if (memchr(cmd, '\0', n) != NULL) {
         smtpd_trace(s, '<', "(line with NUL)", 15);
+        if (s->state == SMTPD_S_AUTH) {
+            smtpd_auth_abort(s, "501 5.5.2 Error: NUL character in authentication data");
+            return;
+        }
         smtpd_reply(s, "500 5.5.2 Error: NUL character in command");
         smtpd_error(s);
         return;

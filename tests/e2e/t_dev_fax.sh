@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # t_dev_fax: a fax machine that authenticates with AUTH CRAM-MD5 (it could also do LOGIN and
-# DIGEST-MD5).  With auth = required, auth_mechanisms = CRAM-MD5 and no TLS (CRAM-MD5 never
-# sends the password; relayd's config check still wants auth_plaintext = yes for AUTH
-# without TLS), relayd offers CRAM-MD5, refuses mail before AUTH and the mechanisms it does
-# not offer, and relays the fax upstream.
+# DIGEST-MD5).  With auth = required, auth_mechanisms = CRAM-MD5 and no TLS (allowed without
+# auth_plaintext: CRAM-MD5 never sends the password), relayd offers CRAM-MD5, refuses mail
+# before AUTH and the mechanisms it does not offer, and relays the fax upstream.
 # Cyrus sasldb keys are user@realm: "saslpasswd2 -u example.com fax" is the login
 # "fax@example.com" (checked below; the bare "fax" only works when the realm is the host's).
 source "$(dirname "$0")/lib.sh"
@@ -14,7 +13,6 @@ printf '%s\n' "$FAX_PW" | saslpasswd2 -p -c -f "$T/relayd-sasldb" -u example.com
 write_relayd_conf "$T/relayd.conf"
 relayd_conf_add "$T/relayd.conf" "listener lan" "auth = required
 auth_mechanisms = CRAM-MD5
-auth_plaintext = yes
 sasldb = $T/relayd-sasldb"
 start_relayd "$T/relayd.conf"
 
