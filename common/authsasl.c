@@ -695,6 +695,13 @@ int authsasl_server_step(struct authsasl_server *a, const char *resp_b64, char *
         free(dec);
         return rc;
     }
+    /* An empty user name can never log in, and Cyrus's LOGIN mechanism leaks memory on
+     * that path (once per attempt, so a client could repeat it): refuse it here. */
+    if (strcasecmp(a->mech, "LOGIN") == 0 && a->step == 0 && declen == 0) {
+        free(dec);
+        snprintf(err, errlen, "empty user name");
+        return AUTHSASL_FAIL;
+    }
     /* LOGIN: only the first answer is the user name; the second is the password. */
     note_user(a, a->step++, dec, declen);
     rc = sasl_server_step(a->conn, dec, declen, &out, &outlen);

@@ -144,6 +144,8 @@ static const struct cfg_key listener_keys[] = {
      NULL, 0},
     {"proxy_protocol", CFG_T_PROXY, offsetof(struct cfg_listener, proxy_protocol), 0, 0, "no", 0},
     {"debug_peers", CFG_T_NETLIST, offsetof(struct cfg_listener, debug_peers), 0, 0, NULL, 0},
+    {"proxy_trusted", CFG_T_NETLIST, offsetof(struct cfg_listener, proxy_trusted), 0, 0,
+     "127.0.0.0/8, ::1", 0},
     {"add_date", CFG_T_BOOL, offsetof(struct cfg_listener, add_date), 0, 1, "yes", 0},
     {"add_message_id", CFG_T_BOOL, offsetof(struct cfg_listener, add_message_id), 0, 1, "yes", 0},
     {"add_from", CFG_T_BOOL, offsetof(struct cfg_listener, add_from), 0, 1, "yes", 0},

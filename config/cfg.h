@@ -71,6 +71,7 @@ struct cfg_listener {
     char *recipient_domains;    /* comma/space list; NULL: any recipient */
     enum cfg_proxy proxy_protocol; /* default no */
     struct netaddr_list debug_peers; /* clients whose dialogue is logged */
+    struct netaddr_list proxy_trusted; /* proxies whose PROXY header is believed */
     int add_date, add_message_id, add_from, add_received; /* repairs; default yes */
     int command_timeout;        /* seconds; RFC 5321 4.5.3.2.7: 5 minutes */
     int data_timeout;           /* seconds; same */

@@ -181,7 +181,7 @@ static void orig_headers(struct buf *b, const char *orig, size_t len, int *eight
     }
 }
 
-static void text_part(struct buf *b, const struct bounce_info *in)
+static void text_part(struct buf *b, const struct bounce_info *in, int full)
 {
     char qid[17], date[64], *s;
     size_t i;
@@ -232,7 +232,8 @@ static void text_part(struct buf *b, const struct bounce_info *in)
         free(addr);
         free(reply);
     }
-    buf_puts(b, "The delivery report and the headers of your message are attached.\r\n");
+    buf_puts(b, full ? "The delivery report and your message are attached.\r\n"
+                     : "The delivery report and the headers of your message are attached.\r\n");
 }
 
 static void status_part(struct buf *b, const struct bounce_info *in)
@@ -241,7 +242,12 @@ static void status_part(struct buf *b, const struct bounce_info *in)
     size_t i;
 
     spool_id_str(in->queue_id, qid);
-    /* RFC 3464 2.2: per-message fields. */
+    /* RFC 3464 2.2: per-message fields; 2.2.1: the ENVID the sender gave, first. */
+    if (in->envid != NULL) {
+        s = clean(in->envid, 200);
+        buf_printf(b, "Original-Envelope-Id: %s\r\n", s);
+        free(s);
+    }
     buf_printf(b, "Reporting-MTA: dns; %s\r\n", in->hostname);
     buf_printf(b, "X-Relayd-Queue-ID: %s\r\n", qid);
     s = clean(in->sender, 300);
@@ -255,6 +261,12 @@ static void status_part(struct buf *b, const struct bounce_info *in)
         char *addr = clean(r->addr, 300), *reply = clean(r->reply, BOUNCE_DIAG_MAX);
 
         buf_puts(b, "\r\n");
+        if (r->orcpt != NULL && strchr(r->orcpt, ';') != NULL) {
+            /* RFC 3464 2.3.1: the ORCPT parameter as given (decoded), before Final-. */
+            s = clean(r->orcpt, 500);
+            buf_printf(b, "Original-Recipient: %s\r\n", s);
+            free(s);
+        }
         buf_printf(b, "Final-Recipient: rfc822; %s\r\n", addr);
         buf_printf(b, "Action: %s\r\n", in->kind == BOUNCE_FAILED ? "failed" : "delayed");
         if (r->status != NULL) {
@@ -294,17 +306,39 @@ static int contains(const struct buf *b, const char *s)
     return memmem(b->data, b->len, s, strlen(s)) != NULL;
 }
 
+/* RFC 3461 4.3: the whole original goes back for RET=FULL in a failure notification, when
+ * it is not too large. */
+static int want_full(const struct bounce_info *in)
+{
+    return in->kind == BOUNCE_FAILED && in->dsn_ret == SPOOL_RET_FULL && in->orig != NULL &&
+           in->orig_len > 0 && in->orig_len <= BOUNCE_FULL_MAX;
+}
+
+/* The original whole, CRLF-terminated; sets *eight_bit when it holds bytes above 127. */
+static void orig_full(struct buf *b, const char *orig, size_t len, int *eight_bit)
+{
+    *eight_bit = 0;
+    for (size_t i = 0; i < len && !*eight_bit; i++)
+        *eight_bit = (unsigned char)orig[i] >= 0x80;
+    buf_append(b, orig, len);
+    if (len < 2 || orig[len - 2] != '\r' || orig[len - 1] != '\n')
+        buf_puts(b, "\r\n");
+}
+
 void bounce_build(const struct bounce_info *in, char **out, size_t *len)
 {
     struct buf *msg = buf_new(0), *text = buf_new(0), *status = buf_new(0), *hdrs = buf_new(0);
     char qid[17], dsnid[17], date[64], boundary[80], *to;
-    int eight_bit, n = 0;
+    int eight_bit, n = 0, full = want_full(in);
 
     spool_id_str(in->queue_id, qid);
     spool_id_str(in->dsn_id, dsnid);
-    text_part(text, in);
+    text_part(text, in, full);
     status_part(status, in);
-    orig_headers(hdrs, in->orig, in->orig_len, &eight_bit);
+    if (full)
+        orig_full(hdrs, in->orig, in->orig_len, &eight_bit);
+    else
+        orig_headers(hdrs, in->orig, in->orig_len, &eight_bit);
     do {
         snprintf(boundary, sizeof boundary, "=_relayd_%s_%s_%d", dsnid, qid, n++);
     } while (contains(text, boundary) || contains(status, boundary) || contains(hdrs, boundary));
@@ -342,8 +376,13 @@ void bounce_build(const struct bounce_info *in, char **out, size_t *len)
     buf_puts(msg, "\r\n");
 
     buf_printf(msg, "--%s\r\n", boundary);
-    buf_puts(msg, "Content-Description: Undelivered Message Headers\r\n");
-    buf_puts(msg, "Content-Type: text/rfc822-headers\r\n");
+    if (full) {
+        buf_puts(msg, "Content-Description: Undelivered Message\r\n");
+        buf_puts(msg, "Content-Type: message/rfc822\r\n");
+    } else {
+        buf_puts(msg, "Content-Description: Undelivered Message Headers\r\n");
+        buf_puts(msg, "Content-Type: text/rfc822-headers\r\n");
+    }
     if (eight_bit)
         buf_puts(msg, "Content-Transfer-Encoding: 8bit\r\n");
     buf_puts(msg, "\r\n");
@@ -357,4 +396,65 @@ void bounce_build(const struct bounce_info *in, char **out, size_t *len)
     buf_free(hdrs);
     *out = buf_steal(msg, len);
     buf_free(msg);
+}
+
+/* ---- RFC 3461 4 xtext ---- */
+
+char *bounce_xtext_encode(const char *s)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = s != NULL ? strlen(s) : 0, o = 0;
+    char *out = xmalloc(3 * n + 1);
+
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+
+        if (c < 33 || c > 126 || c == '+' || c == '=') {
+            out[o++] = '+';
+            out[o++] = hex[c >> 4];
+            out[o++] = hex[c & 15];
+        } else {
+            out[o++] = (char)c;
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
+static int xdigit_val(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+char *bounce_xtext_decode(const char *p, size_t n)
+{
+    char *out = xmalloc(n + 1);
+    size_t o = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+
+        if (c == '+') {
+            int hi = i + 2 < n ? xdigit_val(p[i + 1]) : -1;
+            int lo = hi >= 0 ? xdigit_val(p[i + 2]) : -1;
+
+            if (lo < 0 || (hi == 0 && lo == 0))
+                goto bad;
+            out[o++] = (char)(hi << 4 | lo);
+            i += 2;
+        } else if (c < 33 || c > 126 || c == '=') {
+            goto bad;
+        } else {
+            out[o++] = (char)c;
+        }
+    }
+    out[o] = '\0';
+    return out;
+bad:
+    free(out);
+    return NULL;
 }

@@ -4,8 +4,12 @@
  * bounce_build() writes one complete message, ready for the spool: a multipart/report
  * (RFC 6522) with report-type=delivery-status and three parts: a plain-text explanation for
  * the person who sent the mail, the machine-readable message/delivery-status, and the
- * original message's header section as text/rfc822-headers (never its body: the sender
- * has it, and it may be large).  Lines end in CRLF; every header line stays within 78
+ * original message's header section as text/rfc822-headers (not its body: the sender has
+ * it, and it may be large) - unless the sender asked for the whole message with RFC 3461
+ * RET=FULL: then a failure notification returns it as message/rfc822, when it is at most
+ * BOUNCE_FULL_MAX bytes (larger ones, and delay notifications, get the headers only).
+ * The sender's ENVID is reported as Original-Envelope-Id and each recipient's ORCPT as
+ * Original-Recipient (RFC 3464 2.2.1, 2.3.1).  Lines end in CRLF; every header line stays within 78
  * columns where it can and within 998 always (RFC 5322 2.1.1): long replies are folded and
  * cut to BOUNCE_DIAG_MAX.  Upstream replies are reduced to printable ASCII before they are
  * quoted.
@@ -24,6 +28,7 @@
 
 #define BOUNCE_DIAG_MAX 900      /* characters of an upstream reply quoted per recipient */
 #define BOUNCE_HEADERS_MAX 65536 /* bytes of the original header section returned */
+#define BOUNCE_FULL_MAX (1024 * 1024) /* RET=FULL: largest original returned whole */
 
 enum bounce_kind {
     BOUNCE_FAILED,  /* Action: failed  - "Undelivered Mail Returned to Sender" */
@@ -38,6 +43,7 @@ struct bounce_rcpt {
     const char *status;     /* RFC 3463 code to report; NULL: derived from reply */
     const char *remote_mta; /* the upstream's host name; NULL: none contacted */
     int64_t last_attempt;   /* unix seconds; 0: none */
+    const char *orcpt;      /* RFC 3461 ORCPT, decoded ("rfc822;a@example.com"); NULL: none */
 };
 
 struct bounce_info {
@@ -54,6 +60,8 @@ struct bounce_info {
     size_t nrcpts;
     const char *orig; /* the original message as spooled (CRLF); NULL: none */
     size_t orig_len;
+    int dsn_ret;       /* RFC 3461 RET: SPOOL_RET_FULL returns orig whole (BOUNCE_FAILED) */
+    const char *envid; /* RFC 3461 ENVID, decoded; NULL: none */
 };
 
 /* The complete notification (header and body, CRLF) in *out, malloc'd, length *len. */
@@ -66,5 +74,15 @@ void bounce_build(const struct bounce_info *info, char **out, size_t *len);
  * BOUNCE_FAILED and "4.0.0" for BOUNCE_DELAYED.  Returns out.
  */
 char *bounce_status(const char *reply, enum bounce_kind kind, char out[16]);
+
+/*
+ * RFC 3461 4 "xtext", the encoding of the DSN parameters ENVID and ORCPT on the wire.
+ * bounce_xtext_encode(): s with '+', '=' and every byte outside 33..126 as "+XX"
+ * (upper-case hex); malloc'd.  bounce_xtext_decode(): the n bytes at p decoded, malloc'd;
+ * NULL when they are not xtext (a byte outside 33..126, '=', '+' not followed by two
+ * upper-case hex digits) or decode to a NUL byte.
+ */
+char *bounce_xtext_encode(const char *s);
+char *bounce_xtext_decode(const char *p, size_t n);
 
 #endif

@@ -212,6 +212,26 @@ static const char *rcpt_status_name(enum spool_rcpt_status st)
     return "unknown";
 }
 
+/* RFC 3461 NOTIFY bits as the parameter is written ("FAILURE,DELAY"); "" for none. */
+static const char *notify_words(unsigned bits, char out[40])
+{
+    out[0] = '\0';
+    if (bits & SPOOL_NOTIFY_NEVER)
+        strcat(out, "NEVER");
+    if (bits & SPOOL_NOTIFY_SUCCESS)
+        strcat(out, out[0] ? ",SUCCESS" : "SUCCESS");
+    if (bits & SPOOL_NOTIFY_FAILURE)
+        strcat(out, out[0] ? ",FAILURE" : "FAILURE");
+    if (bits & SPOOL_NOTIFY_DELAY)
+        strcat(out, out[0] ? ",DELAY" : "DELAY");
+    return out;
+}
+
+static const char *ret_word(int ret)
+{
+    return ret == SPOOL_RET_FULL ? "FULL" : ret == SPOOL_RET_HDRS ? "HDRS" : NULL;
+}
+
 /* The keys shared by list --json and show --json (without the closing brace). */
 static void json_msg_fields(FILE *out, const struct spool_msg *m)
 {
@@ -613,13 +633,25 @@ static int cmd_show(struct ctx *c, int argc, char **argv)
     hlen = body != NULL ? header_len(body, len) : 0;
 
     if (json) {
+        char nw[40];
+
         json_msg_fields(stdout, m);
+        /* RFC 3461 parameters as the client gave them (null: not given). */
+        fputs(",\"dsn_ret\":", stdout);
+        json_str(stdout, ret_word(m->dsn_ret));
+        fputs(",\"dsn_envid\":", stdout);
+        json_str(stdout, m->dsn_envid);
         fputs(",\"rcpts\":[", stdout);
         for (size_t i = 0; i < m->nrcpts; i++) {
             fputs(i > 0 ? ",{\"addr\":" : "{\"addr\":", stdout);
             json_str(stdout, m->rcpts[i].addr);
             printf(",\"status\":\"%s\",\"reply\":", rcpt_status_name(m->rcpts[i].status));
             json_str(stdout, m->rcpts[i].reply);
+            fputs(",\"dsn_notify\":", stdout);
+            json_str(stdout, m->rcpts[i].dsn_notify ? notify_words(m->rcpts[i].dsn_notify, nw)
+                                                    : NULL);
+            fputs(",\"dsn_orcpt\":", stdout);
+            json_str(stdout, m->rcpts[i].dsn_orcpt);
             putchar('}');
         }
         fputs("],\"history\":[", stdout);
@@ -651,11 +683,21 @@ static int cmd_show(struct ctx *c, int argc, char **argv)
         printf("helo:         %s\n", oneline(m->helo));
         printf("listener:     %s\n", oneline(m->listener));
         printf("last error:   %s\n", oneline(m->last_error));
+        if (m->dsn_ret != 0 || m->dsn_envid != NULL)
+            printf("dsn:          ret=%s envid=%s\n", m->dsn_ret ? ret_word(m->dsn_ret) : "-",
+                   m->dsn_envid ? oneline(m->dsn_envid) : "-");
         printf("recipients:\n");
-        for (size_t i = 0; i < m->nrcpts; i++)
+        for (size_t i = 0; i < m->nrcpts; i++) {
+            char nw[40];
+
             printf("  %-8s <%s>%s%s\n", rcpt_status_name(m->rcpts[i].status),
                    oneline(m->rcpts[i].addr), m->rcpts[i].reply ? "  " : "",
                    m->rcpts[i].reply ? oneline(m->rcpts[i].reply) : "");
+            if (m->rcpts[i].dsn_notify != 0 || m->rcpts[i].dsn_orcpt != NULL)
+                printf("           dsn: notify=%s orcpt=%s\n",
+                       m->rcpts[i].dsn_notify ? notify_words(m->rcpts[i].dsn_notify, nw) : "-",
+                       m->rcpts[i].dsn_orcpt ? oneline(m->rcpts[i].dsn_orcpt) : "-");
+        }
         printf("history:%s\n", m->nattempts_log ? "" : " none");
         for (size_t i = 0; i < m->nattempts_log; i++)
             printf("  %s  %s  %s\n", fmt_time(m->attempts_log[i].when, tb),

@@ -64,6 +64,8 @@ struct sched_delivery {
     const char **rcpts;
     size_t *rcpt_index;
     size_t nrcpts;
+    unsigned *dsn_notify;   /* per group slot: the recipient's RFC 3461 NOTIFY bits */
+    const char **dsn_orcpt; /* per group slot: its ORCPT, or NULL */
     struct smtpc_msg m; /* what smtpc delivers; must live until its done callback */
     /* The group's rewriting (relayd/rewrite.h), owned; NULL when nothing was rewritten: */
     char *rw_sender;    /* envelope sender per the route */
@@ -157,7 +159,7 @@ static void sched_on_upstream_healthy(void *arg, const struct cfg_upstream *up)
 
             memset(&u, 0, sizeof(u));
             u.id = w->id;
-            u.state = SPOOL_DEFERRED;
+            u.wake_only = 1; /* a message held or failed meanwhile stays so */
             u.next_attempt = now;
             spool_update_async(sc->sp, &u, sched_wake_done, NULL);
             n++;
@@ -275,6 +277,8 @@ static struct sched_delivery *sched_delivery_new(struct sched *sc, struct spool_
     d->rcpts = xcalloc(n, sizeof(*d->rcpts));
     d->rcpt_index = xcalloc(n, sizeof(*d->rcpt_index));
     d->rw_rcpts = xcalloc(n, sizeof(*d->rw_rcpts));
+    d->dsn_notify = xcalloc(n, sizeof(*d->dsn_notify));
+    d->dsn_orcpt = xcalloc(n, sizeof(*d->dsn_orcpt));
     d->next = sc->active;
     sc->active = d;
     sc->nactive++;
@@ -311,6 +315,8 @@ static void sched_delivery_free(struct sched_delivery *d)
     free(d->when);
     free(d->rcpts);
     free(d->rcpt_index);
+    free(d->dsn_notify);
+    free(d->dsn_orcpt);
     free(d);
 }
 
@@ -414,6 +420,8 @@ static void sched_dsn_send(struct sched_delivery *d, enum bounce_kind kind,
     bi.nrcpts = n;
     bi.orig = d->body;
     bi.orig_len = d->len;
+    bi.dsn_ret = msg->dsn_ret;
+    bi.envid = msg->dsn_envid;
     bounce_build(&bi, &text, &len);
 
     nm.state = SPOOL_QUEUED;
@@ -456,6 +464,18 @@ static int sched_is_4xx(const char *r)
     return r != NULL && r[0] == '4' && isdigit((unsigned char)r[1]) && isdigit((unsigned char)r[2]);
 }
 
+/* RFC 3461 4.1: whether recipient r wants a notification of kind.  No NOTIFY: the
+ * default (failures and delays are reported); NEVER: none; else only the kinds named. */
+static int sched_dsn_wanted(const struct spool_rcpt *r, enum bounce_kind kind)
+{
+    if (r->dsn_notify == 0)
+        return 1;
+    if (r->dsn_notify & SPOOL_NOTIFY_NEVER)
+        return 0;
+    return (r->dsn_notify &
+            (kind == BOUNCE_FAILED ? SPOOL_NOTIFY_FAILURE : SPOOL_NOTIFY_DELAY)) != 0;
+}
+
 /* ---- a delivery round ---- */
 
 /* The round is over: work out the message's new state, send notifications, record it. */
@@ -471,7 +491,7 @@ static void sched_round_finish(struct sched_delivery *d)
     size_t *idx = xcalloc(msg->nrcpts + 1, sizeof(*idx));
     enum spool_rcpt_status *st = xcalloc(msg->nrcpts + 1, sizeof(*st));
     const char **replies = xcalloc(msg->nrcpts + 1, sizeof(*replies));
-    size_t i, n = 0, nfailed = 0, nbr = 0;
+    size_t i, n = 0, nfailed = 0, nbr = 0, nfailed_now = 0, nquiet = 0;
     size_t pending_normal = 0, pending_fault = 0, pending_routed = 0, pending_noroute = 0;
     int64_t now = (int64_t)time(NULL), age = now - msg->arrived, next;
     int expired = age >= cfg->max_lifetime;
@@ -508,7 +528,13 @@ static void sched_round_finish(struct sched_delivery *d)
         n++;
         if (d->st[i] == SPOOL_RCPT_FAILED) {
             nfailed++;
+            nfailed_now++;
+            if (!sched_dsn_wanted(&msg->rcpts[i], BOUNCE_FAILED)) {
+                nquiet++; /* NOTIFY=NEVER, or NOTIFY without FAILURE */
+                continue;
+            }
             br[nbr].addr = msg->rcpts[i].addr;
+            br[nbr].orcpt = msg->rcpts[i].dsn_orcpt;
             br[nbr].reply = replies[n - 1];
             br[nbr].status = status[i][0] != '\0' ? status[i] : NULL;
             br[nbr].remote_mta = d->at[i] != NULL ? d->at[i]->host : NULL;
@@ -539,7 +565,7 @@ static void sched_round_finish(struct sched_delivery *d)
     if (pending_normal + pending_fault + pending_routed + pending_noroute == 0) {
         if (nfailed > 0) {
             u.state = SPOOL_FAILED;
-            if (expired && nbr > 0) {
+            if (expired && nfailed_now > 0) {
                 snprintf(why, sizeof why, "expired: not delivered within max_lifetime (%ds)",
                          cfg->max_lifetime);
                 u.last_error = why;
@@ -586,14 +612,26 @@ static void sched_round_finish(struct sched_delivery *d)
     else if (nbr > 0)
         log_info("%s: no non-delivery notification: %s", qid,
                  msg->sender[0] == '\0' ? "null sender" : "bounces = no");
-    if (pending_normal > 0 && cfg->delay_warning > 0 && age >= cfg->delay_warning && bounce_ok &&
+    if (nquiet > 0)
+        log_info("%s: no non-delivery notification for %zu recipient%s: NOTIFY", qid, nquiet,
+                 nquiet == 1 ? "" : "s");
+    /* The delay notification goes to those who did not opt out (RFC 3461 4.1); when
+     * nobody wants one, none is sent and none is recorded as sent. */
+    nbr = 0;
+    for (i = 0; i < msg->nrcpts; i++)
+        if (d->tried[i] && !d->fault[i] && d->st[i] == SPOOL_RCPT_PENDING &&
+            sched_dsn_wanted(&msg->rcpts[i], BOUNCE_DELAYED))
+            nbr++;
+    if (nbr > 0 && cfg->delay_warning > 0 && age >= cfg->delay_warning && bounce_ok &&
         !sched_warned(sc, msg->id)) {
         nbr = 0;
         for (i = 0; i < msg->nrcpts; i++) {
-            if (!d->tried[i] || d->fault[i] || d->st[i] != SPOOL_RCPT_PENDING)
+            if (!d->tried[i] || d->fault[i] || d->st[i] != SPOOL_RCPT_PENDING ||
+                !sched_dsn_wanted(&msg->rcpts[i], BOUNCE_DELAYED))
                 continue;
             memset(&br[nbr], 0, sizeof(br[nbr]));
             br[nbr].addr = msg->rcpts[i].addr;
+            br[nbr].orcpt = msg->rcpts[i].dsn_orcpt;
             br[nbr].reply = d->reply[i];
             br[nbr].remote_mta = d->at[i] != NULL ? d->at[i]->host : NULL;
             br[nbr].last_attempt = d->when[i];
@@ -770,6 +808,8 @@ static void sched_round_next(struct sched_delivery *d)
             d->tried[i] = 1;
             d->st[i] = SPOOL_RCPT_PENDING;
             d->rcpts[d->nrcpts] = msg->rcpts[i].addr;
+            d->dsn_notify[d->nrcpts] = msg->rcpts[i].dsn_notify;
+            d->dsn_orcpt[d->nrcpts] = msg->rcpts[i].dsn_orcpt;
             d->rcpt_index[d->nrcpts++] = i;
         }
         if (!pool_would_accept(sc->pool, route)) {
@@ -794,6 +834,11 @@ static void sched_round_next(struct sched_delivery *d)
         d->m.id = msg->id;
         d->m.rcpts = d->rcpts;
         d->m.nrcpts = d->nrcpts;
+        /* RFC 3461: the sender's DSN wishes travel on (smtpc sends them if DSN is offered). */
+        d->m.dsn_ret = msg->dsn_ret;
+        d->m.dsn_envid = msg->dsn_envid;
+        d->m.dsn_notify = d->dsn_notify;
+        d->m.dsn_orcpt = d->dsn_orcpt;
         sched_rewrite(d, route); /* sets d->m.sender, body and len */
         log_debug(1, "%s: delivering on route %s (%zu recipients)", qid, route->name, d->nrcpts);
         if ((rc = sched_deliver(sc, d)) == 0)
@@ -909,16 +954,10 @@ int sched_purge_failed(struct spool *sp, int64_t now, int64_t retention, uint64_
     if ((rc = spool_foreach(sp, sched_purge_pick, &s)) != 0)
         return rc;
     for (i = 0; i < s.n; i++) {
-        struct spool_msg *m;
-
-        /* Look again right before deleting: relayctl may have retried it meanwhile.
-         * XXX a retry between this look and the delete still loses; the window is tiny. */
-        if (spool_msg_get(sp, s.ids[i], 0, &m) != 0)
-            continue;
-        if (m->state == SPOOL_FAILED && m->arrived <= s.cutoff &&
-            (rc = spool_msg_delete(sp, s.ids[i])) == 0)
+        /* relayctl may have retried it since the scan: the spool checks again, in the
+         * deleting transaction itself. */
+        if ((rc = spool_msg_delete_if(sp, s.ids[i], SPOOL_FAILED, s.cutoff + 1)) == 0)
             ids[done++] = s.ids[i];
-        spool_msg_free(m);
         if (rc != 0 && rc != SPOOL_ENOTFOUND)
             break;
         rc = 0;

@@ -47,7 +47,9 @@
 #include "common/buf.h"
 #include "common/log.h"
 #include "common/xalloc.h"
+#include "relayd/bounce.h"
 #include "relayd/upstream.h"
+#include "spool/spool.h"
 
 /* Message body bytes handed to tlsio per write; the next chunk waits for TLSIO_DRAINED so
  * a large message is never copied whole into write requests. */
@@ -92,6 +94,7 @@ enum smtpc_state {
 #define SMTPC_E_PIPELINING 0x08
 #define SMTPC_E_8BITMIME 0x10
 #define SMTPC_E_SMTPUTF8 0x20
+#define SMTPC_E_DSN 0x40
 
 /* fail() flags. */
 #define F_QUIT 0x01  /* the dialogue is in step: say QUIT before closing */
@@ -672,6 +675,8 @@ static void smtpc_ehlo_line(struct smtpc *c, const char *text)
         c->ext |= SMTPC_E_8BITMIME;
     } else if (kwlen == 8 && strncasecmp(text, "SMTPUTF8", 8) == 0) {
         c->ext |= SMTPC_E_SMTPUTF8;
+    } else if (kwlen == 3 && strncasecmp(text, "DSN", 3) == 0) {
+        c->ext |= SMTPC_E_DSN;
     }
 }
 
@@ -860,17 +865,65 @@ static void add_mail(struct smtpc *c, struct smtpc_tx *tx, struct buf *b, int ut
     /* RFC 1870: announce the size so the server can refuse before we send it all. */
     if (c->ext & SMTPC_E_SIZE)
         buf_printf(b, " SIZE=%zu", m->len);
+    /* RFC 3461 4.3, 4.4: pass the sender's DSN wishes on when the upstream takes them;
+     * when it does not, they end here (5.2.2: the DSN duty ends with the relaying). */
+    if (c->ext & SMTPC_E_DSN) {
+        if (m->dsn_ret == SPOOL_RET_FULL || m->dsn_ret == SPOOL_RET_HDRS)
+            buf_puts(b, m->dsn_ret == SPOOL_RET_FULL ? " RET=FULL" : " RET=HDRS");
+        if (m->dsn_envid != NULL && m->dsn_envid[0] != '\0') {
+            char *x = bounce_xtext_encode(m->dsn_envid);
+
+            buf_printf(b, " ENVID=%s", x);
+            free(x);
+        }
+    }
     log_debug(1, "%s: > %s", c->qid, b->data + start);
     buf_puts(b, "\r\n");
     expect(tx, X_MAIL);
 }
 
+/* " NOTIFY=FAILURE,DELAY" for the SPOOL_NOTIFY_* bits (nothing for 0). */
+static void add_notify(struct buf *b, unsigned bits)
+{
+    static const struct {
+        unsigned bit;
+        const char *word;
+    } w[] = {{SPOOL_NOTIFY_NEVER, "NEVER"},
+             {SPOOL_NOTIFY_SUCCESS, "SUCCESS"},
+             {SPOOL_NOTIFY_FAILURE, "FAILURE"},
+             {SPOOL_NOTIFY_DELAY, "DELAY"}};
+    int n = 0;
+
+    if (bits & SPOOL_NOTIFY_NEVER)
+        bits = SPOOL_NOTIFY_NEVER; /* RFC 3461 4.1: NEVER stands alone */
+    for (size_t i = 0; i < sizeof w / sizeof w[0]; i++)
+        if (bits & w[i].bit)
+            buf_printf(b, "%s%s", n++ == 0 ? " NOTIFY=" : ",", w[i].word);
+}
+
 static void add_rcpt(struct smtpc *c, struct smtpc_tx *tx, struct buf *b)
 {
-    const char *r = tx->msg->rcpts[tx->rcpt_next++];
+    const struct smtpc_msg *m = tx->msg;
+    size_t k = tx->rcpt_next++;
+    size_t start = b->len;
 
-    log_debug(1, "%s: > RCPT TO:<%s>", c->qid, r);
-    buf_printf(b, "RCPT TO:<%s>\r\n", r);
+    buf_printf(b, "RCPT TO:<%s>", m->rcpts[k]);
+    if (c->ext & SMTPC_E_DSN) {
+        const char *orcpt = m->dsn_orcpt != NULL ? m->dsn_orcpt[k] : NULL;
+        const char *semi = orcpt != NULL ? strchr(orcpt, ';') : NULL;
+
+        if (m->dsn_notify != NULL)
+            add_notify(b, m->dsn_notify[k]);
+        if (semi != NULL && semi > orcpt) {
+            /* RFC 3461 4.2: addr-type ";" xtext. */
+            char *x = bounce_xtext_encode(semi + 1);
+
+            buf_printf(b, " ORCPT=%.*s;%s", (int)(semi - orcpt), orcpt, x);
+            free(x);
+        }
+    }
+    log_debug(1, "%s: > %s", c->qid, b->data + start);
+    buf_puts(b, "\r\n");
     expect(tx, X_RCPT);
 }
 
@@ -957,6 +1010,15 @@ static void smtpc_send_body(struct smtpc *c)
 
         if (tx->body_bol && ch == '.')
             buf_append(b, ".", 1);
+        if (ch == '\r' && (i + 1 == len || p[i + 1] != '\n')) {
+            /* A bare CR goes out as CRLF, so that "<CR>.<CR><LF>" in a body can never look
+             * like the end of data to an upstream that takes a bare CR as a line ending
+             * (SMTP smuggling); the dot after it is stuffed like any line's. */
+            buf_append(b, "\r\n", 2);
+            tx->body_bol = 1;
+            tx->body_cr = 0;
+            continue;
+        }
         /* RFC 5321 2.3.8: bare LF is not a line ending on the wire. */
         if (ch == '\n' && !tx->body_cr)
             buf_append(b, "\r", 1);

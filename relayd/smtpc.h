@@ -13,7 +13,9 @@
  * tls_pin), EHLO again, AUTH through authsasl, then per message: [RSET,] MAIL, RCPT for
  * each recipient, DATA (MAIL, the RCPTs and DATA in one group when PIPELINING is offered,
  * RFC 2920), the body with dot-stuffing; QUIT at the end.  MAIL carries SIZE (when
- * offered), BODY=8BITMIME (8-bit body, when offered) and SMTPUTF8 (non-ASCII envelope).
+ * offered), BODY=8BITMIME (8-bit body, when offered) and SMTPUTF8 (non-ASCII envelope);
+ * when DSN is offered, MAIL carries RET=/ENVID= and RCPT NOTIFY=/ORCPT= as the message has
+ * them (RFC 3461, xtext-encoded), and nothing of the kind otherwise.
  * Before sending, a message larger than the upstream's SIZE fails ("message size N
  * exceeds upstream limit M"), and so does a non-ASCII envelope when SMTPUTF8 is not
  * offered: retrying would not help.
@@ -53,6 +55,11 @@ struct smtpc_msg {
     size_t nrcpts;
     const char *body; /* CRLF lines, not dot-stuffed */
     size_t len;
+    /* RFC 3461 DSN parameters, sent only when the upstream offers DSN (0 / NULL: none). */
+    int dsn_ret;                  /* SPOOL_RET_FULL / SPOOL_RET_HDRS */
+    const char *dsn_envid;        /* decoded; smtpc sends it as xtext */
+    const unsigned *dsn_notify;   /* NULL or nrcpts entries of SPOOL_NOTIFY_* bits */
+    const char *const *dsn_orcpt; /* NULL or nrcpts entries ("rfc822;addr", decoded) */
 };
 
 struct smtpc_result {

@@ -52,8 +52,10 @@
 #include "common/proxyproto.h"
 #include "common/tlsio.h"
 #include "common/xalloc.h"
+#include "relayd/bounce.h"
 #include "relayd/msgfix.h"
 
+#define SMTPD_INPUT_MAX (256 * 1024) /* input held while not reading commands */
 #define SMTPD_DATA_CHUNK (64 * 1024)   /* flush a partial DATA line beyond this */
 #define SMTPD_PROXY_TIMEOUT_MS 10000   /* for the PROXY header */
 #define SMTPD_PROXY_POLL_MS 10         /* peek interval while waiting for it */
@@ -96,11 +98,13 @@ struct smtpd_tx {
     int no_mem;       /* went over the server's max_memory: read to the end, then 451 */
     int mid_line;     /* the last chunk appended ended inside a line */
     int last_dot;     /* the last complete line ended in '.' (see smtpd_data_glued_dot) */
-    /* RFC 3461 DSN parameters: validated and logged.  XXX the spool has no fields for
-     * them yet, so they are not passed upstream. */
-    char ret[8];
-    char *envid;
-    int ndsn_rcpts;   /* recipients with NOTIFY or ORCPT */
+    /* RFC 3461 DSN parameters, kept in the spool (spool.h) and passed upstream when it
+     * offers DSN; ENVID and ORCPT are stored xtext-decoded. */
+    char ret[8];         /* "FULL", "HDRS" or "" */
+    char *envid;         /* decoded, or NULL */
+    int ndsn_rcpts;      /* recipients with NOTIFY or ORCPT */
+    unsigned *notify;    /* per recipient: SPOOL_NOTIFY_* bits, 0: not given */
+    char **orcpt;        /* per recipient: "rfc822;addr" decoded, or NULL */
 };
 
 /* Server TLS credentials shared by a listener and the sessions that use them. */
@@ -140,6 +144,7 @@ struct smtpd_session {
     int errors;
     int close_after_drain;        /* QUIT or a fatal reply: close once the reply is sent */
     const char *close_why;        /* for the disconnect line; NULL: "quit" */
+    int input_paused;             /* reads stopped while we are not taking commands */
     unsigned char *proxy_buf;     /* PROXY state only */
     int proxy_ticks;
     struct smtpd_session *prev, *next;
@@ -286,7 +291,11 @@ static struct smtpd_tx *smtpd_tx_free(struct smtpd_tx *tx)
     free(tx->sender);
     for (i = 0; i < tx->nrcpts; i++)
         free(tx->rcpts[i]);
+    for (i = 0; i < tx->nrcpts; i++)
+        free(tx->orcpt[i]);
     free(tx->rcpts);
+    free(tx->notify);
+    free(tx->orcpt);
     free(tx->envid);
     buf_free(tx->data);
     free(tx);
@@ -443,7 +452,14 @@ static void smtpd_cmd_helo(struct smtpd_session *s, const char *arg, int ehlo)
         return;
     }
     free(s->helo);
-    s->helo = xstrndup(arg, strcspn(arg, " "));
+    /* The name goes into Received: and the logs: no control characters (a CR would start
+     * a header line of the client's choosing) and no more than a host name's length. */
+    s->helo = xstrndup(arg, strcspn(arg, " \t"));
+    if (strlen(s->helo) > 255)
+        s->helo[255] = '\0';
+    for (char *p = s->helo; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x21 || (unsigned char)*p == 0x7f)
+            *p = '?';
     smtpd_tx_reset(s); /* RFC 5321 4.1.4: HELO/EHLO resets the transaction */
     s->flags |= SMTPD_F_HELO;
     s->flags &= ~SMTPD_F_NEEDHELO;
@@ -527,9 +543,13 @@ static int smtpd_mail_param(struct smtpd_session *s, struct smtpd_tx *tx, const 
     }
     if (klen == 5 && strncasecmp(p, "ENVID", 5) == 0 && v != NULL && vlen > 0 &&
         vlen <= SMTPD_ENVID_MAX && smtpd_xtext_ok(v, vlen)) {
-        free(tx->envid);
-        tx->envid = xstrndup(v, vlen);
-        return 0;
+        char *dec = bounce_xtext_decode(v, vlen); /* NULL for "+00" */
+
+        if (dec != NULL) {
+            free(tx->envid);
+            tx->envid = dec;
+            return 0;
+        }
     }
     /* RFC 4954 5: MAIL FROM AUTH=<mailbox>; we trust our own AUTH state instead. */
     if (klen == 4 && strncasecmp(p, "AUTH", 4) == 0 && v != NULL && vlen > 0)
@@ -544,8 +564,10 @@ static int smtpd_mail_param(struct smtpd_session *s, struct smtpd_tx *tx, const 
     return -1;
 }
 
-/* One RCPT parameter: NOTIFY= and ORCPT= (RFC 3461); 0 or -1 after replying. */
-static int smtpd_rcpt_param(struct smtpd_session *s, const char *p, size_t n, int *dsn)
+/* One RCPT parameter: NOTIFY= (into *notify) and ORCPT= (into *orcpt, decoded, replacing
+ * what was there) of RFC 3461; 0 or -1 after replying. */
+static int smtpd_rcpt_param(struct smtpd_session *s, const char *p, size_t n, int *dsn,
+                            unsigned *notify, char **orcpt)
 {
     const char *eq = memchr(p, '=', n);
     size_t klen = eq != NULL ? (size_t)(eq - p) : n;
@@ -555,6 +577,7 @@ static int smtpd_rcpt_param(struct smtpd_session *s, const char *p, size_t n, in
     if (klen == 6 && strncasecmp(p, "NOTIFY", 6) == 0 && v != NULL && vlen > 0) {
         char val[64], *save = NULL, *w;
         int never = 0, other = 0;
+        unsigned bits = 0;
 
         if (vlen >= sizeof(val))
             goto bad;
@@ -564,24 +587,37 @@ static int smtpd_rcpt_param(struct smtpd_session *s, const char *p, size_t n, in
             goto bad;
         for (w = strtok_r(val, ",", &save); w != NULL; w = strtok_r(NULL, ",", &save)) {
             if (strcasecmp(w, "NEVER") == 0)
-                never = 1;
-            else if (strcasecmp(w, "SUCCESS") == 0 || strcasecmp(w, "FAILURE") == 0 ||
-                     strcasecmp(w, "DELAY") == 0)
-                other = 1;
+                bits |= SPOOL_NOTIFY_NEVER;
+            else if (strcasecmp(w, "SUCCESS") == 0)
+                bits |= SPOOL_NOTIFY_SUCCESS;
+            else if (strcasecmp(w, "FAILURE") == 0)
+                bits |= SPOOL_NOTIFY_FAILURE;
+            else if (strcasecmp(w, "DELAY") == 0)
+                bits |= SPOOL_NOTIFY_DELAY;
             else
                 goto bad;
         }
+        never = (bits & SPOOL_NOTIFY_NEVER) != 0;
+        other = (bits & ~SPOOL_NOTIFY_NEVER) != 0;
         if (never && other) /* RFC 3461 4.1 */
             goto bad;
         *dsn = 1;
+        *notify = bits;
         return 0;
     }
     if (klen == 5 && strncasecmp(p, "ORCPT", 5) == 0 && v != NULL) {
         const char *semi = memchr(v, ';', vlen);
+        char *dec;
 
         if (semi == NULL || semi == v || vlen > 500 ||
             !smtpd_xtext_ok(semi + 1, vlen - (size_t)(semi + 1 - v)))
             goto bad;
+        /* RFC 3461 4.2: addr-type ";" xtext; kept as "addr-type;address", decoded. */
+        if ((dec = bounce_xtext_decode(semi + 1, vlen - (size_t)(semi + 1 - v))) == NULL)
+            goto bad;
+        free(*orcpt);
+        *orcpt = xasprintf("%.*s;%s", (int)(semi - v), v, dec);
+        free(dec);
         *dsn = 1;
         return 0;
     }
@@ -656,7 +692,8 @@ static void smtpd_cmd_rcpt(struct smtpd_session *s, const char *arg)
     const struct cfg_listener *lc = s->lcfg;
     const char *path = smtpd_skip_keyword(arg, "TO"), *params, *p;
     struct smtpd_tx *tx = s->tx;
-    char err[128], *addr;
+    char err[128], *addr, *orcpt = NULL;
+    unsigned notify = 0;
     int dsn = 0;
 
     if (tx == NULL) {
@@ -683,8 +720,9 @@ static void smtpd_cmd_rcpt(struct smtpd_session *s, const char *arg)
     for (p = params; p != NULL && *p != '\0';) {
         size_t n = strcspn(p, " ");
 
-        if (smtpd_rcpt_param(s, p, n, &dsn) != 0) {
+        if (smtpd_rcpt_param(s, p, n, &dsn, &notify, &orcpt) != 0) {
             free(addr);
+            free(orcpt);
             smtpd_error(s);
             return;
         }
@@ -696,18 +734,24 @@ static void smtpd_cmd_rcpt(struct smtpd_session *s, const char *arg)
                  "recipient_domains of listener %s)", s->peer, addr, lc->name);
         smtpd_reply(s, "554 5.7.1 <%s>: Relay access denied", addr);
         free(addr);
+        free(orcpt);
         smtpd_error(s);
         return;
     }
     if (tx->nrcpts >= (size_t)s->srv->cfg->max_recipients) {
         free(addr);
+        free(orcpt);
         smtpd_reply(s, "452 4.5.3 Error: too many recipients");
         return;
     }
     if (tx->nrcpts == tx->cap) {
         tx->cap = tx->cap ? tx->cap * 2 : 4;
         tx->rcpts = xrealloc(tx->rcpts, tx->cap * sizeof(*tx->rcpts));
+        tx->notify = xrealloc(tx->notify, tx->cap * sizeof(*tx->notify));
+        tx->orcpt = xrealloc(tx->orcpt, tx->cap * sizeof(*tx->orcpt));
     }
+    tx->notify[tx->nrcpts] = notify;
+    tx->orcpt[tx->nrcpts] = orcpt;
     tx->rcpts[tx->nrcpts++] = addr;
     tx->ndsn_rcpts += dsn;
     smtpd_reply(s, "250 2.1.5 Ok");
@@ -1104,6 +1148,8 @@ static void smtpd_data_end(struct smtpd_session *s)
     rcpts = xcalloc(tx->nrcpts, sizeof(*rcpts));
     for (i = 0; i < tx->nrcpts; i++) {
         rcpts[i].addr = tx->rcpts[i];
+        rcpts[i].dsn_notify = tx->notify[i];
+        rcpts[i].dsn_orcpt = tx->orcpt[i];
         if (cfg_route_match(srv->cfg, tx->sender, tx->rcpts[i], s->peer, lc->name) == NULL)
             held = 1;
     }
@@ -1116,13 +1162,22 @@ static void smtpd_data_end(struct smtpd_session *s)
     msg.listener = lc->name;
     msg.rcpts = rcpts;
     msg.nrcpts = tx->nrcpts;
+    msg.dsn_ret = strcasecmp(tx->ret, "FULL") == 0   ? SPOOL_RET_FULL
+                  : strcasecmp(tx->ret, "HDRS") == 0 ? SPOOL_RET_HDRS
+                                                     : 0;
+    msg.dsn_envid = tx->envid;
     body = buf_steal(out, &len);
     msg.size = len;
     buf_free(out);
 
-    if (tx->ret[0] != '\0' || tx->envid != NULL || tx->ndsn_rcpts > 0)
+    if (tx->ret[0] != '\0' || tx->envid != NULL || tx->ndsn_rcpts > 0) {
+        /* Logged as xtext, as sent: one word whatever the client put in it. */
+        char *envid = tx->envid != NULL ? bounce_xtext_encode(tx->envid) : NULL;
+
         snprintf(dsn, sizeof(dsn), " dsn_ret=%s dsn_envid=%.100s dsn_rcpts=%d",
-                 tx->ret[0] ? tx->ret : "-", tx->envid ? tx->envid : "-", tx->ndsn_rcpts);
+                 tx->ret[0] ? tx->ret : "-", envid ? envid : "-", tx->ndsn_rcpts);
+        free(envid);
+    }
     log_info("%s: from=<%s> size=%zu nrcpt=%zu client=%s helo=%s%s%s%s%s%s%s%s", qid,
              tx->sender, len, tx->nrcpts, s->peer, s->helo ? s->helo : "none",
              s->auth_user != NULL ? " sasl_username=" : "", s->auth_user ? s->auth_user : "",
@@ -1246,8 +1301,35 @@ static void smtpd_drain_input(struct smtpd_session *s)
     char *cmd;
     size_t n, used;
 
+    if (s->input_paused &&
+        (s->state == SMTPD_S_CMD || s->state == SMTPD_S_DATA || s->state == SMTPD_S_AUTH)) {
+        s->input_paused = 0;
+        tlsio_read_start(s->io);
+    }
     while (s->state == SMTPD_S_CMD || s->state == SMTPD_S_DATA || s->state == SMTPD_S_AUTH) {
         in = tlsio_input(s->io);
+        if (s->state == SMTPD_S_DATA) {
+            /* Every complete line in one pass, consumed once at the end: consuming line by
+             * line would move the rest of the buffer each time (quadratic in short lines). */
+            size_t off = 0;
+            int end = 0;
+
+            while (!end) {
+                const char *p = in->data + off, *lf = memchr(p, '\n', in->len - off);
+                size_t len;
+
+                if (lf == NULL)
+                    break;
+                len = (size_t)(lf - p);
+                end = smtpd_data_line(s, p, len > 0 && p[len - 1] == '\r' ? len - 1 : len);
+                off += len + 1;
+            }
+            buf_consume(in, off);
+            if (end) {
+                smtpd_data_end(s);
+                continue;
+            }
+        }
         used = buf_getline(in, &line, &n);
         if (used == 0) {
             if (s->state == SMTPD_S_DATA && in->len > SMTPD_DATA_CHUNK) {
@@ -1273,13 +1355,6 @@ static void smtpd_drain_input(struct smtpd_session *s)
                 buf_consume(in, in->len);
             }
             return;
-        }
-        if (s->state == SMTPD_S_DATA) {
-            int end = smtpd_data_line(s, line, n);
-            buf_consume(in, used);
-            if (end)
-                smtpd_data_end(s);
-            continue;
         }
         if (s->flags & SMTPD_F_SKIPLINE) {
             s->flags &= ~SMTPD_F_SKIPLINE; /* resynchronised at the end of the long line */
@@ -1313,8 +1388,14 @@ static void smtpd_on_io(struct tlsio *io, enum tlsio_event ev, void *arg)
 
     switch (ev) {
     case TLSIO_DATAIN:
-        if (s->state == SMTPD_S_CMD || s->state == SMTPD_S_DATA || s->state == SMTPD_S_AUTH)
+        if (s->state == SMTPD_S_CMD || s->state == SMTPD_S_DATA || s->state == SMTPD_S_AUTH) {
             uv_timer_again(&s->timer);
+        } else if (tlsio_input(io)->len > SMTPD_INPUT_MAX && !s->input_paused) {
+            /* Waiting (for a commit, a slowed-down AUTH reply, a flush): pipelined input
+             * stays in the kernel instead of our memory until we read commands again. */
+            tlsio_read_stop(io);
+            s->input_paused = 1;
+        }
         smtpd_drain_input(s);
         break;
     case TLSIO_DRAINED:
@@ -1342,8 +1423,10 @@ static void smtpd_on_io(struct tlsio *io, enum tlsio_event ev, void *arg)
         /* RFC 3207 4.2: forget everything learnt in cleartext. */
         free(s->helo);
         s->helo = NULL;
-        s->flags &= ~(SMTPD_F_HELO | SMTPD_F_EHLO);
+        s->flags &= ~(SMTPD_F_HELO | SMTPD_F_EHLO | SMTPD_F_AUTHED);
         s->flags |= SMTPD_F_NEEDHELO;
+        free(s->auth_user);
+        s->auth_user = NULL;
         smtpd_tx_reset(s);
         s->sasl = authsasl_server_free(s->sasl); /* plaintext mechanisms may be allowed now */
         smtpd_enter_state(s, SMTPD_S_CMD);
@@ -1567,6 +1650,15 @@ static void smtpd_on_connection(uv_stream_t *server, int status)
     else
         snprintf(s->peer, sizeof(s->peer), "unknown");
     if (l->cfg->proxy_protocol != CFG_PROXY_NO) {
+        /* The header names the client, and the allow list then judges that name: only a
+         * proxy we trust may speak it, or anyone could claim an allowed address. */
+        if (!netaddr_list_match(&l->cfg->proxy_trusted, (struct sockaddr *)&s->addr)) {
+            log_warn("reject: connect from %s to listener %s: not in proxy_trusted, so its "
+                     "PROXY header is not believed",
+                     s->peer, l->cfg->name);
+            smtpd_session_close(s, "untrusted proxy");
+            return;
+        }
         smtpd_enter_state(s, SMTPD_S_PROXY);
         smtpd_proxy_poll(s); /* usually there already */
         return;

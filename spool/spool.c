@@ -895,6 +895,19 @@ int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update 
 
     if ((rc = msg_load(sp, txn, u->id, &m)) != 0)
         return rc;
+    if (u->wake_only) {
+        /* Only mail that is still waiting moves: what an operator held, or what failed
+         * meanwhile, stays as it is. */
+        if (m.state != SPOOL_QUEUED && m.state != SPOOL_DEFERRED)
+            goto out;
+        if ((rc = sched_del(sp, txn, &m)) != 0)
+            goto out;
+        m.next_attempt = u->next_attempt;
+        if ((rc = sched_add(sp, txn, &m)) != 0)
+            goto out;
+        rc = msg_store(sp, txn, &m, 0);
+        goto out;
+    }
     for (size_t i = 0; i < u->nrcpts; i++) {
         struct spool_rcpt *r;
 
@@ -945,7 +958,7 @@ out:
 /* ---- synchronous writes (relayctl, start-up) ---- */
 
 struct sync_op {
-    enum { OP_STATE, OP_RETRY, OP_DELETE, OP_PURGE } kind;
+    enum { OP_STATE, OP_RETRY, OP_DELETE, OP_DELETE_IF, OP_PURGE } kind;
     uint64_t id;
     enum spool_state state;
     int64_t before;  /* OP_PURGE: arrived earlier than this; 0: any time */
@@ -1003,6 +1016,15 @@ static int sync_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
 
     if (op->kind == OP_DELETE)
         return spool__txn_delete(sp, txn, op->id);
+    if (op->kind == OP_DELETE_IF) {
+        /* Checked and deleted in one transaction: a relayctl retry cannot slip between. */
+        if ((rc = msg_load(sp, txn, op->id, &m)) != 0)
+            return rc;
+        rc = m.state == op->state && m.arrived < op->before ? spool__txn_delete(sp, txn, op->id)
+                                                             : SPOOL_ENOTFOUND;
+        spool__msg_clear(&m);
+        return rc;
+    }
     if (op->kind == OP_PURGE)
         return purge_apply(sp, txn, op);
     if ((rc = msg_load(sp, txn, op->id, &m)) != 0)
@@ -1069,6 +1091,14 @@ int spool_msg_retry(struct spool *sp, uint64_t id)
 int spool_msg_delete(struct spool *sp, uint64_t id)
 {
     struct sync_op op = {.kind = OP_DELETE, .id = id};
+
+    return sync_write(sp, &op);
+}
+
+int spool_msg_delete_if(struct spool *sp, uint64_t id, enum spool_state state,
+                        int64_t arrived_before)
+{
+    struct sync_op op = {.kind = OP_DELETE_IF, .id = id, .state = state, .before = arrived_before};
 
     return sync_write(sp, &op);
 }

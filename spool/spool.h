@@ -46,10 +46,21 @@ enum spool_rcpt_status {
     SPOOL_RCPT_FAILED,
 };
 
+/* RFC 3461 DSN parameters as the client gave them (0 / NULL: not given).  Stored decoded
+ * (xtext undone); whoever puts them on the wire again encodes them. */
+#define SPOOL_RET_FULL 1 /* MAIL RET=FULL */
+#define SPOOL_RET_HDRS 2 /* MAIL RET=HDRS */
+#define SPOOL_NOTIFY_SUCCESS 0x1 /* RCPT NOTIFY=SUCCESS,FAILURE,DELAY or NOTIFY=NEVER */
+#define SPOOL_NOTIFY_FAILURE 0x2
+#define SPOOL_NOTIFY_DELAY   0x4
+#define SPOOL_NOTIFY_NEVER   0x8
+
 struct spool_rcpt {
     char *addr;
     enum spool_rcpt_status status;
-    char *reply; /* last server reply for this recipient, or NULL */
+    char *reply;        /* last server reply for this recipient, or NULL */
+    unsigned dsn_notify; /* SPOOL_NOTIFY_* bits; 0: NOTIFY not given */
+    char *dsn_orcpt;    /* ORCPT as given, decoded: "rfc822;user@example.com"; NULL: none */
 };
 
 struct spool_attempt {
@@ -70,6 +81,8 @@ struct spool_msg {
     char *helo;                /* HELO/EHLO name or NULL */
     char *listener;            /* listener name or NULL */
     char *last_error;          /* NULL until an attempt fails */
+    char *dsn_envid;           /* MAIL ENVID=, decoded; NULL: not given */
+    int dsn_ret;               /* MAIL RET=: SPOOL_RET_FULL, SPOOL_RET_HDRS; 0: not given */
     struct spool_rcpt *rcpts;
     size_t nrcpts;
     struct spool_attempt *attempts_log; /* filled only with SPOOL_GET_HISTORY */
@@ -133,6 +146,7 @@ struct spool_update {
     const size_t *rcpt_index;
     const enum spool_rcpt_status *rcpt_status;
     const char *const *rcpt_reply;
+    int wake_only;           /* 1: only set next_attempt, and only while QUEUED/DEFERRED */
 };
 /* Applies u (deep-copied now).  When afterwards no recipient is PENDING and none FAILED,
  * the message is removed from the spool entirely (delivered). */
@@ -158,6 +172,10 @@ int spool_foreach(struct spool *sp, int (*fn)(const struct spool_msg *msg, void 
 int spool_msg_set_state(struct spool *sp, uint64_t id, enum spool_state state);
 int spool_msg_retry(struct spool *sp, uint64_t id);
 int spool_msg_delete(struct spool *sp, uint64_t id);
+/* Deletes id only if it is (still) in state and arrived before arrived_before, checked in
+ * the same transaction; SPOOL_ENOTFOUND when it is gone or no longer matches. */
+int spool_msg_delete_if(struct spool *sp, uint64_t id, enum spool_state state,
+                        int64_t arrived_before);
 /* Deletes every message in state that arrived before arrived_before (unix seconds; 0: any
  * time), in one durable transaction; *removed (may be NULL) gets how many.  relayctl purge. */
 int spool_purge(struct spool *sp, enum spool_state state, int64_t arrived_before, size_t *removed);

@@ -5,6 +5,12 @@
  * fixed-width integers in big-endian and strings as u32 BE length + bytes, with length
  * 0xFFFFFFFF meaning NULL.  Decoding checks every length against the value size, so a
  * truncated or foreign record gives SPOOL_ECORRUPT instead of reading past the end.
+ *
+ * Envelope records come in two versions: 1 (the original layout) and 2 (adds the RFC 3461
+ * DSN parameters).  Both decode; a version-1 record reads as "no DSN parameters given".
+ * The encoder writes version 1 whenever the message carries no DSN parameter, so a spool
+ * of ordinary mail stays readable by a relayd that predates version 2.  Attempt records
+ * are version 1 only.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +19,8 @@
 #include "spool/spool_int.h"
 
 #define STR_NULL 0xFFFFFFFFu
+#define MSG_V1 1 /* = SPOOL_REC_VERSION: no DSN fields */
+#define MSG_V2 2 /* + u8 dsn_ret, str dsn_envid; per recipient + u8 notify, str orcpt */
 
 void spool__be64(unsigned char *p, uint64_t v)
 {
@@ -91,10 +99,10 @@ static void put_str(struct buf *b, const char *s)
 }
 
 /* Writes the header with a placeholder length; finish() patches it. */
-static void start(struct buf *b)
+static void start(struct buf *b, unsigned version)
 {
     buf_reset(b);
-    put_u8(b, SPOOL_REC_VERSION);
+    put_u8(b, version);
     put_u32(b, 0);
 }
 
@@ -103,9 +111,22 @@ static void finish(struct buf *b)
     spool__be32((unsigned char *)b->data + 1, (uint32_t)b->len);
 }
 
+/* Whether m needs a version-2 record: any DSN parameter given. */
+static int has_dsn(const struct spool_msg *m)
+{
+    if (m->dsn_ret != 0 || m->dsn_envid != NULL)
+        return 1;
+    for (size_t i = 0; i < m->nrcpts; i++)
+        if (m->rcpts[i].dsn_notify != 0 || m->rcpts[i].dsn_orcpt != NULL)
+            return 1;
+    return 0;
+}
+
 void spool__encode_msg(const struct spool_msg *m, struct buf *out)
 {
-    start(out);
+    unsigned v = has_dsn(m) ? MSG_V2 : MSG_V1;
+
+    start(out, v);
     put_u8(out, (unsigned)m->state);
     put_u64(out, (uint64_t)m->arrived);
     put_u64(out, (uint64_t)m->next_attempt);
@@ -116,18 +137,26 @@ void spool__encode_msg(const struct spool_msg *m, struct buf *out)
     put_str(out, m->helo);
     put_str(out, m->listener);
     put_str(out, m->last_error);
+    if (v >= MSG_V2) {
+        put_u8(out, (unsigned)m->dsn_ret & 0xff);
+        put_str(out, m->dsn_envid);
+    }
     put_u32(out, (uint32_t)m->nrcpts);
     for (size_t i = 0; i < m->nrcpts; i++) {
         put_str(out, m->rcpts[i].addr);
         put_u8(out, (unsigned)m->rcpts[i].status);
         put_str(out, m->rcpts[i].reply);
+        if (v >= MSG_V2) {
+            put_u8(out, m->rcpts[i].dsn_notify & 0xff);
+            put_str(out, m->rcpts[i].dsn_orcpt);
+        }
     }
     finish(out);
 }
 
 void spool__encode_attempt(const struct spool_attempt *a, struct buf *out)
 {
-    start(out);
+    start(out, SPOOL_REC_VERSION);
     put_u64(out, (uint64_t)a->when);
     put_str(out, a->upstream);
     put_str(out, a->result);
@@ -194,14 +223,17 @@ static char *get_str(struct rd *r)
     return s;
 }
 
-/* Checks version and length; leaves r positioned after the header. */
-static int header(struct rd *r, const void *p, size_t n)
+/* Checks the version (min..max) and length; leaves r positioned after the header and
+ * the version in *version. */
+static int header(struct rd *r, const void *p, size_t n, unsigned min, unsigned max,
+                  unsigned *version)
 {
     r->p = p;
     r->n = n;
     r->off = 0;
     r->bad = 0;
-    if (get_u8(r) != SPOOL_REC_VERSION)
+    *version = get_u8(r);
+    if (*version < min || *version > max)
         return SPOOL_ECORRUPT;
     if (get_u32(r) != n || r->bad)
         return SPOOL_ECORRUPT;
@@ -212,9 +244,11 @@ int spool__decode_msg(const void *p, size_t n, uint64_t id, struct spool_msg *m)
 {
     struct rd r;
     uint32_t nr;
+    unsigned v;
+    size_t min_rcpt;
 
     memset(m, 0, sizeof(*m));
-    if (header(&r, p, n) != 0)
+    if (header(&r, p, n, MSG_V1, MSG_V2, &v) != 0)
         return SPOOL_ECORRUPT;
     m->id = id;
     m->state = (enum spool_state)get_u8(&r);
@@ -227,9 +261,14 @@ int spool__decode_msg(const void *p, size_t n, uint64_t id, struct spool_msg *m)
     m->helo = get_str(&r);
     m->listener = get_str(&r);
     m->last_error = get_str(&r);
+    if (v >= MSG_V2) {
+        m->dsn_ret = (int)get_u8(&r);
+        m->dsn_envid = get_str(&r);
+    }
     nr = get_u32(&r);
-    /* Each recipient takes at least 9 bytes: a bound before allocating. */
-    if (r.bad || nr > (r.n - r.off) / 9)
+    /* Each recipient takes at least 9 bytes (14 in version 2): a bound before allocating. */
+    min_rcpt = v >= MSG_V2 ? 14 : 9;
+    if (r.bad || nr > (r.n - r.off) / min_rcpt)
         goto corrupt;
     m->rcpts = xcalloc(nr ? nr : 1, sizeof(*m->rcpts));
     m->nrcpts = nr;
@@ -237,11 +276,15 @@ int spool__decode_msg(const void *p, size_t n, uint64_t id, struct spool_msg *m)
         m->rcpts[i].addr = get_str(&r);
         m->rcpts[i].status = (enum spool_rcpt_status)get_u8(&r);
         m->rcpts[i].reply = get_str(&r);
+        if (v >= MSG_V2) {
+            m->rcpts[i].dsn_notify = get_u8(&r);
+            m->rcpts[i].dsn_orcpt = get_str(&r);
+        }
         if (m->rcpts[i].addr == NULL)
             r.bad = 1;
     }
     if (r.bad || r.off != r.n || m->sender == NULL || m->state < SPOOL_QUEUED ||
-        m->state > SPOOL_FAILED)
+        m->state > SPOOL_FAILED || m->dsn_ret < 0 || m->dsn_ret > SPOOL_RET_HDRS)
         goto corrupt;
     return 0;
 corrupt:
@@ -252,9 +295,10 @@ corrupt:
 int spool__decode_attempt(const void *p, size_t n, struct spool_attempt *a)
 {
     struct rd r;
+    unsigned v;
 
     memset(a, 0, sizeof(*a));
-    if (header(&r, p, n) != 0)
+    if (header(&r, p, n, SPOOL_REC_VERSION, SPOOL_REC_VERSION, &v) != 0)
         return SPOOL_ECORRUPT;
     a->when = (int64_t)get_u64(&r);
     a->upstream = get_str(&r);
@@ -277,9 +321,11 @@ void spool__msg_clear(struct spool_msg *m)
     free(m->helo);
     free(m->listener);
     free(m->last_error);
+    free(m->dsn_envid);
     for (size_t i = 0; i < m->nrcpts; i++) {
         free(m->rcpts[i].addr);
         free(m->rcpts[i].reply);
+        free(m->rcpts[i].dsn_orcpt);
     }
     free(m->rcpts);
     for (size_t i = 0; i < m->nattempts_log; i++) {
@@ -305,11 +351,14 @@ struct spool_msg *spool__msg_dup(const struct spool_msg *m)
     c->helo = dup_or_null(m->helo);
     c->listener = dup_or_null(m->listener);
     c->last_error = dup_or_null(m->last_error);
+    c->dsn_envid = dup_or_null(m->dsn_envid);
     c->rcpts = xcalloc(m->nrcpts ? m->nrcpts : 1, sizeof(*c->rcpts));
     for (size_t i = 0; i < m->nrcpts; i++) {
         c->rcpts[i].addr = xstrdup(m->rcpts[i].addr != NULL ? m->rcpts[i].addr : "");
         c->rcpts[i].status = m->rcpts[i].status;
         c->rcpts[i].reply = dup_or_null(m->rcpts[i].reply);
+        c->rcpts[i].dsn_notify = m->rcpts[i].dsn_notify;
+        c->rcpts[i].dsn_orcpt = dup_or_null(m->rcpts[i].dsn_orcpt);
     }
     c->attempts_log = NULL;
     c->nattempts_log = 0;

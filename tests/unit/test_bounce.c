@@ -21,7 +21,7 @@
 
 static const struct bounce_rcpt one_failed[] = {
     {"bad@example.com", "550 5.1.1 <bad@example.com>: Recipient address rejected: User unknown",
-     NULL, "mail.provider.test", 1700000000},
+     NULL, "mail.provider.test", 1700000000, NULL},
 };
 
 static struct bounce_info info(enum bounce_kind kind, const struct bounce_rcpt *r, size_t n,
@@ -184,9 +184,10 @@ Test(bounce, delivery_status)
 {
     static const struct bounce_rcpt r[] = {
         {"bad@example.com", "550 5.1.1 <bad@example.com>: User unknown", NULL, "mx.test",
-         1700000000},
-        {"gone@example.net", "554 transaction failed", NULL, "mx.test", 1700000000},
-        {"slow@example.org", "connect to 127.0.0.1:1587: connection refused", "4.4.7", NULL, 0},
+         1700000000, NULL},
+        {"gone@example.net", "554 transaction failed", NULL, "mx.test", 1700000000, NULL},
+        {"slow@example.org", "connect to 127.0.0.1:1587: connection refused", "4.4.7", NULL, 0,
+         NULL},
     };
     struct bounce_info bi = info(BOUNCE_FAILED, r, 3, ORIG);
     char *m = build(&bi, NULL), *parts[4];
@@ -283,7 +284,7 @@ Test(bounce, headers_limited)
 Test(bounce, long_reply_folded)
 {
     char reply[3000], *m, *parts[4];
-    struct bounce_rcpt r = {"bad@example.com", reply, NULL, "mx.test", 0};
+    struct bounce_rcpt r = {"bad@example.com", reply, NULL, "mx.test", 0, NULL};
     struct bounce_info bi;
     int closed, n;
     const char *dc, *p;
@@ -322,7 +323,7 @@ Test(bounce, reply_injection)
 {
     struct bounce_rcpt r = {"bad@example.com",
                             "550 no\r\nX-Evil: 1\r\n\r\n--=_relayd_ and \xc3\xa9t\xc3\xa9", NULL,
-                            "mx.test", 0};
+                            "mx.test", 0, NULL};
     struct bounce_info bi = info(BOUNCE_FAILED, &r, 1, ORIG);
     char *m = build(&bi, NULL);
 
@@ -352,9 +353,9 @@ Test(bounce, boundary_unique)
 Test(bounce, delayed)
 {
     static const struct bounce_rcpt r[] = {
-        {"slow@example.com", "451 4.3.0 try later", NULL, "mx.test", 1700000000},
+        {"slow@example.com", "451 4.3.0 try later", NULL, "mx.test", 1700000000, NULL},
         {"down@example.com", "connect to 127.0.0.1:1587: connection refused", NULL, "mx.test",
-         1700000000},
+         1700000000, NULL},
     };
     struct bounce_info bi = info(BOUNCE_DELAYED, r, 2, ORIG);
     char *m = build(&bi, NULL);
@@ -401,4 +402,128 @@ Test(bounce, status)
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         cr_expect(eq(str, bounce_status(cases[i].reply, cases[i].kind, out), (char *)cases[i].want),
                   "%s", cases[i].label);
+}
+
+/* RFC 3461 xtext: encoding and decoding, and what does not decode. */
+Test(bounce, xtext)
+{
+    static const struct {
+        const char *label, *in, *want; /* want NULL: not xtext */
+    } dec[] = {
+        {"plain", "abc@example.com", "abc@example.com"},
+        {"escapes", "a+2Bb+3Dc+20d", "a+b=c d"},
+        {"8bit", "j+C3+B6rg", "j\xc3\xb6rg"},
+        {"lower hex", "a+2b", NULL},
+        {"short", "a+2", NULL},
+        {"nul", "a+00", NULL},
+        {"equals", "a=b", NULL},
+        {"space", "a b", NULL},
+    };
+    char *x;
+
+    for (size_t i = 0; i < sizeof dec / sizeof dec[0]; i++) {
+        x = bounce_xtext_decode(dec[i].in, strlen(dec[i].in));
+        if (dec[i].want == NULL) {
+            cr_expect(x == NULL, "%s: decoded to %s", dec[i].label, x);
+        } else {
+            cr_expect(x != NULL && strcmp(x, dec[i].want) == 0, "%s: %s", dec[i].label,
+                      x ? x : "(null)");
+        }
+        free(x);
+    }
+    x = bounce_xtext_encode("a+b=c d\xc3\xb6~!");
+    cr_expect(eq(str, x, "a+2Bb+3Dc+20d+C3+B6~!"));
+    free(x);
+    x = bounce_xtext_encode("");
+    cr_expect(eq(str, x, ""));
+    free(x);
+}
+
+/* ENVID becomes Original-Envelope-Id (first per-message field), ORCPT Original-Recipient
+ * (before Final-Recipient); both cleaned of controls. */
+Test(bounce, envid_orcpt)
+{
+    struct bounce_rcpt r[] = {
+        {"bad@example.com", "550 5.1.1 unknown", NULL, "mx.test", 0, "rfc822;Bad@Example.COM"},
+        {"x@example.com", "550 no", NULL, "mx.test", 0, NULL},
+    };
+    struct bounce_info bi = info(BOUNCE_FAILED, r, 2, ORIG);
+    char *m, *parts[4];
+    int closed, n;
+
+    bi.envid = "fax-42\r\nX-Evil: 1";
+    m = build(&bi, NULL);
+    n = parts_of(m, parts, 4, &closed);
+    cr_assert(eq(int, n, 3));
+    cr_expect(strncmp(parts[1], "Content-Description: Delivery report\r\n"
+                                "Content-Type: message/delivery-status\r\n\r\n"
+                                "Original-Envelope-Id: fax-42 X-Evil: 1\r\n"
+                                "Reporting-MTA: dns; relay.test\r\n",
+                      strlen("Content-Description: Delivery report\r\n"
+                             "Content-Type: message/delivery-status\r\n\r\n"
+                             "Original-Envelope-Id: fax-42 X-Evil: 1\r\n"
+                             "Reporting-MTA: dns; relay.test\r\n")) == 0,
+              "%s", parts[1]);
+    cr_expect(strstr(parts[1], "\r\n\r\nOriginal-Recipient: rfc822;Bad@Example.COM\r\n"
+                               "Final-Recipient: rfc822; bad@example.com\r\n") != NULL,
+              "%s", parts[1]);
+    cr_expect(strstr(parts[1], "\r\n\r\nFinal-Recipient: rfc822; x@example.com\r\n") != NULL);
+    cr_expect(strstr(m, "Original-Recipient") == strstr(m, "Original-Recipient: rfc822;Bad"));
+    assert_lines(m);
+    for (int i = 0; i < n; i++)
+        free(parts[i]);
+    free(m);
+}
+
+/* RET=FULL: a failure notification returns the whole message as message/rfc822; a delay
+ * notification, RET=HDRS and an original over BOUNCE_FULL_MAX get the headers only. */
+Test(bounce, ret_full)
+{
+    struct bounce_info bi = info(BOUNCE_FAILED, one_failed, 1, ORIG);
+    char *m, *parts[4], *big;
+    int closed, n;
+    size_t blen = BOUNCE_FULL_MAX + 10;
+
+    bi.dsn_ret = 1; /* SPOOL_RET_FULL */
+    m = build(&bi, NULL);
+    n = parts_of(m, parts, 4, &closed);
+    cr_assert(eq(int, n, 3));
+    cr_expect(closed);
+    cr_expect(strncmp(parts[2], "Content-Description: Undelivered Message\r\n"
+                                "Content-Type: message/rfc822\r\n\r\n" ORIG,
+                      strlen("Content-Description: Undelivered Message\r\n"
+                             "Content-Type: message/rfc822\r\n\r\n" ORIG)) == 0,
+              "%s", parts[2]);
+    cr_expect(strstr(parts[0], "your message are attached") != NULL);
+    assert_lines(m);
+    for (int i = 0; i < n; i++)
+        free(parts[i]);
+    free(m);
+
+    bi.dsn_ret = 2; /* HDRS */
+    m = build(&bi, NULL);
+    cr_expect(strstr(m, "SECRET BODY LINE") == NULL);
+    cr_expect(strstr(m, "Content-Type: text/rfc822-headers") != NULL);
+    free(m);
+
+    bi = info(BOUNCE_DELAYED, one_failed, 1, ORIG);
+    bi.dsn_ret = 1;
+    m = build(&bi, NULL);
+    cr_expect(strstr(m, "SECRET BODY LINE") == NULL);
+    free(m);
+
+    big = malloc(blen + 1);
+    memset(big, 'b', blen);
+    memcpy(big, "Subject: big\r\n\r\n", 16);
+    for (size_t i = 100; i < blen; i += 100)
+        memcpy(big + i - 2, "\r\n", 2);
+    big[blen] = '\0';
+    bi = info(BOUNCE_FAILED, one_failed, 1, big);
+    bi.dsn_ret = 1;
+    m = build(&bi, NULL);
+    cr_expect(strstr(m, "Content-Type: text/rfc822-headers") != NULL);
+    cr_expect(strstr(m, "Subject: big\r\n") != NULL);
+    cr_expect(strstr(m, "bbbbbbbbbb") == NULL);
+    free(m);
+    free(big);
 }

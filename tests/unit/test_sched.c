@@ -93,7 +93,7 @@ static void on_done(void *arg, int rc)
 static uint64_t put_aged(struct spool *sp, int64_t age, enum spool_state st)
 {
     struct spool_msg m;
-    struct spool_rcpt r = {"a@example.org", SPOOL_RCPT_PENDING, NULL};
+    struct spool_rcpt r = {.addr = "a@example.org", .status = SPOOL_RCPT_PENDING};
     int done = 0;
 
     memset(&m, 0, sizeof(m));

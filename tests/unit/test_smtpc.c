@@ -1151,3 +1151,73 @@ Test(smtpc, probe_auth_disabled)
     cr_assert_not_null(strstr(pl.fo.action, "Authenticated SMTP"), "%s", pl.fo.action);
     fake_stop(&f);
 }
+
+/* RFC 3461: with DSN offered, MAIL gets RET=/ENVID= and RCPT NOTIFY=/ORCPT=, xtext-encoded;
+ * without it nothing of the kind is sent. */
+Test(smtpc, dsn_parameters)
+{
+    static const struct step offered[] = {
+        {"EHLO relay.test", "250-fake\r\n250 DSN"},
+        {"MAIL FROM:<fax@lan>", "250 Ok"},
+        {"RCPT TO:<a@example.com>", "250 Ok"},
+        {"RCPT TO:<b@example.com>", "250 Ok"},
+        {"DATA", "354 go"},
+        {".", "250 2.0.0 Ok: queued as D1"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    static const struct step plain[] = {
+        {"EHLO relay.test", "250-fake\r\n250 8BITMIME"},
+        {"MAIL FROM:<fax@lan>", "250 Ok"},
+        {"RCPT TO:<a@example.com>", "250 Ok"},
+        {"RCPT TO:<b@example.com>", "250 Ok"},
+        {"DATA", "354 go"},
+        {".", "250 2.0.0 Ok: queued as D2"},
+        {"QUIT", "221 Bye"},
+        {NULL, NULL},
+    };
+    static const unsigned notify[] = {0x2 | 0x4 /* FAILURE,DELAY */, 0x8 /* NEVER */};
+    static const char *const orcpt[] = {"rfc822;Alice+x=y@example.com", NULL};
+    struct smtpc_msg m = {.id = 1,
+                          .sender = "fax@lan",
+                          .rcpts = rcpts2,
+                          .nrcpts = 2,
+                          .body = "x\r\n",
+                          .len = 3,
+                          .dsn_ret = 1 /* FULL */,
+                          .dsn_envid = "id 42+=",
+                          .dsn_notify = notify,
+                          .dsn_orcpt = orcpt};
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, offered);
+    up = upstream(f.port, CFG_TLS_NONE);
+    memset(&o, 0, sizeof(o));
+    o.nrcpts = 2;
+    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done, &o, NULL), 0));
+    run_until(&o.ncalls, 1);
+    cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
+    cr_assert(strstr(f.lines->data, "MAIL FROM:<fax@lan> RET=FULL ENVID=id+2042+2B+3D\n") != NULL,
+              "%s", f.lines->data);
+    cr_assert(strstr(f.lines->data, "RCPT TO:<a@example.com> NOTIFY=FAILURE,DELAY "
+                                    "ORCPT=rfc822;Alice+2Bx+3Dy@example.com\n") != NULL,
+              "%s", f.lines->data);
+    cr_assert(strstr(f.lines->data, "RCPT TO:<b@example.com> NOTIFY=NEVER\n") != NULL, "%s",
+              f.lines->data);
+    fake_stop(&f);
+
+    fake_start(&f, plain);
+    up = upstream(f.port, CFG_TLS_NONE);
+    memset(&o, 0, sizeof(o));
+    o.nrcpts = 2;
+    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done, &o, NULL), 0));
+    run_until(&o.ncalls, 1);
+    cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
+    cr_assert(strstr(f.lines->data, "MAIL FROM:<fax@lan>\n") != NULL, "%s", f.lines->data);
+    cr_assert(strstr(f.lines->data, "RCPT TO:<a@example.com>\n") != NULL, "%s", f.lines->data);
+    cr_assert(strstr(f.lines->data, "RCPT TO:<b@example.com>\n") != NULL, "%s", f.lines->data);
+    cr_assert(strstr(f.lines->data, "NOTIFY") == NULL && strstr(f.lines->data, "RET=") == NULL);
+    fake_stop(&f);
+}

@@ -122,8 +122,8 @@ static void fill_msg(struct spool_msg *m, struct spool_rcpt *r, uint64_t id, con
     m->client = "10.0.0.7";
     m->helo = "fax.lan";
     m->listener = "lan";
-    r[0] = (struct spool_rcpt){"a@example.org", SPOOL_RCPT_PENDING, NULL};
-    r[1] = (struct spool_rcpt){"b@example.org", SPOOL_RCPT_PENDING, NULL};
+    r[0] = (struct spool_rcpt){"a@example.org", SPOOL_RCPT_PENDING, NULL, 0, NULL};
+    r[1] = (struct spool_rcpt){"b@example.org", SPOOL_RCPT_PENDING, NULL, 0, NULL};
     m->rcpts = r;
     m->nrcpts = 2;
 }
@@ -889,4 +889,232 @@ Test(spool, names)
     cr_assert(eq(int, spool_state_parse("HELD"), SPOOL_HELD));
     cr_assert(eq(int, spool_state_parse("nope"), -1));
     cr_assert(eq(str, (char *)spool_strerror(SPOOL_EFULL), "spool full"));
+}
+
+/* ---- RFC 3461 DSN fields and envelope record versions ---- */
+
+/* The raw envelope record of id, via LMDB directly (spool closed): malloc'd copy. */
+static unsigned char *raw_record(uint64_t id, size_t *len)
+{
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    unsigned char kb[8], *out;
+    MDB_val k = {8, kb}, d;
+
+    for (int i = 0; i < 8; i++)
+        kb[i] = (unsigned char)(id >> (56 - 8 * i));
+    cr_assert(eq(int, mdb_env_create(&env), 0));
+    mdb_env_set_maxdbs(env, 8);
+    cr_assert(eq(int, mdb_env_open(env, sdir, MDB_RDONLY, 0600), 0));
+    cr_assert(eq(int, mdb_txn_begin(env, NULL, MDB_RDONLY, &txn), 0));
+    cr_assert(eq(int, mdb_dbi_open(txn, "msg", 0, &dbi), 0));
+    cr_assert(eq(int, mdb_get(txn, dbi, &k, &d), 0));
+    out = malloc(d.mv_size);
+    memcpy(out, d.mv_data, d.mv_size);
+    *len = d.mv_size;
+    mdb_txn_abort(txn);
+    mdb_env_close(env);
+    return out;
+}
+
+/* Replaces the envelope record of id (spool closed). */
+static void put_raw_record(uint64_t id, const void *p, size_t len)
+{
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    unsigned char kb[8];
+    MDB_val k = {8, kb}, d = {len, (void *)p};
+
+    for (int i = 0; i < 8; i++)
+        kb[i] = (unsigned char)(id >> (56 - 8 * i));
+    cr_assert(eq(int, mdb_env_create(&env), 0));
+    mdb_env_set_maxdbs(env, 8);
+    mdb_env_set_mapsize(env, 64 << 20);
+    cr_assert(eq(int, mdb_env_open(env, sdir, 0, 0600), 0));
+    cr_assert(eq(int, mdb_txn_begin(env, NULL, 0, &txn), 0));
+    cr_assert(eq(int, mdb_dbi_open(txn, "msg", 0, &dbi), 0));
+    cr_assert(eq(int, mdb_put(txn, dbi, &k, &d, 0), 0));
+    cr_assert(eq(int, mdb_txn_commit(txn), 0));
+    mdb_env_close(env);
+}
+
+/* The version-1 envelope encoder as it was before DSN fields existed (DESIGN.md). */
+struct v1buf {
+    unsigned char b[1024];
+    size_t n;
+};
+static void v1_u8(struct v1buf *w, unsigned v)
+{
+    w->b[w->n++] = (unsigned char)v;
+}
+static void v1_u32(struct v1buf *w, uint32_t v)
+{
+    for (int i = 3; i >= 0; i--)
+        v1_u8(w, (v >> (8 * i)) & 0xff);
+}
+static void v1_u64(struct v1buf *w, uint64_t v)
+{
+    v1_u32(w, (uint32_t)(v >> 32));
+    v1_u32(w, (uint32_t)v);
+}
+static void v1_str(struct v1buf *w, const char *s)
+{
+    if (s == NULL) {
+        v1_u32(w, 0xFFFFFFFFu);
+        return;
+    }
+    v1_u32(w, (uint32_t)strlen(s));
+    memcpy(w->b + w->n, s, strlen(s));
+    w->n += strlen(s);
+}
+static void v1_encode(struct v1buf *w, const struct spool_msg *m)
+{
+    w->n = 0;
+    v1_u8(w, 1);
+    v1_u32(w, 0);
+    v1_u8(w, (unsigned)m->state);
+    v1_u64(w, (uint64_t)m->arrived);
+    v1_u64(w, (uint64_t)m->next_attempt);
+    v1_u32(w, (uint32_t)m->attempts);
+    v1_u64(w, m->size);
+    v1_str(w, m->sender);
+    v1_str(w, m->client);
+    v1_str(w, m->helo);
+    v1_str(w, m->listener);
+    v1_str(w, m->last_error);
+    v1_u32(w, (uint32_t)m->nrcpts);
+    for (size_t i = 0; i < m->nrcpts; i++) {
+        v1_str(w, m->rcpts[i].addr);
+        v1_u8(w, (unsigned)m->rcpts[i].status);
+        v1_str(w, m->rcpts[i].reply);
+    }
+    for (int i = 0; i < 4; i++)
+        w->b[1 + i] = (unsigned char)(w->n >> (24 - 8 * i));
+}
+
+/* DSN parameters survive put, get, an update and a reopen; the record is version 2, and a
+ * message without any stays version 1. */
+Test(spool, dsn_round_trip)
+{
+    struct spool *sp = open_rw(NULL);
+    struct spool_msg m, *g;
+    struct spool_rcpt r[2];
+    struct result res = {0};
+    size_t idx[1] = {0}, len;
+    enum spool_rcpt_status st[1] = {SPOOL_RCPT_SENT};
+    const char *rep[1] = {"250 ok"};
+    struct spool_update u;
+    uint64_t id = spool_id_new(sp), plain = 0;
+    unsigned char *raw;
+    char *body = strdup("x\r\n");
+
+    fill_msg(&m, r, id, "fax@lan");
+    m.dsn_ret = SPOOL_RET_FULL;
+    m.dsn_envid = "env 42+=\xc3\xa9";
+    r[0].dsn_notify = SPOOL_NOTIFY_FAILURE | SPOOL_NOTIFY_DELAY;
+    r[0].dsn_orcpt = "rfc822;A@example.org";
+    r[1].dsn_notify = SPOOL_NOTIFY_NEVER;
+    spool_put_async(sp, &m, body, 3, on_done, &res);
+    reap_until(sp, &res.called, 1);
+    cr_assert(eq(int, res.rc, 0));
+
+    memset(&u, 0, sizeof(u));
+    u.id = id;
+    u.state = SPOOL_DEFERRED;
+    u.next_attempt = time(NULL) + 60;
+    u.nrcpts = 1;
+    u.rcpt_index = idx;
+    u.rcpt_status = st;
+    u.rcpt_reply = rep;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    plain = spool_id_new(sp);
+    cr_assert(eq(int, put_one(sp, plain, time(NULL), SPOOL_QUEUED, 5), 0));
+    spool_close(sp);
+
+    sp = open_rw(NULL);
+    cr_assert(eq(int, spool_msg_get(sp, id, 0, &g), 0));
+    cr_expect(eq(int, g->dsn_ret, SPOOL_RET_FULL));
+    cr_expect(eq(str, g->dsn_envid, "env 42+=\xc3\xa9"));
+    cr_expect(eq(u32, g->rcpts[0].dsn_notify, SPOOL_NOTIFY_FAILURE | SPOOL_NOTIFY_DELAY));
+    cr_expect(eq(str, g->rcpts[0].dsn_orcpt, "rfc822;A@example.org"));
+    cr_expect(eq(int, (int)g->rcpts[0].status, SPOOL_RCPT_SENT));
+    cr_expect(eq(u32, g->rcpts[1].dsn_notify, SPOOL_NOTIFY_NEVER));
+    cr_expect(g->rcpts[1].dsn_orcpt == NULL);
+    spool_msg_free(g);
+    cr_assert(eq(int, spool_msg_get(sp, plain, 0, &g), 0));
+    cr_expect(eq(int, g->dsn_ret, 0));
+    cr_expect(g->dsn_envid == NULL && g->rcpts[0].dsn_orcpt == NULL);
+    cr_expect(eq(u32, g->rcpts[0].dsn_notify, 0));
+    spool_msg_free(g);
+    spool_close(sp);
+
+    raw = raw_record(id, &len);
+    cr_expect(eq(int, raw[0], 2), "a message with DSN parameters: record version 2");
+    free(raw);
+    raw = raw_record(plain, &len);
+    cr_expect(eq(int, raw[0], 1), "no DSN parameters: still record version 1");
+    free(raw);
+}
+
+/* A record written by the version-1 encoder (before DSN fields) still reads, as "no DSN
+ * parameters", and can be updated; a truncated version-2 record is corrupt. */
+Test(spool, dsn_old_record_version)
+{
+    struct spool *sp = open_rw(NULL);
+    struct spool_msg m, *g;
+    struct spool_rcpt r[2];
+    struct v1buf w;
+    uint64_t id = spool_id_new(sp), id2;
+    unsigned char *raw;
+    size_t len;
+
+    cr_assert(eq(int, put_one(sp, id, time(NULL), SPOOL_QUEUED, 5), 0));
+    id2 = spool_id_new(sp);
+    cr_assert(eq(int, put_one(sp, id2, time(NULL), SPOOL_QUEUED, 5), 0));
+    spool_close(sp);
+
+    /* Overwrite the first with an old-encoder record that differs visibly. */
+    fill_msg(&m, r, id, "old@lan");
+    m.last_error = "deferred: old";
+    m.attempts = 3;
+    r[1].status = SPOOL_RCPT_FAILED;
+    r[1].reply = "550 gone";
+    v1_encode(&w, &m);
+    put_raw_record(id, w.b, w.n);
+
+    sp = open_rw(NULL);
+    cr_assert(eq(int, spool_msg_get(sp, id, 0, &g), 0));
+    cr_expect(eq(str, g->sender, "old@lan"));
+    cr_expect(eq(str, g->last_error, "deferred: old"));
+    cr_expect(eq(int, g->attempts, 3));
+    cr_expect(eq(str, g->rcpts[1].reply, "550 gone"));
+    cr_expect(eq(int, (int)g->rcpts[1].status, SPOOL_RCPT_FAILED));
+    cr_expect(eq(int, g->dsn_ret, 0));
+    cr_expect(g->dsn_envid == NULL);
+    for (size_t i = 0; i < g->nrcpts; i++)
+        cr_expect(g->rcpts[i].dsn_notify == 0 && g->rcpts[i].dsn_orcpt == NULL);
+    spool_msg_free(g);
+    cr_assert(eq(int, spool_msg_set_state(sp, id, SPOOL_HELD), 0));
+    cr_assert(eq(int, spool_msg_get(sp, id, 0, &g), 0));
+    cr_expect(eq(int, (int)g->state, SPOOL_HELD));
+    cr_expect(eq(str, g->rcpts[1].reply, "550 gone"));
+    spool_msg_free(g);
+    spool_close(sp);
+    raw = raw_record(id, &len);
+    cr_expect(eq(int, raw[0], 1));
+    free(raw);
+
+    /* Version 2 header over a version-1 body: the DSN fields are missing -> corrupt. */
+    v1_encode(&w, &m);
+    w.b[0] = 2;
+    put_raw_record(id2, w.b, w.n);
+    /* A version nobody wrote yet. */
+    w.b[0] = 3;
+    put_raw_record(id, w.b, w.n);
+    sp = open_rw(NULL);
+    cr_expect(eq(int, spool_msg_get(sp, id2, 0, &g), SPOOL_ECORRUPT));
+    cr_expect(eq(int, spool_msg_get(sp, id, 0, &g), SPOOL_ECORRUPT));
+    spool_close(sp);
 }
