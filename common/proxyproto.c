@@ -88,6 +88,10 @@ static int parse_v1(const char *buf, size_t len, struct proxyproto_result *res)
             return PROXYPROTO_EV1;
         return len < PROXYPROTO_V1_MAX ? 0 : PROXYPROTO_ETOOLONG;
     }
+    /* A bare LF before the CRLF is an error too, whatever the line says (and whether or
+     * not the CRLF has arrived yet: a shorter read must not change the verdict). */
+    if (memchr(buf, '\n', (size_t)(crlf - buf)) != NULL)
+        return PROXYPROTO_EV1;
     p = buf + sizeof(v1_sig) - 1;
     end = crlf;
     if (v1_field(&p, end, proto, sizeof(proto)) != 0)
