@@ -609,7 +609,10 @@ static int smtpd_rcpt_param(struct smtpd_session *s, const char *p, size_t n, in
         const char *semi = memchr(v, ';', vlen);
         char *dec;
 
+        /* addr-type is an atom: in practice "rfc822", "utf-8", "x400", "unknown". */
         if (semi == NULL || semi == v || vlen > 500 ||
+            strspn(v, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-") !=
+                (size_t)(semi - v) ||
             !smtpd_xtext_ok(semi + 1, vlen - (size_t)(semi + 1 - v)))
             goto bad;
         /* RFC 3461 4.2: addr-type ";" xtext; kept as "addr-type;address", decoded. */

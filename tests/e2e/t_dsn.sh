@@ -108,13 +108,19 @@ grep -q "$id1: no non-delivery notification for 1 recipient: NOTIFY" "$T/relayd.
 grep -q "$id1: from=<sender@example.com> .*dsn_ret=FULL dsn_envid=e2e+2Bdsn-1 dsn_rcpts=3" \
     "$T/relayd.log" || fail "the arrival log line lacks the DSN parameters"
 
-say "2: only a refused NOTIFY=NEVER recipient: failed, no notification"
+say "2: bad DSN values refused; only a refused NOTIFY=NEVER recipient: failed, no notification"
 smtp_dialogue <<'S' > /dev/null || fail "NEVER dialogue failed (dialogue.log)"
 < 220
 > EHLO client.lan
 < 250
+> MAIL FROM:<sender@example.com> ENVID=nul+00
+< 501
 > MAIL FROM:<sender@example.com> RET=HDRS
 < 250
+> RCPT TO:<never@example.com> ORCPT=rfc=822;never@example.com
+< 501
+> RCPT TO:<never@example.com> NOTIFY=NEVER,FAILURE
+< 501
 > RCPT TO:<never@example.com> NOTIFY=NEVER
 < 250
 > DATA
