@@ -210,8 +210,11 @@ int diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
         ps.status = SMTPC_DEFER;
         snprintf(ps.reply, sizeof ps.reply, "could not start: %s", uv_strerror(rc));
     }
-    /* smtpc's connect and command timeouts bound this run. */
-    uv_run(&loop, UV_RUN_DEFAULT);
+    /* smtpc's connect and command timeouts bound this run.  The token manager's refresh
+     * timer would keep the loop alive for ever: run until the probe is done, then stop it. */
+    while (!ps.done && uv_run(&loop, UV_RUN_ONCE) != 0)
+        ;
+    uv_run(&loop, UV_RUN_NOWAIT);
     if (oauth != NULL) {
         oauth2_stop(oauth, NULL, NULL);
         uv_run(&loop, UV_RUN_DEFAULT);

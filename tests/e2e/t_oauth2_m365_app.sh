@@ -61,6 +61,15 @@ if ! oauth2_wired; then
     exit 0
 fi
 
+say "relayctl test-upstream: the token is a step of its own, then AUTH XOAUTH2"
+timeout 60 "$RELAYCTL_BIN" -c "$CONF" test-upstream provider > "$T/probe.out" 2>&1 ||
+    { cat "$T/probe.out"; fail "test-upstream failed"; }
+cat "$T/probe.out"
+grep -q '^\[ ok \] oauth2: token ok (grant client_credentials' "$T/probe.out" || fail "no token step"
+grep -q '^verdict: upstream provider works' "$T/probe.out" || fail "no verdict"
+grep -qF "$(cat "$OA_STATE/tokens" 2>/dev/null | awk 'NR==1{print $1}')x" "$T/probe.out" &&
+    fail "test-upstream printed a token"
+
 say "delivery with AUTH XOAUTH2"
 start_relayd "$CONF"
 log_wait 'oauth2: upstream provider: token refreshed, expires in [0-9]+ s' 15 || fail "no token at start"
