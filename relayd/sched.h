@@ -1,6 +1,7 @@
 /*
- * sched - the delivery scheduler: picks due messages from the spool and hands them to
- * smtpc, at most [relayd] workers at a time, and records every result in the spool.
+ * sched - the delivery scheduler: picks due messages from the spool and hands them to the
+ * pool (relayd/pool.h: sessions, failover, health, rates), at most [relayd] workers at a
+ * time, and records every result in the spool.
  *
  * It polls the spool's schedule index once a second (so `relayctl retry` takes effect
  * within a second, and so does mail another process queued) and at once when smtpd
@@ -13,9 +14,9 @@
  * permanently or max_lifetime passed (an RFC 3464 notification goes to the sender or
  * bounce_to, see bounce.h; FAILED messages are deleted failed_retention after arrival);
  * HELD when no route leads anywhere.  A failure that is the relay's own fault (TLS
- * verification, authentication: smtpc's config_fault) neither counts as an attempt nor
- * expires nor bounces the message: it waits, and one message per upstream_probe_interval
- * tries the upstream again.
+ * verification, authentication: the result's config_fault) neither counts as an attempt
+ * nor expires nor bounces the message: it waits while the pool probes the upstream every
+ * upstream_probe_interval, and is due again as soon as a probe succeeds.
  */
 #ifndef RELAYD_SCHED_H
 #define RELAYD_SCHED_H
@@ -30,7 +31,7 @@
 struct sched;
 
 struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp);
-/* Loads TLS credentials for every upstream and starts the timer; 0 or negative + err. */
+/* Starts the pool (TLS credentials for every upstream) and the timer; 0 or negative + err. */
 int sched_start(struct sched *sc, char *err, size_t errlen);
 /* A new message is in the spool: look for due work now. */
 void sched_kick(struct sched *sc);
