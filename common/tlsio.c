@@ -806,15 +806,23 @@ static int is_ip_literal(const char *name)
     return inet_pton(AF_INET, name, tmp) == 1 || inet_pton(AF_INET6, name, tmp) == 1;
 }
 
-int tlsio_starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server, const char *servername)
+static int starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server,
+                    const char *servername, int keep)
 {
     int rc;
 
     if (io->closing || io->dead || io->tls != TLSIO_T_NONE)
         return UV_EINVAL;
+    buf_reset(io->cin);
+    if (keep) {
+        /* The bytes behind a PROXY header are the client's first TLS records. */
+        if (io->in->len > 0 && buf_append(io->cin, io->in->data, io->in->len) != 0) {
+            snprintf(io->err, sizeof(io->err), "TLS set-up failed: input too large");
+            return UV_EPROTO;
+        }
+    }
     /* RFC 3207 section 4: nothing received in cleartext may count after the handshake. */
     buf_reset(io->in);
-    buf_reset(io->cin);
     rc = gnutls_init(&io->sess, (is_server ? GNUTLS_SERVER : GNUTLS_CLIENT) | GNUTLS_NONBLOCK);
     if (rc < 0)
         goto gnutls_fail;
@@ -865,6 +873,17 @@ deinit:
 gnutls_fail:
     snprintf(io->err, sizeof(io->err), "TLS set-up failed: %s", gnutls_strerror(rc));
     return UV_EPROTO;
+}
+
+int tlsio_starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server, const char *servername)
+{
+    return starttls(io, cred, is_server, servername, 0);
+}
+
+int tlsio_starttls_keep(struct tlsio *io, struct tlsio_cred *cred, int is_server,
+                        const char *servername)
+{
+    return starttls(io, cred, is_server, servername, 1);
 }
 
 /* ---- Queries ---- */

@@ -87,6 +87,17 @@ int tlsio_starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server,
                    const char *servername);
 
 /*
+ * Like tlsio_starttls(), but the plaintext input not yet consumed is kept: it becomes the
+ * first TLS ciphertext the handshake reads, instead of being discarded.  For implicit-TLS
+ * listeners behind a proxy: the consumer reads the PROXY header as plaintext, buf_consume()s
+ * it, and calls this, because the client's ClientHello often arrives in the same segment
+ * right behind the header and is already in tlsio_input().  NEVER use it for STARTTLS:
+ * there, bytes received in cleartext must not be carried across (RFC 3207 section 4).
+ */
+int tlsio_starttls_keep(struct tlsio *io, struct tlsio_cred *cred, int is_server,
+                        const char *servername);
+
+/*
  * Public-key pinning for a client: pins is tls_pin's text, "sha256//BASE64" (the SHA-256 of
  * the server certificate's SubjectPublicKeyInfo, as curl's --pinnedpubkey and RFC 7469's
  * pin-sha256; "sha256/" accepted), several separated by ';', ',' or spaces.  Checked after

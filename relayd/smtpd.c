@@ -35,7 +35,6 @@
  */
 #include "relayd/smtpd.h"
 
-#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,7 +57,6 @@
 #define SMTPD_INPUT_MAX (256 * 1024) /* input held while not reading commands */
 #define SMTPD_DATA_CHUNK (64 * 1024)   /* flush a partial DATA line beyond this */
 #define SMTPD_PROXY_TIMEOUT_MS 10000   /* for the PROXY header */
-#define SMTPD_PROXY_POLL_MS 10         /* peek interval while waiting for it */
 #define SMTPD_PROXY_MAX (PROXYPROTO_V2_HDR + 65535)
 #define SMTPD_AUTH_DELAY_MS 1000       /* first failed login; grows by this per failure */
 #define SMTPD_AUTH_DELAY_MAX_MS 3000
@@ -145,8 +143,6 @@ struct smtpd_session {
     int close_after_drain;        /* QUIT or a fatal reply: close once the reply is sent */
     const char *close_why;        /* for the disconnect line; NULL: "quit" */
     int input_paused;             /* reads stopped while we are not taking commands */
-    unsigned char *proxy_buf;     /* PROXY state only */
-    int proxy_ticks;
     struct smtpd_session *prev, *next;
 };
 
@@ -178,6 +174,7 @@ static void smtpd_session_close(struct smtpd_session *s, const char *why);
 static void smtpd_drain_input(struct smtpd_session *s);
 static void smtpd_on_timeout(uv_timer_t *t);
 static void smtpd_greet(struct smtpd_session *s);
+static void smtpd_proxy_input(struct smtpd_session *s);
 
 /* ---- small helpers ---- */
 
@@ -254,8 +251,7 @@ static void smtpd_enter_state(struct smtpd_session *s, enum smtpd_state st)
     case SMTPD_S_CLOSING:
         return;
     case SMTPD_S_PROXY:
-        /* Polls for the header; smtpd_on_timeout counts the ticks to the deadline. */
-        uv_timer_start(&s->timer, smtpd_on_timeout, 0, SMTPD_PROXY_POLL_MS);
+        uv_timer_start(&s->timer, smtpd_on_timeout, SMTPD_PROXY_TIMEOUT_MS, 0);
         return;
     case SMTPD_S_AUTH_DELAY:
         timeout = (uint64_t)SMTPD_AUTH_DELAY_MS * (uint64_t)s->auth_failures;
@@ -317,7 +313,6 @@ static void smtpd_session_unref(struct smtpd_session *s)
     smtpd_tx_reset(s);
     free(s->helo);
     free(s->auth_user);
-    free(s->proxy_buf);
     s->sasl = authsasl_server_free(s->sasl);
     /* The tlsio (and its GnuTLS session) is gone by now: the credentials may go too. */
     s->cred = smtpd_cred_unref(s->cred);
@@ -1391,6 +1386,10 @@ static void smtpd_on_io(struct tlsio *io, enum tlsio_event ev, void *arg)
 
     switch (ev) {
     case TLSIO_DATAIN:
+        if (s->state == SMTPD_S_PROXY) {
+            smtpd_proxy_input(s);
+            break;
+        }
         if (s->state == SMTPD_S_CMD || s->state == SMTPD_S_DATA || s->state == SMTPD_S_AUTH) {
             uv_timer_again(&s->timer);
         } else if (tlsio_input(io)->len > SMTPD_INPUT_MAX && !s->input_paused) {
@@ -1411,6 +1410,8 @@ static void smtpd_on_io(struct tlsio *io, enum tlsio_event ev, void *arg)
                                    ? "lost connection while committing"
                                : s->state == SMTPD_S_TLS_HANDSHAKE
                                    ? "lost connection during TLS handshake"
+                               : s->state == SMTPD_S_PROXY
+                                   ? "lost connection during PROXY header"
                                    : "lost connection");
         break;
     case TLSIO_ERROR:
@@ -1501,7 +1502,9 @@ static void smtpd_session_begin(struct smtpd_session *s)
     tlsio_read_start(s->io);
     if (s->lcfg->tls == CFG_TLS_IMPLICIT) {
         s->cred = smtpd_cred_ref(l->cred);
-        if (tlsio_starttls(s->io, s->cred->cred, 1, NULL) != 0) {
+        /* Whatever is in the input now followed a PROXY header in the same segment: it is
+         * the client's ClientHello, so keep it (nothing else can precede implicit TLS). */
+        if (tlsio_starttls_keep(s->io, s->cred->cred, 1, NULL) != 0) {
             smtpd_session_close(s, tlsio_errstr(s->io));
             return;
         }
@@ -1511,49 +1514,27 @@ static void smtpd_session_begin(struct smtpd_session *s)
     smtpd_greet(s);
 }
 
-/* PROXY state: peeks at the socket (the header must not reach tlsio: on implicit-TLS
- * listeners the client's first TLS bytes may follow it in the same segment) and reads
- * exactly the header once it is complete.  0: wait; otherwise the session has moved on. */
-static int smtpd_proxy_poll(struct smtpd_session *s)
+/* PROXY state: the header arrives as plaintext through tlsio like any input.  Once it is
+ * complete it is consumed; what follows it stays in the input, for the plain session (the
+ * client's first commands) or for the handshake (implicit TLS: tlsio_starttls_keep). */
+static void smtpd_proxy_input(struct smtpd_session *s)
 {
     const struct cfg_listener *lc = s->lcfg;
+    struct buf *in = tlsio_input(s->io);
     struct proxyproto_result res;
-    uv_os_fd_t fd;
-    ssize_t got;
     int rc;
-    char why[128];
 
-    if (uv_fileno((uv_handle_t *)tlsio_stream(s->io), &fd) != 0) {
-        smtpd_session_close(s, "PROXY: no socket");
-        return -1;
-    }
-    if (s->proxy_buf == NULL)
-        s->proxy_buf = xmalloc(SMTPD_PROXY_MAX);
-    got = recv(fd, s->proxy_buf, SMTPD_PROXY_MAX, MSG_PEEK | MSG_DONTWAIT);
-    if (got < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-            return 0;
-        snprintf(why, sizeof(why), "PROXY header: %s", strerror(errno));
-        smtpd_session_close(s, why);
-        return -1;
-    }
-    if (got == 0) {
-        smtpd_session_close(s, "lost connection before the PROXY header");
-        return -1;
-    }
-    rc = proxyproto_parse(s->proxy_buf, (size_t)got, &res);
+    rc = proxyproto_parse(in->data, in->len, &res);
     if (rc == 0) {
-        if ((size_t)got >= SMTPD_PROXY_MAX) {
+        if (in->len >= SMTPD_PROXY_MAX)
             smtpd_session_close(s, "PROXY header too long");
-            return -1;
-        }
-        return 0;
+        return; /* wait for more; the state timer bounds the wait */
     }
     if (rc < 0) {
         log_warn("listener %s: connection from %s: %s; closing", lc->name, s->peer,
                  proxyproto_strerror(rc));
         smtpd_session_close(s, proxyproto_strerror(rc));
-        return -1;
+        return;
     }
     if ((lc->proxy_protocol == CFG_PROXY_V1 && res.version != 1) ||
         (lc->proxy_protocol == CFG_PROXY_V2 && res.version != 2)) {
@@ -1561,14 +1542,9 @@ static int smtpd_proxy_poll(struct smtpd_session *s)
                  "%s; closing", lc->name, s->peer, res.version,
                  cfg_proxy_name(lc->proxy_protocol));
         smtpd_session_close(s, "wrong PROXY protocol version");
-        return -1;
+        return;
     }
-    /* Take the header off the socket; the rest stays there for tlsio. */
-    if (recv(fd, s->proxy_buf, (size_t)rc, MSG_DONTWAIT) != rc) {
-        smtpd_session_close(s, "PROXY header: short read");
-        return -1;
-    }
-    s->proxy_buf = (free(s->proxy_buf), NULL);
+    buf_consume(in, (size_t)rc);
     if (!res.local) {
         char proxy[64];
 
@@ -1579,7 +1555,6 @@ static int smtpd_proxy_poll(struct smtpd_session *s)
                   res.version, s->peer, proxy);
     }
     smtpd_session_begin(s);
-    return 1;
 }
 
 static void smtpd_on_timeout(uv_timer_t *t)
@@ -1588,13 +1563,9 @@ static void smtpd_on_timeout(uv_timer_t *t)
 
     switch (s->state) {
     case SMTPD_S_PROXY:
-        if (smtpd_proxy_poll(s) != 0)
-            return;
-        if (++s->proxy_ticks * SMTPD_PROXY_POLL_MS >= SMTPD_PROXY_TIMEOUT_MS) {
-            log_warn("listener %s: connection from %s: no PROXY header within %d s; closing",
-                     s->lcfg->name, s->peer, SMTPD_PROXY_TIMEOUT_MS / 1000);
-            smtpd_session_close(s, "timeout waiting for the PROXY header");
-        }
+        log_warn("listener %s: connection from %s: no PROXY header within %d s; closing",
+                 s->lcfg->name, s->peer, SMTPD_PROXY_TIMEOUT_MS / 1000);
+        smtpd_session_close(s, "timeout waiting for the PROXY header");
         return;
     case SMTPD_S_AUTH_DELAY:
         smtpd_reply(s, "535 5.7.8 Authentication credentials invalid");
@@ -1663,7 +1634,8 @@ static void smtpd_on_connection(uv_stream_t *server, int status)
             return;
         }
         smtpd_enter_state(s, SMTPD_S_PROXY);
-        smtpd_proxy_poll(s); /* usually there already */
+        if (tlsio_read_start(s->io) != 0)
+            smtpd_session_close(s, tlsio_errstr(s->io));
         return;
     }
     smtpd_session_begin(s);

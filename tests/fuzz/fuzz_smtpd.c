@@ -173,9 +173,9 @@ static double fuzz_now(void)
 
 /*
  * Connections whose session had not ended 0.1 s after our EOF: relayd may legitimately keep
- * one until one of its own timeouts (10 s for a PROXY header that never completes: it
- * peeks at the socket and cannot see the EOF behind unread bytes).  They are watched while
- * later inputs run; one still open FUZZ_HANG_SECONDS after its EOF is a hang and aborts.
+ * one a little longer (a reply still flushing, a slowed-down AUTH failure).  They are
+ * watched while later inputs run; one still open FUZZ_HANG_SECONDS after its EOF is a hang
+ * and aborts.
  */
 #define FUZZ_LINGER_MAX 256
 #define FUZZ_HANG_SECONDS 30.0

@@ -109,6 +109,11 @@ struct dialogue {
     const char *servername;
     const char *pin; /* tls_pin for the client, or NULL */
     int implicit;
+    /* PROXY then TLS: the client sends a PROXY line and its ClientHello back to back; the
+     * server reads the line as plaintext and then calls tlsio_starttls_keep(). */
+    int proxy_keep;
+    uv_timer_t delay;    /* proxy_keep: the server starts reading once both are in */
+    size_t behind_proxy; /* bytes in the server's input right behind the PROXY line */
     struct side srv, cli;
     int done;
 };
@@ -147,7 +152,13 @@ static void srv_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
     switch (ev) {
     case TLSIO_DATAIN:
         while (take_line(io, line, sizeof(line))) {
-            if (s->step == 0 && strcmp(line, "STARTTLS") == 0) {
+            if (s->step == 0 && d->proxy_keep && strncmp(line, "PROXY ", 6) == 0) {
+                d->behind_proxy = tlsio_input(io)->len;
+                cr_assert(eq(int, tlsio_starttls_keep(io, d->scred, 1, NULL), 0), "%s",
+                          tlsio_errstr(io));
+                cr_assert(eq(sz, tlsio_input(io)->len, 0));
+                s->step = 1;
+            } else if (s->step == 0 && strcmp(line, "STARTTLS") == 0) {
                 tlsio_write(io, "220 go\r\n", 8);
                 cr_assert(eq(int, tlsio_starttls(io, d->scred, 1, NULL), 0));
                 s->step = 1;
@@ -184,7 +195,13 @@ static void cli_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
     case TLSIO_CONNECTED:
         cr_assert(eq(int, tlsio_read_start(io), 0));
         cr_assert(eq(int, tlsio_set_pin(io, d->pin), 0));
-        if (d->implicit) {
+        if (d->proxy_keep) {
+            static const char hdr[] = "PROXY TCP4 10.1.2.3 127.0.0.1 40000 25\r\n";
+
+            tlsio_write(io, hdr, sizeof(hdr) - 1);
+            cr_assert(eq(int, tlsio_starttls(io, d->ccred, 0, d->servername), 0));
+            s->step = 1;
+        } else if (d->implicit) {
             cr_assert(eq(int, tlsio_starttls(io, d->ccred, 0, d->servername), 0));
             s->step = 1;
         }
@@ -221,6 +238,13 @@ static void cli_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
     }
 }
 
+static void delayed_read(uv_timer_t *t)
+{
+    struct dialogue *d = t->data;
+
+    cr_assert(eq(int, tlsio_read_start(d->srv.io), 0));
+}
+
 static void on_accept(uv_stream_t *l, int status)
 {
     struct dialogue *d = l->data;
@@ -230,6 +254,12 @@ static void on_accept(uv_stream_t *l, int status)
     io = tlsio_new(&loop, srv_cb, d);
     cr_assert(eq(int, uv_accept(l, tlsio_stream(io)), 0));
     d->srv.io = io;
+    if (d->proxy_keep) {
+        /* Both the PROXY line and the ClientHello are in the socket when reading starts,
+         * so the first read holds both, as from a proxy that sends them in one segment. */
+        uv_timer_start(&d->delay, delayed_read, 100, 0);
+        return;
+    }
     cr_assert(eq(int, tlsio_read_start(io), 0));
     if (d->implicit) {
         cr_assert(eq(int, tlsio_starttls(io, d->scred, 1, NULL), 0));
@@ -258,6 +288,7 @@ static void run_until_closed(struct dialogue *d)
     if (d->srv.io != NULL && !d->srv.closed)
         tlsio_close(d->srv.io, side_closed, &d->srv);
     uv_close((uv_handle_t *)&d->listener, NULL);
+    uv_close((uv_handle_t *)&d->delay, NULL);
     uv_close((uv_handle_t *)&guard, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
 }
@@ -278,6 +309,8 @@ static void start(struct dialogue *d, const char *ca, const char *servername)
     cr_assert(eq(int, tlsio_cred_client_new(path, NULL, &d->ccred, err, sizeof(err)), 0), "%s",
               err);
     d->servername = servername;
+    uv_timer_init(&loop, &d->delay);
+    d->delay.data = d;
 
     uv_tcp_init(&loop, &d->listener);
     d->listener.data = d;
@@ -327,6 +360,25 @@ Test(tlsio, implicit_tls_ip_name)
     d.implicit = 1;
     run_until_closed(&d);
     cr_assert(eq(str, d.cli.err, ""));
+    cr_assert(eq(str, d.cli.got, "pong"));
+    stop(&d);
+}
+
+/* A PROXY line and the ClientHello in one segment: the server consumes the line, and
+ * tlsio_starttls_keep() hands the bytes behind it to the handshake, which completes. */
+Test(tlsio, starttls_keep_after_proxy_line)
+{
+    struct dialogue d;
+
+    start(&d, "ca.pem", "localhost");
+    d.proxy_keep = 1;
+    run_until_closed(&d);
+    cr_assert(eq(str, d.cli.err, ""));
+    cr_assert(eq(str, d.srv.err, ""));
+    cr_assert(gt(sz, d.behind_proxy, 0), "the ClientHello did not arrive with the PROXY line");
+    cr_assert(eq(int, d.srv.events[TLSIO_TLSREADY], 1));
+    cr_assert(eq(int, d.cli.events[TLSIO_TLSREADY], 1));
+    cr_assert(eq(str, d.srv.got, "ping"));
     cr_assert(eq(str, d.cli.got, "pong"));
     stop(&d);
 }
