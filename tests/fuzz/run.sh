@@ -6,6 +6,7 @@
 #   FUZZ_SECONDS   seconds per target without its own =SECONDS (default 60)
 #   FUZZ_BUILD     build directory (default build-fuzz)
 #   FUZZ_JOBS      build parallelism (default nproc)
+#   FUZZ_SEED      libFuzzer seed (default 1: repeatable; 0: random, for longer hunts)
 # Each target starts from its seed corpus tests/fuzz/corpus/<target>/ (read only: new inputs
 # go to a scratch directory) and stops after its time.  A crash, leak, sanitizer report,
 # timeout or out-of-memory fails the target; its reproducer is kept in FUZZ_BUILD/artifacts/.
@@ -55,7 +56,8 @@ fi
 
 export FUZZ_TMPDIR=$work   # fuzz_smtpd's spool
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
-export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$SRC/tests/fuzz/lsan.supp:print_suppressions=0}
+# No leak suppressions: the one leak found in Cyrus's LOGIN plugin (a LOGIN exchange
+# abandoned or given an empty user name) is kept from Cyrus by relayd itself now.
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 mkdir -p "$BUILD/artifacts"
 passed=0
@@ -75,7 +77,9 @@ for arg in "$@"; do
     log=$BUILD/$t.log
     start=$(date +%s)
     # -timeout: one input may take this long; the outer timeout is a safety net.
-    timeout -k 10 $((secs + 120)) "$BUILD/$t" -max_total_time="$secs" -timeout=25 \
+    # A fixed seed (FUZZ_SEED, default 1) makes a run repeatable: a slower machine runs a
+    # prefix of the same inputs, so what passed here passes in CI; FUZZ_SEED=0 is random.
+    timeout -k 10 $((secs + 120)) "$BUILD/$t" -seed="${FUZZ_SEED:-1}" -max_total_time="$secs" -timeout=25 \
         -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$BUILD/artifacts/$t-" \
         "${extra[@]}" "$corpus" "${seeds[@]}" > "$log" 2>&1
     rc=$?
