@@ -926,44 +926,15 @@ static void sched_run(struct sched *sc)
 
 /* ---- failed_retention ---- */
 
-struct sched_purge_scan {
-    int64_t cutoff;
-    uint64_t *ids;
-    size_t max, n;
-};
-
-static int sched_purge_pick(const struct spool_msg *msg, void *arg)
-{
-    struct sched_purge_scan *s = arg;
-
-    if (msg->state == SPOOL_FAILED && msg->arrived <= s->cutoff)
-        s->ids[s->n++] = msg->id;
-    return s->n >= s->max;
-}
-
 int sched_purge_failed(struct spool *sp, int64_t now, int64_t retention, uint64_t *ids, size_t max,
                        size_t *n)
 {
-    struct sched_purge_scan s = {now - retention, ids, max, 0};
-    size_t i, done = 0;
-    int rc;
-
     *n = 0;
     if (max == 0)
         return 0;
-    if ((rc = spool_foreach(sp, sched_purge_pick, &s)) != 0)
-        return rc;
-    for (i = 0; i < s.n; i++) {
-        /* relayctl may have retried it since the scan: the spool checks again, in the
-         * deleting transaction itself. */
-        if ((rc = spool_msg_delete_if(sp, s.ids[i], SPOOL_FAILED, s.cutoff + 1)) == 0)
-            ids[done++] = s.ids[i];
-        if (rc != 0 && rc != SPOOL_ENOTFOUND)
-            break;
-        rc = 0;
-    }
-    *n = done;
-    return rc;
+    /* One transaction that reads each state itself: a message relayctl retried a moment
+     * ago is no longer FAILED and stays. */
+    return spool_purge_ids(sp, SPOOL_FAILED, now - retention + 1, ids, max, n);
 }
 
 static void sched_purge_work(uv_work_t *req)
@@ -990,7 +961,7 @@ static void sched_purge_after(uv_work_t *req, int status)
         sched_maybe_stopped(sc);
 }
 
-/* Deleting is a durable commit per message: never on the loop. */
+/* Deleting is a durable commit: never on the loop. */
 static void sched_purge_start(struct sched *sc)
 {
     if (sc->purging || sc->stopping)

@@ -887,9 +887,26 @@ static int attempt_append(struct spool *sp, MDB_txn *txn, uint64_t id, const cha
     return rc;
 }
 
+/* Gives m (as loaded in txn) a new state and due time: its schedule key, which depends on
+ * both, moves with it; then the record is written back. */
+static int msg_move(struct spool *sp, MDB_txn *txn, struct spool_msg *m, enum spool_state state,
+                    int64_t next_attempt)
+{
+    int rc;
+
+    if ((rc = sched_del(sp, txn, m)) != 0)
+        return rc;
+    m->state = state;
+    m->next_attempt = is_scheduled(state) ? next_attempt : 0;
+    if ((rc = sched_add(sp, txn, m)) != 0)
+        return rc;
+    return msg_store(sp, txn, m, 0);
+}
+
 int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update *u)
 {
     struct spool_msg m;
+    enum spool_state state;
     size_t pending = 0, failed = 0;
     int rc;
 
@@ -898,14 +915,8 @@ int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update 
     if (u->wake_only) {
         /* Only mail that is still waiting moves: what an operator held, or what failed
          * meanwhile, stays as it is. */
-        if (m.state != SPOOL_QUEUED && m.state != SPOOL_DEFERRED)
-            goto out;
-        if ((rc = sched_del(sp, txn, &m)) != 0)
-            goto out;
-        m.next_attempt = u->next_attempt;
-        if ((rc = sched_add(sp, txn, &m)) != 0)
-            goto out;
-        rc = msg_store(sp, txn, &m, 0);
+        if (m.state == SPOOL_QUEUED || m.state == SPOOL_DEFERRED)
+            rc = msg_move(sp, txn, &m, m.state, u->next_attempt);
         goto out;
     }
     for (size_t i = 0; i < u->nrcpts; i++) {
@@ -939,17 +950,12 @@ int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update 
     }
     if (u->result != NULL && (rc = attempt_append(sp, txn, u->id, u->upstream, u->result)) != 0)
         goto out;
-    if ((rc = sched_del(sp, txn, &m)) != 0)
-        goto out;
-    m.state = pending == 0 ? SPOOL_FAILED : u->state;
-    if (m.state < SPOOL_QUEUED || m.state > SPOOL_FAILED) {
+    state = pending == 0 ? SPOOL_FAILED : u->state;
+    if (state < SPOOL_QUEUED || state > SPOOL_FAILED) {
         rc = -EINVAL;
         goto out;
     }
-    m.next_attempt = is_scheduled(m.state) ? u->next_attempt : 0;
-    if ((rc = sched_add(sp, txn, &m)) != 0)
-        goto out;
-    rc = msg_store(sp, txn, &m, 0);
+    rc = msg_move(sp, txn, &m, state, u->next_attempt);
 out:
     spool__msg_clear(&m);
     return rc;
@@ -958,11 +964,13 @@ out:
 /* ---- synchronous writes (relayctl, start-up) ---- */
 
 struct sync_op {
-    enum { OP_STATE, OP_RETRY, OP_DELETE, OP_DELETE_IF, OP_PURGE } kind;
+    enum { OP_STATE, OP_RETRY, OP_DELETE, OP_PURGE } kind;
     uint64_t id;
     enum spool_state state;
     int64_t before;  /* OP_PURGE: arrived earlier than this; 0: any time */
     size_t *removed; /* OP_PURGE: how many went */
+    uint64_t *ids;   /* OP_PURGE: their ids (may be NULL) */
+    size_t max;      /* OP_PURGE: at most this many; 0: all */
 };
 
 /* Removes every message in op->state that arrived before op->before.  The state is read
@@ -989,7 +997,8 @@ static int purge_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
         }
         if ((rc = spool__decode_msg(d.mv_data, d.mv_size, spool__get_be64(k.mv_data), &m)) != 0)
             break;
-        if (m.state == op->state && (op->before == 0 || m.arrived < op->before)) {
+        if (m.state == op->state && (op->before == 0 || m.arrived < op->before) &&
+            (op->max == 0 || n < op->max)) {
             if (n == cap) {
                 cap = cap ? cap * 2 : 64;
                 ids = xrealloc(ids, cap * sizeof(*ids));
@@ -1003,8 +1012,11 @@ static int purge_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
         rc = 0;
     for (size_t i = 0; i < n && rc == 0; i++)
         rc = spool__txn_delete(sp, txn, ids[i]);
-    if (rc == 0)
+    if (rc == 0) {
         *op->removed = n;
+        if (op->ids != NULL)
+            memcpy(op->ids, ids, n * sizeof(*ids));
+    }
     free(ids);
     return rc;
 }
@@ -1016,35 +1028,15 @@ static int sync_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
 
     if (op->kind == OP_DELETE)
         return spool__txn_delete(sp, txn, op->id);
-    if (op->kind == OP_DELETE_IF) {
-        /* Checked and deleted in one transaction: a relayctl retry cannot slip between. */
-        if ((rc = msg_load(sp, txn, op->id, &m)) != 0)
-            return rc;
-        rc = m.state == op->state && m.arrived < op->before ? spool__txn_delete(sp, txn, op->id)
-                                                             : SPOOL_ENOTFOUND;
-        spool__msg_clear(&m);
-        return rc;
-    }
     if (op->kind == OP_PURGE)
         return purge_apply(sp, txn, op);
     if ((rc = msg_load(sp, txn, op->id, &m)) != 0)
         return rc;
-    if ((rc = sched_del(sp, txn, &m)) != 0)
-        goto out;
-    if (op->kind == OP_RETRY) {
-        if (m.state == SPOOL_FAILED)
-            for (size_t i = 0; i < m.nrcpts; i++)
-                if (m.rcpts[i].status == SPOOL_RCPT_FAILED)
-                    m.rcpts[i].status = SPOOL_RCPT_PENDING;
-        m.state = SPOOL_QUEUED;
-    } else {
-        m.state = op->state;
-    }
-    m.next_attempt = is_scheduled(m.state) ? time(NULL) : 0;
-    if ((rc = sched_add(sp, txn, &m)) != 0)
-        goto out;
-    rc = msg_store(sp, txn, &m, 0);
-out:
+    if (op->kind == OP_RETRY && m.state == SPOOL_FAILED)
+        for (size_t i = 0; i < m.nrcpts; i++)
+            if (m.rcpts[i].status == SPOOL_RCPT_FAILED)
+                m.rcpts[i].status = SPOOL_RCPT_PENDING;
+    rc = msg_move(sp, txn, &m, op->kind == OP_RETRY ? SPOOL_QUEUED : op->state, time(NULL));
     spool__msg_clear(&m);
     return rc;
 }
@@ -1095,17 +1087,16 @@ int spool_msg_delete(struct spool *sp, uint64_t id)
     return sync_write(sp, &op);
 }
 
-int spool_msg_delete_if(struct spool *sp, uint64_t id, enum spool_state state,
-                        int64_t arrived_before)
-{
-    struct sync_op op = {.kind = OP_DELETE_IF, .id = id, .state = state, .before = arrived_before};
-
-    return sync_write(sp, &op);
-}
-
 int spool_purge(struct spool *sp, enum spool_state state, int64_t arrived_before, size_t *removed)
 {
-    struct sync_op op = {.kind = OP_PURGE, .state = state, .before = arrived_before};
+    return spool_purge_ids(sp, state, arrived_before, NULL, 0, removed);
+}
+
+int spool_purge_ids(struct spool *sp, enum spool_state state, int64_t arrived_before,
+                    uint64_t *ids, size_t max, size_t *removed)
+{
+    struct sync_op op = {.kind = OP_PURGE, .state = state, .before = arrived_before, .ids = ids,
+                         .max = max};
     size_t dummy;
 
     op.removed = removed != NULL ? removed : &dummy;

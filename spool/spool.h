@@ -172,13 +172,13 @@ int spool_foreach(struct spool *sp, int (*fn)(const struct spool_msg *msg, void 
 int spool_msg_set_state(struct spool *sp, uint64_t id, enum spool_state state);
 int spool_msg_retry(struct spool *sp, uint64_t id);
 int spool_msg_delete(struct spool *sp, uint64_t id);
-/* Deletes id only if it is (still) in state and arrived before arrived_before, checked in
- * the same transaction; SPOOL_ENOTFOUND when it is gone or no longer matches. */
-int spool_msg_delete_if(struct spool *sp, uint64_t id, enum spool_state state,
-                        int64_t arrived_before);
 /* Deletes every message in state that arrived before arrived_before (unix seconds; 0: any
  * time), in one durable transaction; *removed (may be NULL) gets how many.  relayctl purge. */
 int spool_purge(struct spool *sp, enum spool_state state, int64_t arrived_before, size_t *removed);
+/* The same, at most max messages (0: all), their ids in ids[] (max entries; may be NULL):
+ * the daemon's failed_retention clean-up, one commit per pass, logged by id. */
+int spool_purge_ids(struct spool *sp, enum spool_state state, int64_t arrived_before,
+                    uint64_t *ids, size_t max, size_t *removed);
 
 /* 0 when a message of len bytes would fit now under max_bytes and reserve_bytes, else
  * SPOOL_EFULL: lets a session refuse early (at MAIL, with SIZE=) instead of after DATA.
