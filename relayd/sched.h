@@ -51,8 +51,8 @@ int64_t sched_backoff_factor(int attempts, int first, int factor, int max, unsig
 
 /*
  * Deletes FAILED messages that arrived more than retention seconds before now, at most max
- * of them, and puts their ids into ids[0..*n).  Synchronous (one durable commit per
- * message): the daemon runs it on libuv's thread pool, never on the loop.  0 or SPOOL_E*.
+ * of them, and puts their ids into ids[0..*n).  Synchronous (one durable commit): the
+ * daemon runs it on libuv's thread pool, never on the loop.  0 or SPOOL_E*.
  */
 int sched_purge_failed(struct spool *sp, int64_t now, int64_t retention, uint64_t *ids, size_t max,
                        size_t *n);
