@@ -158,9 +158,21 @@ static char *encode64(const char *data, unsigned len)
     return out;
 }
 
-static int new_conn(struct authsasl *a, int secure, int allow_plain, char *err, size_t errlen)
+/* Both sides: no anonymous logins, no SASL security layer (TLS or nothing), and plaintext
+ * mechanisms (PLAIN, LOGIN) only when plain_ok (TLS is up, or the admin said so). */
+static int set_sec_props(sasl_conn_t *conn, int plain_ok)
 {
     sasl_security_properties_t props;
+
+    memset(&props, 0, sizeof(props));
+    props.max_ssf = 0;
+    props.maxbufsize = 0;
+    props.security_flags = SASL_SEC_NOANONYMOUS | (plain_ok ? 0 : SASL_SEC_NOPLAINTEXT);
+    return sasl_setprop(conn, SASL_SEC_PROPS, &props);
+}
+
+static int new_conn(struct authsasl *a, int secure, int allow_plain, char *err, size_t errlen)
+{
     int rc;
 
     if (a->conn != NULL) {
@@ -172,13 +184,7 @@ static int new_conn(struct authsasl *a, int secure, int allow_plain, char *err, 
         snprintf(err, errlen, "SASL: %s", sasl_errstring(rc, NULL, NULL));
         return AUTHSASL_FAIL;
     }
-    memset(&props, 0, sizeof(props));
-    props.max_ssf = 0;
-    props.maxbufsize = 0; /* no security layer: TLS or nothing */
-    props.security_flags = SASL_SEC_NOANONYMOUS;
-    if (!secure && !allow_plain)
-        props.security_flags |= SASL_SEC_NOPLAINTEXT;
-    if ((rc = sasl_setprop(a->conn, SASL_SEC_PROPS, &props)) != SASL_OK) {
+    if ((rc = set_sec_props(a->conn, secure || allow_plain)) != SASL_OK) {
         snprintf(err, errlen, "SASL: %s", sasl_errstring(rc, NULL, NULL));
         return AUTHSASL_FAIL;
     }
@@ -436,7 +442,6 @@ static void server_filter(struct authsasl_server *a, const char *avail, int plai
 /* A fresh Cyrus server connection: Cyrus refuses a second exchange on a used one. */
 static int server_conn(struct authsasl_server *a, char *err, size_t errlen)
 {
-    sasl_security_properties_t props;
     int rc;
 
     if (a->conn != NULL)
@@ -448,13 +453,7 @@ static int server_conn(struct authsasl_server *a, char *err, size_t errlen)
         snprintf(err, errlen, "SASL server: %s", sasl_errstring(rc, NULL, NULL));
         return AUTHSASL_TEMP;
     }
-    memset(&props, 0, sizeof(props));
-    props.max_ssf = 0;
-    props.maxbufsize = 0; /* no security layer: TLS or nothing */
-    props.security_flags = SASL_SEC_NOANONYMOUS;
-    if (!a->plain_ok)
-        props.security_flags |= SASL_SEC_NOPLAINTEXT;
-    if ((rc = sasl_setprop(a->conn, SASL_SEC_PROPS, &props)) != SASL_OK) {
+    if ((rc = set_sec_props(a->conn, a->plain_ok)) != SASL_OK) {
         snprintf(err, errlen, "SASL server: %s", sasl_errstring(rc, NULL, NULL));
         return AUTHSASL_TEMP;
     }
