@@ -92,12 +92,6 @@ EOC
 # secret FILE TEXT: a 0600 secrets file.
 secret() { (umask 077; printf '%s\n' "$2" > "$1"); }
 
-# oauth2_wired: 0 when smtpc asks the token manager at AUTH time.  Until then the delivery
-# half of these tests cannot run (the token half runs through relayctl oauth2 token).
-oauth2_wired() {
-    grep -qs 'oauth2_token_peek' "$E2E_SRC/relayd/smtpc.c" "$E2E_SRC/relayd/pool.c"
-}
-
 # last_request: the last request the emulation received, as JSON.
 last_request() { tail -n 1 "$OA_STATE/requests"; }
 

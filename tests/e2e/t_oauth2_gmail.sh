@@ -86,12 +86,6 @@ if "$RELAYD_BIN" -c "$CONF" --check > "$T/loose.out" 2>&1; then fail "0644 key a
 grep -q 'service_account_file: .*readable by group or others' "$T/loose.out" || { cat "$T/loose.out"; fail "unclear"; }
 chmod 0600 "$SA_JSON"
 
-if ! oauth2_wired; then
-    say "SKIP delivery: smtpc does not ask relayd/oauth2 for tokens yet (see oauth2.h hook)"
-    assert_no_token_in_logs
-    say "PASS"
-    exit 0
-fi
 
 say "delivery with AUTH OAUTHBEARER (installed app)"
 start_xoauth2_smtpd
