@@ -1014,7 +1014,7 @@ static int purge_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
         rc = spool__txn_delete(sp, txn, ids[i]);
     if (rc == 0) {
         *op->removed = n;
-        if (op->ids != NULL)
+        if (op->ids != NULL && n > 0)
             memcpy(op->ids, ids, n * sizeof(*ids));
     }
     free(ids);
