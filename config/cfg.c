@@ -109,6 +109,8 @@ static const struct cfg_key relayd_keys[] = {
      365 * DAY, "7d", 0},
     {"upstream_probe_interval", CFG_T_DURATION, offsetof(struct cfg, upstream_probe_interval), 1,
      HOUR, "60s", 0},
+    /* On stop, a delivery whose final dot was sent waits this long for its reply. */
+    {"stop_grace", CFG_T_DURATION, offsetof(struct cfg, stop_grace), 0, 10 * MINUTE, "10s", 0},
     {"max_connections", CFG_T_INT, offsetof(struct cfg, max_connections), 1, 100000, "200", 0},
     {"max_connections_per_client", CFG_T_INT, offsetof(struct cfg, max_connections_per_client), 1,
      100000, "20", 0},

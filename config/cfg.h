@@ -178,6 +178,8 @@ struct cfg {
     int bounces;                /* [relayd] bounces: send DSNs at all; default yes */
     int failed_retention;       /* [relayd] failed_retention, seconds; default 7 days */
     int upstream_probe_interval; /* [relayd] upstream_probe_interval, seconds; default 60 */
+    int stop_grace;              /* [relayd] stop_grace, seconds: a stop lets deliveries that
+                                    sent their final dot read the reply; default 10 */
     long spool_max_size;        /* [relayd] spool_max_size, bytes of mail; 0 (default): none */
     long spool_reserve;         /* [relayd] spool_reserve, free disk to keep; default 100M */
     int unsafe_no_fsync;        /* [relayd] unsafe_no_fsync: no fsync at commit; default no */

@@ -37,16 +37,34 @@
 
 struct pool_up;
 
+/* One recipient of the caller's message: its verdict once final for this delivery. */
+struct pool_rcpt {
+    int final;
+    enum smtpc_status status;
+    enum verdict_cause cause;
+    char *reply, *action, *tls; /* owned */
+    const struct cfg_upstream *up;
+};
+
 struct pool_req {
     struct pool *p;
     const struct cfg_route *route;
-    const struct smtpc_msg *msg;
+    const struct smtpc_msg *msg; /* the caller's */
     smtpc_done_fn done;
     void *arg;
     int cand;                 /* 0: route->upstream, i: route->failover[i - 1] */
     int retried;              /* retried once after a stale session */
     struct smtpc_result last; /* why the previous candidate failed (no arrays) */
     int have_last;
+    /* What goes to the next transaction: msg's recipients without a final verdict (all of
+     * them at first).  A failover re-offers only recipients that got a CONFIG verdict,
+     * never one an upstream accepted or refused for good. */
+    struct smtpc_msg sub;
+    const char **sub_rcpts;
+    unsigned *sub_notify;
+    const char **sub_orcpt;
+    size_t *sub_index; /* sub slot -> index in msg */
+    struct pool_rcpt *rc; /* msg->nrcpts */
     struct pool_req *next;
 };
 
@@ -81,6 +99,7 @@ struct pool {
     int nups;
     int started;
     uv_timer_t kick;
+    uv_timer_t grace; /* stop: how long offered transactions may wait for their reply */
     struct pool_req *finished; /* requests to finish from the loop (pool_deliver refusals) */
     int open_handles;
     int stopping;
@@ -133,30 +152,119 @@ static int pool_up_ready(const struct pool_up *pu, size_t nrcpts, uint64_t now)
     return working > 0 || pu->reopen_at <= now;
 }
 
-/* ---- Finishing requests ---- */
+/* ---- Requests and their recipients ---- */
 
-/* Calls done with res, giving it per-recipient arrays if it has none. */
+static struct pool_req *req_new(struct pool *p, const struct cfg_route *route,
+                                const struct smtpc_msg *msg, smtpc_done_fn done, void *arg)
+{
+    struct pool_req *req = xcalloc(1, sizeof(*req));
+    size_t n = msg->nrcpts + 1;
+
+    req->p = p;
+    req->route = route;
+    req->msg = msg;
+    req->done = done;
+    req->arg = arg;
+    req->rc = xcalloc(n, sizeof(*req->rc));
+    req->sub_rcpts = xcalloc(n, sizeof(*req->sub_rcpts));
+    req->sub_notify = xcalloc(n, sizeof(*req->sub_notify));
+    req->sub_orcpt = xcalloc(n, sizeof(*req->sub_orcpt));
+    req->sub_index = xcalloc(n, sizeof(*req->sub_index));
+    return req;
+}
+
+static void req_free(struct pool_req *req)
+{
+    for (size_t i = 0; i < req->msg->nrcpts; i++) {
+        free(req->rc[i].reply);
+        free(req->rc[i].action);
+        free(req->rc[i].tls);
+    }
+    free(req->rc);
+    free(req->sub_rcpts);
+    free(req->sub_notify);
+    free(req->sub_orcpt);
+    free(req->sub_index);
+    free(req);
+}
+
+/* Makes req->sub the recipients of msg that have no final verdict yet; their number. */
+static size_t req_build_sub(struct pool_req *req)
+{
+    const struct smtpc_msg *m = req->msg;
+    size_t i, n = 0;
+
+    req->sub = *m;
+    for (i = 0; i < m->nrcpts; i++) {
+        if (req->rc[i].final)
+            continue;
+        req->sub_rcpts[n] = m->rcpts[i];
+        req->sub_notify[n] = m->dsn_notify != NULL ? m->dsn_notify[i] : 0;
+        req->sub_orcpt[n] = m->dsn_orcpt != NULL ? m->dsn_orcpt[i] : NULL;
+        req->sub_index[n++] = i;
+    }
+    req->sub.rcpts = req->sub_rcpts;
+    req->sub.nrcpts = n;
+    req->sub.dsn_notify = m->dsn_notify != NULL ? req->sub_notify : NULL;
+    req->sub.dsn_orcpt = m->dsn_orcpt != NULL ? req->sub_orcpt : NULL;
+    return n;
+}
+
+/* Makes rc final with the given verdict (strings copied). */
+static void rcpt_set(struct pool_rcpt *rc, enum smtpc_status st, enum verdict_cause cause,
+                     const char *reply, const char *action, const char *tls,
+                     const struct cfg_upstream *up)
+{
+    rc->final = 1;
+    rc->status = st;
+    rc->cause = cause;
+    free(rc->reply);
+    free(rc->action);
+    free(rc->tls);
+    rc->reply = xstrdup(reply != NULL ? reply : "");
+    rc->action = action != NULL && action[0] != '\0' ? xstrdup(action) : NULL;
+    rc->tls = xstrdup(tls != NULL ? tls : "");
+    rc->up = up;
+}
+
+/*
+ * Calls done: every recipient without a final verdict gets res's (the transaction's or
+ * the failure's), then the caller sees one verdict per recipient of its message.
+ */
 static void req_finish(struct pool_req *req, const struct smtpc_result *res)
 {
-    size_t n = req->msg->nrcpts, i;
+    size_t n = req->msg->nrcpts, i, nsent = 0, nfail = 0;
     struct smtpc_result r = *res;
-    enum smtpc_status *st = NULL;
-    char **rr = NULL;
+    struct smtpc_rcpt_result *rr = xcalloc(n + 1, sizeof(*rr));
 
-    if (r.rcpt_status == NULL) {
-        st = xcalloc(n + 1, sizeof(*st));
-        rr = xcalloc(n + 1, sizeof(*rr));
-        for (i = 0; i < n; i++) {
-            st[i] = r.status;
-            rr[i] = r.reply;
-        }
-        r.rcpt_status = st;
-        r.rcpt_reply = rr;
+    for (i = 0; i < n; i++) {
+        struct pool_rcpt *rc = &req->rc[i];
+
+        if (!rc->final)
+            rcpt_set(rc, res->status, res->cause, res->reply, res->action, res->tls,
+                     res->up != NULL ? res->up : cand_up(req->route, req->cand));
+        rr[i].status = rc->status;
+        rr[i].cause = rc->cause;
+        rr[i].reply = rc->reply;
+        rr[i].action = rc->action;
+        rr[i].tls = rc->tls;
+        rr[i].up = rc->up;
+        nsent += rc->status == SMTPC_SENT;
+        nfail += rc->status == SMTPC_FAIL;
     }
+    r.nrcpts = n;
+    r.rcpt = rr;
+    if (nsent == n)
+        r.status = SMTPC_SENT;
+    else if (nfail == n)
+        r.status = SMTPC_FAIL;
+    else if (r.status == SMTPC_SENT)
+        r.status = SMTPC_DEFER; /* some recipients are still to go */
+    if (r.up == NULL)
+        r.up = cand_up(req->route, req->cand);
     req->done(req->arg, &r);
-    free(st);
     free(rr);
-    free(req);
+    req_free(req);
 }
 
 static void req_fail_now(struct pool_req *req, int config_fault, const char *action,
@@ -170,6 +278,7 @@ static void req_fail_now(struct pool_req *req, int config_fault, const char *act
 
     memset(&r, 0, sizeof(r));
     r.status = SMTPC_DEFER;
+    r.cause = config_fault ? VERDICT_CONFIG : VERDICT_TRANSIENT;
     r.config_fault = config_fault;
     r.up = up;
     snprintf(r.action, sizeof(r.action), "%s", action != NULL ? action : "");
@@ -235,8 +344,8 @@ static void req_failover(struct pool_req *req, const struct smtpc_result *last)
 
     if (last != NULL) {
         req->last = *last;
-        req->last.rcpt_status = NULL;
-        req->last.rcpt_reply = NULL;
+        req->last.rcpt = NULL;
+        req->last.nrcpts = 0;
         req->have_last = 1;
     }
     if (!p->stopping) {
@@ -244,10 +353,11 @@ static void req_failover(struct pool_req *req, const struct smtpc_result *last)
             struct pool_up *pu = pool_up_of(p, cand_up(req->route, cand));
             if (!pool_up_ok(pu))
                 continue;
-            log_info("%012llX: upstream %s failed (%s); trying failover upstream %s",
+            log_info("%012llX: upstream %s failed (%s); trying failover upstream %s for %zu "
+                     "recipient%s",
                      (unsigned long long)req->msg->id, from->name,
                      req->have_last ? req->last.reply : upstream_reason(pool_up_of(p, from)->u),
-                     pu->cfg->name);
+                     pu->cfg->name, req->sub.nrcpts, req->sub.nrcpts == 1 ? "" : "s");
             req->cand = cand;
             queue_push(pu, req, 0);
             pool_kick(p);
@@ -288,6 +398,7 @@ static void probe_done(void *arg, const struct smtpc_result *res)
         return;
     if (res->status == SMTPC_SENT) {
         upstream_set_healthy(pu->u, pool_now(pu->p));
+        upstream_session_ok(pu->u, pool_now(pu->p));
         pool_kick(pu->p);
         if (pu->p->on_healthy != NULL)
             pu->p->on_healthy(pu->p->on_healthy_arg, pu->cfg);
@@ -348,20 +459,40 @@ static void conn_unlink(struct pool_conn *conn)
     pu->nconns--;
 }
 
+static void pool_grace_close(struct pool *p);
+
 static void pool_maybe_stopped(struct pool *p)
 {
     int i;
 
-    if (!p->stopping || p->open_handles > 0 || p->stop_done == NULL)
+    if (!p->stopping || p->stop_done == NULL)
         return;
     for (i = 0; i < p->nups; i++)
         if (p->ups[i].nconns > 0 || p->ups[i].probe != NULL)
             return;
+    pool_grace_close(p);
+    if (p->open_handles > 0)
+        return;
     {
         void (*done)(void *) = p->stop_done;
         p->stop_done = NULL;
         done(p->stop_arg);
     }
+}
+
+/* What a finished session or transaction says about the upstream itself. */
+static void up_learn(struct pool_up *pu, const struct smtpc_result *res)
+{
+    struct pool *p = pu->p;
+    uint64_t now = pool_now(p);
+
+    if (res->throttled)
+        upstream_throttle(pu->u, now);
+    if (res->session_transient)
+        upstream_session_failed(pu->u, pu->cfg->max_connections > 0 ? pu->cfg->max_connections : 4,
+                                now);
+    if (!res->throttled && !res->session_transient && !res->config_fault)
+        upstream_session_ok(pu->u, now); /* the dialogue ran to its end */
 }
 
 static void tx_done(void *arg, const struct smtpc_result *res)
@@ -370,6 +501,7 @@ static void tx_done(void *arg, const struct smtpc_result *res)
     struct pool_up *pu = conn->pu;
     struct pool *p = pu->p;
     struct pool_req *req = conn->req;
+    size_t j, nconfig = 0;
 
     conn->req = NULL;
     if (res->stale && !req->retried && !p->stopping) {
@@ -381,13 +513,25 @@ static void tx_done(void *arg, const struct smtpc_result *res)
         pool_kick(p);
         return;
     }
-    if (res->throttled)
-        upstream_throttle(pu->u, pool_now(p));
-    else if (res->status == SMTPC_SENT)
-        upstream_throttle_clear(pu->u);
-    if (res->config_fault && !p->stopping) {
-        up_fault(pu, res);
+    up_learn(pu, res);
+    if (res->config_fault && !p->stopping)
+        up_fault(pu, res); /* unhealthy; the rest of its queue moves on */
+    /* Each recipient's verdict is final now, except a CONFIG one: another upstream of the
+     * route (another account, another connector) may be allowed what this one is not. */
+    for (j = 0; j < res->nrcpts && j < req->sub.nrcpts; j++) {
+        const struct smtpc_rcpt_result *r = &res->rcpt[j];
+        struct pool_rcpt *rc = &req->rc[req->sub_index[j]];
+
+        rcpt_set(rc, r->status, r->cause, r->reply, r->action, r->tls, r->up);
+        if (r->cause == VERDICT_CONFIG) {
+            rc->final = 0;
+            nconfig++;
+        }
+    }
+    if (nconfig > 0 && !p->stopping && cand_up(req->route, req->cand + 1) != NULL) {
+        req_build_sub(req);
         req_failover(req, res);
+        pool_kick(p);
         return;
     }
     req_finish(req, res);
@@ -417,8 +561,7 @@ static void conn_event(void *arg, struct smtpc *c, enum smtpc_event ev,
         pu->reopen_at = pool_now(p) + POOL_REOPEN_DELAY_MS;
         log_warn("upstream %s: cannot set up a session: %s%s%s", pu->cfg->name, res->reply,
                  res->action[0] != '\0' ? "; action: " : "", res->action);
-        if (res->throttled)
-            upstream_throttle(pu->u, pool_now(p));
+        up_learn(pu, res);
         if (res->config_fault && !p->stopping) {
             up_fault(pu, res);
             break;
@@ -509,7 +652,7 @@ static void pool_dispatch_up(struct pool_up *pu)
         return;
     }
     while ((req = pu->qhead) != NULL) {
-        if (upstream_rate_wait(pu->u, req->msg->nrcpts, now, &wait)) {
+        if (upstream_rate_wait(pu->u, req->sub.nrcpts, now, &wait)) {
             uv_timer_start(&pu->wake, wake_fire, wait, 0);
             return;
         }
@@ -519,9 +662,9 @@ static void pool_dispatch_up(struct pool_up *pu)
         if (conn != NULL) {
             queue_pop(pu);
             conn->req = req;
-            upstream_rate_take(pu->u, req->msg->nrcpts, now);
+            upstream_rate_take(pu->u, req->sub.nrcpts, now);
             p->transactions++;
-            rc = smtpc_session_send(conn->c, req->msg, tx_done, conn);
+            rc = smtpc_session_send(conn->c, &req->sub, tx_done, conn);
             if (rc < 0) {
                 conn->req = NULL;
                 queue_push(pu, req, 1);
@@ -603,7 +746,9 @@ int pool_start(struct pool *p, char *err, size_t errlen)
     }
     uv_timer_init(p->loop, &p->kick);
     p->kick.data = p;
-    p->open_handles = 1;
+    uv_timer_init(p->loop, &p->grace);
+    p->grace.data = p;
+    p->open_handles = 2;
     for (i = 0; i < p->nups; i++) {
         struct pool_up *pu = &p->ups[i];
         uv_timer_init(p->loop, &pu->wake);
@@ -628,12 +773,8 @@ int pool_deliver(struct pool *p, const struct cfg_route *route, const struct smt
         return UV_ECANCELED;
     if (route == NULL || route->upstream == NULL || pool_up_of(p, route->upstream) == NULL)
         return UV_EINVAL;
-    req = xcalloc(1, sizeof(*req));
-    req->p = p;
-    req->route = route;
-    req->msg = msg;
-    req->done = done;
-    req->arg = arg;
+    req = req_new(p, route, msg, done, arg);
+    req_build_sub(req);
     /* The first healthy candidate that can send now; else the first healthy one (wait). */
     for (cand = 0; cand_up(route, cand) != NULL; cand++) {
         pu = pool_up_of(p, cand_up(route, cand));
@@ -661,18 +802,26 @@ int pool_deliver(struct pool *p, const struct cfg_route *route, const struct smt
     return 0;
 }
 
-int pool_would_accept(struct pool *p, const struct cfg_route *route)
+int pool_would_accept(struct pool *p, const struct cfg_route *route, uint64_t *wait_ms)
 {
-    uint64_t now = pool_now(p);
+    uint64_t now = pool_now(p), wait, soonest = 0;
     int cand;
 
+    if (wait_ms != NULL)
+        *wait_ms = 0;
     if (p->stopping || route == NULL)
         return 0;
     for (cand = 0; cand_up(route, cand) != NULL; cand++) {
         struct pool_up *pu = pool_up_of(p, cand_up(route, cand));
-        if (pool_up_ok(pu) && !upstream_rate_wait(pu->u, 1, now, NULL))
+        if (!pool_up_ok(pu))
+            continue;
+        if (!upstream_rate_wait(pu->u, 1, now, &wait))
             return 1;
+        if (soonest == 0 || wait < soonest)
+            soonest = wait;
     }
+    if (wait_ms != NULL)
+        *wait_ms = soonest;
     return 0;
 }
 
@@ -692,10 +841,42 @@ static void up_timer_closed(uv_handle_t *h)
     pool_maybe_stopped(pu->p);
 }
 
+/* Ends every session; with offered_wait, a session whose transaction sent its final dot
+ * keeps waiting for the reply (the upstream may have the message: aborting now would send
+ * it again after a restart). */
+static void pool_close_sessions(struct pool *p, int offered_wait)
+{
+    struct pool_conn *conn, *next;
+    int i, waiting = 0;
+
+    for (i = 0; i < p->nups; i++) {
+        for (conn = p->ups[i].conns; conn != NULL; conn = next) {
+            next = conn->next;
+            if (conn->req != NULL && offered_wait && smtpc_session_offered(conn->c)) {
+                waiting++;
+                continue;
+            }
+            if (conn->req != NULL || !conn->ready)
+                smtpc_session_abort(conn->c); /* tx_done runs now */
+            else
+                smtpc_session_quit(conn->c);
+        }
+    }
+    if (waiting > 0)
+        log_info("stopping: %d deliver%s waiting up to %ds for the reply to the end of data",
+                 waiting, waiting == 1 ? "y is" : "ies are", p->cfg->stop_grace);
+}
+
+static void grace_fire(uv_timer_t *t)
+{
+    struct pool *p = t->data;
+
+    pool_close_sessions(p, 0);
+}
+
 void pool_stop(struct pool *p, void (*done)(void *arg), void *arg)
 {
     struct pool_req *req;
-    struct pool_conn *conn, *next;
     int i;
 
     p->stopping = 1;
@@ -703,20 +884,18 @@ void pool_stop(struct pool *p, void (*done)(void *arg), void *arg)
     p->stop_arg = arg;
     while ((req = p->finished) != NULL) {
         p->finished = req->next;
-        req_fail_now(req, 0, NULL, cand_up(req->route, req->cand),
-                     "delivery aborted (shutting down)");
+        req_fail_now(req, 0, NULL, cand_up(req->route, req->cand), SMTPC_ABORTED);
     }
     for (i = 0; i < p->nups; i++) {
         struct pool_up *pu = &p->ups[i];
         while ((req = queue_pop(pu)) != NULL)
-            req_fail_now(req, 0, NULL, pu->cfg, "delivery aborted (shutting down)");
-        for (conn = pu->conns; conn != NULL; conn = next) {
-            next = conn->next;
-            if (conn->req != NULL || !conn->ready)
-                smtpc_session_abort(conn->c); /* tx_done runs now */
-            else
-                smtpc_session_quit(conn->c);
-        }
+            req_fail_now(req, 0, NULL, pu->cfg, SMTPC_ABORTED);
+    }
+    pool_close_sessions(p, p->cfg->stop_grace > 0);
+    if (p->started && p->cfg->stop_grace > 0)
+        uv_timer_start(&p->grace, grace_fire, (uint64_t)p->cfg->stop_grace * 1000, 0);
+    for (i = 0; i < p->nups; i++) {
+        struct pool_up *pu = &p->ups[i];
         if (pu->probe != NULL)
             smtpc_abort(pu->probe); /* probe_done runs now */
         if (p->started) {
@@ -727,6 +906,13 @@ void pool_stop(struct pool *p, void (*done)(void *arg), void *arg)
     if (p->started)
         uv_close((uv_handle_t *)&p->kick, kick_closed);
     pool_maybe_stopped(p);
+}
+
+/* The last session is gone: the grace timer has nothing left to wait for. */
+static void pool_grace_close(struct pool *p)
+{
+    if (p->started && !uv_is_closing((uv_handle_t *)&p->grace))
+        uv_close((uv_handle_t *)&p->grace, kick_closed);
 }
 
 void pool_free(struct pool *p)

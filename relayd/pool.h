@@ -12,16 +12,22 @@
  *
  * Failover: a route's upstream, then its failover list in order.  The next one is tried
  * when a session cannot be set up (resolve, connect, greeting, EHLO, TLS, AUTH: including
- * 4xx at connect or AUTH), when the upstream reports a configuration fault, or when it is
- * unhealthy to begin with.  Nothing is retried elsewhere once a message was offered (MAIL
- * sent on a working session), except after a configuration fault.
+ * 4xx at connect or AUTH), or when the upstream is unhealthy to begin with: then with every
+ * recipient.  After a transaction, only the recipients with a CONFIG verdict (a relay
+ * configuration fault: "553 not owned by user", an AUTH refusal) go on to the next
+ * upstream; a recipient an upstream accepted, refused for good or deferred is never
+ * offered again in the same delivery (no duplicate, no second opinion on a 550).
  *
- * Health: a configuration fault (res->config_fault: TLS verification or pin, AUTH refused,
- * "send as denied", ...) marks the upstream unhealthy with the reason and the provider
- * table's action (logged by upstream.c); its queued mail moves to a failover upstream or
- * finishes with SMTPC_DEFER + config_fault; every [relayd] upstream_probe_interval an
- * smtpc_probe() runs, and its success makes the upstream healthy again.  A throttling
- * reply (res->throttled) pauses the whole upstream (upstream_throttle()).
+ * Health follows causes (relayd/verdict.h): a session-level CONFIG verdict
+ * (res->config_fault: TLS verification or pin, AUTH refused, connection-level policy)
+ * marks the upstream unhealthy with the reason and the action (logged by upstream.c); its
+ * queued mail moves to a failover upstream or finishes as CONFIG; every [relayd]
+ * upstream_probe_interval an smtpc_probe() runs, and its success makes the upstream
+ * healthy again.  A session-level SLOWDOWN (res->throttled) pauses the whole upstream; a
+ * temporary session failure (res->session_transient: a 421, a refused connection) counts
+ * toward a failed cohort of max_connections sessions, which pauses it too
+ * (upstream_session_failed()); a session that works ends a pause.  A recipient's own
+ * reply never changes the upstream's health.
  *
  * Errors: negative UV_E* returns; OOM dies.  Ownership: pool_new() allocates; pool_free()
  * releases, after pool_stop() has called its done.  State is in memory only.
@@ -51,20 +57,21 @@ int pool_start(struct pool *p, char *err, size_t errlen);
  *     this call) or synchronously from pool_stop(); or returns a negative UV_E* (UV_ECANCELED
  *     while stopping) and never calls done;
  *   - msg and everything it points to must stay valid until done has run;
- *   - res and its arrays are valid only during the call; res->rcpt_status/rcpt_reply have
- *     msg->nrcpts entries; res->up names the upstream that produced the result (it differs
- *     from route->upstream after a failover);
- *   - res->config_fault = 1: the relay's configuration is at fault (TLS verification, AUTH,
- *     "send as denied", the upstream unhealthy); do not count the attempt; res->action says
- *     what the administrator must do (also for other known provider replies), "" if nothing;
- *   - res->throttled = 1: the upstream asked us to slow down; it is paused.
+ *   - res and its arrays are valid only during the call; res->rcpt has msg->nrcpts
+ *     entries, each with its own status, cause (relayd/verdict.h), reply, action and the
+ *     upstream that gave it (after a failover they differ from recipient to recipient);
+ *   - a recipient whose cause is CONFIG waits for the administrator (do not count the
+ *     attempt, do not bounce); when its upstream is unhealthy (pool_would_accept() says no)
+ *     it is due again when a probe succeeds (pool_set_on_healthy()).
  */
 int pool_deliver(struct pool *p, const struct cfg_route *route, const struct smtpc_msg *msg,
                  smtpc_done_fn done, void *arg);
 
-/* 0 when every upstream of route is unhealthy, throttled or at its rate limit (leave the
- * mail in the spool), or the pool is stopping; else 1. */
-int pool_would_accept(struct pool *p, const struct cfg_route *route);
+/* 1 when a message on route could go now.  0 when every upstream of route is unhealthy,
+ * paused or at its rate limit (leave the mail in the spool), or the pool is stopping; then
+ * *wait_ms (if not NULL) is how long until the first of them opens, or 0 when all are
+ * unhealthy (only a probe can tell: pool_set_on_healthy()). */
+int pool_would_accept(struct pool *p, const struct cfg_route *route, uint64_t *wait_ms);
 
 /*
  * Stops: every message queued or in transit gets done(SMTPC_DEFER, "delivery aborted

@@ -1,28 +1,39 @@
 /*
  * sched - the delivery scheduler; see sched.h.
  *
- * Happy path: tick or kick -> spool_due() -> for each id not already in delivery, load the
- * envelope and body and start a delivery round.  A round sends the pending recipients
- * group by group, one group per upstream (the route of each recipient decides), one group
- * after the other; after each group but the last its per-recipient results are written
- * (so a crash between groups never sends a recipient twice), after the last the round's
- * outcome is written with spool_update_async() (the writer thread makes it durable).  One
- * log line per recipient, Postfix style: "ID: to=<a@b> relay=provider[host]:587 tls=...
- * status=sent (250 2.0.0 Ok: queued as 3B1F0)".
+ * Happy path: tick or kick -> spool_due() -> for each id not already busy, load the
+ * envelope (not the body), re-check that it is still due, route its pending recipients.
+ * When a route can take mail now the body is loaded and a round starts: the pending
+ * recipients go group by group, one group per route (pool.c picks the upstream and fails
+ * over), each recipient ends the round with its own verdict (struct sched_rcpt: cause,
+ * reply, upstream), and after each group but the last the group's results are written (a
+ * crash between groups never sends a recipient twice).  At the end of the round:
+ *   sched_round_decide()   the message's new state (pure, table-tested),
+ *   sched_notify_failed()  a non-delivery notification for recipients that failed,
+ *   sched_notify_delayed() the one delay warning,
+ *   sched_write()          one spool update holding all of it (the notifications are new
+ *                          messages in the same transaction: one exists iff the other does).
+ * One log line per recipient outcome, Postfix style: "ID: to=<a@b> relay=provider[host]:587
+ * delay=3 tls=... status=sent (250 2.0.0 Ok: queued as 3B1F0)".
  *
- * Failure modes: 4xx, network and TLS failures defer with exponential backoff; 5xx fails
- * the recipients concerned, and a notification (bounce.c) for just those goes to the sender
- * or bounce_to as a new message with the null sender; a message older than max_lifetime
- * fails as expired, likewise.  Faults of the relay's own configuration (the result's
- * config_fault: TLS verification, AUTH refused, "send as denied") and slow-down replies
- * only wait: no attempt counted, no expiry, no bounce.  The pool (relayd/pool.c) marks
- * such an upstream unhealthy, tells the administrator, and probes it; meanwhile
- * pool_would_accept() says no and the mail stays in the spool without connecting.  A
- * message whose recipients have no route any more is held.
+ * Waiting costs nothing.  While every route is blocked (its upstreams unhealthy, paused or
+ * at their rate limit) the schedule is not even scanned: due mail simply stays due.  A
+ * message found due for blocked routes only is parked: its next_attempt moves (in one
+ * transaction for the whole scan) to when the route opens, or SCHED_PARK_SECONDS ahead
+ * when only a probe can tell; it is remembered per route in memory and woken by
+ * sched_on_upstream_healthy().  Its body is never loaded for that.
  *
- * A delivery (struct sched_delivery) lives from its start until the round is over and
- * every spool write it made is durable; until then spool_due() may still show the message
- * but it is "in delivery" and not picked again.
+ * Exactly once: a message is busy (in sc->active) from its pick until every spool write of
+ * its round is durable; a busy message is never picked again.  A write that fails (disk
+ * full, I/O error) is retried with backoff while the message stays busy, and no new round
+ * starts meanwhile (the log says why).  Writes are conditional (spool_update.if_scheduled):
+ * a hold made with relayctl during the round stays; a delete makes the write a no-op, and
+ * the notifications with it.  On stop, rounds waiting for the reply to their final dot get
+ * [relayd] stop_grace to read it (pool.c) and their results are written.
+ *
+ * Failure modes of the spool: an envelope that does not decode is set aside
+ * (spool_quarantine_async: held, the original bytes kept) so it never blocks the head of
+ * the schedule; a body that cannot be read holds the message with the reason.
  */
 #include "relayd/sched.h"
 
@@ -44,51 +55,82 @@
 #define SCHED_TICK_MS 1000
 #define SCHED_PURGE_EVERY 60 /* seconds between looks for FAILED mail past failed_retention */
 #define SCHED_PURGE_MAX 256  /* at most this many deletions per look */
+#define SCHED_SCAN_MAX 256   /* due ids looked at per scan */
 #define SCHED_WARNED "delay warning sent" /* attempt-log mark: the delay DSN went out */
+#define SCHED_WRITE_RETRY_MAX 60          /* seconds: cap of the write retry backoff */
+
+/* One recipient of the message in delivery, for this round. */
+struct sched_rcpt {
+    int in_round;                  /* it got a verdict in this round */
+    enum verdict_cause cause;      /* that verdict */
+    enum spool_rcpt_status status; /* its status after the round */
+    char *reply;                   /* the reply or reason, owned */
+    char *action;                  /* what the administrator must do, owned, or NULL */
+    const struct cfg_upstream *up; /* the upstream that gave the verdict */
+    int64_t when;                  /* when */
+    int64_t wait_until;            /* CONFIG/SLOWDOWN: when to look again */
+    const struct cfg_route *park;  /* it waits for an unhealthy upstream of this route */
+    int expired;                   /* failed now because max_lifetime passed */
+    char *expired_reply;           /* its reply then, owned */
+    char dsn_status[16];           /* RFC 3463 code for an expired recipient */
+};
+
+enum sched_write_kind {
+    SCHED_W_GROUP,      /* one group's results, before the next group */
+    SCHED_W_FINAL,      /* the round's outcome, with its notifications */
+    SCHED_W_HOLD,       /* no route: held */
+    SCHED_W_QUARANTINE, /* the envelope does not decode: set aside */
+};
+
+struct sched_dsn {
+    enum bounce_kind kind;
+    struct spool_msg msg;
+    struct spool_rcpt rcpt;
+    char *body;
+    size_t len;
+};
 
 struct sched_delivery {
     struct sched *sc;
-    struct spool_msg *msg;
+    uint64_t id;
+    struct spool_msg *msg; /* NULL for a quarantine */
     char *body;
     size_t len;
-    /* Per recipient of msg (indexed like msg->rcpts), for this round: */
-    unsigned char *tried;           /* handled in this round */
-    unsigned char *fault;           /* deferred by a config fault (not the message's) */
-    enum spool_rcpt_status *st;     /* its status after this round */
-    char **reply;                   /* reply or reason, owned */
-    const struct cfg_upstream **at; /* upstream it was tried at */
-    int64_t *when;                  /* when */
+    struct sched_rcpt *rc; /* msg->nrcpts entries */
     /* The group in delivery now: the pending recipients of one route. */
     const struct cfg_route *route;
-    const struct cfg_upstream *up; /* the upstream that delivers it */
     const char **rcpts;
     size_t *rcpt_index;
     size_t nrcpts;
-    unsigned *dsn_notify;   /* per group slot: the recipient's RFC 3461 NOTIFY bits */
-    const char **dsn_orcpt; /* per group slot: its ORCPT, or NULL */
-    struct smtpc_msg m; /* what smtpc delivers; must live until its done callback */
+    unsigned *dsn_notify;
+    const char **dsn_orcpt;
+    struct smtpc_msg m; /* what the pool delivers; must live until its done callback */
     /* The group's rewriting (relayd/rewrite.h), owned; NULL when nothing was rewritten: */
-    char *rw_sender;    /* envelope sender per the route */
-    char *rw_body;      /* message with From:/Reply-To: rewritten */
+    char *rw_sender;
+    char *rw_body;
     size_t rw_len;
-    char **rw_rcpts;    /* per group slot: recipient per recipient_map */
+    char **rw_rcpts;
     char result[768]; /* attempt-log line of the last group delivered, "" when none */
     const char *result_up;
     char last_error[512];
-    int counted;  /* a real attempt (not just config faults) was made in this round */
-    int writes;   /* spool writes not yet durable */
-    int finished; /* the round's outcome has been submitted */
-    enum spool_state final_state;
-    int64_t final_next;
-    struct sched_delivery *next;
+    /* The round's outcome (sched_round_decide) and its notifications. */
+    struct sched_outcome out;
+    struct sched_dsn dsn[2];
+    int ndsn;
+    char *reason; /* SCHED_W_HOLD / SCHED_W_QUARANTINE: why */
+    /* The spool write in flight, or waiting to be retried after a failure. */
+    enum sched_write_kind wkind;
+    int wtries;
+    int64_t wretry_at;
+    struct sched_delivery *next;       /* sc->active */
+    struct sched_delivery *retry_next; /* sc->retry */
 };
 
-/* A message deferred because its upstream was unhealthy (memory only: after a restart the
- * message's next_attempt is the fallback). */
-struct sched_waiter {
-    uint64_t id;
-    const struct cfg_upstream *up;
-    struct sched_waiter *next;
+/* Messages waiting for an unhealthy upstream of one route (memory only: after a restart
+ * their next_attempt, at most SCHED_PARK_SECONDS away, is the fallback). */
+struct sched_park {
+    uint64_t *ids;
+    size_t n, cap;
 };
 
 struct sched {
@@ -96,15 +138,18 @@ struct sched {
     const struct cfg *cfg;
     struct spool *sp;
     uv_timer_t timer;
-    struct pool *pool;         /* sessions to the upstreams (relayd/pool.h) */
-    int pool_open;             /* pool_stop() has not finished yet */
+    struct pool *pool; /* sessions to the upstreams (relayd/pool.h) */
+    int pool_open;     /* pool_stop() has not finished yet */
     struct sched_delivery *active;
     int nactive;
-    struct sched_waiter *waiters;
+    struct sched_delivery *retry; /* writes that failed, to do again */
+    int write_faults;             /* deliveries whose write failed and waits */
+    struct sched_park *parks;     /* per route (cfg->routes[i]) */
+    int parking;                  /* a reschedule of parked mail is being written */
     int stopping;
     int timer_open;
-    int64_t last_purge; /* when the last purge started */
-    int purging;        /* a purge runs on the thread pool */
+    int64_t last_purge;
+    int purging;
     uv_work_t purge_req;
     uint64_t purge_ids[SCHED_PURGE_MAX];
     size_t npurged;
@@ -115,61 +160,10 @@ struct sched {
 };
 
 static void sched_round_next(struct sched_delivery *d);
-static int sched_in_delivery(const struct sched *sc, uint64_t id);
+static void sched_write(struct sched_delivery *d);
+static void sched_rewrite_group(struct sched_delivery *d, const struct cfg_route *route);
 
-static void sched_waiter_add(struct sched *sc, uint64_t id, const struct cfg_upstream *up)
-{
-    struct sched_waiter *w;
-
-    for (w = sc->waiters; w != NULL; w = w->next)
-        if (w->id == id) {
-            w->up = up;
-            return;
-        }
-    w = xcalloc(1, sizeof(*w));
-    w->id = id;
-    w->up = up;
-    w->next = sc->waiters;
-    sc->waiters = w;
-}
-
-static void sched_wake_done(void *arg, int rc)
-{
-    (void)arg;
-    (void)rc; /* SPOOL_ENOTFOUND: delivered or deleted meanwhile; nothing to wake */
-}
-
-/* The pool found up working again: the mail that waited for it is due now, instead of at
- * its next_attempt (up to a probe interval away). */
-static void sched_on_upstream_healthy(void *arg, const struct cfg_upstream *up)
-{
-    struct sched *sc = arg;
-    struct sched_waiter **pp = &sc->waiters, *w;
-    int64_t now = (int64_t)time(NULL);
-    int n = 0;
-
-    while ((w = *pp) != NULL) {
-        if (w->up != up) {
-            pp = &w->next;
-            continue;
-        }
-        *pp = w->next;
-        if (!sched_in_delivery(sc, w->id)) {
-            struct spool_update u;
-
-            memset(&u, 0, sizeof(u));
-            u.id = w->id;
-            u.wake_only = 1; /* a message held or failed meanwhile stays so */
-            u.next_attempt = now;
-            spool_update_async(sc->sp, &u, sched_wake_done, NULL);
-            n++;
-        }
-        free(w);
-    }
-    if (n > 0)
-        log_info("upstream %s: %d waiting message%s due now", up->name, n, n == 1 ? " is" : "s are");
-    sched_kick(sc);
-}
+/* ---- Pure policy ---- */
 
 int64_t sched_backoff_factor(int attempts, int first, int factor, int max, unsigned rnd)
 {
@@ -190,12 +184,99 @@ int64_t sched_backoff(int attempts, int first, int max, unsigned rnd)
     return sched_backoff_factor(attempts, first, 2, max, rnd);
 }
 
-static int sched_in_delivery(const struct sched *sc, uint64_t id)
+void sched_round_decide(const struct sched_round_in *in, struct sched_round_rcpt *r, size_t n,
+                        struct sched_outcome *out)
+{
+    const struct cfg *cfg = in->cfg;
+    int expired = in->now - in->arrived >= cfg->max_lifetime;
+    size_t i, pending_normal = 0, pending_wait = 0, pending_later = 0, pending_noroute = 0;
+    size_t failed = 0, failed_now = 0;
+    int64_t next = INT64_MAX;
+
+    memset(out, 0, sizeof(*out));
+    for (i = 0; i < n; i++) {
+        struct sched_round_rcpt *x = &r[i];
+
+        x->after = x->before;
+        x->expired = 0;
+        if (!x->in_round) {
+            if (x->before == SPOOL_RCPT_FAILED)
+                failed++;
+            else if (x->before == SPOOL_RCPT_PENDING && x->routed)
+                pending_later++; /* not reached: a stop came first */
+            else if (x->before == SPOOL_RCPT_PENDING)
+                pending_noroute++;
+            continue;
+        }
+        switch (x->cause) {
+        case VERDICT_SENT:
+            x->after = SPOOL_RCPT_SENT;
+            continue;
+        case VERDICT_PERMANENT:
+            x->after = SPOOL_RCPT_FAILED;
+            break;
+        case VERDICT_TRANSIENT:
+        case VERDICT_SLOWDOWN:
+            /* Waiting on a rate or a pause still ages: a destination that never comes back
+             * must not keep mail forever.  Only the relay's own fault stops the clock. */
+            x->after = SPOOL_RCPT_PENDING;
+            if (expired) {
+                x->after = SPOOL_RCPT_FAILED;
+                x->expired = 1;
+            }
+            break;
+        case VERDICT_CONFIG:
+            x->after = SPOOL_RCPT_PENDING;
+            break;
+        }
+        if (x->after == SPOOL_RCPT_FAILED) {
+            failed++;
+            failed_now++;
+        } else if (x->cause == VERDICT_TRANSIENT) {
+            pending_normal++;
+        } else {
+            pending_wait++;
+            if (x->wait_until > 0 && x->wait_until < next)
+                next = x->wait_until;
+        }
+        /* An attempt counts when an upstream judged the message (not the relay, not a
+         * slow-down). */
+        if (x->cause == VERDICT_PERMANENT || x->cause == VERDICT_TRANSIENT)
+            out->count_attempt = 1;
+    }
+    if (pending_normal + pending_wait + pending_later + pending_noroute == 0) {
+        out->state = failed > 0 ? SPOOL_FAILED : SPOOL_QUEUED; /* QUEUED: removed */
+        out->delivered = failed == 0;
+        out->expired = expired && failed_now > 0;
+        return;
+    }
+    if (pending_normal + pending_wait + pending_later == 0) {
+        out->state = SPOOL_HELD;
+        out->noroute = 1;
+        return;
+    }
+    if (pending_normal > 0) {
+        int64_t t = in->now + sched_backoff_factor(in->attempts + out->count_attempt,
+                                                   cfg->retry_first, cfg->retry_factor,
+                                                   cfg->retry_max, in->rnd);
+        next = t < next ? t : next;
+    }
+    if (pending_wait > 0 && next == INT64_MAX)
+        next = in->now + cfg->retry_first;
+    if (pending_later > 0)
+        next = in->now;
+    out->state = SPOOL_DEFERRED;
+    out->next_attempt = next;
+}
+
+/* ---- Deliveries ---- */
+
+static int sched_busy(const struct sched *sc, uint64_t id)
 {
     const struct sched_delivery *d;
 
     for (d = sc->active; d != NULL; d = d->next)
-        if (d->msg->id == id)
+        if (d->id == id)
             return 1;
     return 0;
 }
@@ -207,13 +288,931 @@ static const struct cfg_route *sched_route(const struct cfg *cfg, const struct s
     return cfg_route_match(cfg, msg->sender, msg->rcpts[i].addr, msg->client, msg->listener);
 }
 
+static size_t sched_route_index(const struct sched *sc, const struct cfg_route *r)
+{
+    return (size_t)(r - sc->cfg->routes);
+}
+
+static struct sched_delivery *sched_delivery_new(struct sched *sc, uint64_t id,
+                                                 struct spool_msg *msg)
+{
+    struct sched_delivery *d = xcalloc(1, sizeof(*d));
+    size_t n = msg != NULL && msg->nrcpts ? msg->nrcpts : 1;
+
+    d->sc = sc;
+    d->id = id;
+    d->msg = msg;
+    d->rc = xcalloc(n, sizeof(*d->rc));
+    d->rcpts = xcalloc(n, sizeof(*d->rcpts));
+    d->rcpt_index = xcalloc(n, sizeof(*d->rcpt_index));
+    d->rw_rcpts = xcalloc(n, sizeof(*d->rw_rcpts));
+    d->dsn_notify = xcalloc(n, sizeof(*d->dsn_notify));
+    d->dsn_orcpt = xcalloc(n, sizeof(*d->dsn_orcpt));
+    d->next = sc->active;
+    sc->active = d;
+    sc->nactive++;
+    return d;
+}
+
+static void sched_maybe_stopped(struct sched *sc)
+{
+    if (sc->stopping && sc->nactive == 0 && !sc->timer_open && !sc->purging && !sc->pool_open &&
+        sc->stop_done != NULL) {
+        void (*done)(void *) = sc->stop_done;
+        sc->stop_done = NULL;
+        done(sc->stop_arg);
+    }
+}
+
+static void sched_delivery_free(struct sched_delivery *d)
+{
+    struct sched *sc = d->sc;
+    struct sched_delivery **pp;
+    size_t i, n = d->msg != NULL ? d->msg->nrcpts : 0;
+
+    for (pp = &sc->active; *pp != NULL; pp = &(*pp)->next) {
+        if (*pp == d) {
+            *pp = d->next;
+            break;
+        }
+    }
+    sc->nactive--;
+    for (i = 0; i < n; i++) {
+        free(d->rc[i].reply);
+        free(d->rc[i].action);
+        free(d->rc[i].expired_reply);
+        free(d->rw_rcpts[i]);
+    }
+    for (i = 0; i < (size_t)d->ndsn; i++)
+        free(d->dsn[i].body);
+    free(d->rc);
+    free(d->rw_rcpts);
+    free(d->rw_sender);
+    free(d->rw_body);
+    free(d->reason);
+    spool_msg_free(d->msg);
+    free(d->body);
+    free(d->rcpts);
+    free(d->rcpt_index);
+    free(d->dsn_notify);
+    free(d->dsn_orcpt);
+    free(d);
+}
+
+/* d is done with: free it and look for more work (or finish stopping). */
+static void sched_delivery_end(struct sched_delivery *d)
+{
+    struct sched *sc = d->sc;
+
+    sched_delivery_free(d);
+    if (sc->stopping)
+        sched_maybe_stopped(sc);
+    else
+        sched_kick(sc);
+}
+
+static void sched_rcpt_set(struct sched_rcpt *r, enum verdict_cause cause, const char *reply,
+                           const char *action, const struct cfg_upstream *up, int64_t now)
+{
+    r->in_round = 1;
+    r->cause = cause;
+    free(r->reply);
+    free(r->action);
+    r->reply = xstrdup(reply != NULL ? reply : "");
+    r->action = action != NULL && action[0] != '\0' ? xstrdup(action) : NULL;
+    r->up = up;
+    r->when = now;
+}
+
+/* ---- Parking: mail that waits for a blocked route costs nothing ---- */
+
+static void sched_park_add(struct sched *sc, const struct cfg_route *route, uint64_t id)
+{
+    struct sched_park *pk = &sc->parks[sched_route_index(sc, route)];
+
+    if (pk->n == pk->cap) {
+        pk->cap = pk->cap ? pk->cap * 2 : 64;
+        pk->ids = xrealloc(pk->ids, pk->cap * sizeof(*pk->ids));
+    }
+    pk->ids[pk->n++] = id;
+}
+
+static void sched_parked_written(void *arg, int rc)
+{
+    struct sched *sc = arg;
+
+    sc->parking = 0;
+    if (rc != 0)
+        log_error("spool: cannot reschedule waiting mail: %s", spool_strerror(rc));
+    if (sc->stopping)
+        sched_maybe_stopped(sc);
+    else
+        sched_kick(sc);
+}
+
+static void sched_wake_done(void *arg, int rc)
+{
+    struct sched *sc = arg;
+
+    if (rc != 0)
+        log_error("spool: cannot wake mail that waited for an upstream: %s", spool_strerror(rc));
+    sched_kick(sc);
+}
+
+static int route_uses(const struct cfg_route *r, const struct cfg_upstream *up)
+{
+    if (r->upstream == up)
+        return 1;
+    for (int i = 0; i < r->nfailover; i++)
+        if (r->failover[i] == up)
+            return 1;
+    return 0;
+}
+
+/* The pool found up working again: the mail parked on routes through it is due now, in
+ * one transaction (instead of at its next_attempt, up to SCHED_PARK_SECONDS away). */
+static void sched_on_upstream_healthy(void *arg, const struct cfg_upstream *up)
+{
+    struct sched *sc = arg;
+    int64_t now = (int64_t)time(NULL);
+    uint64_t *ids = NULL;
+    int64_t *whens;
+    size_t n = 0, cap = 0;
+
+    for (int r = 0; r < sc->cfg->nroutes; r++) {
+        struct sched_park *pk = &sc->parks[r];
+
+        if (!route_uses(&sc->cfg->routes[r], up) || pk->n == 0)
+            continue;
+        if (n + pk->n > cap) {
+            cap = n + pk->n;
+            ids = xrealloc(ids, cap * sizeof(*ids));
+        }
+        memcpy(ids + n, pk->ids, pk->n * sizeof(*ids));
+        n += pk->n;
+        pk->n = 0;
+    }
+    if (n > 0) {
+        whens = xcalloc(n, sizeof(*whens));
+        for (size_t i = 0; i < n; i++)
+            whens[i] = now;
+        spool_reschedule_async(sc->sp, ids, whens, n, sched_wake_done, sc);
+        log_info("upstream %s: %zu waiting message%s due now", up->name, n,
+                 n == 1 ? " is" : "s are");
+        free(whens);
+    }
+    free(ids);
+    sched_kick(sc);
+}
+
+/* Whether route can take mail now; else *until is when to look again and *park says
+ * that only a probe can tell (every upstream of the route is unhealthy). */
+static int sched_route_open(struct sched *sc, const struct cfg_route *route, int64_t now,
+                            int64_t *until, int *park)
+{
+    uint64_t wait_ms;
+
+    if (pool_would_accept(sc->pool, route, &wait_ms))
+        return 1;
+    *park = wait_ms == 0;
+    *until = *park ? now + SCHED_PARK_SECONDS : now + (int64_t)((wait_ms + 999) / 1000) + rand() % 3;
+    return 0;
+}
+
+/* Every route is blocked: nothing to scan for.  (No route at all: mail is held, so scan.) */
+static int sched_all_blocked(struct sched *sc)
+{
+    int64_t until;
+    int park;
+
+    if (sc->cfg->nroutes == 0)
+        return 0;
+    for (int r = 0; r < sc->cfg->nroutes; r++)
+        if (sched_route_open(sc, &sc->cfg->routes[r], 0, &until, &park))
+            return 0;
+    return 1;
+}
+
+/* ---- Writes ---- */
+
+static void sched_write_done(void *arg, int rc);
+
+/* The group in d is recorded; go on with the next one. */
+static void sched_group_written(struct sched_delivery *d)
+{
+    sched_round_next(d);
+}
+
+static void sched_final_written(struct sched_delivery *d)
+{
+    struct sched *sc = d->sc;
+    char qid[17], nid[17];
+
+    spool_id_str(d->id, qid);
+    for (int i = 0; i < d->ndsn; i++)
+        log_info("%s: sender %s notification: %s", qid,
+                 d->dsn[i].kind == BOUNCE_FAILED ? "non-delivery" : "delay",
+                 spool_id_str(d->dsn[i].msg.id, nid));
+    if (d->out.delivered)
+        log_info("%s: removed", qid);
+    for (size_t i = 0; i < d->msg->nrcpts; i++)
+        if (d->rc[i].park != NULL && d->rc[i].status == SPOOL_RCPT_PENDING) {
+            sched_park_add(sc, d->rc[i].park, d->id);
+            break;
+        }
+    sched_delivery_end(d);
+}
+
+static void sched_write_done(void *arg, int rc)
+{
+    struct sched_delivery *d = arg;
+    struct sched *sc = d->sc;
+    char qid[17];
+    int delay;
+
+    spool_id_str(d->id, qid);
+    if (rc != 0 && rc != SPOOL_ENOTFOUND && !sc->stopping) {
+        /* Keep the message busy: picking it again before its result is durable would
+         * deliver it twice.  No new round starts while results cannot be written. */
+        if (d->wtries++ == 0)
+            sc->write_faults++;
+        delay = d->wtries < 6 ? 1 << (d->wtries - 1) : SCHED_WRITE_RETRY_MAX;
+        d->wretry_at = (int64_t)time(NULL) + delay;
+        log_error("%s: could not record the delivery result: %s; trying again in %ds, no new "
+                  "delivery starts until the spool can be written",
+                  qid, spool_strerror(rc), delay);
+        d->retry_next = sc->retry;
+        sc->retry = d;
+        return;
+    }
+    if (d->wtries > 0) {
+        sc->write_faults--;
+        if (rc == 0)
+            log_info("%s: delivery result recorded after %d failed tr%s; delivery resumes", qid,
+                     d->wtries, d->wtries == 1 ? "y" : "ies");
+    }
+    if (rc == SPOOL_ENOTFOUND) {
+        /* Deleted (relayctl) while in delivery: the delete wins; nothing is bounced. */
+        log_info("%s: deleted during delivery; its results are not recorded", qid);
+        sched_delivery_end(d);
+        return;
+    }
+    if (rc != 0) {
+        log_error("%s: could not record the delivery result: %s; relayd is stopping, so the "
+                  "message may be delivered again after the restart",
+                  qid, spool_strerror(rc));
+        sched_delivery_end(d);
+        return;
+    }
+    switch (d->wkind) {
+    case SCHED_W_GROUP:
+        sched_group_written(d);
+        break;
+    case SCHED_W_FINAL:
+        sched_final_written(d);
+        break;
+    case SCHED_W_HOLD:
+    case SCHED_W_QUARANTINE:
+        sched_delivery_end(d);
+        break;
+    }
+}
+
+/* Builds the update for d's current write (again after a failure) and submits it. */
+static void sched_write(struct sched_delivery *d)
+{
+    struct sched *sc = d->sc;
+    const struct spool_msg *msg = d->msg;
+    struct spool_update u;
+    struct spool_newmsg puts[2];
+    size_t n = 0, i, cap = msg != NULL && msg->nrcpts ? msg->nrcpts : 1;
+    size_t *idx = xcalloc(cap, sizeof(*idx));
+    enum spool_rcpt_status *st = xcalloc(cap, sizeof(*st));
+    const char **replies = xcalloc(cap, sizeof(*replies));
+
+    memset(&u, 0, sizeof(u));
+    u.id = d->id;
+    u.if_scheduled = 1;
+    switch (d->wkind) {
+    case SCHED_W_QUARANTINE:
+        spool_quarantine_async(sc->sp, d->id, d->reason, sched_write_done, d);
+        goto out;
+    case SCHED_W_HOLD:
+        u.state = SPOOL_HELD;
+        u.last_error = d->reason;
+        break;
+    case SCHED_W_GROUP:
+        /* This group's recipients only; due now if we crash before the next group. */
+        for (i = 0; i < d->nrcpts; i++) {
+            size_t k = d->rcpt_index[i];
+            if (!d->rc[k].in_round)
+                continue;
+            idx[n] = k;
+            st[n] = d->rc[k].status;
+            replies[n++] = d->rc[k].reply;
+        }
+        u.state = SPOOL_QUEUED;
+        u.next_attempt = (int64_t)time(NULL);
+        u.upstream = d->result_up;
+        u.result = d->result[0] != '\0' ? d->result : NULL;
+        break;
+    case SCHED_W_FINAL:
+        for (i = 0; i < msg->nrcpts; i++) {
+            if (!d->rc[i].in_round)
+                continue;
+            idx[n] = i;
+            st[n] = d->rc[i].status;
+            replies[n++] = d->rc[i].expired ? d->rc[i].expired_reply : d->rc[i].reply;
+        }
+        u.state = d->out.state;
+        u.next_attempt = d->out.next_attempt;
+        u.count_attempt = d->out.count_attempt;
+        u.upstream = d->result_up;
+        u.result = d->result[0] != '\0' ? d->result : NULL;
+        u.last_error = d->last_error[0] != '\0' ? d->last_error : NULL;
+        for (i = 0; i < (size_t)d->ndsn; i++) {
+            puts[i].msg = &d->dsn[i].msg;
+            puts[i].body = d->dsn[i].body;
+            puts[i].len = d->dsn[i].len;
+        }
+        u.puts = puts;
+        u.nputs = (size_t)d->ndsn;
+        break;
+    }
+    u.nrcpts = n;
+    u.rcpt_index = idx;
+    u.rcpt_status = st;
+    u.rcpt_reply = replies;
+    spool_update_async(sc->sp, &u, sched_write_done, d); /* d stays busy until then */
+out:
+    free(idx);
+    free(st);
+    free(replies);
+}
+
+static void sched_retry_writes(struct sched *sc, int force)
+{
+    struct sched_delivery *d, *list = sc->retry, *keep = NULL;
+    int64_t now = (int64_t)time(NULL);
+
+    sc->retry = NULL;
+    while ((d = list) != NULL) {
+        list = d->retry_next;
+        if (!force && d->wretry_at > now) {
+            d->retry_next = keep;
+            keep = d;
+            continue;
+        }
+        sched_write(d);
+    }
+    sc->retry = keep;
+}
+
+/* ---- Notifications ---- */
+
+/* Builds a notification about rcpts[0..n) of d's message into d->dsn (written with the
+ * round's outcome). */
+static void sched_dsn_add(struct sched_delivery *d, enum bounce_kind kind,
+                          const struct bounce_rcpt *rcpts, size_t n)
+{
+    struct sched *sc = d->sc;
+    const struct spool_msg *msg = d->msg;
+    struct sched_dsn *dsn = &d->dsn[d->ndsn++];
+    struct bounce_info bi;
+    time_t now = time(NULL);
+
+    memset(dsn, 0, sizeof(*dsn));
+    dsn->kind = kind;
+    dsn->msg.id = spool_id_new(sc->sp);
+    memset(&bi, 0, sizeof(bi));
+    bi.kind = kind;
+    bi.hostname = sc->cfg->hostname;
+    bi.queue_id = msg->id;
+    bi.dsn_id = dsn->msg.id;
+    bi.sender = msg->sender;
+    bi.to = sc->cfg->bounce_to != NULL ? sc->cfg->bounce_to : msg->sender;
+    bi.arrived = msg->arrived;
+    bi.now = now;
+    bi.retry_until = msg->arrived + sc->cfg->max_lifetime;
+    bi.rcpts = rcpts;
+    bi.nrcpts = n;
+    bi.orig = d->body;
+    bi.orig_len = d->len;
+    bi.dsn_ret = msg->dsn_ret;
+    bi.envid = msg->dsn_envid;
+    bounce_build(&bi, &dsn->body, &dsn->len);
+
+    dsn->msg.state = SPOOL_QUEUED;
+    dsn->msg.arrived = now;
+    dsn->msg.next_attempt = now;
+    dsn->msg.size = dsn->len;
+    dsn->msg.sender = ""; /* RFC 5321 6.1: notifications are sent from <> and never bounce */
+    dsn->msg.client = "127.0.0.1";
+    dsn->msg.helo = "relayd";
+    dsn->msg.listener = "bounce";
+    dsn->rcpt.addr = (char *)bi.to;
+    dsn->rcpt.status = SPOOL_RCPT_PENDING;
+    dsn->msg.rcpts = &dsn->rcpt;
+    dsn->msg.nrcpts = 1;
+}
+
+/* Whether the attempt log of id says that the delay notification went out. */
+static int sched_warned(struct sched *sc, uint64_t id)
+{
+    struct spool_msg *h;
+    int warned = 0;
+
+    if (spool_msg_get(sc->sp, id, SPOOL_GET_HISTORY, &h) != 0)
+        return 1; /* cannot tell: rather none than one per attempt */
+    for (size_t i = 0; i < h->nattempts_log && !warned; i++)
+        warned = h->attempts_log[i].result != NULL &&
+                 strstr(h->attempts_log[i].result, SCHED_WARNED) != NULL;
+    spool_msg_free(h);
+    return warned;
+}
+
+static int sched_is_4xx(const char *r)
+{
+    return r != NULL && r[0] == '4' && isdigit((unsigned char)r[1]) && isdigit((unsigned char)r[2]);
+}
+
+/* RFC 3461 4.1: whether recipient r wants a notification of kind.  No NOTIFY: the
+ * default (failures and delays are reported); NEVER: none; else only the kinds named. */
+static int sched_dsn_wanted(const struct spool_rcpt *r, enum bounce_kind kind)
+{
+    if (r->dsn_notify == 0)
+        return 1;
+    if (r->dsn_notify & SPOOL_NOTIFY_NEVER)
+        return 0;
+    return (r->dsn_notify &
+            (kind == BOUNCE_FAILED ? SPOOL_NOTIFY_FAILURE : SPOOL_NOTIFY_DELAY)) != 0;
+}
+
+static int sched_bounce_ok(const struct sched_delivery *d)
+{
+    return d->msg->sender[0] != '\0' && d->sc->cfg->bounces;
+}
+
+/* A non-delivery notification for the recipients that failed in this round. */
+static void sched_notify_failed(struct sched_delivery *d)
+{
+    const struct spool_msg *msg = d->msg;
+    struct bounce_rcpt *br = xcalloc(msg->nrcpts + 1, sizeof(*br));
+    size_t i, nbr = 0, nquiet = 0;
+    char qid[17];
+
+    spool_id_str(d->id, qid);
+    for (i = 0; i < msg->nrcpts; i++) {
+        const struct sched_rcpt *r = &d->rc[i];
+
+        if (!r->in_round || r->status != SPOOL_RCPT_FAILED)
+            continue;
+        if (!sched_dsn_wanted(&msg->rcpts[i], BOUNCE_FAILED)) {
+            nquiet++; /* NOTIFY=NEVER, or NOTIFY without FAILURE */
+            continue;
+        }
+        br[nbr].addr = msg->rcpts[i].addr;
+        br[nbr].orcpt = msg->rcpts[i].dsn_orcpt;
+        br[nbr].reply = r->expired ? r->expired_reply : r->reply;
+        br[nbr].status = r->dsn_status[0] != '\0' ? r->dsn_status : NULL;
+        br[nbr].remote_mta = r->up != NULL ? r->up->host : NULL;
+        br[nbr].last_attempt = r->when;
+        nbr++;
+    }
+    if (nbr > 0 && sched_bounce_ok(d))
+        sched_dsn_add(d, BOUNCE_FAILED, br, nbr);
+    else if (nbr > 0)
+        log_info("%s: no non-delivery notification: %s", qid,
+                 msg->sender[0] == '\0' ? "null sender" : "bounces = no");
+    if (nquiet > 0)
+        log_info("%s: no non-delivery notification for %zu recipient%s: NOTIFY", qid, nquiet,
+                 nquiet == 1 ? "" : "s");
+    free(br);
+}
+
+/* The one delay warning (delay_warning), to those who did not opt out (RFC 3461 4.1);
+ * when nobody wants one, none is sent and none is recorded as sent. */
+static void sched_notify_delayed(struct sched_delivery *d, int64_t now)
+{
+    const struct cfg *cfg = d->sc->cfg;
+    const struct spool_msg *msg = d->msg;
+    struct bounce_rcpt *br;
+    size_t i, nbr = 0;
+
+    if (cfg->delay_warning <= 0 || now - msg->arrived < cfg->delay_warning || !sched_bounce_ok(d))
+        return;
+    br = xcalloc(msg->nrcpts + 1, sizeof(*br));
+    for (i = 0; i < msg->nrcpts; i++) {
+        const struct sched_rcpt *r = &d->rc[i];
+
+        if (!r->in_round || r->cause != VERDICT_TRANSIENT || r->status != SPOOL_RCPT_PENDING ||
+            !sched_dsn_wanted(&msg->rcpts[i], BOUNCE_DELAYED))
+            continue;
+        br[nbr].addr = msg->rcpts[i].addr;
+        br[nbr].orcpt = msg->rcpts[i].dsn_orcpt;
+        br[nbr].reply = r->reply;
+        br[nbr].remote_mta = r->up != NULL ? r->up->host : NULL;
+        br[nbr].last_attempt = r->when;
+        nbr++;
+    }
+    if (nbr > 0 && !sched_warned(d->sc, msg->id))
+        sched_dsn_add(d, BOUNCE_DELAYED, br, nbr);
+    free(br);
+}
+
+/* ---- A delivery round ---- */
+
+/* The round is over: decide the message's state, build the notifications, write it all. */
+static void sched_round_finish(struct sched_delivery *d)
+{
+    struct sched *sc = d->sc;
+    const struct cfg *cfg = sc->cfg;
+    struct spool_msg *msg = d->msg;
+    struct sched_round_rcpt *x = xcalloc(msg->nrcpts + 1, sizeof(*x));
+    struct sched_round_in in;
+    int64_t now = (int64_t)time(NULL), age = now - msg->arrived;
+    char qid[17];
+    size_t i;
+
+    spool_id_str(d->id, qid);
+    for (i = 0; i < msg->nrcpts; i++) {
+        x[i].before = msg->rcpts[i].status;
+        x[i].in_round = d->rc[i].in_round;
+        x[i].cause = d->rc[i].cause;
+        x[i].wait_until = d->rc[i].wait_until;
+        x[i].routed = msg->rcpts[i].status == SPOOL_RCPT_PENDING && sched_route(cfg, msg, i);
+    }
+    in.cfg = cfg;
+    in.now = now;
+    in.arrived = msg->arrived;
+    in.attempts = msg->attempts;
+    in.rnd = (unsigned)rand();
+    sched_round_decide(&in, x, msg->nrcpts, &d->out);
+    for (i = 0; i < msg->nrcpts; i++) {
+        struct sched_rcpt *r = &d->rc[i];
+
+        if (!r->in_round)
+            continue;
+        r->status = x[i].after;
+        if (x[i].expired) {
+            char st0[16];
+
+            r->expired = 1;
+            r->expired_reply =
+                xasprintf("delivery time expired after %lld seconds in the queue; last error: %s",
+                          (long long)age, r->reply != NULL ? r->reply : "none");
+            snprintf(r->dsn_status, sizeof r->dsn_status, "%s",
+                     sched_is_4xx(r->reply) ? bounce_status(r->reply, BOUNCE_DELAYED, st0)
+                                            : "4.4.7");
+        }
+    }
+    free(x);
+    if (d->out.expired) {
+        snprintf(d->last_error, sizeof d->last_error,
+                 "expired: not delivered within max_lifetime (%ds)", cfg->max_lifetime);
+        log_warn("%s: expired after %lld seconds in the queue", qid, (long long)age);
+    }
+    if (d->out.noroute) {
+        snprintf(d->last_error, sizeof d->last_error,
+                 "no upstream route is configured for some of its recipients");
+        log_warn("%s: held: %s", qid, d->last_error);
+    }
+    sched_notify_failed(d);
+    sched_notify_delayed(d, now);
+    if (d->ndsn > 0 && d->dsn[d->ndsn - 1].kind == BOUNCE_DELAYED) {
+        /* The mark that the warning went out rides in the same attempt-log line. */
+        char nid[17];
+        size_t len = strlen(d->result);
+
+        snprintf(d->result + len, sizeof d->result - len, "%s" SCHED_WARNED ": %s",
+                 len > 0 ? "; " : "", spool_id_str(d->dsn[d->ndsn - 1].msg.id, nid));
+    }
+    d->wkind = SCHED_W_FINAL;
+    sched_write(d);
+}
+
+/* Another group of recipients is left for this round. */
+static int sched_more_groups(const struct sched_delivery *d)
+{
+    const struct spool_msg *msg = d->msg;
+
+    for (size_t i = 0; i < msg->nrcpts; i++)
+        if (!d->rc[i].in_round && msg->rcpts[i].status == SPOOL_RCPT_PENDING &&
+            sched_route(d->sc->cfg, msg, i) != NULL && d->rc[i].wait_until == 0)
+            return 1;
+    return 0;
+}
+
+/* How long a recipient with cause waits, given the verdict came from up on route. */
+static void sched_wait_for(struct sched_delivery *d, struct sched_rcpt *r,
+                           const struct cfg_route *route, int64_t now)
+{
+    struct sched *sc = d->sc;
+    struct upstream *u = r->up != NULL ? pool_upstream(sc->pool, r->up) : NULL;
+    int64_t until;
+    int park;
+
+    r->park = NULL;
+    r->wait_until = 0;
+    if (r->cause != VERDICT_CONFIG && r->cause != VERDICT_SLOWDOWN)
+        return;
+    if (!sched_route_open(sc, route, now, &until, &park)) {
+        r->wait_until = until;
+        r->park = park ? route : NULL;
+        return;
+    }
+    if (r->cause == VERDICT_CONFIG && (u == NULL || upstream_is_healthy(u))) {
+        /* A fault about this recipient or sender only ("553 not owned by user"): the
+         * upstream works for others; look again on the ordinary schedule, uncounted. */
+        r->wait_until = now + sched_backoff_factor(d->msg->attempts + 1, sc->cfg->retry_first,
+                                                   sc->cfg->retry_factor, sc->cfg->retry_max,
+                                                   (unsigned)rand());
+        return;
+    }
+    r->wait_until = now + sc->cfg->retry_first;
+}
+
+static void sched_on_delivered(void *arg, const struct smtpc_result *res)
+{
+    struct sched_delivery *d = arg;
+    struct sched *sc = d->sc;
+    struct spool_msg *msg = d->msg;
+    char qid[17];
+    int64_t now = (int64_t)time(NULL);
+    int aborted = 0;
+    size_t i;
+
+    spool_id_str(d->id, qid);
+    for (i = 0; i < d->nrcpts && i < res->nrcpts; i++) {
+        const struct smtpc_rcpt_result *x = &res->rcpt[i];
+        struct sched_rcpt *r = &d->rc[d->rcpt_index[i]];
+        const struct cfg_upstream *up = x->up != NULL ? x->up : d->route->upstream;
+
+        if (sc->stopping && x->reply != NULL && strcmp(x->reply, SMTPC_ABORTED) == 0) {
+            /* A stop came first: nothing was decided; it stays as it was. */
+            aborted++;
+            continue;
+        }
+        sched_rcpt_set(r, x->cause, x->reply, x->action, up, now);
+        r->status = x->status == SMTPC_SENT   ? SPOOL_RCPT_SENT
+                    : x->status == SMTPC_FAIL ? SPOOL_RCPT_FAILED
+                                              : SPOOL_RCPT_PENDING;
+        sched_wait_for(d, r, d->route, now);
+        if (x->status != SMTPC_SENT)
+            snprintf(d->last_error, sizeof d->last_error, "%s", r->reply);
+        /* A session with TLS up has passed verification: relayd never goes on otherwise. */
+        log_info("%s: to=<%s> relay=%s[%s]:%d delay=%lld tls=%s%s status=%s (%s)%s%s%s%s", qid,
+                 d->rcpts[i], up->name, up->host, up->port, (long long)(now - msg->arrived),
+                 x->tls != NULL && x->tls[0] ? x->tls : "none",
+                 x->tls != NULL && x->tls[0] ? " verify=ok" : "",
+                 verdict_status_word(x->cause), r->reply,
+                 x->cause == VERDICT_CONFIG || x->cause == VERDICT_SLOWDOWN ? " cause=" : "",
+                 x->cause == VERDICT_CONFIG     ? "relay-configuration"
+                 : x->cause == VERDICT_SLOWDOWN ? "slow-down"
+                                                : "",
+                 r->action != NULL ? "; the administrator must: " : "",
+                 r->action != NULL ? r->action : "");
+    }
+    if (aborted > 0)
+        log_info("%s: delivery to %zu recipient%s interrupted by the stop; %s queued", qid,
+                 (size_t)aborted, aborted == 1 ? "" : "s", aborted == 1 ? "it stays" : "they stay");
+    snprintf(d->result, sizeof d->result, "%s: %s",
+             res->status == SMTPC_SENT   ? "sent"
+             : res->status == SMTPC_FAIL ? "bounced"
+                                         : "deferred",
+             res->reply);
+    d->result_up = res->up != NULL ? res->up->name : d->route->upstream->name;
+    if (sched_more_groups(d) && !sc->stopping) {
+        /* Record this group before the next one starts. */
+        d->wkind = SCHED_W_GROUP;
+        sched_write(d);
+        return;
+    }
+    sched_round_finish(d);
+}
+
+/* Starts the next group of the round, or finishes the round when none is left. */
+static void sched_round_next(struct sched_delivery *d)
+{
+    struct sched *sc = d->sc;
+    struct spool_msg *msg = d->msg;
+    char qid[17];
+    size_t i;
+    int rc;
+
+    d->result[0] = '\0';
+    d->result_up = NULL;
+    spool_id_str(d->id, qid);
+    while (!sc->stopping) {
+        const struct cfg_route *route = NULL;
+        int64_t now = (int64_t)time(NULL), until;
+        int park;
+
+        for (i = 0; i < msg->nrcpts && route == NULL; i++)
+            if (!d->rc[i].in_round && d->rc[i].wait_until == 0 &&
+                msg->rcpts[i].status == SPOOL_RCPT_PENDING)
+                route = sched_route(sc->cfg, msg, i);
+        if (route == NULL)
+            break;
+        d->route = route;
+        d->nrcpts = 0;
+        for (i = 0; i < msg->nrcpts; i++) {
+            if (d->rc[i].in_round || d->rc[i].wait_until != 0 ||
+                msg->rcpts[i].status != SPOOL_RCPT_PENDING || sched_route(sc->cfg, msg, i) != route)
+                continue; /* done, or another route: another group */
+            d->rcpts[d->nrcpts] = msg->rcpts[i].addr;
+            d->dsn_notify[d->nrcpts] = msg->rcpts[i].dsn_notify;
+            d->dsn_orcpt[d->nrcpts] = msg->rcpts[i].dsn_orcpt;
+            d->rcpt_index[d->nrcpts++] = i;
+        }
+        if (!sched_route_open(sc, route, now, &until, &park)) {
+            /* Unhealthy (the pool probes it), paused or at its rate limit: these wait,
+             * uncounted, and are not offered anywhere in this round. */
+            struct upstream *pu = pool_upstream(sc->pool, route->upstream);
+            const char *why = pu != NULL ? upstream_reason(pu) : "";
+            char reason[512];
+
+            snprintf(reason, sizeof reason, "waiting for upstream %s: %s",
+                     route->upstream->name, why[0] != '\0' ? why : "rate limit or slow-down pause");
+            log_debug(1, "%s: %s", qid, reason);
+            for (i = 0; i < d->nrcpts; i++) {
+                struct sched_rcpt *r = &d->rc[d->rcpt_index[i]];
+
+                sched_rcpt_set(r, park ? VERDICT_CONFIG : VERDICT_SLOWDOWN, reason,
+                               pu != NULL ? upstream_action(pu) : NULL, route->upstream, now);
+                r->wait_until = until;
+                r->park = park ? route : NULL;
+            }
+            snprintf(d->last_error, sizeof d->last_error, "%s", reason);
+            continue;
+        }
+        d->m.id = msg->id;
+        d->m.rcpts = d->rcpts;
+        d->m.nrcpts = d->nrcpts;
+        /* RFC 3461: the sender's DSN wishes travel on (smtpc sends them if DSN is offered). */
+        d->m.dsn_ret = msg->dsn_ret;
+        d->m.dsn_envid = msg->dsn_envid;
+        d->m.dsn_notify = d->dsn_notify;
+        d->m.dsn_orcpt = d->dsn_orcpt;
+        sched_rewrite_group(d, route); /* sets d->m.sender, body and len */
+        log_debug(1, "%s: delivering on route %s (%zu recipients)", qid, route->name, d->nrcpts);
+        if ((rc = pool_deliver(sc->pool, d->route, &d->m, sched_on_delivered, d)) == 0)
+            return; /* sched_on_delivered goes on */
+        log_error("%s: cannot start delivery to %s: %s", qid, route->upstream->name,
+                  uv_strerror(rc));
+        for (i = 0; i < d->nrcpts; i++)
+            sched_rcpt_set(&d->rc[d->rcpt_index[i]], VERDICT_TRANSIENT, "cannot start delivery",
+                           NULL, route->upstream, now);
+        snprintf(d->last_error, sizeof d->last_error, "cannot start delivery: %s", uv_strerror(rc));
+    }
+    sched_round_finish(d);
+}
+
+/* ---- Picking mail ---- */
+
+/* Sets d aside with a write of kind (hold or quarantine) and why; it stays busy until the
+ * write is durable. */
+static void sched_set_aside(struct sched_delivery *d, enum sched_write_kind kind, const char *why)
+{
+    char qid[17];
+
+    log_warn("%s: held: %s", spool_id_str(d->id, qid), why);
+    d->reason = xstrdup(why);
+    d->wkind = kind;
+    sched_write(d);
+}
+
+/* What sched_pick() did with a due id. */
+enum sched_pick {
+    SCHED_PICK_SKIPPED, /* gone, no longer due, or unreadable for now */
+    SCHED_PICK_STARTED, /* a round (or a hold) started: it is busy */
+    SCHED_PICK_PARKED,  /* every route it needs is blocked: *until says when to look again */
+    SCHED_PICK_NO_ROOM, /* it could go, but every worker is busy */
+};
+
+static enum sched_pick sched_pick(struct sched *sc, uint64_t id, int room, int64_t now,
+                                  int64_t *until, const struct cfg_route **park)
+{
+    struct sched_delivery *d;
+    struct spool_msg *msg;
+    char qid[17], why[256];
+    size_t i;
+    int rc, routed = 0, open = 0, p;
+    int64_t t, soonest = INT64_MAX;
+
+    spool_id_str(id, qid);
+    *park = NULL;
+    if ((rc = spool_msg_get(sc->sp, id, 0, &msg)) != 0) {
+        if (rc == SPOOL_ECORRUPT) {
+            /* Never left at the head of the line: set aside, original kept. */
+            snprintf(why, sizeof why, "unreadable envelope record (%s); the original record is "
+                     "kept in the spool's \"bad\" database", spool_strerror(rc));
+            sched_set_aside(sched_delivery_new(sc, id, NULL), SCHED_W_QUARANTINE, why);
+            return SCHED_PICK_STARTED;
+        }
+        if (rc != SPOOL_ENOTFOUND)
+            log_error("%s: cannot read from the spool: %s", qid, spool_strerror(rc));
+        return SCHED_PICK_SKIPPED;
+    }
+    /* Re-check after loading: relayctl may have held or rescheduled it since the scan. */
+    if ((msg->state != SPOOL_QUEUED && msg->state != SPOOL_DEFERRED) || msg->next_attempt > now) {
+        spool_msg_free(msg);
+        return SCHED_PICK_SKIPPED;
+    }
+    for (i = 0; i < msg->nrcpts; i++) {
+        const struct cfg_route *r;
+
+        if (msg->rcpts[i].status != SPOOL_RCPT_PENDING || (r = sched_route(sc->cfg, msg, i)) == NULL)
+            continue;
+        routed++;
+        if (sched_route_open(sc, r, now, &t, &p)) {
+            open = 1;
+            break;
+        }
+        if (t < soonest)
+            soonest = t;
+        if (p)
+            *park = r;
+    }
+    if (routed == 0) {
+        sched_set_aside(sched_delivery_new(sc, id, msg), SCHED_W_HOLD,
+                        "no upstream route is configured for its recipients");
+        return SCHED_PICK_STARTED;
+    }
+    /* Mail past max_lifetime still gets its round, so that a pause cannot keep it forever. */
+    if (!open && now - msg->arrived < sc->cfg->max_lifetime) {
+        *until = soonest;
+        spool_msg_free(msg);
+        return SCHED_PICK_PARKED;
+    }
+    if (room <= 0) {
+        spool_msg_free(msg);
+        return SCHED_PICK_NO_ROOM;
+    }
+    d = sched_delivery_new(sc, id, msg);
+    if ((rc = spool_body_get(sc->sp, id, &d->body, &d->len)) != 0) {
+        snprintf(why, sizeof why, "cannot read the message body: %s", spool_strerror(rc));
+        sched_set_aside(d, SCHED_W_HOLD, why);
+        return SCHED_PICK_STARTED;
+    }
+    sched_round_next(d);
+    return SCHED_PICK_STARTED;
+}
+
+static void sched_run(struct sched *sc)
+{
+    uint64_t ids[SCHED_SCAN_MAX], *pids = NULL;
+    int64_t now = (int64_t)time(NULL), *pwhen = NULL, until;
+    size_t n = 0, i, npark = 0;
+    int rc;
+
+    if (sc->stopping || sc->parking || sc->write_faults > 0 ||
+        sc->nactive >= sc->cfg->workers || sched_all_blocked(sc))
+        return;
+    if ((rc = spool_due(sc->sp, now, ids, SCHED_SCAN_MAX, &n)) != 0) {
+        log_error("spool: cannot read the schedule: %s", spool_strerror(rc));
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        const struct cfg_route *park;
+        enum sched_pick pk;
+
+        if (sched_busy(sc, ids[i]))
+            continue;
+        pk = sched_pick(sc, ids[i], sc->cfg->workers - sc->nactive, now, &until, &park);
+        if (pk == SCHED_PICK_NO_ROOM)
+            break;
+        if (pk != SCHED_PICK_PARKED)
+            continue;
+        if (pids == NULL) {
+            pids = xcalloc(n, sizeof(*pids));
+            pwhen = xcalloc(n, sizeof(*pwhen));
+        }
+        pids[npark] = ids[i];
+        pwhen[npark++] = until;
+        if (park != NULL)
+            sched_park_add(sc, park, ids[i]);
+    }
+    if (npark > 0) {
+        /* One transaction for the whole scan; until it is durable nothing is scanned (the
+         * parked mail would still look due). */
+        log_debug(1, "%zu message%s wait for blocked routes", npark, npark == 1 ? "" : "s");
+        sc->parking = 1;
+        spool_reschedule_async(sc->sp, pids, pwhen, npark, sched_parked_written, sc);
+    }
+    free(pids);
+    free(pwhen);
+}
+
+/* ---- Rewriting ---- */
+
 /*
  * Applies route's rewriting to the group in d: the envelope sender (rewrite_sender[_map]),
  * explicitly mapped recipients (recipient_map) and, with rewrite_from, the From: and
  * Reply-To: headers.  Fills d->m's sender and body; d->rcpts slots may then point to
  * d->rw_rcpts.  Everything it allocates is freed here on the next group or with d.
  */
-static void sched_rewrite(struct sched_delivery *d, const struct cfg_route *route)
+static void sched_rewrite_group(struct sched_delivery *d, const struct cfg_route *route)
 {
     const struct spool_msg *msg = d->msg;
     char qid[17];
@@ -251,679 +1250,6 @@ static void sched_rewrite(struct sched_delivery *d, const struct cfg_route *rout
              route->name, d->rw_body != NULL ? " header=From,Reply-To" : "");
 }
 
-static void sched_maybe_stopped(struct sched *sc)
-{
-    if (sc->stopping && sc->nactive == 0 && !sc->timer_open && !sc->purging && !sc->pool_open &&
-        sc->stop_done != NULL) {
-        void (*done)(void *) = sc->stop_done;
-        sc->stop_done = NULL;
-        done(sc->stop_arg);
-    }
-}
-
-static struct sched_delivery *sched_delivery_new(struct sched *sc, struct spool_msg *msg)
-{
-    struct sched_delivery *d = xcalloc(1, sizeof(*d));
-    size_t n = msg->nrcpts ? msg->nrcpts : 1;
-
-    d->sc = sc;
-    d->msg = msg;
-    d->tried = xcalloc(n, 1);
-    d->fault = xcalloc(n, 1);
-    d->st = xcalloc(n, sizeof(*d->st));
-    d->reply = xcalloc(n, sizeof(*d->reply));
-    d->at = xcalloc(n, sizeof(*d->at));
-    d->when = xcalloc(n, sizeof(*d->when));
-    d->rcpts = xcalloc(n, sizeof(*d->rcpts));
-    d->rcpt_index = xcalloc(n, sizeof(*d->rcpt_index));
-    d->rw_rcpts = xcalloc(n, sizeof(*d->rw_rcpts));
-    d->dsn_notify = xcalloc(n, sizeof(*d->dsn_notify));
-    d->dsn_orcpt = xcalloc(n, sizeof(*d->dsn_orcpt));
-    d->next = sc->active;
-    sc->active = d;
-    sc->nactive++;
-    return d;
-}
-
-static void sched_delivery_free(struct sched_delivery *d)
-{
-    struct sched *sc = d->sc;
-    struct sched_delivery **pp;
-    size_t i;
-
-    for (pp = &sc->active; *pp != NULL; pp = &(*pp)->next) {
-        if (*pp == d) {
-            *pp = d->next;
-            break;
-        }
-    }
-    sc->nactive--;
-    for (i = 0; i < d->msg->nrcpts; i++)
-        free(d->reply[i]);
-    for (i = 0; i < d->msg->nrcpts; i++)
-        free(d->rw_rcpts[i]);
-    free(d->rw_rcpts);
-    free(d->rw_sender);
-    free(d->rw_body);
-    spool_msg_free(d->msg);
-    free(d->body);
-    free(d->tried);
-    free(d->fault);
-    free(d->st);
-    free(d->reply);
-    free(d->at);
-    free(d->when);
-    free(d->rcpts);
-    free(d->rcpt_index);
-    free(d->dsn_notify);
-    free(d->dsn_orcpt);
-    free(d);
-}
-
-/* A spool write of d is durable (or failed).  Only once the round is over and every write
- * is done may the message be picked again (until then spool_due() may still show it, and
- * picking it would deliver it twice). */
-static void sched_write_done(void *arg, int rc)
-{
-    struct sched_delivery *d = arg;
-    struct sched *sc = d->sc;
-    char qid[17];
-
-    if (rc != 0)
-        log_error("%s: could not record the delivery result: %s", spool_id_str(d->msg->id, qid),
-                  spool_strerror(rc));
-    if (--d->writes > 0 || !d->finished)
-        return;
-    sched_delivery_free(d);
-    if (sc->stopping)
-        sched_maybe_stopped(sc);
-    else
-        sched_kick(sc);
-}
-
-static void sched_set_reply(struct sched_delivery *d, size_t i, const char *reply)
-{
-    free(d->reply[i]);
-    d->reply[i] = reply != NULL ? xstrdup(reply) : NULL;
-}
-
-/* ---- notifications ---- */
-
-struct sched_dsn {
-    struct sched_delivery *d;
-    enum bounce_kind kind;
-    uint64_t id;
-};
-
-static void sched_dsn_done(void *arg, int rc)
-{
-    struct sched_dsn *job = arg;
-    struct sched_delivery *d = job->d;
-    const char *what = job->kind == BOUNCE_FAILED ? "non-delivery" : "delay";
-    char qid[17], nid[17];
-
-    spool_id_str(d->msg->id, qid);
-    spool_id_str(job->id, nid);
-    if (rc != 0) {
-        log_error("%s: could not queue the sender %s notification: %s", qid, what,
-                  spool_strerror(rc));
-    } else {
-        log_info("%s: sender %s notification: %s", qid, what, nid);
-        if (job->kind == BOUNCE_DELAYED) {
-            /* Remember it in the attempt log: it must go out once, restarts included.  The
-             * round's outcome (submitted after the notification) is durable by now or in
-             * the same batch; this repeats its state so it changes nothing else. */
-            struct spool_update u;
-            char line[64];
-
-            memset(&u, 0, sizeof(u));
-            u.id = d->msg->id;
-            u.state = d->final_state;
-            u.next_attempt = d->final_next;
-            snprintf(line, sizeof line, "%s: %s", SCHED_WARNED, nid);
-            u.result = line;
-            d->writes++;
-            spool_update_async(d->sc->sp, &u, sched_write_done, d);
-        }
-    }
-    free(job);
-    sched_write_done(d, 0);
-}
-
-/* Queues a notification about rcpts[0..n) of d's message as a new message from <>. */
-static void sched_dsn_send(struct sched_delivery *d, enum bounce_kind kind,
-                           const struct bounce_rcpt *rcpts, size_t n)
-{
-    struct sched *sc = d->sc;
-    const struct spool_msg *msg = d->msg;
-    struct sched_dsn *job = xcalloc(1, sizeof(*job));
-    struct bounce_info bi;
-    struct spool_msg nm;
-    struct spool_rcpt nr;
-    time_t now = time(NULL);
-    char *text;
-    size_t len;
-
-    memset(&nm, 0, sizeof(nm));
-    nm.id = spool_id_new(sc->sp);
-    memset(&bi, 0, sizeof(bi));
-    bi.kind = kind;
-    bi.hostname = sc->cfg->hostname;
-    bi.queue_id = msg->id;
-    bi.dsn_id = nm.id;
-    bi.sender = msg->sender;
-    bi.to = sc->cfg->bounce_to != NULL ? sc->cfg->bounce_to : msg->sender;
-    bi.arrived = msg->arrived;
-    bi.now = now;
-    bi.retry_until = msg->arrived + sc->cfg->max_lifetime;
-    bi.rcpts = rcpts;
-    bi.nrcpts = n;
-    bi.orig = d->body;
-    bi.orig_len = d->len;
-    bi.dsn_ret = msg->dsn_ret;
-    bi.envid = msg->dsn_envid;
-    bounce_build(&bi, &text, &len);
-
-    nm.state = SPOOL_QUEUED;
-    nm.arrived = now;
-    nm.next_attempt = now;
-    nm.size = len;
-    nm.sender = ""; /* RFC 5321 6.1: notifications are sent from <> and never bounce */
-    nm.client = "127.0.0.1";
-    nm.helo = "relayd";
-    nm.listener = "bounce";
-    memset(&nr, 0, sizeof(nr));
-    nr.addr = (char *)bi.to;
-    nr.status = SPOOL_RCPT_PENDING;
-    nm.rcpts = &nr;
-    nm.nrcpts = 1;
-    job->d = d;
-    job->kind = kind;
-    job->id = nm.id;
-    d->writes++;
-    spool_put_async(sc->sp, &nm, text, len, sched_dsn_done, job); /* takes text */
-}
-
-/* Whether the attempt log of id says that the delay notification went out. */
-static int sched_warned(struct sched *sc, uint64_t id)
-{
-    struct spool_msg *h;
-    int warned = 0;
-
-    if (spool_msg_get(sc->sp, id, SPOOL_GET_HISTORY, &h) != 0)
-        return 1; /* cannot tell: rather none than one per attempt */
-    for (size_t i = 0; i < h->nattempts_log && !warned; i++)
-        warned = h->attempts_log[i].result != NULL &&
-                 strncmp(h->attempts_log[i].result, SCHED_WARNED, strlen(SCHED_WARNED)) == 0;
-    spool_msg_free(h);
-    return warned;
-}
-
-static int sched_is_4xx(const char *r)
-{
-    return r != NULL && r[0] == '4' && isdigit((unsigned char)r[1]) && isdigit((unsigned char)r[2]);
-}
-
-/* RFC 3461 4.1: whether recipient r wants a notification of kind.  No NOTIFY: the
- * default (failures and delays are reported); NEVER: none; else only the kinds named. */
-static int sched_dsn_wanted(const struct spool_rcpt *r, enum bounce_kind kind)
-{
-    if (r->dsn_notify == 0)
-        return 1;
-    if (r->dsn_notify & SPOOL_NOTIFY_NEVER)
-        return 0;
-    return (r->dsn_notify &
-            (kind == BOUNCE_FAILED ? SPOOL_NOTIFY_FAILURE : SPOOL_NOTIFY_DELAY)) != 0;
-}
-
-/* ---- a delivery round ---- */
-
-/* The round is over: work out the message's new state, send notifications, record it. */
-static void sched_round_finish(struct sched_delivery *d)
-{
-    struct sched *sc = d->sc;
-    const struct cfg *cfg = sc->cfg;
-    struct spool_msg *msg = d->msg;
-    struct spool_update u;
-    struct bounce_rcpt *br = xcalloc(msg->nrcpts + 1, sizeof(*br));
-    char **expired_reply = xcalloc(msg->nrcpts + 1, sizeof(*expired_reply));
-    char(*status)[16] = xcalloc(msg->nrcpts + 1, sizeof(*status));
-    size_t *idx = xcalloc(msg->nrcpts + 1, sizeof(*idx));
-    enum spool_rcpt_status *st = xcalloc(msg->nrcpts + 1, sizeof(*st));
-    const char **replies = xcalloc(msg->nrcpts + 1, sizeof(*replies));
-    size_t i, n = 0, nfailed = 0, nbr = 0, nfailed_now = 0, nquiet = 0;
-    size_t pending_normal = 0, pending_fault = 0, pending_routed = 0, pending_noroute = 0;
-    int64_t now = (int64_t)time(NULL), age = now - msg->arrived, next;
-    int expired = age >= cfg->max_lifetime;
-    int bounce_ok = msg->sender[0] != '\0' && cfg->bounces;
-    char qid[17], why[128];
-
-    spool_id_str(msg->id, qid);
-    d->finished = 1;
-    for (i = 0; i < msg->nrcpts; i++) {
-        if (!d->tried[i]) {
-            if (msg->rcpts[i].status != SPOOL_RCPT_PENDING)
-                continue;
-            if (sched_route(cfg, msg, i) != NULL)
-                pending_routed++; /* not reached: shutdown came first */
-            else
-                pending_noroute++;
-            continue;
-        }
-        if (d->st[i] == SPOOL_RCPT_PENDING && !d->fault[i] && expired) {
-            /* Expired: whoever is still pending for an ordinary reason fails now. */
-            char st0[16];
-
-            d->st[i] = SPOOL_RCPT_FAILED;
-            expired_reply[i] =
-                xasprintf("delivery time expired after %lld seconds in the queue; last error: %s",
-                          (long long)age, d->reply[i] != NULL ? d->reply[i] : "none");
-            snprintf(status[i], sizeof status[i], "%s",
-                     sched_is_4xx(d->reply[i]) ? bounce_status(d->reply[i], BOUNCE_DELAYED, st0)
-                                               : "4.4.7");
-        }
-        idx[n] = i;
-        st[n] = d->st[i];
-        replies[n] = expired_reply[i] != NULL ? expired_reply[i] : d->reply[i];
-        n++;
-        if (d->st[i] == SPOOL_RCPT_FAILED) {
-            nfailed++;
-            nfailed_now++;
-            if (!sched_dsn_wanted(&msg->rcpts[i], BOUNCE_FAILED)) {
-                nquiet++; /* NOTIFY=NEVER, or NOTIFY without FAILURE */
-                continue;
-            }
-            br[nbr].addr = msg->rcpts[i].addr;
-            br[nbr].orcpt = msg->rcpts[i].dsn_orcpt;
-            br[nbr].reply = replies[n - 1];
-            br[nbr].status = status[i][0] != '\0' ? status[i] : NULL;
-            br[nbr].remote_mta = d->at[i] != NULL ? d->at[i]->host : NULL;
-            br[nbr].last_attempt = d->when[i];
-            nbr++;
-        } else if (d->st[i] == SPOOL_RCPT_PENDING) {
-            if (d->fault[i])
-                pending_fault++;
-            else
-                pending_normal++;
-        }
-    }
-    /* Recipients failed in earlier rounds count for the state, not for notifications. */
-    for (i = 0; i < msg->nrcpts; i++)
-        if (!d->tried[i] && msg->rcpts[i].status == SPOOL_RCPT_FAILED)
-            nfailed++;
-
-    memset(&u, 0, sizeof(u));
-    u.id = msg->id;
-    u.count_attempt = d->counted;
-    u.upstream = d->result_up;
-    u.result = d->result[0] != '\0' ? d->result : NULL;
-    u.nrcpts = n;
-    u.rcpt_index = idx;
-    u.rcpt_status = st;
-    u.rcpt_reply = replies;
-    u.last_error = d->last_error[0] != '\0' ? d->last_error : NULL;
-    if (pending_normal + pending_fault + pending_routed + pending_noroute == 0) {
-        if (nfailed > 0) {
-            u.state = SPOOL_FAILED;
-            if (expired && nfailed_now > 0) {
-                snprintf(why, sizeof why, "expired: not delivered within max_lifetime (%ds)",
-                         cfg->max_lifetime);
-                u.last_error = why;
-                log_warn("%s: expired after %lld seconds in the queue", qid, (long long)age);
-            }
-        } else {
-            u.state = SPOOL_QUEUED; /* every recipient done: the spool removes the message */
-            log_info("%s: removed", qid);
-        }
-    } else if (pending_normal + pending_fault + pending_routed == 0) {
-        u.state = SPOOL_HELD;
-        u.last_error = "no upstream route is configured for some of its recipients";
-        log_warn("%s: held: %s", qid, u.last_error);
-    } else {
-        next = INT64_MAX;
-        if (pending_normal > 0)
-            next = now + sched_backoff_factor(msg->attempts + d->counted, cfg->retry_first,
-                                              cfg->retry_factor, cfg->retry_max, (unsigned)rand());
-        if (pending_fault > 0) {
-            for (i = 0; i < msg->nrcpts; i++) {
-                if (d->tried[i] && d->fault[i] && d->at[i] != NULL) {
-                    sched_waiter_add(sc, msg->id, d->at[i]);
-                    break;
-                }
-            }
-            /* The pool probes an unhealthy upstream every upstream_probe_interval and a
-             * paused one opens again within a minute: look again then, with a little
-             * jitter so that waiting mail does not move in lock step. */
-            int64_t t = now + (cfg->upstream_probe_interval < 60 ? cfg->upstream_probe_interval
-                                                                 : 60) + rand() % 3;
-            next = t < next ? t : next;
-        }
-        if (pending_routed > 0)
-            next = now;
-        u.state = SPOOL_DEFERRED;
-        u.next_attempt = next;
-    }
-    d->final_state = u.state;
-    d->final_next = u.next_attempt;
-
-    /* Notifications first: the outcome written after them may let the message go. */
-    if (nbr > 0 && bounce_ok)
-        sched_dsn_send(d, BOUNCE_FAILED, br, nbr);
-    else if (nbr > 0)
-        log_info("%s: no non-delivery notification: %s", qid,
-                 msg->sender[0] == '\0' ? "null sender" : "bounces = no");
-    if (nquiet > 0)
-        log_info("%s: no non-delivery notification for %zu recipient%s: NOTIFY", qid, nquiet,
-                 nquiet == 1 ? "" : "s");
-    /* The delay notification goes to those who did not opt out (RFC 3461 4.1); when
-     * nobody wants one, none is sent and none is recorded as sent. */
-    nbr = 0;
-    for (i = 0; i < msg->nrcpts; i++)
-        if (d->tried[i] && !d->fault[i] && d->st[i] == SPOOL_RCPT_PENDING &&
-            sched_dsn_wanted(&msg->rcpts[i], BOUNCE_DELAYED))
-            nbr++;
-    if (nbr > 0 && cfg->delay_warning > 0 && age >= cfg->delay_warning && bounce_ok &&
-        !sched_warned(sc, msg->id)) {
-        nbr = 0;
-        for (i = 0; i < msg->nrcpts; i++) {
-            if (!d->tried[i] || d->fault[i] || d->st[i] != SPOOL_RCPT_PENDING ||
-                !sched_dsn_wanted(&msg->rcpts[i], BOUNCE_DELAYED))
-                continue;
-            memset(&br[nbr], 0, sizeof(br[nbr]));
-            br[nbr].addr = msg->rcpts[i].addr;
-            br[nbr].orcpt = msg->rcpts[i].dsn_orcpt;
-            br[nbr].reply = d->reply[i];
-            br[nbr].remote_mta = d->at[i] != NULL ? d->at[i]->host : NULL;
-            br[nbr].last_attempt = d->when[i];
-            nbr++;
-        }
-        sched_dsn_send(d, BOUNCE_DELAYED, br, nbr);
-    }
-    d->writes++;
-    spool_update_async(sc->sp, &u, sched_write_done, d); /* d stays busy until then */
-    for (i = 0; i < msg->nrcpts; i++)
-        free(expired_reply[i]);
-    free(expired_reply);
-    free(status);
-    free(br);
-    free(idx);
-    free(st);
-    free(replies);
-}
-
-/* A group's results are durable: go on with the next group. */
-static void sched_group_written(void *arg, int rc)
-{
-    struct sched_delivery *d = arg;
-    char qid[17];
-
-    d->writes--;
-    if (rc != 0)
-        log_error("%s: could not record the delivery result: %s", spool_id_str(d->msg->id, qid),
-                  spool_strerror(rc));
-    sched_round_next(d);
-}
-
-static const char *sched_status_word(enum smtpc_status st)
-{
-    return st == SMTPC_SENT ? "sent" : st == SMTPC_FAIL ? "bounced" : "deferred";
-}
-
-/* Another group of recipients is left for this round. */
-static int sched_more_groups(const struct sched_delivery *d)
-{
-    const struct spool_msg *msg = d->msg;
-
-    for (size_t i = 0; i < msg->nrcpts; i++)
-        if (!d->tried[i] && msg->rcpts[i].status == SPOOL_RCPT_PENDING &&
-            sched_route(d->sc->cfg, msg, i) != NULL)
-            return 1;
-    return 0;
-}
-
-static void sched_on_delivered(void *arg, const struct smtpc_result *res)
-{
-    struct sched_delivery *d = arg;
-    struct sched *sc = d->sc;
-    struct spool_msg *msg = d->msg;
-    struct spool_update u;
-    enum spool_rcpt_status *st;
-    const char **replies;
-    char qid[17];
-    int64_t now = (int64_t)time(NULL);
-    size_t i;
-
-    spool_id_str(msg->id, qid);
-    if (sc->stopping && res->status == SMTPC_DEFER) {
-        /* Aborted by shutdown: not a failed attempt; it stays due as it was (groups before
-         * this one are recorded already). */
-        log_info("%s: delivery interrupted by shutdown; it stays queued", qid);
-        sched_delivery_free(d);
-        sched_maybe_stopped(sc);
-        return;
-    }
-    if (res->up != NULL)
-        d->up = res->up; /* failover may have picked another upstream of the route */
-    st = xcalloc(d->nrcpts + 1, sizeof(*st));
-    replies = xcalloc(d->nrcpts + 1, sizeof(*replies));
-    for (i = 0; i < d->nrcpts; i++) {
-        size_t k = d->rcpt_index[i];
-        enum smtpc_status rs = res->status == SMTPC_SENT ? res->rcpt_status[i] : res->status;
-        const char *reply = (res->status == SMTPC_SENT || res->status == SMTPC_FAIL) &&
-                                    res->rcpt_reply != NULL && res->rcpt_reply[i] != NULL &&
-                                    rs != SMTPC_SENT
-                                ? res->rcpt_reply[i]
-                                : res->reply;
-        /* A 5xx to MAIL/DATA fails everyone; a recipient refused at RCPT keeps its reply. */
-        if (res->status == SMTPC_FAIL && res->rcpt_status != NULL &&
-            res->rcpt_status[i] == SMTPC_FAIL && res->rcpt_reply != NULL &&
-            res->rcpt_reply[i] != NULL)
-            reply = res->rcpt_reply[i];
-        d->st[k] = rs == SMTPC_SENT   ? SPOOL_RCPT_SENT
-                   : rs == SMTPC_FAIL ? SPOOL_RCPT_FAILED
-                                      : SPOOL_RCPT_PENDING;
-        d->fault[k] = rs == SMTPC_DEFER && res->config_fault;
-        d->at[k] = d->up;
-        d->when[k] = now;
-        sched_set_reply(d, k, reply);
-        st[i] = d->st[k];
-        replies[i] = d->reply[k];
-        if (rs != SMTPC_SENT)
-            snprintf(d->last_error, sizeof d->last_error, "%s", reply);
-        /* A session with TLS up has passed verification: relayd never goes on otherwise. */
-        log_info("%s: to=<%s> relay=%s[%s]:%d delay=%lld tls=%s%s status=%s (%s)", qid,
-                 d->rcpts[i], d->up->name, d->up->host, d->up->port,
-                 (long long)(now - msg->arrived), res->tls[0] ? res->tls : "none",
-                 res->tls[0] ? " verify=ok" : "", sched_status_word(rs), reply);
-    }
-    /* An attempt counts unless only the relay's own configuration is to blame, or the
-     * upstream asked us to slow down. */
-    if (!res->config_fault && !res->throttled)
-        d->counted = 1;
-    snprintf(d->result, sizeof d->result, "%s: %s", sched_status_word(res->status), res->reply);
-    d->result_up = d->up->name;
-
-    if (sched_more_groups(d) && !sc->stopping) {
-        /* Record this group before the next one starts; due now if we crash in between. */
-        memset(&u, 0, sizeof(u));
-        u.id = msg->id;
-        u.state = SPOOL_QUEUED;
-        u.next_attempt = now;
-        u.upstream = d->result_up;
-        u.result = d->result;
-        u.nrcpts = d->nrcpts;
-        u.rcpt_index = d->rcpt_index;
-        u.rcpt_status = st;
-        u.rcpt_reply = replies;
-        d->writes++;
-        spool_update_async(sc->sp, &u, sched_group_written, d);
-        d->result[0] = '\0';
-        d->result_up = NULL;
-    } else {
-        sched_round_finish(d);
-    }
-    free(st);
-    free(replies);
-}
-
-/*
- * The one place that hands a group to the outbound side: the pool picks the route's
- * upstream or a failover one (res->up says which) and reuses sessions.  0, or a negative
- * UV_E* when the attempt could not start (then no callback).
- */
-static int sched_deliver(struct sched *sc, struct sched_delivery *d)
-{
-    return pool_deliver(sc->pool, d->route, &d->m, sched_on_delivered, d);
-}
-
-/* Starts the next group of the round, or finishes the round when none is left. */
-static void sched_round_next(struct sched_delivery *d)
-{
-    struct sched *sc = d->sc;
-    struct spool_msg *msg = d->msg;
-    char qid[17];
-    size_t i;
-    int rc;
-
-    spool_id_str(msg->id, qid);
-    while (!sc->stopping) {
-        const struct cfg_route *route = NULL;
-        int64_t now = (int64_t)time(NULL);
-
-        for (i = 0; i < msg->nrcpts && route == NULL; i++)
-            if (!d->tried[i] && msg->rcpts[i].status == SPOOL_RCPT_PENDING)
-                route = sched_route(sc->cfg, msg, i);
-        if (route == NULL)
-            break;
-        d->route = route;
-        d->up = route->upstream;
-        d->nrcpts = 0;
-        for (i = 0; i < msg->nrcpts; i++) {
-            const struct cfg_route *r;
-            if (d->tried[i] || msg->rcpts[i].status != SPOOL_RCPT_PENDING)
-                continue;
-            r = sched_route(sc->cfg, msg, i);
-            if (r != route)
-                continue; /* another route: another group */
-            d->tried[i] = 1;
-            d->st[i] = SPOOL_RCPT_PENDING;
-            d->rcpts[d->nrcpts] = msg->rcpts[i].addr;
-            d->dsn_notify[d->nrcpts] = msg->rcpts[i].dsn_notify;
-            d->dsn_orcpt[d->nrcpts] = msg->rcpts[i].dsn_orcpt;
-            d->rcpt_index[d->nrcpts++] = i;
-        }
-        if (!pool_would_accept(sc->pool, route)) {
-            /* Unhealthy (the pool probes it), throttled or at its rate limit: the mail
-             * waits in the spool, no attempt counted, and tries again a little later. */
-            struct upstream *pu = pool_upstream(sc->pool, d->up);
-            const char *why = pu != NULL ? upstream_reason(pu) : "";
-            char reason[512];
-
-            snprintf(reason, sizeof reason, "waiting for upstream %s: %s", d->up->name,
-                     why[0] != '\0' ? why : "rate limit or slow-down pause");
-            log_debug(1, "%s: %s", qid, reason);
-            for (i = 0; i < d->nrcpts; i++) {
-                size_t k = d->rcpt_index[i];
-                d->fault[k] = 1;
-                d->at[k] = d->up;
-                sched_set_reply(d, k, reason);
-            }
-            snprintf(d->last_error, sizeof d->last_error, "%s", reason);
-            continue;
-        }
-        d->m.id = msg->id;
-        d->m.rcpts = d->rcpts;
-        d->m.nrcpts = d->nrcpts;
-        /* RFC 3461: the sender's DSN wishes travel on (smtpc sends them if DSN is offered). */
-        d->m.dsn_ret = msg->dsn_ret;
-        d->m.dsn_envid = msg->dsn_envid;
-        d->m.dsn_notify = d->dsn_notify;
-        d->m.dsn_orcpt = d->dsn_orcpt;
-        sched_rewrite(d, route); /* sets d->m.sender, body and len */
-        log_debug(1, "%s: delivering on route %s (%zu recipients)", qid, route->name, d->nrcpts);
-        if ((rc = sched_deliver(sc, d)) == 0)
-            return; /* sched_on_delivered goes on */
-        log_error("%s: cannot start delivery to %s: %s", qid, d->up->name, uv_strerror(rc));
-        for (i = 0; i < d->nrcpts; i++) {
-            size_t k = d->rcpt_index[i];
-            d->at[k] = d->up;
-            d->when[k] = now;
-            sched_set_reply(d, k, "cannot start delivery");
-        }
-        snprintf(d->last_error, sizeof d->last_error, "cannot start delivery: %s", uv_strerror(rc));
-        d->counted = 1;
-    }
-    sched_round_finish(d);
-}
-
-/* Holds msg (taken over) with the reason; it stays busy until the update is durable. */
-static void sched_hold(struct sched *sc, struct spool_msg *msg, const char *why)
-{
-    struct sched_delivery *d = sched_delivery_new(sc, msg);
-    struct spool_update u;
-    char qid[17];
-
-    log_warn("%s: held: %s", spool_id_str(msg->id, qid), why);
-    memset(&u, 0, sizeof(u));
-    u.id = msg->id;
-    u.state = SPOOL_HELD;
-    u.last_error = why;
-    d->finished = 1;
-    d->writes++;
-    spool_update_async(sc->sp, &u, sched_write_done, d);
-}
-
-static void sched_start_one(struct sched *sc, uint64_t id)
-{
-    struct sched_delivery *d;
-    struct spool_msg *msg;
-    char qid[17];
-    size_t i;
-    int rc, routed = 0;
-
-    spool_id_str(id, qid);
-    if ((rc = spool_msg_get(sc->sp, id, 0, &msg)) != 0) {
-        if (rc != SPOOL_ENOTFOUND)
-            log_error("%s: cannot read from the spool: %s", qid, spool_strerror(rc));
-        return;
-    }
-    for (i = 0; i < msg->nrcpts && !routed; i++)
-        routed = msg->rcpts[i].status == SPOOL_RCPT_PENDING &&
-                 sched_route(sc->cfg, msg, i) != NULL;
-    if (!routed) {
-        sched_hold(sc, msg, "no upstream route is configured for its recipients");
-        return;
-    }
-    d = sched_delivery_new(sc, msg);
-    if ((rc = spool_body_get(sc->sp, id, &d->body, &d->len)) != 0) {
-        log_error("%s: cannot read the message body: %s", qid, spool_strerror(rc));
-        sched_delivery_free(d);
-        return;
-    }
-    sched_round_next(d);
-}
-
-static void sched_run(struct sched *sc)
-{
-    uint64_t ids[64];
-    size_t n = 0, i;
-    int room = sc->cfg->workers - sc->nactive;
-    int rc;
-
-    if (sc->stopping || room <= 0)
-        return;
-    /* Ask for a few more than there is room for: some may be in delivery already. */
-    if ((rc = spool_due(sc->sp, (int64_t)time(NULL), ids,
-                        (size_t)(room + sc->nactive) < 64 ? (size_t)(room + sc->nactive) : 64,
-                        &n)) != 0) {
-        log_error("spool: cannot read the schedule: %s", spool_strerror(rc));
-        return;
-    }
-    for (i = 0; i < n && sc->nactive < sc->cfg->workers; i++)
-        if (!sched_in_delivery(sc, ids[i]))
-            sched_start_one(sc, ids[i]);
-}
-
 /* ---- failed_retention ---- */
 
 int sched_purge_failed(struct spool *sp, int64_t now, int64_t retention, uint64_t *ids, size_t max,
@@ -932,8 +1258,8 @@ int sched_purge_failed(struct spool *sp, int64_t now, int64_t retention, uint64_
     *n = 0;
     if (max == 0)
         return 0;
-    /* One transaction that reads each state itself: a message relayctl retried a moment
-     * ago is no longer FAILED and stays. */
+    /* Candidates are read without the write lock; each is read again in the deleting
+     * transaction, so a message relayctl retried a moment ago is no longer FAILED and stays. */
     return spool_purge_ids(sp, SPOOL_FAILED, now - retention + 1, ids, max, n);
 }
 
@@ -972,10 +1298,14 @@ static void sched_purge_start(struct sched *sc)
         sc->purging = 1;
 }
 
+/* ---- Lifecycle ---- */
+
 static void sched_on_tick(uv_timer_t *t)
 {
     struct sched *sc = t->data;
 
+    if (sc->retry != NULL)
+        sched_retry_writes(sc, 0);
     sched_run(sc);
     if ((int64_t)time(NULL) - sc->last_purge >= SCHED_PURGE_EVERY)
         sched_purge_start(sc);
@@ -989,6 +1319,7 @@ struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp
     sc->cfg = cfg;
     sc->sp = sp;
     sc->pool = pool_new(loop, cfg);
+    sc->parks = xcalloc((size_t)cfg->nroutes + 1, sizeof(*sc->parks));
     return sc;
 }
 
@@ -1002,9 +1333,9 @@ int sched_start(struct sched *sc, char *err, size_t errlen)
     sc->pool_open = 1;
     if (sc->cfg->nupstreams == 0)
         log_warn("no upstream is configured: mail is accepted and held in the spool");
-    /* Nothing is "in delivery" at start: that state lives only in sc->active, so mail a
-     * crash interrupted mid-delivery is simply due (QUEUED/DEFERRED in the spool) and is
-     * picked up by the first tick; recipients recorded as sent are not sent again. */
+    /* Nothing is busy at start: that state lives only in sc->active, so mail a crash
+     * interrupted mid-delivery is simply due (QUEUED/DEFERRED in the spool) and is picked
+     * up by the first tick; recipients recorded as sent are not sent again. */
     uv_timer_init(sc->loop, &sc->timer);
     sc->timer.data = sc;
     sc->timer_open = 1;
@@ -1045,8 +1376,11 @@ void sched_stop(struct sched *sc, void (*done)(void *arg), void *arg)
     sc->stopping = 1;
     sc->stop_done = done;
     sc->stop_arg = arg;
-    /* Every delivery in the pool ends now with SMTPC_DEFER (sched_on_delivered: stays
-     * queued); the pool's own sessions close after. */
+    /* Results that could not be written get one last try (sched_write_done gives up on a
+     * second failure while stopping). */
+    sched_retry_writes(sc, 1);
+    /* Deliveries in the pool end now (or after stop_grace for those waiting on the reply
+     * to their final dot); their results are written before done runs. */
     if (sc->pool_open)
         pool_stop(sc->pool, sched_on_pool_stopped, sc);
     if (sc->timer_open)
@@ -1057,16 +1391,11 @@ void sched_stop(struct sched *sc, void (*done)(void *arg), void *arg)
 
 void sched_free(struct sched *sc)
 {
-    int i;
-
     if (sc == NULL)
         return;
-    (void)i;
     pool_free(sc->pool);
-    while (sc->waiters != NULL) {
-        struct sched_waiter *w = sc->waiters;
-        sc->waiters = w->next;
-        free(w);
-    }
+    for (int r = 0; r < sc->cfg->nroutes; r++)
+        free(sc->parks[r].ids);
+    free(sc->parks);
     free(sc);
 }

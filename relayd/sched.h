@@ -13,10 +13,13 @@
  * DEFERRED with exponential backoff while some are pending; FAILED when some were refused
  * permanently or max_lifetime passed (an RFC 3464 notification goes to the sender or
  * bounce_to, see bounce.h; FAILED messages are deleted failed_retention after arrival);
- * HELD when no route leads anywhere.  A failure that is the relay's own fault (TLS
- * verification, authentication: the result's config_fault) neither counts as an attempt
- * nor expires nor bounces the message: it waits while the pool probes the upstream every
- * upstream_probe_interval, and is due again as soon as a probe succeeds.
+ * HELD when no route leads anywhere.  Each recipient has its own verdict
+ * (relayd/verdict.h).  A failure that is the relay's own fault (CONFIG: TLS verification,
+ * authentication, "send as denied") neither counts as an attempt nor expires nor bounces:
+ * when the upstream is unhealthy the mail waits while the pool probes it every
+ * upstream_probe_interval, and is due again as soon as a probe succeeds; a fault about one
+ * recipient or sender retries on the ordinary schedule, uncounted.  A slow-down waits for
+ * the pause or the rate window, uncounted.
  */
 #ifndef RELAYD_SCHED_H
 #define RELAYD_SCHED_H
@@ -26,7 +29,12 @@
 #include <uv.h>
 
 #include "config/cfg.h"
+#include "relayd/verdict.h"
 #include "spool/spool.h"
+
+/* A message that waits for an unhealthy upstream is looked at again after this long even
+ * if no probe says the upstream works again (after a restart, say). */
+#define SCHED_PARK_SECONDS 600
 
 struct sched;
 
@@ -48,6 +56,47 @@ int64_t sched_backoff(int attempts, int first, int max, unsigned rnd);
 /* The same with [relayd] retry_factor: first * factor^(attempts-1), capped at max, +-10%
  * jitter (rnd % 2001 picks it), never below 1. */
 int64_t sched_backoff_factor(int attempts, int first, int factor, int max, unsigned rnd);
+
+/* ---- The round's outcome (pure; tests/unit/test_sched.c) ---- */
+
+/* One recipient of a message at the end of a delivery round. */
+struct sched_round_rcpt {
+    enum spool_rcpt_status before; /* in the spool when the round started */
+    int in_round;                  /* it got a verdict in this round */
+    enum verdict_cause cause;      /* that verdict */
+    int routed;                    /* a route leads somewhere now */
+    int64_t wait_until;            /* CONFIG / SLOWDOWN: when its route may take it */
+    /* Out: */
+    enum spool_rcpt_status after;
+    int expired;                   /* failed now because max_lifetime passed */
+};
+
+struct sched_round_in {
+    const struct cfg *cfg; /* max_lifetime, retry_first, retry_factor, retry_max */
+    int64_t now, arrived;
+    int attempts;          /* counted so far */
+    unsigned rnd;          /* backoff jitter */
+};
+
+struct sched_outcome {
+    enum spool_state state; /* QUEUED with delivered = 1: the spool removes it */
+    int64_t next_attempt;   /* DEFERRED: when it is due again */
+    int count_attempt;      /* an upstream judged the message in this round */
+    int delivered;          /* every recipient sent */
+    int expired;            /* some recipient failed now for max_lifetime */
+    int noroute;            /* held: what is pending has no route */
+};
+
+/*
+ * The message's new state after a round.  Per recipient: SENT is done, PERMANENT fails,
+ * TRANSIENT retries with backoff (and fails once max_lifetime passed), SLOWDOWN waits
+ * until wait_until (and ages), CONFIG waits until wait_until without aging (the relay's
+ * own fault must not expire mail).  The attempt counts only when an upstream judged the
+ * message (PERMANENT or TRANSIENT).  Pending recipients the round never reached are due
+ * now; pending ones without a route hold the message when nothing else is pending.
+ */
+void sched_round_decide(const struct sched_round_in *in, struct sched_round_rcpt *r, size_t n,
+                        struct sched_outcome *out);
 
 /*
  * Deletes FAILED messages that arrived more than retention seconds before now, at most max

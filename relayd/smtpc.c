@@ -48,7 +48,6 @@
 #include "common/log.h"
 #include "common/xalloc.h"
 #include "relayd/bounce.h"
-#include "relayd/upstream.h"
 #include "spool/spool.h"
 
 /* Message body bytes handed to tlsio per write; the next chunk waits for TLSIO_DRAINED so
@@ -124,8 +123,9 @@ struct smtpc_tx {
     void *arg;
     size_t nrcpts;
     enum smtpc_rcpt_state *rstate;
-    char **rreply;
-    enum smtpc_status *rstatus;
+    char **rreply;                /* its RCPT reply, owned */
+    struct verdict *rverdict;     /* the verdict on its RCPT reply (DEFER, FAIL) */
+    struct smtpc_rcpt_result *rres; /* what done sees */
     struct smtpc_result res;
     int have_result;
     int reused;    /* the session carried a transaction before this one */
@@ -215,19 +215,73 @@ static void step(struct smtpc *c, int ok, const char *fmt, ...)
     c->step(c->arg, ok, text);
 }
 
-/* Applies the provider reply table to a finished result. */
-static void classify(struct smtpc_result *res)
+/* The stage of the dialogue the next reply (or a failure now) answers. */
+static enum verdict_stage smtpc_stage(const struct smtpc *c)
 {
-    struct upstream_reply_info info;
+    const struct smtpc_tx *tx = c->tx;
 
-    upstream_reply_classify(res->reply, &info);
-    if (info.action != NULL && res->action[0] == '\0')
-        snprintf(res->action, sizeof(res->action), "%s", info.action);
-    res->config_fault |= info.config_fault;
-    res->throttled |= info.throttle;
-    /* The relay's own trouble, or a quota: hold the mail, never bounce it. */
-    if (res->status == SMTPC_FAIL && (res->config_fault || res->throttled))
-        res->status = SMTPC_DEFER;
+    switch (c->state) {
+    case SMTPC_S_RESOLVE:
+    case SMTPC_S_CONNECT:
+    case SMTPC_S_TLS_IMPLICIT:
+        return VERDICT_AT_CONNECT;
+    case SMTPC_S_GREETING:
+        return VERDICT_AT_GREETING;
+    case SMTPC_S_EHLO:
+    case SMTPC_S_HELO:
+        return VERDICT_AT_EHLO;
+    case SMTPC_S_STARTTLS:
+    case SMTPC_S_TLS_HANDSHAKE:
+        return VERDICT_AT_STARTTLS;
+    case SMTPC_S_AUTH:
+        return VERDICT_AT_AUTH;
+    case SMTPC_S_BODY:
+        return VERDICT_AT_DOT;
+    case SMTPC_S_TX:
+        if (tx != NULL && tx->xhead < tx->xtail) {
+            switch (tx->expect[tx->xhead]) {
+            case X_RSET:
+            case X_MAIL:
+                return VERDICT_AT_MAIL;
+            case X_RCPT:
+                return VERDICT_AT_RCPT;
+            case X_DATA:
+                return VERDICT_AT_DATA;
+            case X_DOT:
+            case X_DOT_DISCARD:
+                return VERDICT_AT_DOT;
+            }
+        }
+        return VERDICT_AT_MAIL;
+    default:
+        return c->ready ? VERDICT_AT_MAIL : VERDICT_AT_CONNECT;
+    }
+}
+
+/*
+ * Records verdict v on res: status, cause and action, and the session-level flags when
+ * the verdict is about the upstream.  hint is what the caller knows of the failure:
+ * SMTPC_DEFER means "never permanent" (a confused RSET, a lost connection).
+ */
+static void result_set(struct smtpc_result *res, const struct verdict *v, enum smtpc_status hint)
+{
+    enum verdict_cause cause = v->cause;
+
+    if (cause == VERDICT_SENT && hint != SMTPC_SENT)
+        cause = hint == SMTPC_FAIL ? VERDICT_PERMANENT : VERDICT_TRANSIENT;
+    if (cause == VERDICT_PERMANENT && hint == SMTPC_DEFER)
+        cause = VERDICT_TRANSIENT;
+    res->cause = cause;
+    res->status = cause == VERDICT_SENT        ? SMTPC_SENT
+                  : cause == VERDICT_PERMANENT ? SMTPC_FAIL
+                                               : SMTPC_DEFER;
+    if (v->action != NULL && res->action[0] == '\0')
+        snprintf(res->action, sizeof(res->action), "%s", v->action);
+    if (v->scope == VERDICT_SCOPE_SESSION) {
+        res->config_fault |= cause == VERDICT_CONFIG;
+        res->throttled |= cause == VERDICT_SLOWDOWN;
+        res->session_transient |= cause == VERDICT_TRANSIENT;
+    }
 }
 
 /* ---- Transactions ---- */
@@ -243,7 +297,8 @@ static struct smtpc_tx *tx_new(const struct smtpc_msg *msg, smtpc_done_fn done, 
     tx->nrcpts = msg->nrcpts;
     tx->rstate = xcalloc(msg->nrcpts + 1, sizeof(*tx->rstate));
     tx->rreply = xcalloc(msg->nrcpts + 1, sizeof(*tx->rreply));
-    tx->rstatus = xcalloc(msg->nrcpts + 1, sizeof(*tx->rstatus));
+    tx->rverdict = xcalloc(msg->nrcpts + 1, sizeof(*tx->rverdict));
+    tx->rres = xcalloc(msg->nrcpts + 1, sizeof(*tx->rres));
     tx->expect = xcalloc(msg->nrcpts + 4, sizeof(*tx->expect));
     for (i = 0; i < msg->len && !tx->body_8bit; i++)
         tx->body_8bit = (unsigned char)msg->body[i] >= 0x80;
@@ -260,48 +315,95 @@ static void tx_free(struct smtpc_tx *tx)
         free(tx->rreply[i]);
     free(tx->rreply);
     free(tx->rstate);
-    free(tx->rstatus);
+    free(tx->rverdict);
+    free(tx->rres);
     free(tx->expect);
     free(tx);
 }
 
-/* Records the transaction's result; the first one wins. */
-static void tx_result(struct smtpc *c, struct smtpc_tx *tx, enum smtpc_status st, const char *text)
+/*
+ * Records the transaction's result, the verdict on reply text (code, 0 when there was no
+ * reply) at stage; the first one wins.  hint as for result_set().
+ */
+static void tx_result(struct smtpc *c, struct smtpc_tx *tx, enum verdict_stage stage, int code,
+                      const char *text, enum smtpc_status hint)
 {
+    struct verdict v;
+
     if (tx->have_result)
         return;
     tx->have_result = 1;
-    tx->res.status = st;
+    verdict_reply(stage, code, text, &v);
+    result_set(&tx->res, &v, hint);
     snprintf(tx->res.reply, sizeof(tx->res.reply), "%s", text);
     snprintf(tx->res.tls, sizeof(tx->res.tls), "%s", c->res.tls);
     tx->res.up = c->up;
 }
 
+/* Records a result decided without a reply (a local check, or the session's own). */
+static void tx_result_as(struct smtpc *c, struct smtpc_tx *tx, enum verdict_cause cause,
+                         const char *text)
+{
+    struct verdict v = {cause, VERDICT_SCOPE_MESSAGE, NULL};
+
+    if (tx->have_result)
+        return;
+    tx->have_result = 1;
+    result_set(&tx->res, &v, cause == VERDICT_SENT ? SMTPC_SENT : SMTPC_FAIL);
+    snprintf(tx->res.reply, sizeof(tx->res.reply), "%s", text);
+    snprintf(tx->res.tls, sizeof(tx->res.tls), "%s", c->res.tls);
+    tx->res.up = c->up;
+}
+
+/* Gives tx the session's result (the session failed while tx was in progress). */
+static void tx_result_from_session(struct smtpc *c, struct smtpc_tx *tx)
+{
+    if (tx->have_result)
+        return;
+    tx->have_result = 1;
+    tx->res.status = c->res.status;
+    tx->res.cause = c->res.cause;
+    tx->res.config_fault |= c->res.config_fault;
+    tx->res.throttled |= c->res.throttled;
+    tx->res.session_transient |= c->res.session_transient;
+    tx->res.setup = c->res.setup;
+    snprintf(tx->res.reply, sizeof(tx->res.reply), "%s", c->res.reply);
+    snprintf(tx->res.tls, sizeof(tx->res.tls), "%s", c->res.tls);
+    if (tx->res.action[0] == '\0')
+        snprintf(tx->res.action, sizeof(tx->res.action), "%s", c->res.action);
+    tx->res.up = c->up;
+}
+
 /* The per-recipient view of a finished transaction. */
-static void tx_fill(struct smtpc_tx *tx)
+static void tx_fill(struct smtpc *c, struct smtpc_tx *tx)
 {
     size_t i;
 
-    classify(&tx->res);
     for (i = 0; i < tx->nrcpts; i++) {
+        struct smtpc_rcpt_result *r = &tx->rres[i];
+
+        r->up = c->up;
+        r->tls = tx->res.tls;
         switch (tx->rstate[i]) {
         case SMTPC_R_UNTRIED:
         case SMTPC_R_ACCEPTED:
             /* Recipients the server took (or never saw) share the fate of the message. */
-            tx->rstatus[i] = tx->res.status;
-            free(tx->rreply[i]);
-            tx->rreply[i] = xstrdup(tx->res.reply);
+            r->status = tx->res.status;
+            r->cause = tx->res.cause;
+            r->reply = tx->res.reply;
+            r->action = tx->res.action[0] != '\0' ? tx->res.action : NULL;
             break;
         case SMTPC_R_DEFER:
-            tx->rstatus[i] = SMTPC_DEFER;
-            break;
         case SMTPC_R_FAIL:
-            tx->rstatus[i] = SMTPC_FAIL;
+            r->status = tx->rstate[i] == SMTPC_R_FAIL ? SMTPC_FAIL : SMTPC_DEFER;
+            r->cause = tx->rverdict[i].cause;
+            r->reply = tx->rreply[i];
+            r->action = tx->rverdict[i].action;
             break;
         }
     }
-    tx->res.rcpt_status = tx->rstatus;
-    tx->res.rcpt_reply = tx->rreply;
+    tx->res.nrcpts = tx->nrcpts;
+    tx->res.rcpt = tx->rres;
 }
 
 /* Hands a finished transaction to its owner (SESSION); DELIVER keeps it for the end. */
@@ -312,18 +414,18 @@ static void tx_deliver(struct smtpc *c)
     if (c->mode != SMTPC_M_SESSION || tx == NULL)
         return;
     c->tx = NULL;
-    tx_fill(tx);
+    tx_fill(c, tx);
     log_debug(1, "%s: smtpc transaction done: status=%d reply=%s", c->qid, (int)tx->res.status,
               tx->res.reply);
     tx->done(tx->arg, &tx->res);
     tx_free(tx);
 }
 
-/* The transaction ended with the dialogue in step: the session carries on. */
-static void tx_end(struct smtpc *c, enum smtpc_status st, const char *text)
+/* The transaction ended with the dialogue in step (its result recorded): the session
+ * carries on. */
+static void tx_end(struct smtpc *c)
 {
     uv_timer_stop(&c->timer);
-    tx_result(c, c->tx, st, text);
     if (c->mode != SMTPC_M_SESSION) {
         fail(c, c->tx->res.status, F_QUIT, "%s", c->tx->res.reply);
         return;
@@ -354,15 +456,12 @@ static void smtpc_call_done(struct smtpc *c)
     if (c->mode == SMTPC_M_DELIVER && c->tx != NULL) {
         if (!c->tx->have_result) {
             if (c->have_result)
-                tx_result(c, c->tx, c->res.status, c->res.reply);
+                tx_result_from_session(c, c->tx);
             else
-                tx_result(c, c->tx, SMTPC_DEFER, "delivery ended without a result");
-            c->tx->res.config_fault |= c->res.config_fault;
-            c->tx->res.setup |= c->res.setup;
+                tx_result_as(c, c->tx, VERDICT_TRANSIENT, "delivery ended without a result");
             c->tx->res.stale |= c->res.stale;
-            snprintf(c->tx->res.action, sizeof(c->tx->res.action), "%s", c->res.action);
         }
-        tx_fill(c->tx);
+        tx_fill(c, c->tx);
         res = &c->tx->res;
     } else if (!c->have_result) {
         c->res.status = SMTPC_DEFER;
@@ -485,20 +584,25 @@ static void fail(struct smtpc *c, enum smtpc_status st, int flags, const char *f
     vsnprintf(text, sizeof(text), fmt, ap);
     va_end(ap);
     if (!c->have_result) {
+        struct verdict v;
+
         c->have_result = 1;
-        c->res.status = st;
+        if (flags & F_FAULT) {
+            /* TLS verification, a missing STARTTLS, AUTH impossible: relayd's setup. */
+            v.cause = VERDICT_CONFIG;
+            v.scope = VERDICT_SCOPE_SESSION;
+            v.action = verdict_action(text);
+        } else {
+            verdict_reply(smtpc_stage(c), verdict_reply_code(text), text, &v);
+        }
+        result_set(&c->res, &v, st);
         snprintf(c->res.reply, sizeof(c->res.reply), "%s", text);
-        c->res.config_fault |= (flags & F_FAULT) != 0;
         c->res.setup = !was_ready;
-        classify(&c->res);
     }
     if (c->tx != NULL && c->state != SMTPC_S_CLOSING) {
         struct smtpc_tx *tx = c->tx;
         if (!tx->have_result) {
-            tx_result(c, tx, c->res.status, c->res.reply);
-            tx->res.config_fault = c->res.config_fault;
-            tx->res.setup = c->res.setup;
-            snprintf(tx->res.action, sizeof(tx->res.action), "%s", c->res.action);
+            tx_result_from_session(c, tx);
             /* Nothing was delivered and the session had worked before: retry at once. */
             tx->res.stale = tx->reused && !tx->offered && (flags & F_STALE) != 0;
         }
@@ -563,7 +667,7 @@ static void smtpc_timeout(uv_timer_t *t)
             smtpc_arm(c, SMTPC_QUIT_TIMEOUT);
         break;
     case SMTPC_S_TXCHECK:
-        tx_end(c, c->tx->res.status, c->tx->res.reply);
+        tx_end(c);
         break;
     default:
         fail(c, SMTPC_DEFER, 0, "timeout waiting for reply to %s",
@@ -953,12 +1057,13 @@ static void tx_send_next(struct smtpc *c)
     for (i = 0; i < m->nrcpts && need8 == NULL; i++)
         if (has_8bit(m->rcpts[i]))
             need8 = m->rcpts[i];
+    /* Retrying would not help: the message is at fault here, not the upstream. */
     if (m->nrcpts == 0)
-        tx_result(c, tx, SMTPC_FAIL, "no recipients");
+        tx_result_as(c, tx, VERDICT_PERMANENT, "no recipients");
     else if (c->size_limit > 0 && m->len > c->size_limit)
-        tx_result(c, tx, SMTPC_FAIL, "");
+        tx_result_as(c, tx, VERDICT_PERMANENT, "");
     else if (need8 != NULL && !(c->ext & SMTPC_E_SMTPUTF8))
-        tx_result(c, tx, SMTPC_FAIL, "");
+        tx_result_as(c, tx, VERDICT_PERMANENT, "");
     if (tx->have_result) {
         /* Say why in words; nothing was sent, the session stays in step. */
         if (c->size_limit > 0 && m->len > c->size_limit && m->nrcpts > 0)
@@ -1050,42 +1155,50 @@ static void smtpc_send_body(struct smtpc *c)
 
 /* ---- Transaction: replies ---- */
 
+/* A reply to RCPT: that recipient's own verdict.  Only a reply about the session (530
+ * "authentication required", an account's quota) touches the upstream. */
 static void tx_rcpt_reply(struct smtpc *c, struct smtpc_tx *tx, int code, const char *text)
 {
     size_t i = tx->rcpt_replies++;
-    struct upstream_reply_info info;
+    struct verdict *v;
 
+    (void)c;
     /* After a refused MAIL the RCPT replies (503) say nothing about the recipients. */
     if (i >= tx->nrcpts || tx->mail_failed)
         return;
     free(tx->rreply[i]);
     tx->rreply[i] = xstrdup(text);
     snprintf(tx->last_rcpt_reply, sizeof(tx->last_rcpt_reply), "%s", text);
-    upstream_reply_classify(text, &info);
-    if (code / 100 == 2) {
+    v = &tx->rverdict[i];
+    verdict_reply(VERDICT_AT_RCPT, code, text, v);
+    if (v->cause == VERDICT_SENT) {
         tx->rstate[i] = SMTPC_R_ACCEPTED;
         tx->naccepted++;
-    } else if (code / 100 == 5 && !info.config_fault && !info.throttle) {
-        tx->rstate[i] = SMTPC_R_FAIL;
-    } else {
-        /* 4xx; or a 5xx that is the relay's fault ("sender not owned by user"): hold. */
-        tx->rstate[i] = SMTPC_R_DEFER;
-        tx->res.config_fault |= info.config_fault;
-        tx->res.throttled |= info.throttle;
-        if (info.action != NULL && tx->res.action[0] == '\0')
-            snprintf(tx->res.action, sizeof(tx->res.action), "%s", info.action);
+        return;
     }
-    (void)c;
+    /* A 5xx that is the relay's own fault ("sender not owned by user") waits, never
+     * bounces: only PERMANENT fails. */
+    tx->rstate[i] = v->cause == VERDICT_PERMANENT ? SMTPC_R_FAIL : SMTPC_R_DEFER;
+    if (v->scope == VERDICT_SCOPE_SESSION) {
+        tx->res.config_fault |= v->cause == VERDICT_CONFIG;
+        tx->res.throttled |= v->cause == VERDICT_SLOWDOWN;
+    }
 }
 
-/* Nobody accepted: the message fails only if every recipient failed for good. */
-static enum smtpc_status tx_nobody_status(const struct smtpc_tx *tx)
+/* Nobody accepted: the transaction's own result says so (every recipient keeps its own
+ * verdict); it is PERMANENT only when every recipient failed for good. */
+static void tx_result_nobody(struct smtpc *c, struct smtpc_tx *tx)
 {
     size_t i, nfail = 0;
+    enum verdict_cause cause = VERDICT_TRANSIENT;
 
-    for (i = 0; i < tx->nrcpts; i++)
-        nfail += tx->rstate[i] == SMTPC_R_FAIL;
-    return nfail == tx->nrcpts ? SMTPC_FAIL : SMTPC_DEFER;
+    for (i = 0; i < tx->nrcpts; i++) {
+        if (tx->rstate[i] == SMTPC_R_FAIL)
+            nfail++;
+        else if (tx->rstate[i] == SMTPC_R_DEFER && cause == VERDICT_TRANSIENT)
+            cause = tx->rverdict[i].cause;
+    }
+    tx_result_as(c, tx, nfail == tx->nrcpts ? VERDICT_PERMANENT : cause, tx->last_rcpt_reply);
 }
 
 /* Sends the next command in lock step (no PIPELINING). */
@@ -1133,9 +1246,9 @@ static void tx_reply(struct smtpc *c, int code, const char *text)
     case X_MAIL:
         if (cls != 2) {
             tx->mail_failed = 1;
-            tx_result(c, tx, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, text);
+            tx_result(c, tx, VERDICT_AT_MAIL, code, text, SMTPC_FAIL);
             if (!tx->pipelined)
-                tx_end(c, tx->res.status, text);
+                tx_end(c);
             return;
         }
         if (!tx->pipelined)
@@ -1145,10 +1258,12 @@ static void tx_reply(struct smtpc *c, int code, const char *text)
         tx_rcpt_reply(c, tx, code, text);
         if (tx->pipelined)
             return;
-        if (tx->rcpt_next < tx->nrcpts || tx->naccepted > 0)
+        if (tx->rcpt_next < tx->nrcpts || tx->naccepted > 0) {
             tx_lockstep(c, tx);
-        else
-            tx_end(c, tx_nobody_status(tx), tx->last_rcpt_reply);
+        } else {
+            tx_result_nobody(c, tx);
+            tx_end(c);
+        }
         return;
     case X_DATA:
         if (code == 354 && !tx->mail_failed && tx->naccepted > 0) {
@@ -1169,21 +1284,23 @@ static void tx_reply(struct smtpc *c, int code, const char *text)
             smtpc_arm(c, c->command_timeout);
             return;
         }
-        if (tx->mail_failed)
-            tx_end(c, tx->res.status, tx->res.reply);
-        else if (tx->naccepted == 0)
-            tx_end(c, tx_nobody_status(tx), tx->last_rcpt_reply);
+        if (tx->naccepted == 0 && !tx->mail_failed)
+            tx_result_nobody(c, tx);
         else
-            tx_end(c, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, text);
+            tx_result(c, tx, VERDICT_AT_DATA, code, text, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER);
+        tx_end(c); /* a refused MAIL's result came first */
         return;
     case X_DOT:
-        tx_end(c, cls == 2 ? SMTPC_SENT : cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, text);
+        tx_result(c, tx, VERDICT_AT_DOT, code, text,
+                  cls == 2   ? SMTPC_SENT
+                  : cls == 5 ? SMTPC_FAIL
+                             : SMTPC_DEFER);
+        tx_end(c);
         return;
     case X_DOT_DISCARD:
-        if (tx->mail_failed)
-            tx_end(c, tx->res.status, tx->res.reply);
-        else
-            tx_end(c, tx_nobody_status(tx), tx->last_rcpt_reply);
+        if (!tx->mail_failed)
+            tx_result_nobody(c, tx);
+        tx_end(c);
         return;
     }
 }
@@ -1493,7 +1610,7 @@ void smtpc_abort(struct smtpc *c)
     if (!c->have_result) {
         c->have_result = 1;
         c->res.status = SMTPC_DEFER;
-        snprintf(c->res.reply, sizeof(c->res.reply), "delivery aborted (shutting down)");
+        snprintf(c->res.reply, sizeof(c->res.reply), SMTPC_ABORTED);
     }
     if (c->gai_pending)
         uv_cancel((uv_req_t *)&c->gai);
@@ -1525,6 +1642,11 @@ int smtpc_session_count(const struct smtpc *c)
     return c->ntx;
 }
 
+int smtpc_session_offered(const struct smtpc *c)
+{
+    return c->tx != NULL && c->tx->offered && !c->tx->have_result && c->state != SMTPC_S_CLOSING;
+}
+
 int smtpc_session_send(struct smtpc *c, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg)
 {
     if (!smtpc_session_idle(c))
@@ -1541,7 +1663,7 @@ void smtpc_session_abort(struct smtpc *c)
     if (c == NULL || c->state == SMTPC_S_CLOSING)
         return;
     if (c->tx != NULL) {
-        tx_result(c, c->tx, SMTPC_DEFER, "delivery aborted (shutting down)");
+        tx_result_as(c, c->tx, VERDICT_TRANSIENT, SMTPC_ABORTED);
         c->have_result = 1;
     }
     c->have_result = 1; /* no SMTPC_EV_FAILED */

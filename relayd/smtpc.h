@@ -20,13 +20,15 @@
  * exceeds upstream limit M"), and so does a non-ASCII envelope when SMTPUTF8 is not
  * offered: retrying would not help.
  *
- * Failure modes and how they are reported (status of the whole attempt):
+ * Failure modes and how they are reported: every reply, and every failure without one,
+ * goes through verdict_reply() (relayd/verdict.h) with the stage it answers, and each
+ * recipient ends with its own status and cause:
  *   SMTPC_DEFER  network errors, timeouts, 4xx, TLS failures (never a cleartext fallback,
- *                never AUTH before TLS unless tls = none and allow_plaintext_auth),
- *                authentication failures (a configuration problem: see config_fault)
- *   SMTPC_FAIL   5xx to MAIL or DATA
- *   SMTPC_SENT   DATA accepted (then per-recipient results say who got it)
- * Per recipient: SENT, DEFER (4xx to RCPT) or FAIL (5xx to RCPT).
+ *                never AUTH before TLS unless tls = none and allow_plaintext_auth), and
+ *                every CONFIG or SLOWDOWN verdict (never bounced)
+ *   SMTPC_FAIL   a PERMANENT verdict: 5xx to MAIL, DATA or the dot, or to its own RCPT
+ *   SMTPC_SENT   the final dot accepted, for the recipients the server accepted
+ * Verdicts of session scope also set config_fault / throttled / session_transient.
  *
  * Ownership: smtpc_deliver() allocates the client; it frees itself after calling done
  * exactly once.  msg (and the strings it points to), up and cred must stay valid until done
@@ -41,6 +43,7 @@
 
 #include "common/tlsio.h"
 #include "config/cfg.h"
+#include "relayd/verdict.h"
 
 enum smtpc_status {
     SMTPC_SENT,
@@ -62,22 +65,38 @@ struct smtpc_msg {
     const char *const *dsn_orcpt; /* NULL or nrcpts entries ("rfc822;addr", decoded) */
 };
 
+/* One recipient's outcome; relayd/verdict.h says what each cause means. */
+struct smtpc_rcpt_result {
+    enum smtpc_status status;      /* SENT, DEFER or FAIL */
+    enum verdict_cause cause;      /* why (VERDICT_SENT for SENT) */
+    const char *reply;             /* its own RCPT reply when refused, else the transaction's */
+    const char *action;            /* what the administrator must do, or NULL */
+    const struct cfg_upstream *up; /* the upstream that gave this verdict */
+    const char *tls;               /* "TLSv1.3 with cipher ..." or "" */
+};
+
 struct smtpc_result {
-    enum smtpc_status status;
-    int config_fault;               /* 1: TLS verification or authentication failed: the relay's
-                                       configuration, not the message, is at fault */
+    enum smtpc_status status;       /* of the transaction: SENT when the final dot got 2xx */
+    enum verdict_cause cause;       /* why */
+    /* Verdicts about the upstream itself (session scope), never about one message: */
+    int config_fault;               /* relay configuration fault (TLS verification, AUTH
+                                       refused, connection-level policy): the upstream is
+                                       unhealthy until a probe succeeds */
+    int throttled;                  /* the upstream asked us to slow down (rate limit,
+                                       account quota): pause it */
+    int session_transient;          /* a temporary session-level failure (421, refused or
+                                       lost before the session was ready): counts toward the
+                                       dead-upstream cohort (upstream.h) */
     char reply[512];                /* the reply or the reason in words, e.g.
                                        "250 2.0.0 Ok: queued as 3B1F0",
                                        "connect to 127.0.0.1:1587: connection refused",
                                        "TLS: certificate signer not trusted",
                                        "AUTH PLAIN: 535 5.7.8 Error: authentication failed" */
     char tls[128];                  /* "TLSv1.3 with cipher ..." or "" when cleartext */
-    enum smtpc_status *rcpt_status; /* nrcpts entries */
-    char **rcpt_reply;              /* nrcpts entries, may be NULL */
-    char action[256];               /* what the operator must do, from the provider reply table
-                                       (relayd/upstream.c), or "" */
-    int throttled;                 /* 1: the upstream asked us to slow down (421, a 4xx about rates,
-                                      a quota reply): not the message's fault */
+    char action[256];               /* what the operator must do (relayd/verdict.c), or "" */
+    size_t nrcpts;                  /* entries in rcpt */
+    struct smtpc_rcpt_result *rcpt; /* per recipient of the message; NULL for probes and
+                                       session set-up failures */
     int setup;                     /* 1: the session failed before it could carry mail (resolve,
                                       connect, greeting, EHLO, TLS, AUTH): another upstream may work */
     const struct cfg_upstream *up; /* the upstream that produced this result */
@@ -85,6 +104,9 @@ struct smtpc_result {
                                       (RSET refused or connection lost before the body's end): it
                                       can be retried at once on a new session */
 };
+
+/* The reply of a transaction that a stop aborted: nothing was decided about the message. */
+#define SMTPC_ABORTED "delivery aborted (shutting down)"
 
 struct smtpc;
 typedef void (*smtpc_done_fn)(void *arg, const struct smtpc_result *res);
@@ -102,10 +124,11 @@ int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_c
                   struct smtpc **out);
 /*
  * Rules shared by every result: a reply the provider table marks as the relay's own fault
- * (AUTH refused, "send as denied", a TLS version refused) sets config_fault and is never
- * SMTPC_FAIL, only SMTPC_DEFER; so is a throttling or quota reply.  A 421 at any step
- * closes the connection and defers the message.  Per recipient, 2xx/4xx/5xx to RCPT give
- * SENT (if DATA then succeeds), DEFER and FAIL independently.
+ * (AUTH refused, "send as denied", a TLS version refused) is a CONFIG verdict and never
+ * SMTPC_FAIL, only SMTPC_DEFER; so is a throttling or quota reply (SLOWDOWN).  A 421 at
+ * any step closes the connection and defers the message.  Per recipient, 2xx/4xx/5xx to
+ * RCPT give SENT (if DATA then succeeds), DEFER and FAIL independently, each with its own
+ * verdict: "553 ... not owned by user" on one RCPT holds that recipient only.
  */
 
 /* Aborts (shutdown): the connection is dropped and done runs with SMTPC_DEFER (or with the
@@ -167,5 +190,8 @@ void smtpc_session_quit(struct smtpc *c);
 void smtpc_session_abort(struct smtpc *c);
 /* Transactions started on this session so far (0 for a fresh one). */
 int smtpc_session_count(const struct smtpc *c);
+/* 1 while a transaction's final dot has been sent and its reply is awaited: aborting now
+ * could leave the message delivered upstream but recorded as not (a duplicate later). */
+int smtpc_session_offered(const struct smtpc *c);
 
 #endif

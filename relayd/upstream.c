@@ -20,80 +20,6 @@
 #define MINUTE_MS 60000ULL
 #define DAY_MINUTES 1440
 
-struct reply_row {
-    int code;           /* basic reply code, 0: any */
-    const char *status; /* enhanced status code token, NULL: any */
-    const char *text;   /* case-insensitive substring, NULL: any */
-    int config_fault;
-    int throttle;
-    const char *action;
-};
-
-#define ACT_SEND_AS                                                                                \
-    "the account relayd logs in with may not send as this sender: rewrite the sender to the "      \
-    "account's own address (rewrite_sender on the route) or grant the account \"Send As\" "        \
-    "permission for that address"
-#define ACT_CREDENTIALS                                                                            \
-    "the upstream refused the username or password: check username and password_file"
-#define ACT_QUOTA                                                                                  \
-    "the provider's sending quota is used up: lower max_messages_per_minute or "                   \
-    "max_recipients_per_day for this upstream (Microsoft 365 allows 30 messages a minute and "     \
-    "10,000 recipients a day per mailbox); mail stays queued meanwhile"
-
-static const struct reply_row reply_table[] = {
-    /* Microsoft 365 / Exchange Online. */
-    {0, "5.7.30", NULL, 1, 0,
-     "Microsoft 365 has basic authentication disabled for this tenant: switch the upstream to "
-     "OAuth2 (auth = xoauth2)"},
-    {0, "5.2.252", NULL, 1, 0, ACT_SEND_AS},
-    {0, NULL, "SendAsDenied", 1, 0, ACT_SEND_AS},
-    {0, "5.7.60", NULL, 1, 0, ACT_SEND_AS},
-    {0, "5.7.139", NULL, 1, 0,
-     "SMTP AUTH is disabled for this mailbox or the tenant (security defaults): enable "
-     "Authenticated SMTP for the mailbox in the Microsoft 365 admin center and turn security "
-     "defaults off, or switch the upstream to OAuth2"},
-    {0, "4.7.66", NULL, 1, 0,
-     "the upstream refuses the TLS version relayd offered: allow TLS 1.2 or later in "
-     "tls_priority (the default does)"},
-    {0, "5.7.57", NULL, 1, 0,
-     "the upstream only accepts mail after authentication: set username and password_file"},
-    {0, "5.7.3", "Authentication unsuccessful", 1, 0, ACT_CREDENTIALS},
-    {0, NULL, "SubmissionQuotaExceeded", 0, 1, ACT_QUOTA},
-    {432, "4.3.2", NULL, 0, 1,
-     "the upstream limits concurrent sessions per mailbox: lower max_connections for this "
-     "upstream (Microsoft 365 allows 3)"},
-    /* Google Workspace / Gmail. */
-    {534, "5.7.9", NULL, 1, 0,
-     "Google requires an app password for this account: create one (Google Account > Security "
-     "> App passwords) and put it in password_file, or switch the upstream to OAuth2"},
-    {0, "5.7.8", "Username and Password not accepted", 1, 0,
-     ACT_CREDENTIALS " (Google accounts with 2-step verification need an app password)"},
-    {0, "4.7.28", NULL, 0, 1,
-     "Google is rate-limiting this sender: lower max_messages_per_minute for this upstream"},
-    {0, "5.4.5", NULL, 0, 1, ACT_QUOTA},
-    /* Postfix and generic RFC 4954 / RFC 3207 replies. */
-    {0, NULL, "not owned by user", 1, 0, ACT_SEND_AS},
-    {530, NULL, "STARTTLS", 1, 0,
-     "the upstream requires TLS before anything else: set tls = starttls or implicit"},
-    {534, NULL, NULL, 1, 0,
-     "the upstream considers the authentication mechanism too weak: allow a stronger one in "
-     "mechanisms (e.g. SCRAM-SHA-256 or PLAIN over TLS)"},
-    {535, NULL, NULL, 1, 0, ACT_CREDENTIALS},
-    {538, NULL, NULL, 1, 0,
-     "the upstream requires encryption for this authentication mechanism: use tls = starttls "
-     "or implicit"},
-    {530, NULL, NULL, 1, 0, "the upstream requires authentication: set username and password_file"},
-    /* Too many recipients for one message is about the message, not a reason to slow down. */
-    {452, "4.5.3", NULL, 0, 0, NULL},
-};
-
-#define NELEM(a) (sizeof(a) / sizeof((a)[0]))
-
-/* Words in a 4xx that mean "slow down" even without a table row. */
-static const char *const throttle_words[] = {
-    "rate limit", "ratelimit", "rate-limit", "too many", "throttl", "exceeded", "slow down",
-};
-
 struct upstream {
     const struct cfg_upstream *cfg;
     int unhealthy;
@@ -102,6 +28,7 @@ struct upstream {
     char action[512];
     uint64_t paused_until;
     uint64_t next_pause; /* 0: UPSTREAM_THROTTLE_FIRST_MS */
+    int failed_sessions; /* temporary session-level failures since the last success */
     /* Send times of the last max_messages_per_minute messages, oldest at head. */
     uint64_t *sent;
     int nsent, head;
@@ -109,83 +36,6 @@ struct upstream {
     uint64_t *bucket_minute;
     uint32_t *bucket_count;
 };
-
-/* ---- The reply table ---- */
-
-static int is_code_char(char c)
-{
-    return isdigit((unsigned char)c) || c == '.';
-}
-
-/* 1 when tok occurs in s as a whole dotted-number token. */
-static int has_token(const char *s, const char *tok)
-{
-    size_t n = strlen(tok);
-    const char *p = s;
-
-    while ((p = strstr(p, tok)) != NULL) {
-        if ((p == s || !is_code_char(p[-1])) && !is_code_char(p[n]))
-            return 1;
-        p++;
-    }
-    return 0;
-}
-
-/* The first SMTP reply code in s: three digits at the start or after a space, followed by
- * a space, a hyphen or the end; 0 when there is none. */
-static int reply_code(const char *s)
-{
-    const char *p;
-
-    for (p = s; *p != '\0'; p++) {
-        if ((p == s || p[-1] == ' ') && p[0] >= '2' && p[0] <= '5' &&
-            isdigit((unsigned char)p[1]) && isdigit((unsigned char)p[2]) &&
-            (p[3] == ' ' || p[3] == '-' || p[3] == '\0'))
-            return (p[0] - '0') * 100 + (p[1] - '0') * 10 + (p[2] - '0');
-    }
-    return 0;
-}
-
-int upstream_reply_classify(const char *reply, struct upstream_reply_info *info)
-{
-    int code = reply != NULL ? reply_code(reply) : 0;
-    size_t i;
-
-    memset(info, 0, sizeof(*info));
-    if (reply == NULL)
-        return 0;
-    for (i = 0; i < NELEM(reply_table); i++) {
-        const struct reply_row *r = &reply_table[i];
-
-        if (r->code != 0 && r->code != code)
-            continue;
-        if (r->status != NULL && !has_token(reply, r->status))
-            continue;
-        if (r->text != NULL && strcasestr(reply, r->text) == NULL)
-            continue;
-        info->action = r->action;
-        info->config_fault = r->config_fault;
-        info->throttle = r->throttle;
-        return 1;
-    }
-    /* RFC 5321 4.2.3: 421 means the service is closing.  Providers shed load with
-     * 421 4.7.x (RFC 3463: security or policy) or say so in words; a bare 421 (a timeout,
-     * a restart) only defers the message at hand, it does not pause the upstream. */
-    if (code / 100 == 4) {
-        info->throttle = code == 421 && strstr(reply, " 4.7.") != NULL;
-        for (i = 0; i < NELEM(throttle_words) && !info->throttle; i++)
-            info->throttle = strcasestr(reply, throttle_words[i]) != NULL;
-    }
-    return 0;
-}
-
-const char *upstream_reply_action(const char *reply)
-{
-    struct upstream_reply_info info;
-
-    upstream_reply_classify(reply, &info);
-    return info.action;
-}
 
 /* ---- Lifetime ---- */
 
@@ -273,13 +123,38 @@ void upstream_throttle(struct upstream *u, uint64_t now_ms)
         return;
     u->paused_until = now_ms + pause;
     u->next_pause = pause * 2 > UPSTREAM_THROTTLE_MAX_MS ? UPSTREAM_THROTTLE_MAX_MS : pause * 2;
-    log_warn("upstream %s: asked to slow down; pausing all deliveries to it for %llus",
+    log_warn("upstream %s: pausing all deliveries to it for %llus",
              u->cfg->name, (unsigned long long)(pause / 1000));
 }
 
 void upstream_throttle_clear(struct upstream *u)
 {
     u->next_pause = 0;
+}
+
+int upstream_session_failed(struct upstream *u, int cohort, uint64_t now_ms)
+{
+    if (cohort < 1)
+        cohort = 1;
+    if (++u->failed_sessions < cohort || u->paused_until > now_ms)
+        return 0;
+    /* Postfix's dead-destination rule: a whole cohort failed with no success among them;
+     * more sessions now would only add to the upstream's trouble. */
+    log_warn("upstream %s: %d sessions in a row failed temporarily", u->cfg->name,
+             u->failed_sessions);
+    u->failed_sessions = 0;
+    upstream_throttle(u, now_ms);
+    return 1;
+}
+
+void upstream_session_ok(struct upstream *u, uint64_t now_ms)
+{
+    u->failed_sessions = 0;
+    u->next_pause = 0;
+    if (u->paused_until > now_ms) {
+        log_info("upstream %s: a session worked; the pause ends now", u->cfg->name);
+        u->paused_until = 0;
+    }
 }
 
 uint64_t upstream_paused_until(const struct upstream *u, uint64_t now_ms)

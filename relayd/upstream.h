@@ -2,17 +2,19 @@
  * upstream - what relayd knows about each upstream at run time: health, rate shaping,
  * throttle back-off, and the table that turns a provider's reply into an operator action.
  *
- * Health: an upstream is unhealthy after a fault of the relay's own configuration
- * (authentication refused, TLS verification or pin failed, "send as denied"): its mail is
+ * Health: an upstream is unhealthy after a session-level fault of the relay's own
+ * configuration (authentication refused, TLS verification or pin failed, connection-level
+ * policy; never a reply about one recipient or sender): its mail is
  * held in the spool without burning attempts, the reason and the action stay here for logs
  * and relayctl, and a probe (smtpc_probe(), run by the pool every
  * [relayd] upstream_probe_interval) makes it healthy again by itself.
  *
  * Rate shaping (max_messages_per_minute: a sliding 60 s window of send times;
- * max_recipients_per_day: a rolling 24 h window in one-minute buckets) and throttling (a
- * 421 or a 4xx "slow down" pauses the whole upstream for 60 s, doubling up to an hour,
- * until a message gets through) are kept in memory only: after a restart the windows start
- * empty.  XXX: a restart inside a provider's 24 h window may exceed its daily quota.
+ * max_recipients_per_day: a rolling 24 h window in one-minute buckets) and pauses (a
+ * session-level SLOWDOWN verdict, relayd/verdict.h, or a failed cohort of sessions pauses
+ * the whole upstream for 60 s, doubling up to an hour; a session that works ends it and
+ * resets the doubling) are kept in memory only: after a restart the windows start empty.
+ * XXX: a restart inside a provider's 24 h window may exceed its daily quota.
  *
  * Every function that depends on time takes now_ms (a monotonic clock in milliseconds,
  * uv_now() in the daemon) so tests control the clock.
@@ -35,23 +37,6 @@
 
 struct upstream;
 
-/* What a reply means beyond its code; see upstream_reply_classify(). */
-struct upstream_reply_info {
-    const char *action; /* what the operator must do, or NULL */
-    int config_fault;   /* 1: the relay's configuration is at fault, not the message */
-    int throttle;       /* 1: the upstream asks us to slow down (all workers) */
-};
-
-/*
- * Looks reply ("535 5.7.139 Authentication unsuccessful...", possibly prefixed as in
- * smtpc's results, e.g. "AUTH LOGIN: 535 ...") up in the provider table.  Fills *info
- * (zeroes when nothing matches) and returns 1 when a table row matched, else 0.  A reply
- * code 421, or a 4xx that speaks of rates or limits, is a throttle even without a row.
- */
-int upstream_reply_classify(const char *reply, struct upstream_reply_info *info);
-/* The operator action for reply, or NULL: upstream_reply_classify()'s action. */
-const char *upstream_reply_action(const char *reply);
-
 struct upstream *upstream_new(const struct cfg_upstream *cfg);
 struct upstream *upstream_free(struct upstream *u); /* returns NULL; NULL is fine */
 const struct cfg_upstream *upstream_cfg(const struct upstream *u);
@@ -68,10 +53,19 @@ const char *upstream_reason(const struct upstream *u); /* "" when healthy */
 const char *upstream_action(const struct upstream *u); /* "" when none */
 
 /* ---- Throttling ---- */
-/* The upstream asked us to slow down: pause it (first 60 s, doubling up to 1 h). */
+/* The upstream asked us to slow down: pause it (first 60 s, doubling up to 1 h).  Several
+ * sessions hearing it at once count as one. */
 void upstream_throttle(struct upstream *u, uint64_t now_ms);
 /* A message went through: the next throttle starts at 60 s again. */
 void upstream_throttle_clear(struct upstream *u);
+/* A session failed temporarily at session level (421, refused, lost before it was ready).
+ * When cohort of them (the pool passes max_connections) failed in a row with no success in
+ * between, the upstream is paused as by upstream_throttle(): returns 1 then.  One session's
+ * 421 while others succeed only defers that session's mail. */
+int upstream_session_failed(struct upstream *u, int cohort, uint64_t now_ms);
+/* A session or a probe worked: the cohort starts over, the pause doubling resets, and a
+ * pause in force ends now. */
+void upstream_session_ok(struct upstream *u, uint64_t now_ms);
 /* 0 when not paused, else the time the pause ends. */
 uint64_t upstream_paused_until(const struct upstream *u, uint64_t now_ms);
 

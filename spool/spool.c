@@ -225,6 +225,96 @@ static int put_u64(struct spool *sp, MDB_txn *txn, const char *name, uint64_t v)
     return mdb_put(txn, sp->meta, &k, &d, 0);
 }
 
+/* ---- counters (meta "counts": what spool_stats() reports without a scan) ---- */
+
+enum { CNT_MESSAGES, CNT_STATE0, CNT_PENDING = CNT_STATE0 + 5, CNT_N };
+
+static int counts_get(struct spool *sp, MDB_txn *txn, uint64_t c[CNT_N])
+{
+    MDB_val k = {6, "counts"}, d;
+    int rc;
+
+    memset(c, 0, sizeof(uint64_t) * CNT_N);
+    if ((rc = mdb_get(txn, sp->meta, &k, &d)) != 0)
+        return rc;
+    if (d.mv_size != 8 * CNT_N)
+        return SPOOL_ECORRUPT;
+    for (int i = 0; i < CNT_N; i++)
+        c[i] = spool__get_be64((unsigned char *)d.mv_data + 8 * i);
+    return 0;
+}
+
+static int counts_put(struct spool *sp, MDB_txn *txn, const uint64_t c[CNT_N])
+{
+    unsigned char b[8 * CNT_N];
+    MDB_val k = {6, "counts"}, d = {sizeof b, b};
+
+    for (int i = 0; i < CNT_N; i++)
+        spool__be64(b + 8 * i, c[i]);
+    return mdb_put(txn, sp->meta, &k, &d, 0);
+}
+
+static void counts_of(const struct spool_msg *m, int64_t sign, int64_t delta[CNT_N])
+{
+    delta[CNT_MESSAGES] += sign;
+    if (m->state >= SPOOL_QUEUED && m->state <= SPOOL_FAILED)
+        delta[CNT_STATE0 + m->state] += sign;
+    for (size_t i = 0; i < m->nrcpts; i++)
+        delta[CNT_PENDING] += sign * (m->rcpts[i].status == SPOOL_RCPT_PENDING);
+}
+
+/* The counters move from what before counted to what after counts (either may be NULL:
+ * a new or a removed message), in the same transaction as the change itself. */
+static int counts_move(struct spool *sp, MDB_txn *txn, const struct spool_msg *before,
+                       const struct spool_msg *after)
+{
+    int64_t delta[CNT_N] = {0};
+    uint64_t c[CNT_N];
+    int rc;
+
+    if (!sp->have_counts)
+        return 0;
+    if (before != NULL)
+        counts_of(before, -1, delta);
+    if (after != NULL)
+        counts_of(after, 1, delta);
+    if ((rc = counts_get(sp, txn, c)) != 0 && rc != MDB_NOTFOUND)
+        return rc;
+    for (int i = 0; i < CNT_N; i++)
+        c[i] = (int64_t)c[i] + delta[i] < 0 ? 0 : (uint64_t)((int64_t)c[i] + delta[i]);
+    return counts_put(sp, txn, c);
+}
+
+/* Counts every message (a spool from before the counters, or after a quarantine). */
+static int counts_rebuild(struct spool *sp, MDB_txn *txn)
+{
+    int64_t delta[CNT_N] = {0};
+    uint64_t c[CNT_N];
+    MDB_cursor *cur;
+    MDB_val k, d;
+    int rc, op = MDB_FIRST;
+
+    if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
+        return rc;
+    while ((rc = mdb_cursor_get(cur, &k, &d, op)) == 0) {
+        struct spool_msg m;
+
+        op = MDB_NEXT;
+        if (spool__decode_msg(d.mv_data, d.mv_size, 0, &m) != 0) {
+            delta[CNT_MESSAGES]++; /* unreadable: counted as a message only */
+            continue;
+        }
+        counts_of(&m, 1, delta);
+        spool__msg_clear(&m);
+    }
+    mdb_cursor_close(cur);
+    if (rc != MDB_NOTFOUND)
+        return rc;
+    for (int i = 0; i < CNT_N; i++)
+        c[i] = (uint64_t)delta[i];
+    return counts_put(sp, txn, c);
+}
+
 /* ---- open / close ---- */
 
 static int open_dbs(struct spool *sp, char *err, size_t errlen)
@@ -266,6 +356,21 @@ static int open_dbs(struct spool *sp, char *err, size_t errlen)
         (rc = mdb_dbi_open(txn, "sched", dflags, &sp->sched)) != 0 ||
         (rc = mdb_dbi_open(txn, "attempt", dflags, &sp->attempt)) != 0)
         goto missing;
+    sp->have_bad = mdb_dbi_open(txn, "bad", dflags, &sp->bad) == 0;
+    if (!sp->opts.readonly) {
+        uint64_t c[CNT_N];
+
+        /* A spool from before the counters is counted once, now. */
+        if ((rc = counts_get(sp, txn, c)) == MDB_NOTFOUND)
+            rc = counts_rebuild(sp, txn);
+        if (rc != 0)
+            goto mdb_fail;
+        sp->have_counts = 1;
+    } else {
+        uint64_t c[CNT_N];
+
+        sp->have_counts = counts_get(sp, txn, c) == 0;
+    }
     if ((rc = get_u64(sp, txn, "last_id", &last)) != 0)
         goto mdb_fail;
     if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
@@ -659,26 +764,15 @@ int spool_foreach(struct spool *sp, int (*fn)(const struct spool_msg *msg, void 
     return spool__from_mdb(rc, "scan messages");
 }
 
-int spool_stats(struct spool *sp, struct spool_stats *st)
+/* The counters of a spool without them: one scan (a read-only reader of an old spool). */
+static int stats_scan(struct spool *sp, MDB_txn *txn, struct spool_stats *st)
 {
-    MDB_envinfo info;
-    MDB_stat ms;
     MDB_cursor *cur;
-    MDB_txn *txn;
     MDB_val k, d;
-    int rc, op, tries = 0;
+    int rc, op = MDB_FIRST;
 
-again:
-    memset(st, 0, sizeof(*st));
-    op = MDB_FIRST;
-    if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
-        return spool__from_mdb(rc, "stats");
-    mdb_env_info(sp->env, &info);
-    mdb_env_stat(sp->env, &ms);
-    st->map_bytes = info.me_mapsize;
-    st->used_bytes = (uint64_t)(info.me_last_pgno + 1) * ms.ms_psize;
     if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
-        goto txn_abort;
+        return rc;
     while ((rc = mdb_cursor_get(cur, &k, &d, op)) == 0) {
         struct spool_msg m;
 
@@ -687,17 +781,59 @@ again:
             break;
         st->messages++;
         st->by_state[m.state]++;
-        st->bytes += m.size;
         for (size_t i = 0; i < m.nrcpts; i++)
             st->recipients += m.rcpts[i].status == SPOOL_RCPT_PENDING;
-        if (st->oldest_arrival == 0 || m.arrived < st->oldest_arrival)
-            st->oldest_arrival = m.arrived;
         spool__msg_clear(&m);
+    }
+    mdb_cursor_close(cur);
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+int spool_stats(struct spool *sp, struct spool_stats *st)
+{
+    MDB_envinfo info;
+    MDB_stat ms;
+    MDB_cursor *cur;
+    MDB_txn *txn;
+    MDB_val k, d;
+    uint64_t c[CNT_N];
+    int rc, tries = 0;
+
+again:
+    memset(st, 0, sizeof(*st));
+    if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
+        return spool__from_mdb(rc, "stats");
+    mdb_env_info(sp->env, &info);
+    mdb_env_stat(sp->env, &ms);
+    st->map_bytes = info.me_mapsize;
+    st->used_bytes = (uint64_t)(info.me_last_pgno + 1) * ms.ms_psize;
+    if ((rc = get_u64(sp, txn, "bytes", &st->bytes)) != 0)
+        goto txn_end;
+    if (sp->have_counts && (rc = counts_get(sp, txn, c)) == 0) {
+        st->messages = c[CNT_MESSAGES];
+        for (int i = SPOOL_QUEUED; i <= SPOOL_FAILED; i++)
+            st->by_state[i] = c[CNT_STATE0 + i];
+        st->recipients = c[CNT_PENDING];
+    } else if ((rc = stats_scan(sp, txn, st)) != 0) {
+        goto txn_end;
+    }
+    /* Ids are arrival times: the first message is the oldest. */
+    if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
+        goto txn_end;
+    if ((rc = mdb_cursor_get(cur, &k, &d, MDB_FIRST)) == 0) {
+        struct spool_msg m;
+
+        if (spool__decode_msg(d.mv_data, d.mv_size, 0, &m) == 0) {
+            st->oldest_arrival = m.arrived;
+            spool__msg_clear(&m);
+        } else if (k.mv_size == 8) {
+            st->oldest_arrival = (int64_t)(spool__get_be64(k.mv_data) / 1000);
+        }
     }
     if (rc == MDB_NOTFOUND)
         rc = 0;
     mdb_cursor_close(cur);
-txn_abort:
+txn_end:
     if (read_end(sp, txn) == READ_AGAIN && tries++ < READ_TRIES) {
         read_pause(tries);
         goto again;
@@ -799,7 +935,7 @@ int spool__txn_put(struct spool *sp, MDB_txn *txn, const struct spool_msg *m, co
         return rc;
     if (m->id > last && (rc = put_u64(sp, txn, "last_id", m->id)) != 0)
         return rc;
-    return 0;
+    return counts_move(sp, txn, NULL, &copy);
 }
 
 /* Removes every record of the message whose envelope is m. */
@@ -820,6 +956,8 @@ static int msg_remove(struct spool *sp, MDB_txn *txn, const struct spool_msg *m)
         return rc;
     if ((rc = get_u64(sp, txn, "bytes", &bytes)) != 0 ||
         (rc = put_u64(sp, txn, "bytes", bytes > m->size ? bytes - m->size : 0)) != 0)
+        return rc;
+    if ((rc = counts_move(sp, txn, m, NULL)) != 0)
         return rc;
     if ((rc = mdb_cursor_open(txn, sp->attempt, &cur)) != 0)
         return rc;
@@ -894,31 +1032,55 @@ static int msg_move(struct spool *sp, MDB_txn *txn, struct spool_msg *m, enum sp
 {
     int rc;
 
+    struct spool_msg before = *m;
+
     if ((rc = sched_del(sp, txn, m)) != 0)
         return rc;
     m->state = state;
     m->next_attempt = is_scheduled(state) ? next_attempt : 0;
     if ((rc = sched_add(sp, txn, m)) != 0)
         return rc;
+    if (before.state != state && (rc = counts_move(sp, txn, &before, m)) != 0)
+        return rc;
+    return msg_store(sp, txn, m, 0);
+}
+
+/* Loads id, lets change() modify it, and stores it back with its schedule key and the
+ * counters moved along: the one way a stored envelope changes state. */
+static int msg_change(struct spool *sp, MDB_txn *txn, struct spool_msg *m,
+                      const struct spool_msg *before, enum spool_state state, int64_t next_attempt)
+{
+    struct spool_msg old = *before;
+    int rc;
+
+    /* The schedule key is the one stored: before's state and next_attempt. */
+    m->state = old.state;
+    m->next_attempt = old.next_attempt;
+    if ((rc = sched_del(sp, txn, m)) != 0)
+        return rc;
+    m->state = state;
+    m->next_attempt = is_scheduled(state) ? next_attempt : 0;
+    if ((rc = sched_add(sp, txn, m)) != 0)
+        return rc;
+    if ((rc = counts_move(sp, txn, before, m)) != 0)
+        return rc;
     return msg_store(sp, txn, m, 0);
 }
 
 int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update *u)
 {
-    struct spool_msg m;
+    struct spool_msg m, before;
     enum spool_state state;
     size_t pending = 0, failed = 0;
     int rc;
 
     if ((rc = msg_load(sp, txn, u->id, &m)) != 0)
         return rc;
-    if (u->wake_only) {
-        /* Only mail that is still waiting moves: what an operator held, or what failed
-         * meanwhile, stays as it is. */
-        if (m.state == SPOOL_QUEUED || m.state == SPOOL_DEFERRED)
-            rc = msg_move(sp, txn, &m, m.state, u->next_attempt);
-        goto out;
-    }
+    /* Counting needs what the record said before: states and recipient statuses. */
+    before = m;
+    before.rcpts = xcalloc(m.nrcpts + 1, sizeof(*before.rcpts));
+    for (size_t i = 0; i < m.nrcpts; i++)
+        before.rcpts[i].status = m.rcpts[i].status;
     for (size_t i = 0; i < u->nrcpts; i++) {
         struct spool_rcpt *r;
 
@@ -944,80 +1106,146 @@ int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update 
         pending += m.rcpts[i].status == SPOOL_RCPT_PENDING;
         failed += m.rcpts[i].status == SPOOL_RCPT_FAILED;
     }
+    for (size_t i = 0; i < u->nputs && rc == 0; i++)
+        rc = spool__txn_put(sp, txn, u->puts[i].msg, u->puts[i].body, u->puts[i].len);
+    if (rc != 0)
+        goto out;
     if (pending == 0 && failed == 0) {
-        rc = msg_remove(sp, txn, &m); /* delivered: nothing to keep */
+        rc = msg_remove(sp, txn, &before); /* delivered: nothing to keep */
         goto out;
     }
     if (u->result != NULL && (rc = attempt_append(sp, txn, u->id, u->upstream, u->result)) != 0)
         goto out;
-    state = pending == 0 ? SPOOL_FAILED : u->state;
+    state = u->state;
+    if (u->if_scheduled && !is_scheduled(before.state))
+        state = before.state; /* an operator's hold (or a failure) made meanwhile wins */
+    if (pending == 0)
+        state = SPOOL_FAILED;
     if (state < SPOOL_QUEUED || state > SPOOL_FAILED) {
         rc = -EINVAL;
         goto out;
     }
-    rc = msg_move(sp, txn, &m, state, u->next_attempt);
+    rc = msg_change(sp, txn, &m, &before, state,
+                    state == before.state && !is_scheduled(state) ? 0 : u->next_attempt);
 out:
+    free(before.rcpts);
     spool__msg_clear(&m);
     return rc;
+}
+
+int spool__txn_reschedule(struct spool *sp, MDB_txn *txn, uint64_t id, int64_t when)
+{
+    struct spool_msg m;
+    int rc;
+
+    if ((rc = msg_load(sp, txn, id, &m)) != 0)
+        return rc == MDB_NOTFOUND ? 0 : rc; /* delivered or deleted meanwhile */
+    if (is_scheduled(m.state) && m.next_attempt != when)
+        rc = msg_move(sp, txn, &m, m.state, when);
+    spool__msg_clear(&m);
+    return rc;
+}
+
+int spool__txn_quarantine(struct spool *sp, MDB_txn *txn, uint64_t id, const char *why)
+{
+    unsigned char kb[8];
+    MDB_val k, d;
+    MDB_cursor *cur;
+    struct spool_msg m;
+    int rc, op = MDB_FIRST;
+
+    if (!sp->have_bad)
+        return SPOOL_EIO;
+    id_key(kb, &k, id);
+    if ((rc = mdb_get(txn, sp->msg, &k, &d)) != 0)
+        return rc;
+    if ((rc = mdb_put(txn, sp->bad, &k, &d, 0)) != 0)
+        return rc;
+    /* Its schedule entry is keyed by a time only the unreadable record knows: find it. */
+    if ((rc = mdb_cursor_open(txn, sp->sched, &cur)) != 0)
+        return rc;
+    while ((rc = mdb_cursor_get(cur, &k, &d, op)) == 0) {
+        op = MDB_NEXT;
+        if (k.mv_size == 16 && spool__get_be64((unsigned char *)k.mv_data + 8) == id &&
+            (rc = mdb_cursor_del(cur, 0)) != 0)
+            break;
+    }
+    mdb_cursor_close(cur);
+    if (rc != MDB_NOTFOUND)
+        return rc;
+    memset(&m, 0, sizeof(m));
+    m.id = id;
+    m.state = SPOOL_HELD;
+    m.arrived = (int64_t)(id / 1000);
+    m.sender = "";
+    m.client = "";
+    m.last_error = (char *)why;
+    if ((rc = msg_store(sp, txn, &m, 0)) != 0)
+        return rc;
+    return counts_rebuild(sp, txn);
 }
 
 /* ---- synchronous writes (relayctl, start-up) ---- */
 
 struct sync_op {
-    enum { OP_STATE, OP_RETRY, OP_DELETE, OP_PURGE } kind;
+    enum { OP_STATE, OP_RETRY, OP_DELETE, OP_PURGE, OP_RETRY_IDS } kind;
     uint64_t id;
     enum spool_state state;
     int64_t before;  /* OP_PURGE: arrived earlier than this; 0: any time */
-    size_t *removed; /* OP_PURGE: how many went */
-    uint64_t *ids;   /* OP_PURGE: their ids (may be NULL) */
-    size_t max;      /* OP_PURGE: at most this many; 0: all */
+    size_t *removed; /* OP_PURGE, OP_RETRY_IDS: how many were done */
+    uint64_t *ids;   /* OP_PURGE, OP_RETRY_IDS: the candidates; OP_PURGE leaves the ones
+                        removed at the front */
+    size_t max;      /* entries in ids */
 };
 
-/* Removes every message in op->state that arrived before op->before.  The state is read
- * inside the write transaction, so a message retried a moment ago by someone else stays. */
+/* Deletes the messages op->ids[0..op->max) that are still in op->state (read again inside
+ * the write transaction: a message retried a moment ago by someone else stays). */
 static int purge_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
 {
-    uint64_t *ids = NULL;
-    size_t n = 0, cap = 0;
-    MDB_cursor *cur;
-    MDB_val k, d;
-    int rc, op_get = MDB_FIRST;
+    size_t n = 0;
+    int rc = 0;
 
     *op->removed = 0;
-    if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
-        return rc;
-    /* Collect first: deleting under a cursor that walks the same database is fragile. */
-    while ((rc = mdb_cursor_get(cur, &k, &d, op_get)) == 0) {
+    for (size_t i = 0; i < op->max && rc == 0; i++) {
         struct spool_msg m;
 
-        op_get = MDB_NEXT;
-        if (k.mv_size != 8) {
-            rc = SPOOL_ECORRUPT;
-            break;
+        if ((rc = msg_load(sp, txn, op->ids[i], &m)) != 0) {
+            rc = rc == MDB_NOTFOUND || rc == SPOOL_ECORRUPT ? 0 : rc;
+            continue;
         }
-        if ((rc = spool__decode_msg(d.mv_data, d.mv_size, spool__get_be64(k.mv_data), &m)) != 0)
-            break;
-        if (m.state == op->state && (op->before == 0 || m.arrived < op->before) &&
-            (op->max == 0 || n < op->max)) {
-            if (n == cap) {
-                cap = cap ? cap * 2 : 64;
-                ids = xrealloc(ids, cap * sizeof(*ids));
-            }
-            ids[n++] = m.id;
+        if (m.state == op->state && (op->before == 0 || m.arrived < op->before)) {
+            if ((rc = msg_remove(sp, txn, &m)) == 0)
+                op->ids[n++] = m.id;
         }
         spool__msg_clear(&m);
     }
-    mdb_cursor_close(cur);
-    if (rc == MDB_NOTFOUND)
-        rc = 0;
-    for (size_t i = 0; i < n && rc == 0; i++)
-        rc = spool__txn_delete(sp, txn, ids[i]);
-    if (rc == 0) {
+    if (rc == 0)
         *op->removed = n;
-        if (op->ids != NULL && n > 0)
-            memcpy(op->ids, ids, n * sizeof(*ids));
+    return rc;
+}
+
+/* Retry --all: every scheduled message in ids[0..max) becomes due now. */
+static int retry_ids_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
+{
+    int64_t now = time(NULL);
+    size_t n = 0;
+    int rc = 0;
+
+    for (size_t i = 0; i < op->max && rc == 0; i++) {
+        struct spool_msg m;
+
+        if ((rc = msg_load(sp, txn, op->ids[i], &m)) != 0) {
+            rc = rc == MDB_NOTFOUND || rc == SPOOL_ECORRUPT ? 0 : rc;
+            continue;
+        }
+        if (is_scheduled(m.state)) {
+            rc = msg_move(sp, txn, &m, m.state, now);
+            n++;
+        }
+        spool__msg_clear(&m);
     }
-    free(ids);
+    if (rc == 0)
+        *op->removed = n;
     return rc;
 }
 
@@ -1030,13 +1258,24 @@ static int sync_apply(struct spool *sp, MDB_txn *txn, const struct sync_op *op)
         return spool__txn_delete(sp, txn, op->id);
     if (op->kind == OP_PURGE)
         return purge_apply(sp, txn, op);
+    if (op->kind == OP_RETRY_IDS)
+        return retry_ids_apply(sp, txn, op);
     if ((rc = msg_load(sp, txn, op->id, &m)) != 0)
         return rc;
-    if (op->kind == OP_RETRY && m.state == SPOOL_FAILED)
-        for (size_t i = 0; i < m.nrcpts; i++)
+    if (op->kind == OP_RETRY && m.state == SPOOL_FAILED) {
+        struct spool_msg before = m;
+
+        before.rcpts = xcalloc(m.nrcpts + 1, sizeof(*before.rcpts));
+        for (size_t i = 0; i < m.nrcpts; i++) {
+            before.rcpts[i].status = m.rcpts[i].status;
             if (m.rcpts[i].status == SPOOL_RCPT_FAILED)
                 m.rcpts[i].status = SPOOL_RCPT_PENDING;
-    rc = msg_move(sp, txn, &m, op->kind == OP_RETRY ? SPOOL_QUEUED : op->state, time(NULL));
+        }
+        rc = msg_change(sp, txn, &m, &before, SPOOL_QUEUED, time(NULL));
+        free(before.rcpts);
+    } else {
+        rc = msg_move(sp, txn, &m, op->kind == OP_RETRY ? SPOOL_QUEUED : op->state, time(NULL));
+    }
     spool__msg_clear(&m);
     return rc;
 }
@@ -1092,18 +1331,126 @@ int spool_purge(struct spool *sp, enum spool_state state, int64_t arrived_before
     return spool_purge_ids(sp, state, arrived_before, NULL, 0, removed);
 }
 
+/*
+ * Up to max ids (0: no limit) of messages in state, arrived before arrived_before (0: any
+ * time), from a read transaction: the scan never holds the write lock.  Ids are arrival
+ * times, so the walk stops at the first id past the cutoff.  With want_state 0 every
+ * scheduled (QUEUED or DEFERRED) message is taken.
+ */
+static int collect_ids(struct spool *sp, int want_state, int64_t arrived_before, size_t max,
+                       uint64_t **ids, size_t *n)
+{
+    uint64_t cutoff = arrived_before > 0 ? (uint64_t)arrived_before * 1000 : UINT64_MAX;
+    size_t cap = 0;
+    MDB_cursor *cur;
+    MDB_txn *txn;
+    MDB_val k, d;
+    int rc, op, tries = 0;
+
+again:
+    *n = 0;
+    op = MDB_FIRST;
+    if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
+        return rc;
+    if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
+        goto txn_end;
+    while ((max == 0 || *n < max) && (rc = mdb_cursor_get(cur, &k, &d, op)) == 0) {
+        struct spool_msg m;
+        int take;
+
+        op = MDB_NEXT;
+        if (k.mv_size != 8)
+            continue;
+        /* A little slack: ids borrowed from the future stay within a second or so. */
+        if (arrived_before > 0 && spool__get_be64(k.mv_data) >= cutoff + 60000)
+            break;
+        if (spool__decode_msg(d.mv_data, d.mv_size, spool__get_be64(k.mv_data), &m) != 0)
+            continue;
+        take = want_state == 0 ? is_scheduled(m.state)
+                               : (int)m.state == want_state &&
+                                     (arrived_before == 0 || m.arrived < arrived_before);
+        if (take) {
+            if (*n == cap) {
+                cap = cap ? cap * 2 : 256;
+                *ids = xrealloc(*ids, cap * sizeof(**ids));
+            }
+            (*ids)[(*n)++] = m.id;
+        }
+        spool__msg_clear(&m);
+    }
+    if (rc == MDB_NOTFOUND)
+        rc = 0;
+    mdb_cursor_close(cur);
+txn_end:
+    if (read_end(sp, txn) == READ_AGAIN && tries++ < READ_TRIES) {
+        read_pause(tries);
+        goto again;
+    }
+    return rc;
+}
+
+/* Messages per write transaction of a bulk operation: short commits, no long write lock. */
+#define BULK_CHUNK 4096
+
 int spool_purge_ids(struct spool *sp, enum spool_state state, int64_t arrived_before,
                     uint64_t *ids, size_t max, size_t *removed)
 {
-    struct sync_op op = {.kind = OP_PURGE, .state = state, .before = arrived_before, .ids = ids,
-                         .max = max};
-    size_t dummy;
+    uint64_t *cand = NULL;
+    size_t ncand = 0, done = 0, dummy;
+    int rc;
 
-    op.removed = removed != NULL ? removed : &dummy;
-    *op.removed = 0;
+    removed = removed != NULL ? removed : &dummy;
+    *removed = 0;
     if (state < SPOOL_QUEUED || state > SPOOL_FAILED)
         return -EINVAL;
-    return sync_write(sp, &op);
+    if (sp->opts.readonly)
+        return -EROFS;
+    if ((rc = collect_ids(sp, state, arrived_before, max, &cand, &ncand)) != 0) {
+        free(cand);
+        return spool__from_mdb(rc, "scan for purge");
+    }
+    for (size_t off = 0; off < ncand && rc == 0; off += BULK_CHUNK) {
+        size_t chunk = ncand - off < BULK_CHUNK ? ncand - off : BULK_CHUNK, got = 0;
+        struct sync_op op = {.kind = OP_PURGE, .state = state, .before = arrived_before,
+                             .ids = cand + off, .max = chunk, .removed = &got};
+
+        if ((rc = sync_write(sp, &op)) == 0) {
+            if (ids != NULL)
+                memcpy(ids + done, cand + off, got * sizeof(*ids));
+            done += got;
+        }
+    }
+    *removed = done;
+    free(cand);
+    return rc;
+}
+
+int spool_retry_all(struct spool *sp, size_t *n)
+{
+    uint64_t *cand = NULL;
+    size_t ncand = 0, done = 0;
+    int rc;
+
+    if (n != NULL)
+        *n = 0;
+    if (sp->opts.readonly)
+        return -EROFS;
+    if ((rc = collect_ids(sp, 0, 0, 0, &cand, &ncand)) != 0) {
+        free(cand);
+        return spool__from_mdb(rc, "scan for retry");
+    }
+    for (size_t off = 0; off < ncand && rc == 0; off += BULK_CHUNK) {
+        size_t chunk = ncand - off < BULK_CHUNK ? ncand - off : BULK_CHUNK, got = 0;
+        struct sync_op op = {.kind = OP_RETRY_IDS, .ids = cand + off, .max = chunk,
+                             .removed = &got};
+
+        if ((rc = sync_write(sp, &op)) == 0)
+            done += got;
+    }
+    if (n != NULL)
+        *n = done;
+    free(cand);
+    return rc;
 }
 
 int spool_room(struct spool *sp, uint64_t len)

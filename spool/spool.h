@@ -133,6 +133,14 @@ void spool_writer_reap(struct spool *sp);
 void spool_put_async(struct spool *sp, const struct spool_msg *msg, char *body, size_t len,
                      spool_done_fn done, void *arg);
 
+/* A new message written in the same transaction as an update: the notification about
+ * a delivery exists if and only if the delivery's outcome was recorded. */
+struct spool_newmsg {
+    const struct spool_msg *msg; /* id from spool_id_new(), state QUEUED */
+    const char *body;
+    size_t len;
+};
+
 /* The result of one delivery attempt. */
 struct spool_update {
     uint64_t id;
@@ -146,12 +154,35 @@ struct spool_update {
     const size_t *rcpt_index;
     const enum spool_rcpt_status *rcpt_status;
     const char *const *rcpt_reply;
-    int wake_only;           /* 1: only set next_attempt, and only while QUEUED/DEFERRED */
+    int if_scheduled;        /* 1 (a delivery's outcome): the new state applies only while the
+                                message is still QUEUED or DEFERRED, so a hold or a failure an
+                                operator made meanwhile stays; recipient results and the
+                                attempt log are recorded either way */
+    const struct spool_newmsg *puts; /* stored with the update, only if it applies (the
+                                        message still exists); deep-copied */
+    size_t nputs;
 };
 /* Applies u (deep-copied now).  When afterwards no recipient is PENDING and none FAILED,
- * the message is removed from the spool entirely (delivered). */
+ * the message is removed from the spool entirely (delivered).  SPOOL_ENOTFOUND: the
+ * message was deleted meanwhile (nothing is written, u->puts neither). */
 void spool_update_async(struct spool *sp, const struct spool_update *u, spool_done_fn done,
                         void *arg);
+
+/* Moves each of ids[0..n) that is still QUEUED or DEFERRED to next_attempt whens[i], in
+ * one transaction (missing, held or failed ones are left alone).  Copies the arrays. */
+void spool_reschedule_async(struct spool *sp, const uint64_t *ids, const int64_t *whens, size_t n,
+                            spool_done_fn done, void *arg);
+
+/* Sets aside message id, whose envelope does not decode: the original bytes move to the
+ * "bad" database (nothing is lost), and a readable HELD envelope without recipients takes
+ * their place with why in last_error, so relayctl shows it and the schedule no longer
+ * offers it. */
+void spool_quarantine_async(struct spool *sp, uint64_t id, const char *why, spool_done_fn done,
+                            void *arg);
+
+/* Test hook (fault injection): the next n updates and reschedules fail with SPOOL_EIO as a
+ * failing disk would make them.  relayd sets it from RELAYD_TEST_FAIL_UPDATES. */
+void spool_fault_updates(struct spool *sp, int n);
 
 /* ---- Reads (any thread) ---- */
 
@@ -198,7 +229,14 @@ struct spool_stats {
     uint64_t commits;         /* writer transactions committed (= fsyncs) by this process */
     uint64_t committed_jobs;  /* puts/updates committed by the writer in this process */
 };
-/* Scans the spool (one read transaction) and fills st. */
+/* Fills st from counters kept in meta by every write (O(1); a spool written by an older
+ * relayd is counted once when relayd opens it, or scanned by a read-only reader). */
 int spool_stats(struct spool *sp, struct spool_stats *st);
+
+/* ---- Bulk operator writes (relayctl) ---- */
+
+/* Makes every QUEUED or DEFERRED message due now (retry --all), in transactions of a few
+ * thousand messages each; *n (may be NULL) gets how many. */
+int spool_retry_all(struct spool *sp, size_t *n);
 
 #endif

@@ -28,6 +28,10 @@ struct spool {
     struct spool_opts opts;
     MDB_env *env;
     MDB_dbi meta, msg, body, sched, attempt;
+    MDB_dbi bad;       /* envelopes set aside by spool_quarantine_async() */
+    int have_bad;      /* a read-only open of an older spool may not have it */
+    int have_counts;   /* meta "counts" is kept (always, once opened for writing) */
+    int fail_updates;  /* spool_fault_updates(): updates still to fail (writer thread) */
     int unlocked; /* read-only without lock.mdb (MDB_NOLOCK): reads are validated */
 
     pthread_rwlock_t maplock; /* shared around every txn, exclusive to resize the map */
@@ -62,6 +66,8 @@ int spool__txn_put(struct spool *sp, MDB_txn *txn, const struct spool_msg *m, co
                    size_t len);
 int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update *u);
 int spool__txn_delete(struct spool *sp, MDB_txn *txn, uint64_t id);
+int spool__txn_reschedule(struct spool *sp, MDB_txn *txn, uint64_t id, int64_t when);
+int spool__txn_quarantine(struct spool *sp, MDB_txn *txn, uint64_t id, const char *why);
 
 /* ---- spool_codec.c ---- */
 void spool__be64(unsigned char *p, uint64_t v);

@@ -21,7 +21,12 @@
 #include "common/xalloc.h"
 #include "spool/spool_int.h"
 
-enum job_kind { JOB_PUT, JOB_UPDATE };
+enum job_kind { JOB_PUT, JOB_UPDATE, JOB_RESCHEDULE, JOB_QUARANTINE };
+
+/* One write transaction takes at most this many jobs and this many bytes of new mail: a
+ * burst of ready jobs never makes one huge commit that holds every completion back. */
+#define BATCH_JOBS 1024
+#define BATCH_BYTES (64u << 20)
 
 struct spool_job {
     struct spool_job *next;
@@ -39,10 +44,22 @@ struct spool_job {
     size_t *rcpt_index;
     enum spool_rcpt_status *rcpt_status;
     char **rcpt_reply;
+    struct spool_newmsg *puts;
+    /* JOB_RESCHEDULE: ids/whens[0..n); JOB_QUARANTINE: ids[0] and result (why) */
+    uint64_t *ids;
+    int64_t *whens;
+    size_t n;
 };
 
 static void job_free(struct spool_job *j)
 {
+    for (size_t i = 0; i < j->u.nputs; i++) {
+        spool_msg_free((struct spool_msg *)j->puts[i].msg);
+        free((char *)j->puts[i].body);
+    }
+    free(j->puts);
+    free(j->ids);
+    free(j->whens);
     spool_msg_free(j->msg);
     free(j->body);
     free(j->last_error);
@@ -135,14 +152,91 @@ void spool_update_async(struct spool *sp, const struct spool_update *u, spool_do
     j->u.rcpt_index = j->rcpt_index;
     j->u.rcpt_status = u->rcpt_status != NULL ? j->rcpt_status : NULL;
     j->u.rcpt_reply = (const char *const *)j->rcpt_reply;
+    if (u->nputs > 0) {
+        j->puts = xcalloc(u->nputs, sizeof(*j->puts));
+        for (size_t i = 0; i < u->nputs; i++) {
+            char *b = xmalloc(u->puts[i].len + 1);
+
+            memcpy(b, u->puts[i].body, u->puts[i].len);
+            j->puts[i].msg = spool__msg_dup(u->puts[i].msg);
+            j->puts[i].body = b;
+            j->puts[i].len = u->puts[i].len;
+        }
+    }
+    j->u.puts = j->puts;
     submit(sp, j);
+}
+
+void spool_reschedule_async(struct spool *sp, const uint64_t *ids, const int64_t *whens, size_t n,
+                            spool_done_fn done, void *arg)
+{
+    struct spool_job *j = xcalloc(1, sizeof(*j));
+
+    j->kind = JOB_RESCHEDULE;
+    j->done = done;
+    j->arg = arg;
+    j->ids = xcalloc(n + 1, sizeof(*j->ids));
+    j->whens = xcalloc(n + 1, sizeof(*j->whens));
+    memcpy(j->ids, ids, n * sizeof(*ids));
+    memcpy(j->whens, whens, n * sizeof(*whens));
+    j->n = n;
+    submit(sp, j);
+}
+
+void spool_quarantine_async(struct spool *sp, uint64_t id, const char *why, spool_done_fn done,
+                            void *arg)
+{
+    struct spool_job *j = xcalloc(1, sizeof(*j));
+
+    j->kind = JOB_QUARANTINE;
+    j->done = done;
+    j->arg = arg;
+    j->ids = xcalloc(1, sizeof(*j->ids));
+    j->ids[0] = id;
+    j->n = 1;
+    j->result = xstrdup(why);
+    submit(sp, j);
+}
+
+void spool_fault_updates(struct spool *sp, int n)
+{
+    __atomic_store_n(&sp->fail_updates, n, __ATOMIC_SEQ_CST);
+}
+
+/* The fault hook: 1 when this update is to fail. */
+static int fault_now(struct spool *sp)
+{
+    int n = __atomic_load_n(&sp->fail_updates, __ATOMIC_SEQ_CST);
+
+    while (n > 0) {
+        if (__atomic_compare_exchange_n(&sp->fail_updates, &n, n - 1, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+            return 1;
+    }
+    return 0;
 }
 
 static int job_apply(struct spool *sp, MDB_txn *txn, struct spool_job *j)
 {
-    if (j->kind == JOB_PUT)
+    int rc = 0;
+
+    switch (j->kind) {
+    case JOB_PUT:
         return spool__txn_put(sp, txn, j->msg, j->body, j->len);
-    return spool__txn_update(sp, txn, &j->u);
+    case JOB_UPDATE:
+        if (fault_now(sp))
+            return SPOOL_EIO;
+        return spool__txn_update(sp, txn, &j->u);
+    case JOB_RESCHEDULE:
+        if (fault_now(sp))
+            return SPOOL_EIO;
+        for (size_t i = 0; i < j->n && rc == 0; i++)
+            rc = spool__txn_reschedule(sp, txn, j->ids[i], j->whens[i]);
+        return rc;
+    case JOB_QUARANTINE:
+        return spool__txn_quarantine(sp, txn, j->ids[0], j->result);
+    }
+    return -EINVAL;
 }
 
 /* Applies and commits one batch; sets each job's rc.  Returns 1 when it committed. */
@@ -186,6 +280,24 @@ static int batch_commit(struct spool *sp, struct spool_job *batch)
     return 0;
 }
 
+/* Takes the next batch off the queue (under qlock): every ready job, up to the bounds. */
+static struct spool_job *take_batch(struct spool *sp)
+{
+    struct spool_job *batch = sp->queue, **pp = &sp->queue;
+    size_t jobs = 0, bytes = 0;
+
+    while (*pp != NULL && jobs < BATCH_JOBS && (jobs == 0 || bytes < BATCH_BYTES)) {
+        bytes += (*pp)->len;
+        jobs++;
+        pp = &(*pp)->next;
+    }
+    sp->queue = *pp;
+    *pp = NULL;
+    if (sp->queue == NULL)
+        sp->queue_tail = &sp->queue;
+    return batch;
+}
+
 static void *writer_main(void *arg)
 {
     struct spool *sp = arg;
@@ -198,9 +310,7 @@ static void *writer_main(void *arg)
         pthread_mutex_lock(&sp->qlock);
         while (sp->queue == NULL && !sp->stopping)
             pthread_cond_wait(&sp->qcond, &sp->qlock);
-        batch = sp->queue;
-        sp->queue = NULL;
-        sp->queue_tail = &sp->queue;
+        batch = take_batch(sp);
         pthread_mutex_unlock(&sp->qlock);
         if (batch == NULL)
             break; /* stopping, and every queued job is done */

@@ -1,7 +1,7 @@
 /*
  * test_pool - the outbound worker pool against auto-answering SMTP servers on 127.0.0.1:
  * connection limits, queueing, reuse (RSET), failover order, health after an AUTH fault
- * and recovery by probe, rate limits and pool_would_accept(), throttling, stop.
+ * and recovery by probe, rate limits and pool_would_accept(, NULL), throttling, stop.
  *
  * The fake server answers every command by its verb (EHLO, AUTH, MAIL, RCPT, DATA, ".",
  * RSET, QUIT) and counts connections and messages.  Each test runs its own loop, bounded.
@@ -259,7 +259,7 @@ static void on_done(void *arg, const struct smtpc_result *res)
     r->config_fault = res->config_fault;
     r->throttled = res->throttled;
     r->up = res->up != NULL ? res->up->name : "(none)";
-    r->rcpt0 = res->rcpt_status[0];
+    r->rcpt0 = res->rcpt[0].status;
     snprintf(r->reply, sizeof(r->reply), "%s", res->reply);
     snprintf(r->action, sizeof(r->action), "%s", res->action);
 }
@@ -460,7 +460,7 @@ Test(pool, unreachable_without_failover)
     cr_assert(eq(int, (int)r.status, SMTPC_DEFER));
     cr_assert(eq(int, r.config_fault, 0));
     cr_assert_not_null(strstr(r.reply, "connection refused"), "%s", r.reply);
-    cr_assert(eq(int, pool_would_accept(p, &st.route), 1));
+    cr_assert(eq(int, pool_would_accept(p, &st.route, NULL), 1));
     pool_finish(p);
 }
 
@@ -496,7 +496,7 @@ Test(pool, auth_fault_unhealthy_then_probe_recovers)
     cr_assert_not_null(strstr(r[0].action, "Authenticated SMTP"), "%s", r[0].action);
     u = pool_upstream(p, &st.ups[0]);
     cr_assert(eq(int, upstream_is_healthy(u), 0));
-    cr_assert(eq(int, pool_would_accept(p, &st.route), 0));
+    cr_assert(eq(int, pool_would_accept(p, &st.route, NULL), 0));
     /* Still handed in: held at once, from the loop, with the reason. */
     cr_assert(eq(int, pool_deliver(p, &st.route, &m[1], on_done, &r[1]), 0));
     cr_assert(eq(int, r[1].ncalls, 0));
@@ -509,7 +509,7 @@ Test(pool, auth_fault_unhealthy_then_probe_recovers)
     for (i = 0; i < 50 && !upstream_is_healthy(u); i++)
         run_for(NULL, 0, 100);
     cr_assert(eq(int, upstream_is_healthy(u), 1));
-    cr_assert(eq(int, pool_would_accept(p, &st.route), 1));
+    cr_assert(eq(int, pool_would_accept(p, &st.route, NULL), 1));
     upstream_status(u, uv_now(&loop), line, sizeof(line));
     cr_assert(eq(str, line, "healthy"));
     pool_finish(p);
@@ -567,11 +567,11 @@ Test(pool, rate_limit_would_accept)
     st.ups[0].max_messages_per_minute = 1;
     p = pool_up_and_running(&st);
     memset(r, 0, sizeof(r));
-    cr_assert(eq(int, pool_would_accept(p, &st.route), 1));
+    cr_assert(eq(int, pool_would_accept(p, &st.route, NULL), 1));
     pool_deliver(p, &st.route, &m[0], on_done, &r[0]);
     run_for(&r[0], 1, 5000);
     cr_assert(eq(int, (int)r[0].status, SMTPC_SENT));
-    cr_assert(eq(int, pool_would_accept(p, &st.route), 0));
+    cr_assert(eq(int, pool_would_accept(p, &st.route, NULL), 0));
     pool_deliver(p, &st.route, &m[1], on_done, &r[1]);
     run_for(&r[1], 1, 300);
     cr_assert(eq(int, r[1].ncalls, 0), "over the rate: it waits");
@@ -600,7 +600,7 @@ Test(pool, throttle_pauses_upstream)
 
     cr_redirect_stderr();
     asrv_start(&s);
-    s.dot = "421 4.7.0 Try again later, closing connection";
+    s.dot = "421 4.7.0 Too many messages, rate limit exceeded, closing connection";
     cfg_build(&st, 1, &s.port);
     p = pool_up_and_running(&st);
     memset(&r, 0, sizeof(r));
@@ -610,7 +610,35 @@ Test(pool, throttle_pauses_upstream)
     cr_assert(eq(int, r.throttled, 1));
     cr_assert(eq(int, r.config_fault, 0));
     cr_assert(gt(u64, upstream_paused_until(pool_upstream(p, &st.ups[0]), uv_now(&loop)), 0));
-    cr_assert(eq(int, pool_would_accept(p, &st.route), 0));
+    cr_assert(eq(int, pool_would_accept(p, &st.route, NULL), 0));
+    pool_finish(p);
+    asrv_stop(&s);
+    uv_run(&loop, UV_RUN_DEFAULT);
+}
+
+/* One session's "421 4.7.0 Service not available" defers its message only: the upstream is
+ * not paused (a pause needs words naming a rate, or a failed cohort of sessions). */
+Test(pool, one_421_does_not_pause)
+{
+    struct asrv s;
+    struct setup st;
+    struct smtpc_msg m = msg_n(1);
+    struct result r;
+    struct pool *p;
+
+    cr_redirect_stderr();
+    asrv_start(&s);
+    s.dot = "421 4.7.0 Service not available, closing transmission channel";
+    cfg_build(&st, 1, &s.port);
+    p = pool_up_and_running(&st);
+    memset(&r, 0, sizeof(r));
+    pool_deliver(p, &st.route, &m, on_done, &r);
+    run_for(&r, 1, 5000);
+    cr_assert(eq(int, (int)r.status, SMTPC_DEFER));
+    cr_assert(eq(int, r.throttled, 0));
+    cr_assert(eq(int, r.config_fault, 0));
+    cr_assert(eq(u64, upstream_paused_until(pool_upstream(p, &st.ups[0]), uv_now(&loop)), 0));
+    cr_assert(eq(int, pool_would_accept(p, &st.route, NULL), 1));
     pool_finish(p);
     asrv_stop(&s);
     uv_run(&loop, UV_RUN_DEFAULT);

@@ -97,7 +97,8 @@ static uint64_t put_aged(struct spool *sp, int64_t age, enum spool_state st)
     int done = 0;
 
     memset(&m, 0, sizeof(m));
-    m.id = spool_id_new(sp);
+    /* Queue ids are arrival times in milliseconds: the purge relies on it. */
+    m.id = spool_id_new(sp) - (uint64_t)age * 1000;
     m.state = SPOOL_QUEUED;
     m.arrived = time(NULL) - age;
     m.next_attempt = m.arrived;

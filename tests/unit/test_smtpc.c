@@ -45,10 +45,11 @@ struct outcome {
     size_t nrcpts; /* set before delivering */
     int ncalls;
     enum smtpc_status status;
-    int config_fault;
+    int config_fault, throttled;
     char reply[512];
     char tls[128];
     enum smtpc_status rcpt_status[4];
+    enum verdict_cause rcpt_cause[4];
     char rcpt_reply[4][256];
 };
 
@@ -258,12 +259,14 @@ static void on_done(void *arg, const struct smtpc_result *res)
     o->ncalls++;
     o->status = res->status;
     o->config_fault = res->config_fault;
+    o->throttled = res->throttled;
     snprintf(o->reply, sizeof(o->reply), "%s", res->reply);
     snprintf(o->tls, sizeof(o->tls), "%s", res->tls);
     for (i = 0; i < o->nrcpts; i++) {
-        o->rcpt_status[i] = res->rcpt_status[i];
+        o->rcpt_status[i] = res->rcpt[i].status;
+        o->rcpt_cause[i] = res->rcpt[i].cause;
         snprintf(o->rcpt_reply[i], sizeof(o->rcpt_reply[i]), "%s",
-                 res->rcpt_reply[i] != NULL ? res->rcpt_reply[i] : "(null)");
+                 res->rcpt[i].reply != NULL ? res->rcpt[i].reply : "(null)");
     }
 }
 
@@ -310,6 +313,68 @@ static void deliver(const struct cfg_upstream *up, const char *ca, const char *b
     cr_assert(eq(int, o->ncalls, 1));
     uv_run(&loop, UV_RUN_NOWAIT);
     tlsio_cred_free(cred);
+}
+
+/* Issue #9, defect 1: the first RCPT refused as the relay's own fault ("not owned by
+ * user"), the second accepted, DATA accepted: the refused one is deferred with its own
+ * reply and cause, never "sent"; the upstream is not marked faulty for it. */
+Test(smtpc, rcpt_config_fault_is_that_recipient_only)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250 8BITMIME"},
+        {"MAIL FROM:<fax@lan>", "250 2.1.0 Ok"},
+        {"RCPT TO:<a@example.com>",
+         "553 5.7.1 <a@example.com>: Sender address rejected: not owned by user dev"},
+        {"RCPT TO:<b@example.com>", "250 2.1.5 Ok"},
+        {"DATA", "354 go"},
+        {".", "250 2.6.0 <x@y> Queued mail for delivery"},
+        {"QUIT", "221 2.0.0 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    deliver(&up, NULL, "Subject: x\r\n\r\nbody\r\n", 2, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
+    cr_assert(eq(int, o.config_fault, 0));
+    cr_assert(eq(int, (int)o.rcpt_status[0], SMTPC_DEFER));
+    cr_assert(eq(int, (int)o.rcpt_cause[0], VERDICT_CONFIG));
+    cr_assert(eq(str, o.rcpt_reply[0],
+                 "553 5.7.1 <a@example.com>: Sender address rejected: not owned by user dev"));
+    cr_assert(eq(int, (int)o.rcpt_status[1], SMTPC_SENT));
+    cr_assert(eq(int, (int)o.rcpt_cause[1], VERDICT_SENT));
+    fake_stop(&f);
+}
+
+/* Issue #9, defect 3: "452 4.2.2 mailbox quota exceeded" on one RCPT is about that mailbox:
+ * that recipient is deferred (transient, counted), nothing asks the upstream to slow down. */
+Test(smtpc, rcpt_quota_is_not_a_throttle)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250 8BITMIME"},
+        {"MAIL FROM:<fax@lan>", "250 2.1.0 Ok"},
+        {"RCPT TO:<a@example.com>", "452 4.2.2 <a@example.com>: mailbox quota exceeded"},
+        {"RCPT TO:<b@example.com>", "250 2.1.5 Ok"},
+        {"DATA", "354 go"},
+        {".", "250 2.0.0 Ok: queued as 4D"},
+        {"QUIT", "221 2.0.0 Bye"},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    deliver(&up, NULL, "Subject: x\r\n\r\nbody\r\n", 2, &o);
+    cr_assert(eq(int, (int)o.rcpt_status[0], SMTPC_DEFER));
+    cr_assert(eq(int, (int)o.rcpt_cause[0], VERDICT_TRANSIENT));
+    cr_assert(eq(int, (int)o.rcpt_status[1], SMTPC_SENT));
+    cr_assert(eq(int, o.throttled, 0));
+    fake_stop(&f);
 }
 
 /* Plaintext delivery: dot-stuffing, a final CRLF added, one recipient refused. */
@@ -988,8 +1053,10 @@ Test(smtpc, send_as_denied_is_held)
         eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done_full, &fo, NULL), 0));
     run_until(&fo.o.ncalls, 1);
     cr_assert(eq(int, (int)fo.o.status, SMTPC_DEFER));
-    cr_assert(eq(int, fo.o.config_fault, 1));
+    /* About this sender, not the upstream: the upstream stays healthy. */
+    cr_assert(eq(int, fo.o.config_fault, 0));
     cr_assert(eq(int, (int)fo.o.rcpt_status[0], SMTPC_DEFER));
+    cr_assert(eq(int, (int)fo.o.rcpt_cause[0], VERDICT_CONFIG));
     cr_assert_not_null(strstr(fo.action, "Send As"), "%s", fo.action);
     fake_stop(&f);
 }

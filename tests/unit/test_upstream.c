@@ -1,6 +1,6 @@
 /*
- * test_upstream - the provider reply table, rate windows on a test clock, throttle
- * back-off and health state.  No loop, no network: every time is passed in.
+ * test_upstream - rate windows on a test clock, throttle back-off, the failed-cohort rule
+ * and health state (the provider reply table is tests/unit/test_verdict.c).  No loop, no network: every time is passed in.
  */
 #include <criterion/criterion.h>
 #include <criterion/new/assert.h>
@@ -8,75 +8,9 @@
 #include <string.h>
 
 #include "relayd/upstream.h"
+#include "relayd/verdict.h"
 
 TestSuite(upstream, .timeout = 10);
-
-struct reply_case {
-    const char *label;
-    const char *reply;
-    const char *want_action_part; /* NULL: no action */
-    int want_fault;
-    int want_throttle;
-};
-
-static const struct reply_case reply_cases[] = {
-    {"m365 basic auth off",
-     "535 5.7.30 Basic authentication is not supported for Client Submission",
-     "switch the upstream to OAuth2", 1, 0},
-    {"m365 send as denied",
-     "554 5.2.252 SendAsDenied; dev@corp.example not allowed to send as fax@lan; STOREDRV",
-     "Send As", 1, 0},
-    {"send as denied without the code", "550 SendAsDenied", "Send As", 1, 0},
-    {"m365 smtp auth disabled",
-     "AUTH LOGIN: 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled "
-     "for the Tenant",
-     "Authenticated SMTP", 1, 0},
-    {"m365 tls version", "421 4.7.66 TLS 1.0 and 1.1 are not supported. Please upgrade",
-     "tls_priority", 1, 0},
-    {"google app password",
-     "AUTH PLAIN: 534-5.7.9 Application-specific password required. Learn more at "
-     "https://support.google.com/mail/?p=InvalidSecondFactor",
-     "app password", 1, 0},
-    {"google bad password", "535-5.7.8 Username and Password not accepted.", "app password", 1, 0},
-    {"postfix auth failed", "AUTH PLAIN: 535 5.7.8 Error: authentication failed",
-     "check username and password_file", 1, 0},
-    {"postfix sender login mismatch",
-     "553 5.7.1 <fax@lan>: Sender address rejected: not owned by user dev", "Send As", 1, 0},
-    {"google rate limit", "421-4.7.28 Our system has detected an unusual rate", "rate-limiting", 0,
-     1},
-    {"m365 concurrency", "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
-     "max_connections", 0, 1},
-    {"plain 421 only defers", "421 4.3.2 Service shutting down", NULL, 0, 0},
-    {"4xx rate words throttle", "450 4.7.1 Error: too many messages, slow down", NULL, 0, 1},
-    {"too many recipients is not a throttle", "452 4.5.3 Error: too many recipients", NULL, 0, 0},
-    {"ordinary 4xx", "451 4.3.0 try later", NULL, 0, 0},
-    {"ordinary 5xx", "550 5.1.1 <b@example.com>: Recipient address rejected", NULL, 0, 0},
-    {"token, not prefix: 5.7.90", "550 5.7.90 something else", NULL, 0, 0},
-    {"success", "250 2.0.0 Ok: queued as 3B1F0", NULL, 0, 0},
-};
-
-/* Each known provider reply maps to its action, fault and throttle flags. */
-Test(upstream, reply_table)
-{
-    size_t i;
-
-    for (i = 0; i < sizeof(reply_cases) / sizeof(reply_cases[0]); i++) {
-        const struct reply_case *c = &reply_cases[i];
-        struct upstream_reply_info info;
-
-        upstream_reply_classify(c->reply, &info);
-        if (c->want_action_part == NULL)
-            cr_expect_null(info.action, "%s: %s", c->label, info.action);
-        else
-            cr_expect_not_null(info.action != NULL ? strstr(info.action, c->want_action_part)
-                                                   : NULL,
-                               "%s: action %s", c->label, info.action);
-        cr_expect(eq(int, info.config_fault, c->want_fault), "%s", c->label);
-        cr_expect(eq(int, info.throttle, c->want_throttle), "%s", c->label);
-    }
-    cr_assert_null(upstream_reply_action(NULL));
-    cr_assert_not_null(upstream_reply_action("550 5.7.30 Basic authentication"));
-}
 
 static struct cfg_upstream cfg_with(int per_minute, int per_day)
 {
@@ -180,6 +114,33 @@ Test(upstream, throttle_backoff)
     u = upstream_free(u);
 }
 
+/* Postfix's dead-destination rule: one 421 among working sessions pauses nothing; a whole
+ * cohort failing in a row does; a session that works ends the pause and the doubling. */
+Test(upstream, failed_cohort)
+{
+    struct cfg_upstream c = cfg_with(0, 0);
+    struct upstream *u = upstream_new(&c);
+    uint64_t t = 1000000;
+
+    cr_redirect_stderr();
+    cr_assert(eq(int, upstream_session_failed(u, 4, t), 0));
+    upstream_session_ok(u, t);
+    for (int i = 0; i < 3; i++)
+        cr_assert(eq(int, upstream_session_failed(u, 4, t), 0));
+    cr_assert(eq(u64, upstream_paused_until(u, t), 0));
+    cr_assert(eq(int, upstream_session_failed(u, 4, t), 1));
+    cr_assert(eq(u64, upstream_paused_until(u, t), t + 60000));
+    /* A session already under way succeeds: the pause ends at once. */
+    upstream_session_ok(u, t + 1000);
+    cr_assert(eq(u64, upstream_paused_until(u, t + 1000), 0));
+    /* The next failed cohort starts from 60 s again, not 120 s. */
+    for (int i = 0; i < 3; i++)
+        upstream_session_failed(u, 4, t + 2000);
+    cr_assert(eq(int, upstream_session_failed(u, 4, t + 2000), 1));
+    cr_assert(eq(u64, upstream_paused_until(u, t + 2000), t + 2000 + 60000));
+    u = upstream_free(u);
+}
+
 /* Health: reason and action kept, status line says both, healthy again clears them. */
 Test(upstream, health_and_status)
 {
@@ -193,7 +154,7 @@ Test(upstream, health_and_status)
     upstream_status(u, 2000, line, sizeof(line));
     cr_assert(eq(str, line, "healthy, 1/30 messages this minute, 2/10000 recipients in 24h"));
     upstream_set_unhealthy(u, "AUTH PLAIN: 535 5.7.139 Authentication unsuccessful",
-                           upstream_reply_action("535 5.7.139"), 2000);
+                           verdict_action("535 5.7.139"), 2000);
     cr_assert(eq(int, upstream_is_healthy(u), 0));
     upstream_status(u, 12000, line, sizeof(line));
     cr_assert(eq(int, strncmp(line, "unhealthy for 10s: AUTH PLAIN: 535 5.7.139", 42), 0), "%s",
