@@ -200,6 +200,13 @@ int main(int argc, char **argv)
     r.spool_wake.data = &r;
     if ((rc = spool_writer_start(r.sp, relayd_spool_wake, &r.spool_wake)) != 0)
         log_fatal("spool %s: cannot start the writer: %s", r.cfg.spool_dir, spool_strerror(rc));
+    if (getenv("RELAYD_TEST_FAIL_UPDATES") != NULL) {
+        /* Fault injection for the test suite: the next N delivery results fail to be
+         * written, as on a full or failing disk (tests/e2e/t_out_write_fail.sh). */
+        log_warn("RELAYD_TEST_FAIL_UPDATES is set: the next %d spool updates will fail",
+                 atoi(getenv("RELAYD_TEST_FAIL_UPDATES")));
+        spool_fault_updates(r.sp, atoi(getenv("RELAYD_TEST_FAIL_UPDATES")));
+    }
 
     r.oauth2 = oauth2_new(&r.loop, &r.cfg);
     oauth2_start(r.oauth2); /* so that the first delivery finds a token */

@@ -377,14 +377,19 @@ static void req_failover(struct pool_req *req, const struct smtpc_result *last)
 
 static void probe_fire(uv_timer_t *t);
 
+/* Probes an unhealthy upstream every upstream_probe_interval; a paused one too while its
+ * pause has longer to run than that (else the pause's end is the probe). */
 static void probe_arm(struct pool_up *pu)
 {
     int every = pu->p->cfg->upstream_probe_interval;
+    uint64_t until = upstream_paused_until(pu->u, pool_now(pu->p));
 
     if (pu->p->stopping || pu->probe != NULL)
         return;
     if (every <= 0)
         every = POOL_PROBE_INTERVAL_DEFAULT;
+    if (upstream_is_healthy(pu->u) && (until == 0 || until - pool_now(pu->p) <= (uint64_t)every * 1000))
+        return;
     if (!uv_is_active((uv_handle_t *)&pu->probe_timer))
         uv_timer_start(&pu->probe_timer, probe_fire, (uint64_t)every * 1000, 0);
 }
@@ -398,7 +403,7 @@ static void probe_done(void *arg, const struct smtpc_result *res)
         return;
     if (res->status == SMTPC_SENT) {
         upstream_set_healthy(pu->u, pool_now(pu->p));
-        upstream_session_ok(pu->u, pool_now(pu->p));
+        upstream_session_ok(pu->u, pool_now(pu->p)); /* a pause ends too */
         pool_kick(pu->p);
         if (pu->p->on_healthy != NULL)
             pu->p->on_healthy(pu->p->on_healthy_arg, pu->cfg);
@@ -416,7 +421,8 @@ static void probe_fire(uv_timer_t *t)
     struct pool_up *pu = t->data;
     int rc;
 
-    if (pu->p->stopping || upstream_is_healthy(pu->u))
+    if (pu->p->stopping ||
+        (upstream_is_healthy(pu->u) && upstream_paused_until(pu->u, pool_now(pu->p)) == 0))
         return;
     log_debug(1, "upstream %s: probing", pu->cfg->name);
     rc = smtpc_probe(pu->p->loop, pu->cfg, pu->cred, pu->p->cfg->hostname, NULL, probe_done, pu,
@@ -488,9 +494,13 @@ static void up_learn(struct pool_up *pu, const struct smtpc_result *res)
 
     if (res->throttled)
         upstream_throttle(pu->u, now);
-    if (res->session_transient)
+    if (res->session_transient &&
         upstream_session_failed(pu->u, pu->cfg->max_connections > 0 ? pu->cfg->max_connections : 4,
-                                now);
+                                (uint64_t)p->cfg->retry_first * 1000,
+                                (uint64_t)p->cfg->retry_max * 1000, now))
+        probe_arm(pu); /* a probe that works ends the pause early */
+    if (res->throttled)
+        probe_arm(pu);
     if (!res->throttled && !res->session_transient && !res->config_fault)
         upstream_session_ok(pu->u, now); /* the dialogue ran to its end */
 }
@@ -520,15 +530,15 @@ static void tx_done(void *arg, const struct smtpc_result *res)
      * route (another account, another connector) may be allowed what this one is not. */
     for (j = 0; j < res->nrcpts && j < req->sub.nrcpts; j++) {
         const struct smtpc_rcpt_result *r = &res->rcpt[j];
-        struct pool_rcpt *rc = &req->rc[req->sub_index[j]];
 
-        rcpt_set(rc, r->status, r->cause, r->reply, r->action, r->tls, r->up);
-        if (r->cause == VERDICT_CONFIG) {
-            rc->final = 0;
-            nconfig++;
-        }
+        rcpt_set(&req->rc[req->sub_index[j]], r->status, r->cause, r->reply, r->action, r->tls,
+                 r->up);
+        nconfig += r->cause == VERDICT_CONFIG;
     }
     if (nconfig > 0 && !p->stopping && cand_up(req->route, req->cand + 1) != NULL) {
+        for (j = 0; j < res->nrcpts && j < req->sub.nrcpts; j++)
+            if (res->rcpt[j].cause == VERDICT_CONFIG)
+                req->rc[req->sub_index[j]].final = 0;
         req_build_sub(req);
         req_failover(req, res);
         pool_kick(p);

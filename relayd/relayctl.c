@@ -784,24 +784,6 @@ static int act_one(struct ctx *c, enum action act, uint64_t id, const char *arg)
     return 0;
 }
 
-struct idvec {
-    uint64_t *v;
-    size_t n, cap;
-};
-
-static int collect_scheduled(const struct spool_msg *m, void *arg)
-{
-    struct idvec *iv = arg;
-
-    if (m->state != SPOOL_QUEUED && m->state != SPOOL_DEFERRED)
-        return 0;
-    if (iv->n == iv->cap) {
-        iv->cap = iv->cap ? iv->cap * 2 : 64;
-        iv->v = xrealloc(iv->v, iv->cap * sizeof(*iv->v));
-    }
-    iv->v[iv->n++] = m->id;
-    return 0;
-}
 
 /* Asks on the terminal; 1 when the answer starts with y. */
 static int confirm(size_t n)
@@ -871,20 +853,18 @@ static int cmd_action(struct ctx *c, enum action act, int argc, char **argv)
         goto out;
     }
     if (all) {
-        /* Collect first, then write: no write happens inside the scan. */
-        struct idvec iv = {0};
-        char idbuf[17];
-        int frc = spool_foreach(c->sp, collect_scheduled, &iv);
+        /* A few transactions of thousands of messages each, not one per message. */
+        size_t nall = 0;
+        int frc = spool_retry_all(c->sp, &nall);
 
         if (frc != 0) {
             fprintf(stderr, "%s: retry: %s\n", prog, spool_strerror(frc));
             failed++;
         }
-        for (size_t i = 0; i < iv.n; i++)
-            failed += act_one(c, act, iv.v[i], spool_id_str(iv.v[i], idbuf)) != 0;
-        if (iv.n == 0 && frc == 0)
+        if (nall == 0 && frc == 0)
             printf("no queued or deferred messages\n");
-        free(iv.v);
+        else if (nall > 0)
+            printf("%zu message%s queued for retry\n", nall, nall == 1 ? "" : "s");
     }
     for (size_t i = 0; i < n; i++)
         failed += act_one(c, act, ids[i], args[i]) != 0;

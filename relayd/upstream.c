@@ -29,6 +29,7 @@ struct upstream {
     uint64_t paused_until;
     uint64_t next_pause; /* 0: UPSTREAM_THROTTLE_FIRST_MS */
     int failed_sessions; /* temporary session-level failures since the last success */
+    uint64_t next_cohort_pause; /* 0: the first one */
     /* Send times of the last max_messages_per_minute messages, oldest at head. */
     uint64_t *sent;
     int nsent, head;
@@ -132,18 +133,27 @@ void upstream_throttle_clear(struct upstream *u)
     u->next_pause = 0;
 }
 
-int upstream_session_failed(struct upstream *u, int cohort, uint64_t now_ms)
+int upstream_session_failed(struct upstream *u, int cohort, uint64_t first_ms, uint64_t max_ms,
+                            uint64_t now_ms)
 {
+    uint64_t pause;
+
     if (cohort < 1)
         cohort = 1;
     if (++u->failed_sessions < cohort || u->paused_until > now_ms)
         return 0;
     /* Postfix's dead-destination rule: a whole cohort failed with no success among them;
-     * more sessions now would only add to the upstream's trouble. */
-    log_warn("upstream %s: %d sessions in a row failed temporarily", u->cfg->name,
-             u->failed_sessions);
+     * more sessions now would only add to the upstream's trouble.  The pause follows the
+     * retry schedule (a destination that is down, not one asking to slow down). */
+    pause = u->next_cohort_pause != 0 ? u->next_cohort_pause : first_ms;
+    if (pause > max_ms)
+        pause = max_ms;
     u->failed_sessions = 0;
-    upstream_throttle(u, now_ms);
+    u->paused_until = now_ms + pause;
+    u->next_cohort_pause = pause * 2;
+    log_warn("upstream %s: %d sessions in a row failed temporarily; pausing all deliveries to "
+             "it for %llus",
+             u->cfg->name, cohort, (unsigned long long)(pause / 1000));
     return 1;
 }
 
@@ -151,6 +161,7 @@ void upstream_session_ok(struct upstream *u, uint64_t now_ms)
 {
     u->failed_sessions = 0;
     u->next_pause = 0;
+    u->next_cohort_pause = 0;
     if (u->paused_until > now_ms) {
         log_info("upstream %s: a session worked; the pause ends now", u->cfg->name);
         u->paused_until = 0;

@@ -60,9 +60,11 @@ void upstream_throttle(struct upstream *u, uint64_t now_ms);
 void upstream_throttle_clear(struct upstream *u);
 /* A session failed temporarily at session level (421, refused, lost before it was ready).
  * When cohort of them (the pool passes max_connections) failed in a row with no success in
- * between, the upstream is paused as by upstream_throttle(): returns 1 then.  One session's
- * 421 while others succeed only defers that session's mail. */
-int upstream_session_failed(struct upstream *u, int cohort, uint64_t now_ms);
+ * between, the upstream is paused: first_ms, doubling up to max_ms (the pool passes
+ * retry_first and retry_max), until a session or a probe works; returns 1 then.  One
+ * session's 421 while others succeed only defers that session's mail. */
+int upstream_session_failed(struct upstream *u, int cohort, uint64_t first_ms, uint64_t max_ms,
+                            uint64_t now_ms);
 /* A session or a probe worked: the cohort starts over, the pause doubling resets, and a
  * pause in force ends now. */
 void upstream_session_ok(struct upstream *u, uint64_t now_ms);

@@ -9,6 +9,10 @@ talks to it with tls = none and no username).  Listens on 127.0.0.1 only.
                    [--fault-times N]
 
 --rcpt-reply bad@example.com='550 5.1.1 no such user' answers that RCPT with REPLY.
+--dot-delay S waits S seconds before answering the end of data ("conn N dot" is logged
+when the dot arrives, so a test can act while relayd waits for the reply).
+--dot-reply-for ADDR='451 4.3.0 later' answers the end of data with REPLY when ADDR is one
+of the transaction's recipients (the message is then not stored unless REPLY is 2xx).
 --fault MODE, for the first N connections (--fault-times, default 1):
   421-after-rcpt   answer the first RCPT with 421 and close
   drop-in-data     accept DATA, read a few lines of the message, then close without reply
@@ -110,6 +114,14 @@ class Handler(socketserver.StreamRequestHandler):
                     if raw.startswith(b"."):
                         raw = raw[1:]
                     data.append(raw)
+                log(a.dir, "conn %d dot" % n)
+                if a.dot_delay:
+                    time.sleep(a.dot_delay)
+                special = [a.dot_reply_for[r.lower()] for r in rcpts if r.lower() in a.dot_reply_for]
+                if special and not special[0].startswith("2"):
+                    log(a.dir, "conn %d dot reply %s" % (n, special[0]))
+                    self.send(special[0])
+                    continue
                 with lock:
                     state["msgs"] += 1
                     m = state["msgs"]
@@ -147,8 +159,11 @@ def main():
     p.add_argument("--rcpt-reply", action="append", default=[])
     p.add_argument("--fault", choices=["421-after-rcpt", "drop-in-data", "421-greeting"])
     p.add_argument("--fault-times", type=int, default=1)
+    p.add_argument("--dot-delay", type=float, default=0)
+    p.add_argument("--dot-reply-for", action="append", default=[])
     a = p.parse_args()
     a.rcpt_reply = dict((k.lower(), v) for k, v in (r.split("=", 1) for r in a.rcpt_reply))
+    a.dot_reply_for = dict((k.lower(), v) for k, v in (r.split("=", 1) for r in a.dot_reply_for))
     os.makedirs(a.dir, exist_ok=True)
     srv = Server(("127.0.0.1", a.port), Handler)
     srv.args = a

@@ -123,20 +123,20 @@ Test(upstream, failed_cohort)
     uint64_t t = 1000000;
 
     cr_redirect_stderr();
-    cr_assert(eq(int, upstream_session_failed(u, 4, t), 0));
+    cr_assert(eq(int, upstream_session_failed(u, 4, 60000, 3600000, t), 0));
     upstream_session_ok(u, t);
     for (int i = 0; i < 3; i++)
-        cr_assert(eq(int, upstream_session_failed(u, 4, t), 0));
+        cr_assert(eq(int, upstream_session_failed(u, 4, 60000, 3600000, t), 0));
     cr_assert(eq(u64, upstream_paused_until(u, t), 0));
-    cr_assert(eq(int, upstream_session_failed(u, 4, t), 1));
+    cr_assert(eq(int, upstream_session_failed(u, 4, 60000, 3600000, t), 1));
     cr_assert(eq(u64, upstream_paused_until(u, t), t + 60000));
     /* A session already under way succeeds: the pause ends at once. */
     upstream_session_ok(u, t + 1000);
     cr_assert(eq(u64, upstream_paused_until(u, t + 1000), 0));
     /* The next failed cohort starts from 60 s again, not 120 s. */
     for (int i = 0; i < 3; i++)
-        upstream_session_failed(u, 4, t + 2000);
-    cr_assert(eq(int, upstream_session_failed(u, 4, t + 2000), 1));
+        upstream_session_failed(u, 4, 60000, 3600000, t + 2000);
+    cr_assert(eq(int, upstream_session_failed(u, 4, 60000, 3600000, t + 2000), 1));
     cr_assert(eq(u64, upstream_paused_until(u, t + 2000), t + 2000 + 60000));
     u = upstream_free(u);
 }
