@@ -173,3 +173,97 @@ Test(sched, purge_failed, .timeout = 60)
     spool_close(sp);
     nftw(tdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
 }
+
+/* ---- The round's outcome ---- */
+
+#define P SPOOL_RCPT_PENDING
+#define S SPOOL_RCPT_SENT
+#define F SPOOL_RCPT_FAILED
+#define NOW 1000000
+#define WAIT (NOW + 600)
+
+struct round_case {
+    const char *label;
+    int64_t age; /* seconds since arrival */
+    int attempts;
+    size_t n;
+    struct sched_round_rcpt r[3]; /* before, in_round, cause, routed, wait_until */
+    enum spool_state want_state;
+    int want_delivered, want_count, want_expired;
+    int64_t want_next;                  /* -1: a backoff from NOW; 0: none */
+    enum spool_rcpt_status want_after[3];
+};
+
+static const struct round_case round_cases[] = {
+    {"all sent: removed", 10, 0, 2,
+     {{P, 1, VERDICT_SENT, 1, 0, P, 0}, {P, 1, VERDICT_SENT, 1, 0, P, 0}},
+     SPOOL_QUEUED, 1, 0, 0, 0, {S, S}},
+    {"550 + 250: failed, counted", 10, 0, 2,
+     {{P, 1, VERDICT_PERMANENT, 1, 0, P, 0}, {P, 1, VERDICT_SENT, 1, 0, P, 0}},
+     SPOOL_FAILED, 0, 1, 0, 0, {F, S}},
+    {"553 not owned by user + 250: the refused one waits, uncounted", 10, 0, 2,
+     {{P, 1, VERDICT_CONFIG, 1, WAIT, P, 0}, {P, 1, VERDICT_SENT, 1, 0, P, 0}},
+     SPOOL_DEFERRED, 0, 0, 0, WAIT, {P, S}},
+    {"452 quota + 250: backoff, counted", 10, 0, 2,
+     {{P, 1, VERDICT_TRANSIENT, 1, 0, P, 0}, {P, 1, VERDICT_SENT, 1, 0, P, 0}},
+     SPOOL_DEFERRED, 0, 1, 0, -1, {P, S}},
+    {"slow-down waits for the pause, uncounted", 10, 3, 1,
+     {{P, 1, VERDICT_SLOWDOWN, 1, NOW + 60, P, 0}},
+     SPOOL_DEFERRED, 0, 0, 0, NOW + 60, {P}},
+    {"transient past max_lifetime: expired", 100, 9, 1,
+     {{P, 1, VERDICT_TRANSIENT, 1, 0, P, 0}},
+     SPOOL_FAILED, 0, 1, 1, 0, {F}},
+    {"a pause past max_lifetime also expires", 100, 9, 1,
+     {{P, 1, VERDICT_SLOWDOWN, 1, NOW + 60, P, 0}},
+     SPOOL_FAILED, 0, 0, 1, 0, {F}},
+    {"the relay's own fault never expires mail", 100, 9, 1,
+     {{P, 1, VERDICT_CONFIG, 1, WAIT, P, 0}},
+     SPOOL_DEFERRED, 0, 0, 0, WAIT, {P}},
+    {"a stop before the second group: due now", 10, 0, 2,
+     {{P, 1, VERDICT_SENT, 1, 0, P, 0}, {P, 0, VERDICT_SENT, 1, 0, P, 0}},
+     SPOOL_DEFERRED, 0, 0, 0, NOW, {S, P}},
+    {"no route for what is left: held", 10, 0, 2,
+     {{P, 1, VERDICT_SENT, 1, 0, P, 0}, {P, 0, VERDICT_SENT, 0, 0, P, 0}},
+     SPOOL_HELD, 0, 0, 0, 0, {S, P}},
+    {"failed in an earlier round, rest sent: failed", 10, 1, 2,
+     {{F, 0, VERDICT_SENT, 0, 0, P, 0}, {P, 1, VERDICT_SENT, 1, 0, P, 0}},
+     SPOOL_FAILED, 0, 0, 0, 0, {F, S}},
+    {"transient and config: the sooner of backoff and wait", 10, 0, 2,
+     {{P, 1, VERDICT_TRANSIENT, 1, 0, P, 0}, {P, 1, VERDICT_CONFIG, 1, NOW + 5, P, 0}},
+     SPOOL_DEFERRED, 0, 1, 0, NOW + 5, {P, P}},
+};
+
+/* Each recipient's verdict gives the message's state, next attempt and whether the
+ * attempt counts (table). */
+Test(sched, round_decide)
+{
+    struct cfg cfg;
+
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.max_lifetime = 100;
+    cfg.retry_first = 60;
+    cfg.retry_factor = 2;
+    cfg.retry_max = 3600;
+    for (size_t i = 0; i < sizeof(round_cases) / sizeof(round_cases[0]); i++) {
+        const struct round_case *c = &round_cases[i];
+        struct sched_round_rcpt r[3];
+        struct sched_round_in in = {&cfg, NOW, NOW - c->age, c->attempts, 1000};
+        struct sched_outcome out;
+
+        memcpy(r, c->r, sizeof(r));
+        sched_round_decide(&in, r, c->n, &out);
+        cr_expect(eq(int, (int)out.state, (int)c->want_state), "%s: state", c->label);
+        cr_expect(eq(int, out.delivered, c->want_delivered), "%s: delivered", c->label);
+        cr_expect(eq(int, out.count_attempt, c->want_count), "%s: count", c->label);
+        cr_expect(eq(int, out.expired, c->want_expired), "%s: expired", c->label);
+        if (c->want_next == -1)
+            cr_expect(eq(i64, out.next_attempt,
+                         NOW + sched_backoff_factor(c->attempts + 1, 60, 2, 3600, 1000)),
+                      "%s: next", c->label);
+        else if (c->want_next > 0)
+            cr_expect(eq(i64, out.next_attempt, c->want_next), "%s: next", c->label);
+        for (size_t k = 0; k < c->n; k++)
+            cr_expect(eq(int, (int)r[k].after, (int)c->want_after[k]), "%s: after[%zu]",
+                      c->label, k);
+    }
+}

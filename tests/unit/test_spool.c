@@ -1151,3 +1151,184 @@ Test(spool, freed_pages_reused)
               (unsigned long long)after_warmup, (unsigned long long)st.used_bytes);
     spool_close(sp);
 }
+
+/* ---- Delivery outcomes (issue #9) ---- */
+
+/* Counters follow every write: puts, updates, holds, retries, deletes (stats is O(1)). */
+Test(spool, stats_counters)
+{
+    struct spool *sp = open_rw(NULL);
+    uint64_t a = spool_id_new(sp), b = spool_id_new(sp), c = spool_id_new(sp);
+    size_t idx[1] = {0};
+    enum spool_rcpt_status sent[1] = {SPOOL_RCPT_SENT};
+    struct spool_update u;
+    struct spool_stats st;
+
+    cr_assert(eq(int, put_one(sp, a, 0, SPOOL_QUEUED, 10), 0));
+    cr_assert(eq(int, put_one(sp, b, 0, SPOOL_QUEUED, 20), 0));
+    cr_assert(eq(int, put_one(sp, c, 0, SPOOL_HELD, 30), 0));
+    cr_assert(eq(int, spool_stats(sp, &st), 0));
+    cr_assert(eq(u64, st.messages, 3));
+    cr_assert(eq(u64, st.by_state[SPOOL_QUEUED], 2));
+    cr_assert(eq(u64, st.by_state[SPOOL_HELD], 1));
+    cr_assert(eq(u64, st.recipients, 6));
+    cr_assert(st.oldest_arrival != 0);
+    /* One recipient of a sent, a deferred. */
+    memset(&u, 0, sizeof(u));
+    u.id = a;
+    u.state = SPOOL_DEFERRED;
+    u.next_attempt = 5;
+    u.nrcpts = 1;
+    u.rcpt_index = idx;
+    u.rcpt_status = sent;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    cr_assert(eq(int, spool_msg_set_state(sp, b, SPOOL_FAILED), 0));
+    cr_assert(eq(int, spool_msg_retry(sp, b), 0));
+    cr_assert(eq(int, spool_msg_delete(sp, c), 0));
+    cr_assert(eq(int, spool_stats(sp, &st), 0));
+    cr_assert(eq(u64, st.messages, 2));
+    cr_assert(eq(u64, st.by_state[SPOOL_DEFERRED], 1));
+    cr_assert(eq(u64, st.by_state[SPOOL_QUEUED], 1));
+    cr_assert(eq(u64, st.by_state[SPOOL_HELD], 0));
+    cr_assert(eq(u64, st.recipients, 3));
+    cr_assert(eq(u64, st.bytes, 30));
+    spool_close(sp);
+    /* Reopened read-only: the same figures, from the counters. */
+    {
+        struct spool_opts ro = {.readonly = 1};
+        char err[256];
+
+        cr_assert(eq(int, spool_open(sdir, &ro, &sp, err, sizeof err), 0), "%s", err);
+        cr_assert(eq(int, spool_stats(sp, &st), 0));
+        cr_assert(eq(u64, st.messages, 2));
+        cr_assert(eq(u64, st.recipients, 3));
+        spool_close(sp);
+    }
+}
+
+/* A delivery's outcome (if_scheduled) keeps an operator's hold made meanwhile but records
+ * the recipients; its notification is stored in the same transaction, and not at all when
+ * the message was deleted meanwhile. */
+Test(spool, conditional_update_with_notification)
+{
+    struct spool *sp = open_rw(NULL);
+    uint64_t a = spool_id_new(sp), b = spool_id_new(sp);
+    size_t idx[2] = {0, 1};
+    enum spool_rcpt_status st2[2] = {SPOOL_RCPT_SENT, SPOOL_RCPT_PENDING};
+    const char *rep[2] = {"250 ok", "451 later"};
+    struct spool_msg dsn, *g;
+    struct spool_rcpt dr = {"sender@lan", SPOOL_RCPT_PENDING, NULL, 0, NULL};
+    struct spool_newmsg nm;
+    struct spool_update u;
+    struct spool_stats st;
+
+    cr_assert(eq(int, put_one(sp, a, 0, SPOOL_QUEUED, 10), 0));
+    cr_assert(eq(int, put_one(sp, b, 0, SPOOL_QUEUED, 10), 0));
+    cr_assert(eq(int, spool_msg_set_state(sp, a, SPOOL_HELD), 0)); /* relayctl hold */
+    memset(&dsn, 0, sizeof(dsn));
+    dsn.id = spool_id_new(sp);
+    dsn.state = SPOOL_QUEUED;
+    dsn.sender = "";
+    dsn.client = "127.0.0.1";
+    dsn.rcpts = &dr;
+    dsn.nrcpts = 1;
+    nm.msg = &dsn;
+    nm.body = "Subject: dsn\r\n\r\nx\r\n";
+    nm.len = strlen(nm.body);
+    memset(&u, 0, sizeof(u));
+    u.id = a;
+    u.state = SPOOL_DEFERRED;
+    u.next_attempt = 1;
+    u.if_scheduled = 1;
+    u.nrcpts = 2;
+    u.rcpt_index = idx;
+    u.rcpt_status = st2;
+    u.rcpt_reply = rep;
+    u.puts = &nm;
+    u.nputs = 1;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    cr_assert(eq(int, spool_msg_get(sp, a, 0, &g), 0));
+    cr_assert(eq(int, (int)g->state, SPOOL_HELD), "the hold must win");
+    cr_assert(eq(int, (int)g->rcpts[0].status, SPOOL_RCPT_SENT), "the result must be kept");
+    spool_msg_free(g);
+    cr_assert(eq(int, spool_msg_get(sp, dsn.id, 0, &g), 0));
+    spool_msg_free(g);
+    /* Deleted meanwhile: nothing is written, and no notification either. */
+    cr_assert(eq(int, spool_msg_delete(sp, b), 0));
+    u.id = b;
+    dsn.id = spool_id_new(sp);
+    cr_assert(eq(int, update_one(sp, &u), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, spool_msg_get(sp, dsn.id, 0, &g), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, spool_stats(sp, &st), 0));
+    cr_assert(eq(u64, st.messages, 2));
+    spool_close(sp);
+}
+
+/* Reschedule moves only what is still scheduled; retry --all makes every scheduled message
+ * due in a few transactions; the fault hook fails updates as a failing disk would. */
+Test(spool, reschedule_retry_all_fault)
+{
+    struct spool *sp = open_rw(NULL);
+    uint64_t a = spool_id_new(sp), b = spool_id_new(sp), ids[2];
+    int64_t whens[2] = {5000, 5000};
+    struct result res = {0};
+    struct spool_update u;
+    size_t n = 0;
+
+    cr_assert(eq(int, put_one(sp, a, 100, SPOOL_QUEUED, 10), 0));
+    cr_assert(eq(int, put_one(sp, b, 100, SPOOL_HELD, 10), 0));
+    ids[0] = a;
+    ids[1] = b;
+    spool_reschedule_async(sp, ids, whens, 2, on_done, &res);
+    reap_until(sp, &res.called, 1);
+    cr_assert(eq(int, res.rc, 0));
+    cr_assert(eq(int, spool_due(sp, 4999, ids, 2, &n), 0));
+    cr_assert(eq(sz, n, 0));
+    cr_assert(eq(int, spool_due(sp, 5000, ids, 2, &n), 0));
+    cr_assert(eq(sz, n, 1), "the held message must not be scheduled");
+    cr_assert(eq(int, spool_retry_all(sp, &n), 0));
+    cr_assert(eq(sz, n, 1));
+    cr_assert(eq(int, spool_due(sp, time(NULL), ids, 2, &n), 0));
+    cr_assert(eq(sz, n, 1));
+    spool_fault_updates(sp, 1);
+    memset(&u, 0, sizeof(u));
+    u.id = a;
+    u.state = SPOOL_DEFERRED;
+    cr_assert(eq(int, update_one(sp, &u), SPOOL_EIO));
+    cr_assert(eq(int, update_one(sp, &u), 0), "only the next one fails");
+    spool_close(sp);
+}
+
+/* An envelope that does not decode is set aside: held with the reason, its original
+ * bytes kept in "bad", its schedule entry gone, the counters right. */
+Test(spool, quarantine)
+{
+    struct spool *sp = open_rw(NULL);
+    uint64_t a = spool_id_new(sp), b = spool_id_new(sp), ids[4];
+    static const unsigned char junk[] = {9, 0xff, 0xff};
+    struct result res = {0};
+    struct spool_stats st;
+    struct spool_msg *g;
+    size_t n = 0;
+
+    cr_assert(eq(int, put_one(sp, a, 100, SPOOL_QUEUED, 10), 0));
+    cr_assert(eq(int, put_one(sp, b, 200, SPOOL_QUEUED, 10), 0));
+    spool_close(sp);
+    put_raw_record(a, junk, sizeof junk);
+    sp = open_rw(NULL);
+    cr_assert(eq(int, spool_msg_get(sp, a, 0, &g), SPOOL_ECORRUPT));
+    spool_quarantine_async(sp, a, "unreadable envelope record", on_done, &res);
+    reap_until(sp, &res.called, 1);
+    cr_assert(eq(int, res.rc, 0));
+    cr_assert(eq(int, spool_msg_get(sp, a, 0, &g), 0));
+    cr_assert(eq(int, (int)g->state, SPOOL_HELD));
+    cr_assert(eq(str, g->last_error, "unreadable envelope record"));
+    spool_msg_free(g);
+    cr_assert(eq(int, spool_due(sp, 1000, ids, 4, &n), 0));
+    cr_assert(eq(sz, n, 1));
+    cr_assert(eq(u64, ids[0], b));
+    cr_assert(eq(int, spool_stats(sp, &st), 0));
+    cr_assert(eq(u64, st.messages, 2));
+    cr_assert(eq(u64, st.by_state[SPOOL_HELD], 1));
+    spool_close(sp);
+}
