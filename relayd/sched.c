@@ -142,6 +142,7 @@ struct sched {
     int pool_open;     /* pool_stop() has not finished yet */
     struct sched_delivery *active;
     int nactive;
+    uint64_t body_bytes;          /* message bodies held by deliveries in progress */
     struct sched_delivery *retry; /* writes that failed, to do again */
     int write_faults;             /* deliveries whose write failed and waits */
     struct sched_park *parks;     /* per route (cfg->routes[i]) */
@@ -337,6 +338,7 @@ static void sched_delivery_free(struct sched_delivery *d)
         }
     }
     sc->nactive--;
+    sc->body_bytes -= d->len;
     for (i = 0; i < n; i++) {
         free(d->rc[i].reply);
         free(d->rc[i].action);
@@ -1145,12 +1147,17 @@ static enum sched_pick sched_pick(struct sched *sc, uint64_t id, int room, int64
         spool_msg_free(msg);
         return SCHED_PICK_PARKED;
     }
-    if (room <= 0) {
+    /* Bodies are loaded whole: a budget ([relayd] max_memory, the same size as the inbound
+     * one) keeps workers x 35 MB scans from taking the machine's memory.  One delivery
+     * always may go, however large. */
+    if (room <= 0 || (sc->nactive > 0 && sc->body_bytes + msg->size > (uint64_t)sc->cfg->max_memory)) {
         spool_msg_free(msg);
         return SCHED_PICK_NO_ROOM;
     }
     d = sched_delivery_new(sc, id, msg);
-    if ((rc = spool_body_get(sc->sp, id, &d->body, &d->len)) != 0) {
+    rc = spool_body_get(sc->sp, id, &d->body, &d->len);
+    sc->body_bytes += d->len;
+    if (rc != 0) {
         snprintf(why, sizeof why, "cannot read the message body: %s", spool_strerror(rc));
         sched_set_aside(d, SCHED_W_HOLD, why);
         return SCHED_PICK_STARTED;
