@@ -55,7 +55,7 @@
 #define SCHED_TICK_MS 1000
 #define SCHED_PURGE_EVERY 60 /* seconds between looks for FAILED mail past failed_retention */
 #define SCHED_PURGE_MAX 256  /* at most this many deletions per look */
-#define SCHED_SCAN_MAX 256   /* due ids looked at per scan */
+#define SCHED_SCAN_MAX 256   /* due ids looked at per scan, beyond those in delivery */
 #define SCHED_WARNED "delay warning sent" /* attempt-log mark: the delay DSN went out */
 #define SCHED_WRITE_RETRY_MAX 60          /* seconds: cap of the write retry backoff */
 
@@ -146,6 +146,8 @@ struct sched {
     struct sched_delivery *retry; /* writes that failed, to do again */
     int write_faults;             /* deliveries whose write failed and waits */
     struct sched_park *parks;     /* per route (cfg->routes[i]) */
+    uint64_t *scan;               /* ids of one scan: workers + SCHED_SCAN_MAX entries */
+    size_t nscan;
     int parking;                  /* a reschedule of parked mail is being written */
     int stopping;
     int timer_open;
@@ -404,8 +406,13 @@ static void sched_parked_written(void *arg, int rc)
     struct sched *sc = arg;
 
     sc->parking = 0;
-    if (rc != 0)
+    if (rc != 0) {
+        /* The next tick tries again; no kick, or a failing disk would make this spin. */
         log_error("spool: cannot reschedule waiting mail: %s", spool_strerror(rc));
+        if (sc->stopping)
+            sched_maybe_stopped(sc);
+        return;
+    }
     if (sc->stopping)
         sched_maybe_stopped(sc);
     else
@@ -1168,7 +1175,7 @@ static enum sched_pick sched_pick(struct sched *sc, uint64_t id, int room, int64
 
 static void sched_run(struct sched *sc)
 {
-    uint64_t ids[SCHED_SCAN_MAX], *pids = NULL;
+    uint64_t *ids = sc->scan, *pids = NULL;
     int64_t now = (int64_t)time(NULL), *pwhen = NULL, until;
     size_t n = 0, i, npark = 0;
     int rc;
@@ -1176,7 +1183,8 @@ static void sched_run(struct sched *sc)
     if (sc->stopping || sc->parking || sc->write_faults > 0 ||
         sc->nactive >= sc->cfg->workers || sched_all_blocked(sc))
         return;
-    if ((rc = spool_due(sc->sp, now, ids, SCHED_SCAN_MAX, &n)) != 0) {
+    /* Busy messages may still look due: look past them (they are skipped unread). */
+    if ((rc = spool_due(sc->sp, now, ids, sc->nscan, &n)) != 0) {
         log_error("spool: cannot read the schedule: %s", spool_strerror(rc));
         return;
     }
@@ -1327,6 +1335,8 @@ struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp
     sc->sp = sp;
     sc->pool = pool_new(loop, cfg);
     sc->parks = xcalloc((size_t)cfg->nroutes + 1, sizeof(*sc->parks));
+    sc->nscan = (size_t)cfg->workers + SCHED_SCAN_MAX;
+    sc->scan = xcalloc(sc->nscan, sizeof(*sc->scan));
     return sc;
 }
 
@@ -1404,5 +1414,6 @@ void sched_free(struct sched *sc)
     for (int r = 0; r < sc->cfg->nroutes; r++)
         free(sc->parks[r].ids);
     free(sc->parks);
+    free(sc->scan);
     free(sc);
 }
