@@ -84,7 +84,7 @@ Test(oauth2, json_table)
 
     for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         const struct json_case *c = &cases[i];
-        struct oauth2_json *j = oauth2_json_parse(c->text, strlen(c->text), err, sizeof err);
+        struct json_obj *j = json_obj_parse(c->text, strlen(c->text), err, sizeof err);
 
         if (!c->want_ok) {
             cr_assert_null(j, "%s: accepted", c->label);
@@ -93,11 +93,11 @@ Test(oauth2, json_table)
         }
         cr_assert_not_null(j, "%s: %s", c->label, err);
         if (c->want == NULL)
-            cr_assert_null(oauth2_json_get(j, c->key), "%s", c->label);
+            cr_assert_null(json_obj_get(j, c->key), "%s", c->label);
         else
-            cr_assert(eq(str, (char *)oauth2_json_get(j, c->key), (char *)c->want), "%s",
+            cr_assert(eq(str, (char *)json_obj_get(j, c->key), (char *)c->want), "%s",
                       c->label);
-        oauth2_json_free(j);
+        json_obj_free(j);
     }
 }
 
