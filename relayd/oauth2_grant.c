@@ -11,9 +11,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
-#include <signal.h>
-#include <stdarg.h>
-#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,7 +21,6 @@
 
 #include "common/buf.h"
 #include "common/json.h"
-#include "common/log.h"
 #include "common/tlsio.h"
 #include "common/xalloc.h"
 

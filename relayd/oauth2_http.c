@@ -8,24 +8,13 @@
 #include "relayd/oauth2_int.h"
 
 #include <curl/curl.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <libgen.h>
-#include <signal.h>
-#include <stdarg.h>
-#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "common/buf.h"
 #include "common/json.h"
 #include "common/log.h"
-#include "common/tlsio.h"
 #include "common/xalloc.h"
 
 /* ---- libcurl on libuv ---- */
