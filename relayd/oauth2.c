@@ -86,11 +86,12 @@ static void acct_arm(struct o2_acct *a, uint64_t at)
 
 static void acct_notify(struct o2_acct *a, const char *token, const char *err)
 {
-    struct o2_waiter *w = a->waiters, *next;
+    struct o2_waiters list = a->waiters; /* callbacks may add new waiters */
+    struct o2_waiter *w;
 
-    a->waiters = NULL;
-    for (; w != NULL; w = next) {
-        next = w->next;
+    SLIST_INIT(&a->waiters);
+    while ((w = SLIST_FIRST(&list)) != NULL) {
+        SLIST_REMOVE_HEAD(&list, link);
         w->cb(w->arg, token, err);
         free(w);
     }
@@ -444,7 +445,7 @@ static void on_defer(uv_timer_t *t)
     for (i = 0; i < o->naccts; i++) {
         struct o2_acct *a = &o->accts[i];
 
-        if (a->waiters == NULL)
+        if (SLIST_EMPTY(&a->waiters))
             continue;
         if (a->token != NULL && now < a->stale_at)
             acct_notify(a, a->token, NULL);
@@ -463,8 +464,7 @@ int oauth2_token_get(struct oauth2 *o, const struct cfg_upstream *up, oauth2_tok
     w = xcalloc(1, sizeof(*w));
     w->cb = cb;
     w->arg = arg;
-    w->next = a->waiters;
-    a->waiters = w;
+    SLIST_INSERT_HEAD(&a->waiters, w, link);
     /* Either a token is there, or a request is (or is not, when backing off): the
      * deferred check answers the first and last case, the request's end the other. */
     (void)oauth2_token_peek(o, up);

@@ -18,6 +18,7 @@
 #include <curl/curl.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/queue.h>
 #include <uv.h>
 
 #include "common/buf.h"
@@ -46,8 +47,9 @@ struct o2_acct;
 struct o2_waiter {
     oauth2_token_cb cb;
     void *arg;
-    struct o2_waiter *next;
+    SLIST_ENTRY(o2_waiter) link;
 };
+SLIST_HEAD(o2_waiters, o2_waiter);
 
 /* One HTTP request in flight (curl easy handle in the multi). */
 struct o2_req {
@@ -89,7 +91,7 @@ struct o2_acct {
     uint64_t next_try;
     int failures;
     char lasterr[600];
-    struct o2_waiter *waiters;
+    struct o2_waiters waiters; /* oauth2_token_get() callers; zeroed = empty */
 };
 
 struct o2_sock {

@@ -47,7 +47,7 @@
 #include "common/buf.h"
 #include "common/log.h"
 #include "common/xalloc.h"
-#include "relayd/bounce.h"
+#include "common/xtext.h"
 #include "relayd/upstream.h"
 #include "spool/spool.h"
 
