@@ -178,7 +178,7 @@ wait_for_port_closed() {
 }
 
 # ---------------------------------------------------------------------------------------
-# Certificates (certtool).  make_ca creates, under $T/ca:
+# Certificates (tests/lib/pki.sh, certtool, RSA keys).  make_ca creates, under $T/ca:
 #   ca.pem                     the test CA relayd trusts
 #   server.pem server.key      CN/SAN localhost + IP 127.0.0.1, signed by ca.pem
 #   wrongname.pem/.key         CN/SAN wrong.example, signed by ca.pem
@@ -186,57 +186,23 @@ wait_for_port_closed() {
 #   evil-ca.pem                an unrelated CA relayd does not trust
 #   evil.pem evil.key          localhost + 127.0.0.1, signed by evil-ca.pem
 
-_certtool() {
-    local out
-    if ! out=$(certtool "$@" 2>&1); then
-        printf '%s\n' "$out" >&2
-        fail "certtool $* failed"
-    fi
-}
-
-_make_key() { _certtool --generate-privkey --key-type rsa --bits 2048 --outfile "$1"; }
-
-# _make_ca_cert NAME CN
-_make_ca_cert() {
-    local d=$T/ca
-    cat > "$d/$1.tmpl" <<EOF
-cn = "$2"
-organization = "relayd e2e"
-ca
-cert_signing_key
-crl_signing_key
-expiration_days = 30
-EOF
-    _make_key "$d/$1.key"
-    _certtool --generate-self-signed --load-privkey "$d/$1.key" --template "$d/$1.tmpl" \
-        --outfile "$d/$1.pem"
-}
-
-# _make_server_cert NAME CA CN [DATES-LINES]
-_make_server_cert() {
-    local d=$T/ca name=$1 ca=$2 cn=$3 dates=${4:-"expiration_days = 30"}
-    {
-        printf 'cn = "%s"\norganization = "relayd e2e"\ndns_name = "%s"\n' "$cn" "$cn"
-        [ "$cn" = localhost ] && printf 'ip_address = "127.0.0.1"\n'
-        printf 'tls_www_server\nencryption_key\nsigning_key\n%s\n' "$dates"
-    } > "$d/$name.tmpl"
-    _make_key "$d/$name.key"
-    _certtool --generate-certificate --load-privkey "$d/$name.key" \
-        --load-ca-certificate "$d/$ca.pem" --load-ca-privkey "$d/$ca.key" \
-        --template "$d/$name.tmpl" --outfile "$d/$name.pem"
-}
+# shellcheck source=../lib/pki.sh
+source "$E2E_SRC/tests/lib/pki.sh"
 
 make_ca() {
     [ -f "$T/ca/server.pem" ] && return 0
     mkdir -p "$T/ca"
     chmod 0755 "$T/ca"
-    _make_ca_cert ca "relayd e2e test CA"
-    _make_server_cert server ca localhost
-    _make_server_cert wrongname ca wrong.example
-    _make_server_cert expired ca localhost \
-        $'activation_date = "2000-01-01 00:00:00"\nexpiration_date = "2001-01-01 00:00:00"'
-    _make_ca_cert evil-ca "relayd e2e untrusted CA"
-    _make_server_cert evil evil-ca localhost
+    local d=$T/ca
+    {
+        pki_ca "$d" ca "relayd e2e test CA" rsa &&
+            pki_server "$d" server ca localhost rsa &&
+            pki_server "$d" wrongname ca wrong.example rsa &&
+            pki_server "$d" expired ca localhost rsa \
+                $'activation_date = "2000-01-01 00:00:00"\nexpiration_date = "2001-01-01 00:00:00"' &&
+            pki_ca "$d" evil-ca "relayd e2e untrusted CA" rsa &&
+            pki_server "$d" evil evil-ca localhost rsa
+    } || fail "certtool failed (tests/lib/pki.sh)"
     # Postfix reads the keys as root before it drops privileges, but keep them readable
     # for its user too: nothing here is secret.
     chmod 0644 "$T"/ca/*
