@@ -54,7 +54,10 @@ pki_server() { # DIR NAME CA CN [KEYTYPE [DATES]]
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     set -euo pipefail
-    [ $# -eq 2 ] && [ "$2" = unit ] || { echo "usage: pki.sh DIR unit" >&2; exit 2; }
+    if [ $# -ne 2 ] || [ "$2" != unit ]; then
+        echo "usage: pki.sh DIR unit" >&2
+        exit 2
+    fi
     pki_ca "$1" ca "Test CA"
     pki_ca "$1" ca2 "Other CA"
     pki_server "$1" srv ca localhost

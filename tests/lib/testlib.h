@@ -29,10 +29,10 @@ int testlib_loop_close(uv_loop_t *loop);
 
 /* Runs loop one iteration at a time until cond holds or max iterations have run (raft's
  * LOOP_RUN_UNTIL): a test never hangs on a callback that does not come. */
-#define TESTLIB_LOOP_RUN_UNTIL(loop, cond, max)                                                \
-    do {                                                                                   \
-        for (long testlib_i_ = 0; testlib_i_ < (max) && !(cond); testlib_i_++)             \
-            uv_run((loop), UV_RUN_ONCE);                                                   \
+#define TESTLIB_LOOP_RUN_UNTIL(loop, cond, max)                                                    \
+    do {                                                                                           \
+        for (long testlib_i_ = 0; testlib_i_ < (max) && !(cond); testlib_i_++)                     \
+            uv_run((loop), UV_RUN_ONCE);                                                           \
     } while (0)
 
 #endif
