@@ -7,8 +7,7 @@
 # AddressSanitizer and UndefinedBehaviorSanitizer in build-asan/, then builds and runs the
 # spool writer thread's ThreadSanitizer drivers (tests/tsan/) in build-tsan/.  Exits
 # non-zero if anything failed; the last line is "summary: N passed, N failed".  The
-# end-to-end tests start real Postfix
-# instances on loopback ports and need root.  Finally the libFuzzer targets are built with
+# end-to-end tests start real Postfix instances on loopback ports and need root.  Finally the libFuzzer targets are built with
 # clang (build-fuzz/) and each runs for a bounded time (tests/fuzz/run.sh): 60 s for the
 # command parser (fuzz_smtpd) and the DATA/header repair (fuzz_msgfix), FUZZ_OTHER_SECONDS
 # (default 20) for the others; each target counts as one test.  FUZZ=0 skips this step.
