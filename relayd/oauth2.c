@@ -250,7 +250,7 @@ void oauth2_set_clock(struct oauth2 *o, oauth2_clock_fn fn, void *arg)
 }
 
 /* Lazily: relayctl and tests that never ask for a token need no handles. */
-void oauth2__ensure_started(struct oauth2 *o)
+static void ensure_started(struct oauth2 *o)
 {
     int i;
 
@@ -281,7 +281,7 @@ void oauth2_start(struct oauth2 *o)
 
     if (o->naccts == 0)
         return;
-    oauth2__ensure_started(o);
+    ensure_started(o);
     for (i = 0; i < o->naccts; i++)
         acct_kick(&o->accts[i]);
 }
@@ -368,7 +368,7 @@ const char *oauth2_token_peek(struct oauth2 *o, const struct cfg_upstream *up)
 
     if (a == NULL || o->stopping)
         return NULL;
-    oauth2__ensure_started(o);
+    ensure_started(o);
     now = now_ms(o);
     if (a->token != NULL && now < a->stale_at) {
         if (now >= a->refresh_at)
@@ -388,7 +388,7 @@ void oauth2_invalidate(struct oauth2 *o, const struct cfg_upstream *up)
 
     if (a == NULL || o->stopping)
         return;
-    oauth2__ensure_started(o);
+    ensure_started(o);
     if (a->token == NULL)
         return; /* already dropped (another delivery saw the 535) */
     if (a->after_535) {

@@ -183,7 +183,7 @@ free_names:
 
 /* ---- requests: building the grant's POST ---- */
 
-void oauth2__form_add(struct buf *b, CURL *e, const char *k, const char *v)
+static void form_add(struct buf *b, CURL *e, const char *k, const char *v)
 {
     char *ev = curl_easy_escape(e, v, 0);
 
@@ -198,7 +198,7 @@ void oauth2__form_add(struct buf *b, CURL *e, const char *k, const char *v)
 
 void oauth2_form_add(struct buf *b, const char *k, const char *v)
 {
-    oauth2__form_add(b, NULL, k, v); /* libcurl >= 7.82 escapes without a handle */
+    form_add(b, NULL, k, v); /* libcurl >= 7.82 escapes without a handle */
 }
 
 const char *oauth2_grant_name(enum cfg_grant g)
@@ -340,31 +340,31 @@ int oauth2__token_request(struct o2_acct *a, CURL *e, char **url, char **post, c
     switch (up->grant) {
     case CFG_GRANT_CLIENT_CREDENTIALS:
         /* Microsoft identity platform, client credentials with a shared secret. */
-        oauth2__form_add(b, e, "client_id", up->client_id);
-        oauth2__form_add(b, e, "scope", up->scope);
-        oauth2__form_add(b, e, "client_secret", up->client_secret);
-        oauth2__form_add(b, e, "grant_type", "client_credentials");
+        form_add(b, e, "client_id", up->client_id);
+        form_add(b, e, "scope", up->scope);
+        form_add(b, e, "client_secret", up->client_secret);
+        form_add(b, e, "grant_type", "client_credentials");
         *url = xstrdup(up->token_endpoint);
         break;
     case CFG_GRANT_REFRESH_TOKEN:
         if (oauth2__refresh_token_read(a, &rt, err, errlen) != 0)
             goto fail;
-        oauth2__form_add(b, e, "client_id", up->client_id);
+        form_add(b, e, "client_id", up->client_id);
         /* Google refreshes without scope; Microsoft wants the scope again (v2.0). */
         if (up->scope != NULL && !is_google(up))
-            oauth2__form_add(b, e, "scope", up->scope);
-        oauth2__form_add(b, e, "refresh_token", rt);
-        oauth2__form_add(b, e, "grant_type", "refresh_token");
+            form_add(b, e, "scope", up->scope);
+        form_add(b, e, "refresh_token", rt);
+        form_add(b, e, "grant_type", "refresh_token");
         if (up->client_secret != NULL)
-            oauth2__form_add(b, e, "client_secret", up->client_secret);
+            form_add(b, e, "client_secret", up->client_secret);
         oauth2__wipe_free(rt);
         *url = xstrdup(up->token_endpoint);
         break;
     case CFG_GRANT_JWT_BEARER:
         if (jwt_assertion(up, &assertion, &endpoint, err, errlen) != 0)
             goto fail;
-        oauth2__form_add(b, e, "grant_type", O2_GRANT_JWT);
-        oauth2__form_add(b, e, "assertion", assertion);
+        form_add(b, e, "grant_type", O2_GRANT_JWT);
+        form_add(b, e, "assertion", assertion);
         oauth2__wipe_free(assertion);
         *url = endpoint;
         break;

@@ -38,7 +38,6 @@
 #define O2_SECRET_MAX (64 * 1024)
 #define O2_USER_AGENT "relayd-oauth2/0.1"
 #define O2_GRANT_JWT "urn:ietf:params:oauth:grant-type:jwt-bearer"
-#define O2_GRANT_DEVICE "urn:ietf:params:oauth:grant-type:device_code"
 
 #define O2_CONTAINER(p, type, member) ((type *)(void *)((char *)(p)-offsetof(type, member)))
 
@@ -118,7 +117,6 @@ struct oauth2 {
 };
 
 /* oauth2.c */
-void oauth2__ensure_started(struct oauth2 *o);
 void oauth2__acct_fail(struct o2_acct *a, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 /* Takes the token (and a rotated refresh token) out of r. */
@@ -128,8 +126,6 @@ void oauth2__wipe_free(char *s);
 void oauth2__sanitize(char *s, size_t max);
 
 /* oauth2_grant.c */
-/* Appends "k=v" (URL-encoded through e) to the form in b. */
-void oauth2__form_add(struct buf *b, CURL *e, const char *k, const char *v);
 int oauth2__refresh_token_read(struct o2_acct *a, char **out, char *err, size_t errlen);
 /* The account's token request: endpoint URL and POST body (malloc'd), or -1 with err. */
 int oauth2__token_request(struct o2_acct *a, CURL *e, char **url, char **post, char *err,

@@ -78,11 +78,11 @@ static int cli_token(const struct cfg *cfg, const struct cfg_upstream *up)
     if (!g.ok) {
         fprintf(stderr, "relayctl: oauth2 token %s: %s\n", up->name,
                 g.err[0] ? g.err : "oauth2: no answer");
-        return 1;
+        return CTL_EXIT_FAIL;
     }
     printf("oauth2: upstream %s: token ok (grant %s, %s as %s, expires in %ld s)\n", up->name,
            oauth2_grant_name(up->grant), oauth2_mechanism(up), up->username, ttl);
-    return 0;
+    return CTL_EXIT_OK;
 }
 
 int ctl_oauth2_probe_token(uv_loop_t *loop, const struct cfg *cfg, const struct cfg_upstream *up,
@@ -116,7 +116,7 @@ static int cli_authorize(const struct cfg_upstream *up)
     const char *v, *uri;
     long status = 0, interval, expires;
     time_t deadline;
-    int rc = 1;
+    int rc = CTL_EXIT_FAIL;
 
     if (up->grant != CFG_GRANT_REFRESH_TOKEN) {
         fprintf(stderr,
@@ -220,7 +220,7 @@ static int cli_authorize(const struct cfg_upstream *up)
         printf("Authorized.  Refresh token stored in %s (mode 0600); relayd uses it from its "
                "next token refresh on.\n",
                up->refresh_token_file);
-        rc = 0;
+        rc = CTL_EXIT_OK;
         goto done;
     }
     fprintf(stderr, "relayctl: oauth2 authorize %s: nobody signed in within %ld s\n", up->name,
