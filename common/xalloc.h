@@ -4,9 +4,8 @@
  * Running out of memory is not an expected failure for relayd: nothing is acknowledged
  * to a client before it is durable in the spool, so dying (and being restarted by the
  * service manager) loses nothing.  These wrappers log and abort instead of returning NULL.
- *
- * Tests may install a fault hook that makes the Nth allocation "fail" (it aborts the
- * same way), see xalloc_fail_after().
+ * There is no allocation fault hook: an allocation failure aborts, so there is no recovery
+ * path to test.
  */
 #ifndef COMMON_XALLOC_H
 #define COMMON_XALLOC_H

@@ -83,10 +83,10 @@ start_relayd_with() {
     local conf=$1 pwfile=$2
     rm -rf -- "$T/spool"
     RELAYD_PORT=$(free_port)
-    RELAYD_PWFILE=$pwfile write_relayd_conf "$conf" "max_connections = $UPCONN"
-    relayd_conf_add "$conf" relayd "workers = $WORKERS
-max_connections_per_client = $((SESSIONS + 10))
-max_connections = $((SESSIONS + 50))"
+    RELAYD_PWFILE=$pwfile write_relayd_conf "$conf"
+    relayd_conf "$conf" "upstream provider" "max_connections = $UPCONN"
+    relayd_conf "$conf" relayd "workers = $WORKERS" \
+        "max_connections_per_client = $((SESSIONS + 10))" "max_connections = $((SESSIONS + 50))"
     start_relayd "$conf" > /dev/null
 }
 

@@ -99,9 +99,9 @@ run_once() {
     local sessions tls relayd_sent
     rm -rf -- "$T/spool"
     RELAYD_PORT=$(free_port)
-    write_relayd_conf "$conf" "max_connections = $UPCONN
-reuse = $reuse"
-    relayd_conf_add "$conf" relayd "workers = $WORKERS
+    write_relayd_conf "$conf"
+    relayd_conf "$conf" "upstream provider" "max_connections = $UPCONN" "reuse = $reuse"
+    relayd_conf "$conf" relayd "workers = $WORKERS
 max_connections_per_client = $((SESSIONS + 10))
 max_connections = $((SESSIONS + 50))"
     start_relayd "$conf" > /dev/null

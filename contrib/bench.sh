@@ -82,26 +82,15 @@ run_relayd() {
     local sessions=$1 size=$2 msgs=$3 spool=$T/spool-$1-$2 conf=$T/relayd-$1-$2.conf t0 t1
     local stored commits writes sc="" base
     base=$(baseline "$size" 1.5)
-    cat > "$conf" <<EOF
-[relayd]
-hostname = relay.bench
-spool = $spool
-max_connections = 1000
-max_connections_per_client = 1000
-
-[listener lan]
-listen = 127.0.0.1:$RELAYD_PORT
-allow = 127.0.0.0/8
-EOF
+    RELAYD_UPSTREAM=none write_relayd_conf "$conf"
+    relayd_conf "$conf" relayd "hostname = relay.bench" "spool = $spool" \
+        "max_connections = 1000" "max_connections_per_client = 1000"
     if [ "${BENCH_STRACE:-0}" = 1 ]; then
-        strace -f --seccomp-bpf -c -e trace=fsync,fdatasync,msync,sync_file_range \
-            -o "$T/strace-$sessions-$size" "$RELAYD_BIN" -c "$conf" > "$T/relayd.log" 2>&1 &
+        local st="strace -f --seccomp-bpf -c -e trace=fsync,fdatasync,msync,sync_file_range"
+        RELAYD_WRAPPER="$st -o $T/strace-$sessions-$size" start_relayd "$conf" > /dev/null
     else
-        "$RELAYD_BIN" -c "$conf" > "$T/relayd.log" 2>&1 &
+        start_relayd "$conf" > /dev/null
     fi
-    RELAYD_PID=$!
-    RELAYD_CONF=$conf
-    wait_for_port "$RELAYD_PORT" 15 || fail "relayd did not start: $(tail -n 5 "$T/relayd.log")"
     t0=$(now)
     smtp-source -s "$sessions" -m "$msgs" -l "$size" -f bench@lan.test -t user@example.com \
         -M bench.lan "127.0.0.1:$RELAYD_PORT" > "$T/source.log" 2>&1 ||

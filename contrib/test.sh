@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # contrib/test.sh - the whole test suite, as CI runs it.
 #
-# Installs the dependencies (contrib/setup.sh), builds relayd normally into build/ and runs
-# every unit and end-to-end test there with ctest, then does the same with AddressSanitizer
-# and UndefinedBehaviorSanitizer in build-asan/.  Exits non-zero if anything failed; the
-# last line is "summary: N passed, N failed".  The end-to-end tests start real Postfix
-# instances on loopback ports and need root.  Finally the libFuzzer targets are built with
+# Installs the dependencies (contrib/setup.sh), checks the formatting of the files listed in
+# contrib/clang-format.files (contrib/format.sh, one test), builds relayd normally into build/
+# and runs every unit and end-to-end test there with ctest, then does the same with
+# AddressSanitizer and UndefinedBehaviorSanitizer in build-asan/, then builds and runs the
+# spool writer thread's ThreadSanitizer drivers (tests/tsan/) in build-tsan/.  Exits
+# non-zero if anything failed; the last line is "summary: N passed, N failed".  The
+# end-to-end tests start real Postfix instances on loopback ports and need root.  Finally the libFuzzer targets are built with
 # clang (build-fuzz/) and each runs for a bounded time (tests/fuzz/run.sh): 60 s for the
 # command parser (fuzz_smtpd) and the DATA/header repair (fuzz_msgfix), FUZZ_OTHER_SECONDS
 # (default 20) for the others; each target counts as one test.  FUZZ=0 skips this step.
@@ -42,6 +44,14 @@ run_ctest() {
 
 bash contrib/setup.sh
 
+echo "test.sh: === format (clang-format) ==="
+if bash contrib/format.sh; then
+    total_pass=$((total_pass + 1))
+else
+    total_fail=$((total_fail + 1))
+    status=1
+fi
+
 echo "test.sh: === build (RelWithDebInfo) ==="
 bash contrib/build.sh
 echo "test.sh: === tests (build/) ==="
@@ -53,6 +63,11 @@ echo "test.sh: === tests (build-asan/) ==="
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 run_ctest build-asan sanitize
+
+echo "test.sh: === build (ThreadSanitizer: the spool writer thread) ==="
+bash contrib/build.sh --tsan
+echo "test.sh: === tests (build-tsan/) ==="
+run_ctest build-tsan tsan
 
 # run_fuzz: the fuzz targets, bounded; adds run.sh's counts to the totals.
 run_fuzz() {

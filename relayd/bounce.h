@@ -75,14 +75,4 @@ void bounce_build(const struct bounce_info *info, char **out, size_t *len);
  */
 char *bounce_status(const char *reply, enum bounce_kind kind, char out[16]);
 
-/*
- * RFC 3461 4 "xtext", the encoding of the DSN parameters ENVID and ORCPT on the wire.
- * bounce_xtext_encode(): s with '+', '=' and every byte outside 33..126 as "+XX"
- * (upper-case hex); malloc'd.  bounce_xtext_decode(): the n bytes at p decoded, malloc'd;
- * NULL when they are not xtext (a byte outside 33..126, '=', '+' not followed by two
- * upper-case hex digits) or decode to a NUL byte.
- */
-char *bounce_xtext_encode(const char *s);
-char *bounce_xtext_decode(const char *p, size_t n);
-
 #endif

@@ -37,6 +37,8 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "common/buf.h"
+#include "common/json.h"
 #include "config/cfg.h"
 
 struct oauth2;
@@ -82,48 +84,28 @@ int oauth2_token_get(struct oauth2 *o, const struct cfg_upstream *up, oauth2_tok
 /* Seconds the current token of up still has, or -1 when there is none.  For reports. */
 long oauth2_token_ttl(struct oauth2 *o, const struct cfg_upstream *up);
 
-/*
- * For relayctl test-upstream: creates a manager on loop (it becomes oauth2_instance(), so
- * smtpc_probe() on the same loop finds the token), runs the loop until up has a token or
- * the attempt failed, and puts the step's line in text ("oauth2: token ok (grant
- * client_credentials, XOAUTH2 as a@b, expires in 3599 s)" or the reason).  0 or -1; either
- * way *out must later get oauth2_stop() (then run the loop) and oauth2_free().
- */
-int oauth2_probe_token(uv_loop_t *loop, const struct cfg *cfg, const struct cfg_upstream *up,
-                       struct oauth2 **out, char *text, size_t textlen);
-
 /* "XOAUTH2" or "OAUTHBEARER" for auth = xoauth2 | oauthbearer, else NULL. */
 const char *oauth2_mechanism(const struct cfg_upstream *up);
 
-/*
- * relayctl's "oauth2" command: argv[0] is "authorize" (device-code flow: prints the
- * verification URL and user code, polls, stores the refresh token in refresh_token_file)
- * or "token" (obtains a token as relayd would and reports it without the token itself).
- * Blocking; output to stdout, errors to stderr as "relayctl: oauth2 ...".  Returns the
- * exit status: 0, 1 operational error, 2 usage error.
- */
-int oauth2_cli(const struct cfg *cfg, int argc, char **argv);
-/* The same, loading the configuration file first (relayctl's dispatch). */
-int oauth2_cli_main(const char *config, int argc, char **argv);
+/* "client_credentials", "refresh_token", "jwt_bearer": for reports. */
+const char *oauth2_grant_name(enum cfg_grant g);
+
+/* For relayctl's device-code flow: appends "k=v" (v URL-encoded) to the form in b. */
+void oauth2_form_add(struct buf *b, const char *k, const char *v);
+/* One blocking POST of form to url with up's TLS settings (relayctl only: never on the
+ * loop): 0 with the parsed JSON object in *j whatever the HTTP status (in *status); -1 with
+ * a sentence in err (TLS, network, not JSON). */
+int oauth2_http_post(const struct cfg_upstream *up, const char *url, const char *form, long *status,
+                     struct json_obj **j, char *err, size_t errlen);
 
 /* ---- pieces exposed for unit tests ---- */
-
-/* The top-level scalar members of a JSON object (strings decoded, numbers as written,
- * true/false as words; null and nested values skipped).  NULL with text in err when the
- * text is not one well-formed JSON object (depth <= 32, no duplicate member names, no
- * NUL in strings). */
-struct oauth2_json;
-struct oauth2_json *oauth2_json_parse(const char *text, size_t len, char *err, size_t errlen);
-/* The member's value, or NULL; points into j. */
-const char *oauth2_json_get(const struct oauth2_json *j, const char *key);
-struct oauth2_json *oauth2_json_free(struct oauth2_json *j); /* returns NULL */
 
 /* A token endpoint's answer.  Strings malloc'd or NULL; oauth2_resp_clear() wipes them. */
 struct oauth2_resp {
     char *access_token;
     char *refresh_token;
-    long expires_in;        /* seconds; 0 when absent */
-    char *error;            /* RFC 6749 5.2 */
+    long expires_in; /* seconds; 0 when absent */
+    char *error;     /* RFC 6749 5.2 */
     char *error_description;
 };
 /* Reads an endpoint's reply.  0 with an access token; otherwise -1 and a sentence in err

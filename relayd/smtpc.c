@@ -47,7 +47,7 @@
 #include "common/buf.h"
 #include "common/log.h"
 #include "common/xalloc.h"
-#include "relayd/bounce.h"
+#include "common/xtext.h"
 #include "spool/spool.h"
 
 /* Message body bytes handed to tlsio per write; the next chunk waits for TLSIO_DRAINED so
@@ -975,7 +975,7 @@ static void add_mail(struct smtpc *c, struct smtpc_tx *tx, struct buf *b, int ut
         if (m->dsn_ret == SPOOL_RET_FULL || m->dsn_ret == SPOOL_RET_HDRS)
             buf_puts(b, m->dsn_ret == SPOOL_RET_FULL ? " RET=FULL" : " RET=HDRS");
         if (m->dsn_envid != NULL && m->dsn_envid[0] != '\0') {
-            char *x = bounce_xtext_encode(m->dsn_envid);
+            char *x = xtext_encode(m->dsn_envid);
 
             buf_printf(b, " ENVID=%s", x);
             free(x);
@@ -1020,7 +1020,7 @@ static void add_rcpt(struct smtpc *c, struct smtpc_tx *tx, struct buf *b)
             add_notify(b, m->dsn_notify[k]);
         if (semi != NULL && semi > orcpt) {
             /* RFC 3461 4.2: addr-type ";" xtext. */
-            char *x = bounce_xtext_encode(semi + 1);
+            char *x = xtext_encode(semi + 1);
 
             buf_printf(b, " ORCPT=%.*s;%s", (int)(semi - orcpt), orcpt, x);
             free(x);

@@ -51,7 +51,7 @@
 #include "common/proxyproto.h"
 #include "common/tlsio.h"
 #include "common/xalloc.h"
-#include "relayd/bounce.h"
+#include "common/xtext.h"
 #include "relayd/msgfix.h"
 
 #define SMTPD_INPUT_MAX (256 * 1024) /* input held while not reading commands */

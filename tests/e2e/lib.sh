@@ -120,6 +120,7 @@ e2e_cleanup() {
     for p in "${E2E_PIDS[@]}"; do
         stop_pid "$p" 5
     done
+    python3 "$E2E_SRC/tests/e2e/ports.py" release "$$"
     if [ "${E2E_KEEP:-}" = 1 ] || { [ "${E2E_KEEP:-}" = fail ] && [ "$E2E_FAILED" -ne 0 ]; }; then
         say "keeping $T" >&2
     else
@@ -134,16 +135,12 @@ trap 'exit 143' TERM
 # ---------------------------------------------------------------------------------------
 # Ports
 
-# free_port: prints a TCP port on 127.0.0.1 that nothing listens on right now.
-free_port() {
-    python3 - <<'EOF'
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
-EOF
-}
+# free_port: prints a TCP port on 127.0.0.1 reserved for this test until it exits.  Ports come
+# from outside the kernel's ephemeral range and are reserved by a lock file per port shared by
+# every test and suite on the machine (tests/e2e/ports.py says why: Postfix listens with
+# SO_REUSEPORT, so two tests given the same port would silently share it).  The EXIT trap
+# releases them.
+free_port() { python3 "$E2E_SRC/tests/e2e/ports.py" reserve "$$" "$E2E_NAME"; }
 
 # port_open PORT: 0 when something accepts connections on 127.0.0.1:PORT.
 port_open() {
@@ -181,7 +178,7 @@ wait_for_port_closed() {
 }
 
 # ---------------------------------------------------------------------------------------
-# Certificates (certtool).  make_ca creates, under $T/ca:
+# Certificates (tests/lib/pki.sh, certtool, RSA keys).  make_ca creates, under $T/ca:
 #   ca.pem                     the test CA relayd trusts
 #   server.pem server.key      CN/SAN localhost + IP 127.0.0.1, signed by ca.pem
 #   wrongname.pem/.key         CN/SAN wrong.example, signed by ca.pem
@@ -189,57 +186,23 @@ wait_for_port_closed() {
 #   evil-ca.pem                an unrelated CA relayd does not trust
 #   evil.pem evil.key          localhost + 127.0.0.1, signed by evil-ca.pem
 
-_certtool() {
-    local out
-    if ! out=$(certtool "$@" 2>&1); then
-        printf '%s\n' "$out" >&2
-        fail "certtool $* failed"
-    fi
-}
-
-_make_key() { _certtool --generate-privkey --key-type rsa --bits 2048 --outfile "$1"; }
-
-# _make_ca_cert NAME CN
-_make_ca_cert() {
-    local d=$T/ca
-    cat > "$d/$1.tmpl" <<EOF
-cn = "$2"
-organization = "relayd e2e"
-ca
-cert_signing_key
-crl_signing_key
-expiration_days = 30
-EOF
-    _make_key "$d/$1.key"
-    _certtool --generate-self-signed --load-privkey "$d/$1.key" --template "$d/$1.tmpl" \
-        --outfile "$d/$1.pem"
-}
-
-# _make_server_cert NAME CA CN [DATES-LINES]
-_make_server_cert() {
-    local d=$T/ca name=$1 ca=$2 cn=$3 dates=${4:-"expiration_days = 30"}
-    {
-        printf 'cn = "%s"\norganization = "relayd e2e"\ndns_name = "%s"\n' "$cn" "$cn"
-        [ "$cn" = localhost ] && printf 'ip_address = "127.0.0.1"\n'
-        printf 'tls_www_server\nencryption_key\nsigning_key\n%s\n' "$dates"
-    } > "$d/$name.tmpl"
-    _make_key "$d/$name.key"
-    _certtool --generate-certificate --load-privkey "$d/$name.key" \
-        --load-ca-certificate "$d/$ca.pem" --load-ca-privkey "$d/$ca.key" \
-        --template "$d/$name.tmpl" --outfile "$d/$name.pem"
-}
+# shellcheck source=../lib/pki.sh
+source "$E2E_SRC/tests/lib/pki.sh"
 
 make_ca() {
     [ -f "$T/ca/server.pem" ] && return 0
     mkdir -p "$T/ca"
     chmod 0755 "$T/ca"
-    _make_ca_cert ca "relayd e2e test CA"
-    _make_server_cert server ca localhost
-    _make_server_cert wrongname ca wrong.example
-    _make_server_cert expired ca localhost \
-        $'activation_date = "2000-01-01 00:00:00"\nexpiration_date = "2001-01-01 00:00:00"'
-    _make_ca_cert evil-ca "relayd e2e untrusted CA"
-    _make_server_cert evil evil-ca localhost
+    local d=$T/ca
+    {
+        pki_ca "$d" ca "relayd e2e test CA" rsa &&
+            pki_server "$d" server ca localhost rsa &&
+            pki_server "$d" wrongname ca wrong.example rsa &&
+            pki_server "$d" expired ca localhost rsa \
+                $'activation_date = "2000-01-01 00:00:00"\nexpiration_date = "2001-01-01 00:00:00"' &&
+            pki_ca "$d" evil-ca "relayd e2e untrusted CA" rsa &&
+            pki_server "$d" evil evil-ca localhost rsa
+    } || fail "certtool failed (tests/lib/pki.sh)"
     # Postfix reads the keys as root before it drops privileges, but keep them readable
     # for its user too: nothing here is secret.
     chmod 0644 "$T"/ca/*
@@ -331,6 +294,10 @@ smtpd_banner = \$myhostname ESMTP e2e upstream
 smtpd_tls_cert_file = $T/ca/$cert.pem
 smtpd_tls_key_file = $T/ca/$cert.key
 smtpd_tls_loglevel = 1
+# No TLS session cache and no session tickets (a timeout of 0 disables both): the services of
+# one instance share tlsmgr's ticket keys, so a resumed session could otherwise skip the
+# certificate of the service it was resumed on.  Every handshake shows the service's own.
+smtpd_tls_session_cache_timeout = 0
 smtpd_sasl_type = cyrus
 smtpd_sasl_path = smtpd
 # Debian's Postfix looks for smtpd.conf in \$config_directory/sasl whatever this says;
@@ -451,10 +418,12 @@ wait_for_maildir_count() {
 # ---------------------------------------------------------------------------------------
 # relayd
 
-# write_relayd_conf FILE [EXTRA-UPSTREAM-LINES]: a config for one LAN listener on a fresh
-# port (RELAYD_PORT) and the Postfix upstream.  Override with RELAYD_CA, RELAYD_PWFILE.
+# write_relayd_conf FILE: a config for one LAN listener on a fresh port (RELAYD_PORT) and the
+# Postfix upstream ([upstream provider], [route default]).  Override with RELAYD_CA,
+# RELAYD_PWFILE, RELAYD_RETRY_FIRST, RELAYD_RETRY_MAX; RELAYD_UPSTREAM=none writes only
+# [relayd] and [listener lan] (mail is held).  Change it with relayd_conf.
 write_relayd_conf() {
-    local conf=$1 extra=${2:-}
+    local conf=$1
     make_ca
     # The upstream's port is fixed before Postfix runs, so a test can start relayd first.
     PF_PORT=${PF_PORT:-$(free_port)}
@@ -484,19 +453,62 @@ username = $SASL_LOGIN
 password_file = $pwfile
 connect_timeout = 5s
 command_timeout = 15s
-$extra
 
 [route default]
 upstream = provider
 EOF
+    if [ "${RELAYD_UPSTREAM:-}" = none ]; then
+        sed -i '/^\[upstream provider\]$/,$d' "$conf"
+    fi
 }
 
-# start_relayd CONF: relayd in the background, stderr+stdout to $T/relayd.log.
+# relayd_conf FILE SECTION [LINES]...: the one way to change a relayd config.  Each argument
+# holds "key = value" lines (several per argument, newline-separated, are fine).  When
+# [SECTION] exists, a key it already has is replaced in place and a new key is inserted at the
+# top of the section; when it does not exist, [SECTION] is appended with the lines.  Examples:
+#   relayd_conf "$conf" relayd "spool_max_size = 300K"
+#   relayd_conf "$conf" "route default" "upstream = busy" "failover = dead, provider"
+#   relayd_conf "$conf" "upstream fake" "host = 127.0.0.1" "port = $PORT" "tls = none"
+relayd_conf() {
+    python3 - "$@" <<'PY'
+import sys
+path, section = sys.argv[1], "[" + sys.argv[2] + "]"
+new = [l for arg in sys.argv[3:] for l in arg.split("\n")]
+text = open(path).read().split("\n")
+while text and text[-1] == "":
+    text.pop()
+if section not in text:
+    text += ["", section] + new
+else:
+    start = text.index(section) + 1
+    end = start
+    while end < len(text) and not text[end].startswith("["):
+        end += 1
+    top = []
+    for l in new:
+        key = l.split("=")[0].strip() if "=" in l else None
+        for j in range(start, end):
+            if key and "=" in text[j] and text[j].split("=")[0].strip() == key:
+                text[j] = l
+                break
+        else:
+            top.append(l)
+    text[start:start] = top
+open(path, "w").write("\n".join(text) + "\n")
+PY
+}
+
+
+
+# start_relayd CONF: relayd in the background, stderr+stdout to $T/relayd.log.  RELAYD_WRAPPER
+# (words, e.g. "strace -f -c -o FILE") runs relayd under another program; RELAYD_PID is then
+# that program's.
 start_relayd() {
-    local conf=$1
+    local conf=$1 wrapper
+    read -r -a wrapper <<< "${RELAYD_WRAPPER:-}"
     [ -x "$RELAYD_BIN" ] || fail "no relayd binary at $RELAYD_BIN (set RELAYD_BIN)"
     [ -f "$T/relayd.log" ] && cat "$T/relayd.log" >> "$T/relayd.log.old"
-    "$RELAYD_BIN" -c "$conf" > "$T/relayd.log" 2>&1 &
+    "${wrapper[@]}" "$RELAYD_BIN" -c "$conf" > "$T/relayd.log" 2>&1 &
     RELAYD_PID=$!
     RELAYD_CONF=$conf
     if ! wait_for_port "$RELAYD_PORT" 15; then
@@ -689,19 +701,6 @@ postfix_saw_auth() {
 # ---------------------------------------------------------------------------------------
 # Listener tests: raw dialogues, extra config lines, memory figures.
 
-# relayd_conf_add FILE SECTION LINES: inserts LINES (newline-separated) at the top of
-# [SECTION] ("relayd", "listener lan", ...) in a config written by write_relayd_conf.
-relayd_conf_add() {
-    python3 - "$1" "$2" "$3" <<'PY'
-import sys
-path, section, lines = sys.argv[1], "[" + sys.argv[2] + "]", sys.argv[3]
-text = open(path).read().split("\n")
-i = text.index(section)
-text[i + 1:i + 1] = lines.split("\n")
-open(path, "w").write("\n".join(text))
-PY
-}
-
 # smtp_dialogue [smtpclient args...] < SCRIPT: runs tests/e2e/smtpclient.py against relayd's
 # port (unless --port is given) with the script on standard input; the transcript goes to
 # standard output and is appended to $T/dialogue.log.  Returns the client's status.
@@ -790,28 +789,6 @@ pf_service() {
         smtpd_recipient_restrictions=permit_sasl_authenticated,reject "$@"
 }
 
-# relayd_conf_append FILE TEXT: appends TEXT (more [upstream]/[route] sections) to FILE.
-relayd_conf_append() { printf '\n%s\n' "$2" >> "$1"; }
-
-# relayd_conf_set FILE SECTION KEY VALUE: sets KEY in [SECTION] (replacing it when present).
-relayd_conf_set() {
-    python3 - "$@" <<'PY'
-import sys
-path, section, key, value = sys.argv[1], "[" + sys.argv[2] + "]", sys.argv[3], sys.argv[4]
-lines = open(path).read().split("\n")
-i = lines.index(section)
-j = i + 1
-while j < len(lines) and not lines[j].startswith("["):
-    if lines[j].split("=")[0].strip() == key:
-        lines[j] = "%s = %s" % (key, value)
-        break
-    j += 1
-else:
-    lines.insert(i + 1, "%s = %s" % (key, value))
-open(path, "w").write("\n".join(lines))
-PY
-}
-
 # start_fake_upstream PORT DIR [fake_upstream.py args]: the fault-injecting SMTP server
 # (tests/e2e/fake_upstream.py) on 127.0.0.1:PORT, recording into DIR; stopped by pid.
 start_fake_upstream() {
@@ -843,11 +820,7 @@ wait_for_fake_count() {
 # (tls = none, no AUTH), retrying fast.
 write_fake_relayd_conf() {
     write_relayd_conf "$1"
-    relayd_conf_append "$1" "[upstream fake]
-host = 127.0.0.1
-port = $2
-tls = none
-connect_timeout = 5s
-command_timeout = 10s"
-    relayd_conf_set "$1" "route default" upstream fake
+    relayd_conf "$1" "upstream fake" "host = 127.0.0.1" "port = $2" "tls = none" \
+        "connect_timeout = 5s" "command_timeout = 10s"
+    relayd_conf "$1" "route default" "upstream = fake"
 }

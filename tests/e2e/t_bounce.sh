@@ -148,7 +148,7 @@ sleep 2
 
 say "3: bounce_to: the DSN goes to the configured address"
 stop_relayd
-relayd_conf_add "$T/relayd.conf" relayd "bounce_to = admin@example.com"
+relayd_conf "$T/relayd.conf" relayd "bounce_to = admin@example.com"
 start_relayd "$T/relayd.conf"
 send_swaks "$RELAYD_PORT" --from device@lan.test --to bad@example.com --data "@$T/m.eml" ||
     fail "relayd did not accept message 3"
@@ -161,7 +161,7 @@ grep -q '^To: <admin@example.com>$' "$dsn" || fail "the DSN is not addressed to 
 say "4: delay_warning: one 'still trying' notification while the upstream is down"
 stop_relayd
 stop_postfix_upstream
-relayd_conf_add "$T/relayd.conf" relayd "delay_warning = 2s"
+relayd_conf "$T/relayd.conf" relayd "delay_warning = 2s"
 start_relayd "$T/relayd.conf"
 send_swaks "$RELAYD_PORT" --from sender@example.com --to good@example.com --data "@$T/m.eml" ||
     fail "relayd did not accept message 4"

@@ -11,7 +11,7 @@ FAX_PW='fax-Secret.9'
 start_postfix_upstream
 printf '%s\n' "$FAX_PW" | saslpasswd2 -p -c -f "$T/relayd-sasldb" -u example.com fax
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" "listener lan" "auth = required
+relayd_conf "$T/relayd.conf" "listener lan" "auth = required
 auth_mechanisms = CRAM-MD5
 sasldb = $T/relayd-sasldb"
 start_relayd "$T/relayd.conf"

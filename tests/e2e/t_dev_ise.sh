@@ -9,7 +9,7 @@ ISE_PW='ise-Secret.3'
 start_postfix_upstream
 printf '%s\n' "$ISE_PW" | saslpasswd2 -p -c -f "$T/relayd-sasldb" -u example.com ise
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" "listener lan" "tls = starttls
+relayd_conf "$T/relayd.conf" "listener lan" "tls = starttls
 cert = $T/ca/server.pem
 key = $T/ca/server.key
 auth = required

@@ -8,7 +8,7 @@ source "$(dirname "$0")/lib.sh"
 start_postfix_upstream
 printf 'alarm-pw.7\n' | saslpasswd2 -p -c -f "$T/relayd-sasldb" -u example.com tncs
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" "listener lan" "auth = optional
+relayd_conf "$T/relayd.conf" "listener lan" "auth = optional
 auth_plaintext = yes
 sasldb = $T/relayd-sasldb"
 start_relayd "$T/relayd.conf"

@@ -7,7 +7,7 @@ source "$(dirname "$0")/lib.sh"
 
 start_postfix_upstream
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" "listener lan" "data_timeout = 5s"
+relayd_conf "$T/relayd.conf" "listener lan" "data_timeout = 5s"
 start_relayd "$T/relayd.conf"
 
 say "1: bare LF before the final dot"

@@ -143,7 +143,7 @@ sleep 1
 say "3: delay_warning: NOTIFY=FAILURE (no DELAY) gets no 'still trying' notification"
 stop_relayd
 stop_postfix_upstream
-relayd_conf_add "$T/relayd.conf" relayd "delay_warning = 1s"
+relayd_conf "$T/relayd.conf" relayd "delay_warning = 1s"
 start_relayd "$T/relayd.conf"
 smtp_dialogue <<'S' > /dev/null || fail "delay dialogue failed (dialogue.log)"
 < 220

@@ -6,7 +6,7 @@
 source "$(dirname "$0")/lib.sh"
 
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" "relayd" "max_connections = 4
+relayd_conf "$T/relayd.conf" "relayd" "max_connections = 4
 max_connections_per_client = 2"
 start_relayd "$T/relayd.conf"
 

@@ -20,7 +20,7 @@ write_relayd_conf "$T/relayd.conf"
 # The sink speaks plain SMTP without AUTH.
 sed -i -e 's/^tls = starttls$/tls = none/' -e '/^username = /d' -e '/^password_file = /d' \
     "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" "relayd" "max_connections = $((SESSIONS + 50))
+relayd_conf "$T/relayd.conf" "relayd" "max_connections = $((SESSIONS + 50))
 max_connections_per_client = $((SESSIONS + 50))
 workers = 8"
 start_relayd "$T/relayd.conf"

@@ -7,9 +7,9 @@
 source "$(dirname "$0")/lib.sh"
 
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" "relayd" "max_message_size = 10k
+relayd_conf "$T/relayd.conf" "relayd" "max_message_size = 10k
 max_recipients = 3"
-relayd_conf_add "$T/relayd.conf" "listener lan" "max_line_length = 600
+relayd_conf "$T/relayd.conf" "listener lan" "max_line_length = 600
 max_errors = 4"
 start_relayd "$T/relayd.conf"
 

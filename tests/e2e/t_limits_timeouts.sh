@@ -5,7 +5,7 @@
 source "$(dirname "$0")/lib.sh"
 
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" "listener lan" "command_timeout = 2s
+relayd_conf "$T/relayd.conf" "listener lan" "command_timeout = 2s
 data_timeout = 4s"
 start_relayd "$T/relayd.conf"
 

@@ -8,7 +8,7 @@ source "$(dirname "$0")/lib.sh"
 start_postfix_upstream
 write_relayd_conf "$T/relayd.conf"
 sed -i 's|^allow = 127.0.0.0/8$|allow = 127.0.0.2/32|' "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" "listener lan" "sender_domains = example.net, lan.test
+relayd_conf "$T/relayd.conf" "listener lan" "sender_domains = example.net, lan.test
 recipient_domains = example.com"
 start_relayd "$T/relayd.conf"
 

@@ -7,7 +7,7 @@ source "$(dirname "$0")/lib.sh"
 PW='dbg-Pass.42'
 printf '%s\n' "$PW" | saslpasswd2 -p -c -f "$T/relayd-sasldb" -u example.com dbg
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" "listener lan" "debug_peers = 127.0.0.1/32
+relayd_conf "$T/relayd.conf" "listener lan" "debug_peers = 127.0.0.1/32
 auth = optional
 auth_plaintext = yes
 sasldb = $T/relayd-sasldb"

@@ -67,7 +67,7 @@ echo ok > "$OA_STATE/mode"
 start_xoauth2_smtpd
 # One session per message, so that every message authenticates with the token of the
 # moment (with reuse, m2 would ride m1's authenticated session and never see the 535).
-relayd_conf_add "$CONF" "upstream provider" "reuse = no"
+relayd_conf "$CONF" "upstream provider" "reuse = no"
 say "early refresh: 8 s tokens are refreshed ahead of expiry, rotation each time"
 echo 8 > "$OA_STATE/expires_in"
 start_relayd "$CONF"

@@ -9,24 +9,19 @@ DEAD=$(free_port)
 BUSY=$(free_port)
 start_fake_upstream "$BUSY" "$T/busy" --fault 421-greeting --fault-times 1000
 RELAYD_RETRY_FIRST=60 RELAYD_RETRY_MAX=120 write_relayd_conf "$T/relayd.conf"
-relayd_conf_append "$T/relayd.conf" "[upstream dead]
-host = 127.0.0.1
+relayd_conf "$T/relayd.conf" "upstream dead" "host = 127.0.0.1
 port = $DEAD
 tls = none
-connect_timeout = 3s
-
-[upstream busy]
-host = 127.0.0.1
+connect_timeout = 3s"
+relayd_conf "$T/relayd.conf" "upstream busy" "host = 127.0.0.1
 port = $BUSY
 tls = none
-connect_timeout = 3s
-
-[route to-net]
-upstream = dead
+connect_timeout = 3s"
+relayd_conf "$T/relayd.conf" "route to-net" "upstream = dead
 failover = provider
 recipient_domain = example.net"
-relayd_conf_set "$T/relayd.conf" "route default" upstream busy
-relayd_conf_set "$T/relayd.conf" "route default" failover "dead, provider"
+relayd_conf "$T/relayd.conf" "route default" "upstream = busy"
+relayd_conf "$T/relayd.conf" "route default" "failover = dead, provider"
 start_relayd "$T/relayd.conf"
 
 make_message "$T/dead.eml" "failover from a dead upstream"

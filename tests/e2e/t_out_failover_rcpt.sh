@@ -10,13 +10,9 @@ start_fake_upstream "$P1" "$T/primary" \
     --rcpt-reply 'a@example.com=553 5.7.1 <a@example.com>: Sender address rejected: not owned by user dev'
 start_fake_upstream "$P2" "$T/backup"
 write_fake_relayd_conf "$T/relayd.conf" "$P1"
-relayd_conf_append "$T/relayd.conf" "[upstream backup]
-host = 127.0.0.1
-port = $P2
-tls = none
-connect_timeout = 5s
-command_timeout = 10s"
-relayd_conf_set "$T/relayd.conf" "route default" failover backup
+relayd_conf "$T/relayd.conf" "upstream backup" "host = 127.0.0.1" "port = $P2" "tls = none" \
+    "connect_timeout = 5s" "command_timeout = 10s"
+relayd_conf "$T/relayd.conf" "route default" "failover = backup"
 start_relayd "$T/relayd.conf"
 
 make_message "$T/m.eml" "failover per recipient"

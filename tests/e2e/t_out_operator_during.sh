@@ -9,7 +9,7 @@ start_fake_upstream "$PORT" "$T/fake" --dot-delay 4 \
     --dot-reply-for 'a@example.com=451 4.3.0 try later' \
     --dot-reply-for 'b@example.com=550 5.7.1 content rejected'
 write_fake_relayd_conf "$T/relayd.conf" "$PORT"
-relayd_conf_set "$T/relayd.conf" "upstream fake" data_timeout 20s
+relayd_conf "$T/relayd.conf" "upstream fake" "data_timeout = 20s"
 start_relayd "$T/relayd.conf"
 
 dots() { grep -c ' dot$' "$T/fake/conn.log" 2>/dev/null || true; }

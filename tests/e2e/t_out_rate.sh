@@ -7,7 +7,7 @@ source "$(dirname "$0")/lib.sh"
 PORT=$(free_port)
 start_fake_upstream "$PORT" "$T/fake"
 write_fake_relayd_conf "$T/relayd.conf" "$PORT"
-relayd_conf_set "$T/relayd.conf" "upstream fake" max_messages_per_minute 6
+relayd_conf "$T/relayd.conf" "upstream fake" "max_messages_per_minute = 6"
 start_relayd "$T/relayd.conf"
 
 start=$(date +%s)

@@ -13,10 +13,10 @@ start_postfix_upstream
 printf '# devices\nscanner@lan.test %s\n' "$SASL_LOGIN" > "$T/senders.map"
 printf 'alias@example.com user@example.com\n' > "$T/rcpts.map"
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_set "$T/relayd.conf" "route default" rewrite_sender_map "$T/senders.map"
-relayd_conf_set "$T/relayd.conf" "route default" rewrite_sender "$SASL_LOGIN"
-relayd_conf_set "$T/relayd.conf" "route default" rewrite_from yes
-relayd_conf_set "$T/relayd.conf" "route default" recipient_map "$T/rcpts.map"
+relayd_conf "$T/relayd.conf" "route default" "rewrite_sender_map = $T/senders.map"
+relayd_conf "$T/relayd.conf" "route default" "rewrite_sender = $SASL_LOGIN"
+relayd_conf "$T/relayd.conf" "route default" "rewrite_from = yes"
+relayd_conf "$T/relayd.conf" "route default" "recipient_map = $T/rcpts.map"
 start_relayd "$T/relayd.conf"
 
 make_message "$T/m.eml" "rewrite"

@@ -13,24 +13,17 @@ PF_EXTRA_MASTER=$(pf_service "$P2" second myhostname=upstream2.test)
 PF_EXTRA_PORTS=$P2
 start_postfix_upstream
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_append "$T/relayd.conf" "[upstream second]
-host = localhost
+relayd_conf "$T/relayd.conf" "upstream second" "host = localhost
 port = $P2
 ca_file = $T/ca/ca.pem
 username = $SASL_LOGIN
 password_file = $T/provider.secret
-connect_timeout = 5s
-
-[route to-net]
-upstream = second
-recipient_domain = example.net
-
-[route from-special]
-upstream = second
-sender = special@lan.test
-
-[route from-second-ip]
-upstream = second
+connect_timeout = 5s"
+relayd_conf "$T/relayd.conf" "route to-net" "upstream = second
+recipient_domain = example.net"
+relayd_conf "$T/relayd.conf" "route from-special" "upstream = second
+sender = special@lan.test"
+relayd_conf "$T/relayd.conf" "route from-second-ip" "upstream = second
 client = 127.0.0.2/32"
 start_relayd "$T/relayd.conf"
 

@@ -6,8 +6,7 @@ source "$(dirname "$0")/lib.sh"
 
 start_postfix_upstream
 write_relayd_conf "$T/relayd.conf"
-relayd_conf_append "$T/relayd.conf" "[upstream other]
-host = 127.0.0.1
+relayd_conf "$T/relayd.conf" "upstream other" "host = 127.0.0.1
 port = $(free_port)
 tls = none"
 start_relayd "$T/relayd.conf"

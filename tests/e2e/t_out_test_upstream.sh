@@ -21,8 +21,7 @@ start_postfix_upstream
 write_relayd_conf "$T/relayd.conf"
 (umask 077; printf 'wrong\n' > "$T/wrong.pw")
 up() { # NAME PORT TLS [PWFILE]
-    relayd_conf_append "$T/relayd.conf" "[upstream $1]
-host = localhost
+    relayd_conf "$T/relayd.conf" "upstream $1" "host = localhost
 port = $2
 tls = $3
 ca_file = $T/ca/ca.pem

@@ -6,7 +6,7 @@
 source "$(dirname "$0")/lib.sh"
 
 RELAYD_RETRY_FIRST=1 RELAYD_RETRY_MAX=2 write_relayd_conf "$T/relayd.conf"
-relayd_conf_add "$T/relayd.conf" relayd "spool_max_size = 300K"
+relayd_conf "$T/relayd.conf" relayd "spool_max_size = 300K"
 start_relayd "$T/relayd.conf"
 port_open "$PF_PORT" && fail "something already listens on the upstream port $PF_PORT"
 

@@ -404,41 +404,6 @@ Test(bounce, status)
                   "%s", cases[i].label);
 }
 
-/* RFC 3461 xtext: encoding and decoding, and what does not decode. */
-Test(bounce, xtext)
-{
-    static const struct {
-        const char *label, *in, *want; /* want NULL: not xtext */
-    } dec[] = {
-        {"plain", "abc@example.com", "abc@example.com"},
-        {"escapes", "a+2Bb+3Dc+20d", "a+b=c d"},
-        {"8bit", "j+C3+B6rg", "j\xc3\xb6rg"},
-        {"lower hex", "a+2b", NULL},
-        {"short", "a+2", NULL},
-        {"nul", "a+00", NULL},
-        {"equals", "a=b", NULL},
-        {"space", "a b", NULL},
-    };
-    char *x;
-
-    for (size_t i = 0; i < sizeof dec / sizeof dec[0]; i++) {
-        x = bounce_xtext_decode(dec[i].in, strlen(dec[i].in));
-        if (dec[i].want == NULL) {
-            cr_expect(x == NULL, "%s: decoded to %s", dec[i].label, x);
-        } else {
-            cr_expect(x != NULL && strcmp(x, dec[i].want) == 0, "%s: %s", dec[i].label,
-                      x ? x : "(null)");
-        }
-        free(x);
-    }
-    x = bounce_xtext_encode("a+b=c d\xc3\xb6~!");
-    cr_expect(eq(str, x, "a+2Bb+3Dc+20d+C3+B6~!"));
-    free(x);
-    x = bounce_xtext_encode("");
-    cr_expect(eq(str, x, ""));
-    free(x);
-}
-
 /* ENVID becomes Original-Envelope-Id (first per-message field), ORCPT Original-Recipient
  * (before Final-Recipient); both cleaned of controls. */
 Test(bounce, envid_orcpt)

@@ -17,21 +17,18 @@
 #include "common/tlsio.h"
 #include "config/cfg.h"
 #include "relayd/oauth2.h"
+#include "tests/lib/testlib.h"
 
 static char tmpdir[64];
 
 static void mktmp(void)
 {
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/test_oauth2.XXXXXX");
-    cr_assert_not_null(mkdtemp(tmpdir));
+    testlib_tmpdir(tmpdir, sizeof tmpdir, "test_oauth2");
 }
 
 static void rmtmp(void)
 {
-    char cmd[128];
-
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    cr_assert(eq(int, system(cmd), 0));
+    testlib_rmtree(tmpdir);
 }
 
 static void write_file(const char *path, const char *text, mode_t mode)
@@ -84,7 +81,7 @@ Test(oauth2, json_table)
 
     for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         const struct json_case *c = &cases[i];
-        struct oauth2_json *j = oauth2_json_parse(c->text, strlen(c->text), err, sizeof err);
+        struct json_obj *j = json_obj_parse(c->text, strlen(c->text), err, sizeof err);
 
         if (!c->want_ok) {
             cr_assert_null(j, "%s: accepted", c->label);
@@ -93,11 +90,11 @@ Test(oauth2, json_table)
         }
         cr_assert_not_null(j, "%s: %s", c->label, err);
         if (c->want == NULL)
-            cr_assert_null(oauth2_json_get(j, c->key), "%s", c->label);
+            cr_assert_null(json_obj_get(j, c->key), "%s", c->label);
         else
-            cr_assert(eq(str, (char *)oauth2_json_get(j, c->key), (char *)c->want), "%s",
+            cr_assert(eq(str, (char *)json_obj_get(j, c->key), (char *)c->want), "%s",
                       c->label);
-        oauth2_json_free(j);
+        json_obj_free(j);
     }
 }
 
@@ -297,11 +294,10 @@ static void env_init(struct env *e, int life)
 
 static void env_wait(struct env *e, struct got *g)
 {
-    int before = g->n, i;
+    int before = g->n;
 
     cr_assert(eq(int, oauth2_token_get(e->o, &e->up, on_token, g), 0));
-    for (i = 0; i < 2000 && g->n == before; i++)
-        uv_run(&e->loop, UV_RUN_ONCE);
+    TESTLIB_LOOP_RUN_UNTIL(&e->loop, g->n != before, 2000);
     cr_assert(eq(int, g->n, before + 1), "no answer from the token manager");
 }
 
@@ -315,11 +311,10 @@ static void env_settle(struct env *e)
 
 static void env_free(struct env *e)
 {
-    int done = 0, i;
+    int done = 0;
 
     oauth2_stop(e->o, stopped, &done);
-    for (i = 0; i < 1000 && !done; i++)
-        uv_run(&e->loop, UV_RUN_ONCE);
+    TESTLIB_LOOP_RUN_UNTIL(&e->loop, done, 1000);
     cr_assert(eq(int, done, 1));
     e->o = oauth2_free(e->o);
     cr_assert(eq(int, uv_loop_close(&e->loop), 0), "handles left open");

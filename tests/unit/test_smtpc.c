@@ -17,6 +17,7 @@
 #include "common/log.h"
 #include "common/tlsio.h"
 #include "relayd/smtpc.h"
+#include "tests/lib/testlib.h"
 
 static char dir[64];
 static uv_loop_t loop;
@@ -53,44 +54,12 @@ struct outcome {
     char rcpt_reply[4][256];
 };
 
-static void sh(const char *cmd)
-{
-    cr_assert(eq(int, system(cmd), 0), "%s", cmd);
-}
-
-static void write_file(const char *name, const char *text)
-{
-    char path[128];
-    FILE *f;
-
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
-    cr_assert_not_null(f = fopen(path, "w"));
-    fputs(text, f);
-    fclose(f);
-}
-
 static void setup(void)
 {
-    char err[256], cmd[1024];
+    char err[256];
 
-    snprintf(dir, sizeof(dir), "/tmp/test_smtpc.XXXXXX");
-    cr_assert_not_null(mkdtemp(dir));
-    write_file("ca.tmpl", "cn = Test CA\nca\ncert_signing_key\nexpiration_days = 30\n");
-    write_file("ca2.tmpl", "cn = Other CA\nca\ncert_signing_key\nexpiration_days = 30\n");
-    write_file("srv.tmpl", "cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\n"
-                           "tls_www_server\nencryption_key\nsigning_key\n"
-                           "expiration_days = 30\n");
-    snprintf(cmd, sizeof(cmd),
-             "cd %s && for ca in ca ca2; do "
-             "certtool --generate-privkey --key-type=ecdsa --outfile $ca.key 2>/dev/null && "
-             "certtool --generate-self-signed --load-privkey $ca.key --template $ca.tmpl "
-             "--outfile $ca.pem >/dev/null 2>&1 || exit 1; done && "
-             "certtool --generate-privkey --key-type=ecdsa --outfile srv.key 2>/dev/null && "
-             "certtool --generate-certificate --load-privkey srv.key --load-ca-certificate "
-             "ca.pem --load-ca-privkey ca.key --template srv.tmpl --outfile srv.pem "
-             ">/dev/null 2>&1",
-             dir);
-    sh(cmd);
+    testlib_tmpdir(dir, sizeof(dir), "test_smtpc");
+    testlib_pki(dir);
     cr_assert(eq(int, tlsio_global_init(err, sizeof(err)), 0));
     cr_assert(eq(int, authsasl_client_init(err, sizeof(err)), 0));
     cr_assert(eq(int, uv_loop_init(&loop), 0));
@@ -98,25 +67,11 @@ static void setup(void)
         log_set_verbose(2);
 }
 
-static void walk_close(uv_handle_t *h, void *arg)
-{
-    (void)arg;
-    if (!uv_is_closing(h))
-        uv_close(h, NULL);
-}
-
 static void teardown(void)
 {
-    char cmd[128];
-    int rc = uv_loop_close(&loop);
+    int rc = testlib_loop_close(&loop);
 
-    if (rc != 0) {
-        uv_walk(&loop, walk_close, NULL);
-        uv_run(&loop, UV_RUN_DEFAULT);
-        uv_loop_close(&loop);
-    }
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    sh(cmd);
+    testlib_rmtree(dir);
     cr_assert(eq(int, rc, 0), "handles leaked on the test loop");
 }
 

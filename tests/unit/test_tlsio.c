@@ -13,78 +13,27 @@
 #include <unistd.h>
 
 #include "common/tlsio.h"
+#include "tests/lib/testlib.h"
 
 static char dir[64];
 static uv_loop_t loop;
-
-static void sh(const char *fmt, const char *arg)
-{
-    char cmd[1024];
-
-    snprintf(cmd, sizeof(cmd), fmt, arg, arg, arg, arg, arg, arg, arg, arg);
-    cr_assert(eq(int, system(cmd), 0), "%s", cmd);
-}
-
-static void write_file(const char *name, const char *text)
-{
-    char path[128];
-    FILE *f;
-
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
-    cr_assert_not_null(f = fopen(path, "w"));
-    fputs(text, f);
-    fclose(f);
-}
-
-static void make_pki(void)
-{
-    write_file("ca.tmpl", "cn = Test CA\nca\ncert_signing_key\nexpiration_days = 30\n");
-    write_file("ca2.tmpl", "cn = Other CA\nca\ncert_signing_key\nexpiration_days = 30\n");
-    write_file("srv.tmpl", "cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\n"
-                           "tls_www_server\nencryption_key\nsigning_key\n"
-                           "expiration_days = 30\n");
-    sh("cd %s && certtool --generate-privkey --key-type=ecdsa --outfile ca.key 2>/dev/null && "
-       "certtool --generate-self-signed --load-privkey ca.key --template ca.tmpl "
-       "--outfile ca.pem >/dev/null 2>&1 && "
-       "certtool --generate-privkey --key-type=ecdsa --outfile ca2.key 2>/dev/null && "
-       "certtool --generate-self-signed --load-privkey ca2.key --template ca2.tmpl "
-       "--outfile ca2.pem >/dev/null 2>&1 && "
-       "certtool --generate-privkey --key-type=ecdsa --outfile srv.key 2>/dev/null && "
-       "certtool --generate-certificate --load-privkey srv.key --load-ca-certificate ca.pem "
-       "--load-ca-privkey ca.key --template srv.tmpl --outfile srv.pem >/dev/null 2>&1",
-       dir);
-}
 
 static void setup(void)
 {
     char err[256];
 
-    snprintf(dir, sizeof(dir), "/tmp/test_tlsio.XXXXXX");
-    cr_assert_not_null(mkdtemp(dir));
-    make_pki();
+    testlib_tmpdir(dir, sizeof(dir), "test_tlsio");
+    testlib_pki(dir);
     cr_assert(eq(int, tlsio_global_init(err, sizeof(err)), 0));
     cr_assert(eq(int, uv_loop_init(&loop), 0));
 }
 
-static void walk_close(uv_handle_t *h, void *arg)
-{
-    (void)arg;
-    if (!uv_is_closing(h))
-        uv_close(h, NULL);
-}
-
 static void teardown(void)
 {
-    int rc;
-
     /* Everything the test opened must already be closed; report leaks, then clean up. */
-    rc = uv_loop_close(&loop);
-    if (rc != 0) {
-        uv_walk(&loop, walk_close, NULL);
-        uv_run(&loop, UV_RUN_DEFAULT);
-        uv_loop_close(&loop);
-    }
-    sh("rm -rf %s", dir);
+    int rc = testlib_loop_close(&loop);
+
+    testlib_rmtree(dir);
     cr_assert(eq(int, rc, 0), "handles leaked on the test loop");
 }
 

@@ -1,5 +1,5 @@
 /*
- * diag - relayctl test-upstream and send-test; see diag.h.
+ * ctl_diag - relayctl test-upstream and send-test; see ctl_diag.h.
  *
  * test-upstream: happy path = credentials from the upstream's ca_file/tls_priority, one
  * smtpc_probe() on a private loop run to completion (smtpc's own connect and command
@@ -11,8 +11,7 @@
  * takes relayd's normal path: listener, repair, spool, route, upstream; a route that would
  * send it elsewhere than NAME is warned about before sending.
  */
-#include "relayd/diag.h"
-#include "relayd/oauth2.h"
+#include "relayd/ctl/ctl_diag.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -31,14 +30,14 @@
 #include "common/buf.h"
 #include "common/tlsio.h"
 #include "common/xalloc.h"
+#include "relayd/ctl/ctl.h"
+#include "relayd/ctl/ctl_oauth2.h"
+#include "relayd/oauth2.h"
 #include "relayd/smtpc.h"
 #include "spool/spool.h"
 
-#define DIAG_EXIT_OK 0
-#define DIAG_EXIT_FAIL 1
-#define DIAG_EXIT_USAGE 2
-#define DIAG_SMTP_TIMEOUT 30     /* seconds per command of send-test's SMTP dialogue */
-#define DIAG_DEFAULT_WAIT 30     /* seconds send-test watches the spool */
+#define DIAG_SMTP_TIMEOUT 30 /* seconds per command of send-test's SMTP dialogue */
+#define DIAG_DEFAULT_WAIT 30 /* seconds send-test watches the spool */
 
 static const struct cfg_upstream *find_upstream(const struct cfg *cfg, const char *name)
 {
@@ -160,7 +159,7 @@ static const char *fail_advice(const struct cfg_upstream *up, const char *why)
     return NULL;
 }
 
-int diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
+int ctl_diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
 {
     const struct cfg_upstream *up = find_upstream(cfg, name);
     struct probe_state ps;
@@ -174,7 +173,7 @@ int diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
 
     if (up == NULL) {
         no_such_upstream(cfg, name, out);
-        return DIAG_EXIT_FAIL;
+        return CTL_EXIT_FAIL;
     }
     fprintf(out, "testing upstream %s: %s:%d, tls = %s%s%s\n", up->name, up->host, up->port,
             cfg_tls_name(up->tls), up->username ? ", user " : ", no authentication",
@@ -182,25 +181,25 @@ int diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
     fflush(out);
     if (tlsio_global_init(err, sizeof err) != 0 || authsasl_client_init(err, sizeof err) != 0) {
         fprintf(out, "[FAIL] %s\nverdict: FAILED: %s\n", err, err);
-        return DIAG_EXIT_FAIL;
+        return CTL_EXIT_FAIL;
     }
     if (up->tls != CFG_TLS_NONE &&
         tlsio_cred_client_new(up->ca_file, up->tls_priority, &cred, err, sizeof err) != 0) {
         fprintf(out, "[FAIL] TLS credentials: %s\nverdict: FAILED at TLS: %s\n", err, err);
-        return DIAG_EXIT_FAIL;
+        return CTL_EXIT_FAIL;
     }
     memset(&ps, 0, sizeof ps);
     ps.out = out;
     if ((rc = uv_loop_init(&loop)) != 0) {
         fprintf(out, "verdict: FAILED: event loop: %s\n", uv_strerror(rc));
         tlsio_cred_free(cred);
-        return DIAG_EXIT_FAIL;
+        return CTL_EXIT_FAIL;
     }
     if (up->upauth != CFG_UPAUTH_PASSWORD) {
         /* The token is a step of its own: most OAuth2 trouble shows here, not at AUTH. */
         char text[512];
 
-        rc = oauth2_probe_token(&loop, cfg, up, &oauth, text, sizeof text);
+        rc = ctl_oauth2_probe_token(&loop, cfg, up, &oauth, text, sizeof text);
         fprintf(out, "[%s] %s\n", rc == 0 ? " ok " : "FAIL", text);
         fflush(out);
     }
@@ -229,7 +228,7 @@ int diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
 
     if (!ps.done) {
         fprintf(out, "verdict: FAILED: the probe ended without a result\n");
-        return DIAG_EXIT_FAIL;
+        return CTL_EXIT_FAIL;
     }
     if (ps.status == SMTPC_SENT) {
         fprintf(out, "verdict: upstream %s works: %s%s%s%s, %s%s\n", up->name,
@@ -237,7 +236,7 @@ int diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
                 ps.tls[0] ? " (" : "", ps.tls, ps.tls[0] ? ")" : "",
                 up->username ? "authenticated as " : "no authentication configured",
                 up->username ? up->username : "");
-        return DIAG_EXIT_OK;
+        return CTL_EXIT_OK;
     }
     {
         const char *why = ps.reply[0] ? ps.reply : ps.failed_step;
@@ -261,11 +260,12 @@ int diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
                  (advice = fail_advice(up, ps.failed_step)) != NULL)
             fprintf(out, "what to do: %s\n", advice);
         if (ps.config_fault)
-            fprintf(out, "note: this is a configuration problem; relayd keeps mail for %s "
-                         "queued (it does not bounce it) until it is fixed\n",
+            fprintf(out,
+                    "note: this is a configuration problem; relayd keeps mail for %s "
+                    "queued (it does not bounce it) until it is fixed\n",
                     up->name);
     }
-    return DIAG_EXIT_FAIL;
+    return CTL_EXIT_FAIL;
 }
 
 /* ---- send-test ---- */
@@ -305,9 +305,9 @@ static int smtp_reply(struct smtp_conn *c, char *text, size_t textlen)
             continue;
         if (got <= 0) {
             snprintf(text, textlen, "%s",
-                     got == 0 ? "connection closed by relayd"
-                              : errno == EAGAIN || errno == EWOULDBLOCK ? "timed out"
-                                                                        : strerror(errno));
+                     got == 0                                  ? "connection closed by relayd"
+                     : errno == EAGAIN || errno == EWOULDBLOCK ? "timed out"
+                                                               : strerror(errno));
             return 0;
         }
         if (buf_append(c->in, chunk, (size_t)got) != 0) {
@@ -404,15 +404,15 @@ static char *default_sender(const struct cfg *cfg, const struct cfg_upstream *up
 
 /* Warns when the route for (from, to) arriving on listener l does not go to up. */
 static void check_route(const struct cfg *cfg, const struct cfg_listener *l,
-                        const struct cfg_upstream *up, const char *from, const char *to,
-                        FILE *out)
+                        const struct cfg_upstream *up, const char *from, const char *to, FILE *out)
 {
     const struct cfg_route *r = cfg_route_match(cfg, from, to, "127.0.0.1", l->name);
     int i;
 
     if (r == NULL) {
-        fprintf(out, "warning: no route matches <%s>: relayd will hold the message instead of "
-                     "sending it to %s\n",
+        fprintf(out,
+                "warning: no route matches <%s>: relayd will hold the message instead of "
+                "sending it to %s\n",
                 to, up->name);
         return;
     }
@@ -422,14 +422,16 @@ static void check_route(const struct cfg *cfg, const struct cfg_listener *l,
     }
     for (i = 0; i < r->nfailover; i++) {
         if (r->failover[i] == up) {
-            fprintf(out, "warning: route %s sends <%s> to upstream %s; %s is only its "
-                         "failover\n",
+            fprintf(out,
+                    "warning: route %s sends <%s> to upstream %s; %s is only its "
+                    "failover\n",
                     r->name, to, r->upstream->name, up->name);
             return;
         }
     }
-    fprintf(out, "warning: route %s sends <%s> to upstream %s, not %s; the test message goes "
-                 "there\n",
+    fprintf(out,
+            "warning: route %s sends <%s> to upstream %s, not %s; the test message goes "
+            "there\n",
             r->name, to, r->upstream->name, up->name);
 }
 
@@ -445,7 +447,7 @@ static int watch_spool(const struct cfg *cfg, uint64_t id, int wait_secs, FILE *
     spool_id_str(id, qid);
     if ((rc = spool_open(cfg->spool_dir, &o, &sp, err, sizeof err)) != 0) {
         fprintf(out, "cannot watch the spool: %s\n", err[0] ? err : spool_strerror(rc));
-        return DIAG_EXIT_FAIL;
+        return CTL_EXIT_FAIL;
     }
     fprintf(out, "waiting up to %d s for the delivery of %s...\n", wait_secs, qid);
     fflush(out);
@@ -454,16 +456,17 @@ static int watch_spool(const struct cfg *cfg, uint64_t id, int wait_secs, FILE *
             usleep(100 * 1000);
         rc = spool_msg_get(sp, id, SPOOL_GET_HISTORY, &m);
         if (rc == SPOOL_ENOTFOUND) {
-            fprintf(out, "result: delivered: %s left the spool after %.1f s (relayd's log has "
-                         "the upstream's reply: grep %s)\n",
+            fprintf(out,
+                    "result: delivered: %s left the spool after %.1f s (relayd's log has "
+                    "the upstream's reply: grep %s)\n",
                     qid, i / 10.0, qid);
             spool_close(sp);
-            return DIAG_EXIT_OK;
+            return CTL_EXIT_OK;
         }
         if (rc != 0) {
             fprintf(out, "cannot read %s from the spool: %s\n", qid, spool_strerror(rc));
             spool_close(sp);
-            return DIAG_EXIT_FAIL;
+            return CTL_EXIT_FAIL;
         }
         if (m->state != SPOOL_QUEUED || m->attempts > 0) {
             size_t r;
@@ -487,18 +490,18 @@ static int watch_spool(const struct cfg *cfg, uint64_t id, int wait_secs, FILE *
             fprintf(out, "(relayctl show %s has the whole history)\n", qid);
             spool_msg_free(m);
             spool_close(sp);
-            return DIAG_EXIT_FAIL;
+            return CTL_EXIT_FAIL;
         }
         m = spool_msg_free(m);
     }
     fprintf(out, "result: %s is still queued after %d s: is relayd running? (relayctl show %s)\n",
             qid, wait_secs, qid);
     spool_close(sp);
-    return DIAG_EXIT_FAIL;
+    return CTL_EXIT_FAIL;
 }
 
-int diag_send_test_ex(const struct cfg *cfg, const char *name, const char *to,
-                      const char *from_arg, int wait_secs, FILE *out)
+int ctl_diag_send_test_ex(const struct cfg *cfg, const char *name, const char *to,
+                          const char *from_arg, int wait_secs, FILE *out)
 {
     const struct cfg_upstream *up = find_upstream(cfg, name);
     const struct cfg_listener *l;
@@ -508,20 +511,20 @@ int diag_send_test_ex(const struct cfg *cfg, const char *name, const char *to,
     uint64_t id = 0;
     time_t now = time(NULL);
     struct tm tm;
-    int code, rc = DIAG_EXIT_FAIL;
+    int code, rc = CTL_EXIT_FAIL;
 
     if (up == NULL) {
         no_such_upstream(cfg, name, out);
-        return DIAG_EXIT_FAIL;
+        return CTL_EXIT_FAIL;
     }
     if (cfg->nlisteners == 0) {
         fprintf(out, "no [listener] in the configuration: nothing to send through\n");
-        return DIAG_EXIT_FAIL;
+        return CTL_EXIT_FAIL;
     }
     if (strpbrk(to, "<> \t\r\n") != NULL || strchr(to, '@') == NULL ||
         (from_arg != NULL && (strpbrk(from_arg, "<> \t\r\n") != NULL))) {
         fprintf(out, "'%s' is not an address\n", strchr(to, '@') ? from_arg : to);
-        return DIAG_EXIT_USAGE;
+        return CTL_EXIT_USAGE;
     }
     l = &cfg->listeners[0];
     from = from_arg != NULL ? xstrdup(from_arg) : default_sender(cfg, up);
@@ -584,15 +587,14 @@ int diag_send_test_ex(const struct cfg *cfg, const char *name, const char *to,
     /* "250 2.0.0 Ok: queued as 0190A3F2C1D4": the id is the last word. */
     qtok = strrchr(text, ' ');
     if (qtok == NULL || spool_id_parse(qtok + 1, &id) != 0) {
-        fprintf(out, "result: accepted, but the reply carries no queue id I can read: %s\n",
-                text);
+        fprintf(out, "result: accepted, but the reply carries no queue id I can read: %s\n", text);
         goto close_fd;
     }
     fprintf(out, "queued as %s\n", qtok + 1);
     fflush(out);
     close(c.fd);
     c.fd = -1;
-    rc = wait_secs > 0 ? watch_spool(cfg, id, wait_secs, out) : DIAG_EXIT_OK;
+    rc = wait_secs > 0 ? watch_spool(cfg, id, wait_secs, out) : CTL_EXIT_OK;
     goto close_fd;
 
 refused:
@@ -607,62 +609,71 @@ free_from:
     return rc;
 }
 
-int diag_send_test(const struct cfg *cfg, const char *name, const char *to, FILE *out)
+int ctl_diag_send_test(const struct cfg *cfg, const char *name, const char *to, FILE *out)
 {
-    return diag_send_test_ex(cfg, name, to, NULL, DIAG_DEFAULT_WAIT, out);
+    return ctl_diag_send_test_ex(cfg, name, to, NULL, DIAG_DEFAULT_WAIT, out);
 }
 
 /* ---- relayctl entry ---- */
 
-static int diag_usage(const char *prog, const char *cmd)
+static int diag_usage(const struct ctl *c)
 {
-    if (strcmp(cmd, "test-upstream") == 0)
-        fprintf(stderr, "usage: %s [-c FILE] test-upstream NAME\n", prog);
+    if (strcmp(c->cmd, "test-upstream") == 0)
+        fprintf(stderr, "usage: %s [-c FILE] test-upstream NAME\n", c->prog);
     else
         fprintf(stderr,
                 "usage: %s [-c FILE] send-test NAME --to ADDR [--from ADDR] [--wait SECONDS]\n",
-                prog);
-    return DIAG_EXIT_USAGE;
+                c->prog);
+    return CTL_EXIT_USAGE;
 }
 
-int diag_command(const char *prog, const char *config_path, const char *cmd, int argc,
-                 char **argv)
+/* test-upstream NAME and send-test NAME --to ADDR [--from ADDR] [--wait SECONDS]. */
+static int diag_command(struct ctl *c, int argc, char **argv)
 {
     const char *name = NULL, *to = NULL, *from = NULL;
+    int send = strcmp(c->cmd, "send-test") == 0;
     int wait_secs = DIAG_DEFAULT_WAIT, i, rc;
     char err[512];
     struct cfg cfg;
 
     for (i = 0; i < argc; i++) {
-        if (strcmp(cmd, "send-test") == 0 && i + 1 < argc && strcmp(argv[i], "--to") == 0)
+        if (send && i + 1 < argc && strcmp(argv[i], "--to") == 0)
             to = argv[++i];
-        else if (strcmp(cmd, "send-test") == 0 && i + 1 < argc &&
-                 strcmp(argv[i], "--from") == 0)
+        else if (send && i + 1 < argc && strcmp(argv[i], "--from") == 0)
             from = argv[++i];
-        else if (strcmp(cmd, "send-test") == 0 && i + 1 < argc &&
-                 strcmp(argv[i], "--wait") == 0) {
+        else if (send && i + 1 < argc && strcmp(argv[i], "--wait") == 0) {
             char *end;
             long v = strtol(argv[++i], &end, 10);
 
             if (*end != '\0' || v < 0 || v > 3600)
-                return diag_usage(prog, cmd);
+                return diag_usage(c);
             wait_secs = (int)v;
         } else if (argv[i][0] != '-' && name == NULL)
             name = argv[i];
         else
-            return diag_usage(prog, cmd);
+            return diag_usage(c);
     }
-    if (name == NULL || (strcmp(cmd, "send-test") == 0 && to == NULL))
-        return diag_usage(prog, cmd);
-    if ((rc = cfg_load(config_path, &cfg, err, sizeof err)) != 0) {
-        fprintf(stderr, "%s: %s\n", prog, err[0] ? err : strerror(-rc));
-        return DIAG_EXIT_FAIL;
+    if (name == NULL || (send && to == NULL))
+        return diag_usage(c);
+    if ((rc = cfg_load(c->config_path, &cfg, err, sizeof err)) != 0) {
+        fprintf(stderr, "%s: %s\n", c->prog, err[0] ? err : strerror(-rc));
+        return CTL_EXIT_FAIL;
     }
-    if (strcmp(cmd, "test-upstream") == 0)
-        rc = diag_test_upstream(&cfg, name, stdout);
+    if (!send)
+        rc = ctl_diag_test_upstream(&cfg, name, stdout);
     else
-        rc = diag_send_test_ex(&cfg, name, to, from, wait_secs, stdout);
+        rc = ctl_diag_send_test_ex(&cfg, name, to, from, wait_secs, stdout);
     cfg_free(&cfg);
     fflush(stdout);
     return rc;
+}
+
+int ctl_diag_test_upstream_cmd(struct ctl *c, int argc, char **argv)
+{
+    return diag_command(c, argc, argv);
+}
+
+int ctl_diag_send_test_cmd(struct ctl *c, int argc, char **argv)
+{
+    return diag_command(c, argc, argv);
 }

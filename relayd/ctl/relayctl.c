@@ -24,18 +24,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/json.h"
 #include "common/log.h"
 #include "common/netaddr.h"
 #include "common/xalloc.h"
 #include "config/cfg.h"
-#include "relayd/oauth2.h"
+#include "relayd/ctl/ctl.h"
 #include "spool/spool.h"
-#include "relayd/diag.h"
-
-#define EXIT_OPER 1
-#define EXIT_USAGE 2
-
-#define DEFAULT_CONFIG "/etc/relayd/relayd.conf"
 
 static const char *prog = "relayctl";
 
@@ -89,7 +84,7 @@ static void usage(FILE *out)
             "\n"
             "exit status: 0 success, 1 operational error (no such message, spool cannot be\n"
             "opened, nothing confirmed), 2 usage error\n",
-            prog, DEFAULT_CONFIG);
+            prog, CTL_DEFAULT_CONFIG);
 }
 
 /* ---- output helpers ---- */
@@ -103,90 +98,6 @@ static const char *fmt_time(int64_t t, char out[32])
     if (gmtime_r(&tt, &tm) == NULL || strftime(out, 32, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
         snprintf(out, 32, "%lld", (long long)t);
     return out;
-}
-
-/* Length of a valid UTF-8 sequence at s (max n bytes), or 0 when invalid. */
-static size_t utf8_len(const unsigned char *s, size_t n)
-{
-    size_t len;
-    uint32_t cp;
-
-    if (s[0] < 0x80)
-        return 1;
-    if ((s[0] & 0xE0) == 0xC0) {
-        len = 2;
-        cp = s[0] & 0x1F;
-    } else if ((s[0] & 0xF0) == 0xE0) {
-        len = 3;
-        cp = s[0] & 0x0F;
-    } else if ((s[0] & 0xF8) == 0xF0) {
-        len = 4;
-        cp = s[0] & 0x07;
-    } else {
-        return 0;
-    }
-    if (len > n)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
-    }
-    /* Reject overlong forms, surrogates and values past U+10FFFF. */
-    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
-        (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF)
-        return 0;
-    return len;
-}
-
-/* A JSON string (or null); invalid UTF-8 bytes from the wire become U+FFFD. */
-static void json_str_n(FILE *out, const char *s, size_t n)
-{
-    const unsigned char *p = (const unsigned char *)s;
-
-    putc('"', out);
-    for (size_t i = 0; i < n;) {
-        unsigned char c = p[i];
-        size_t k;
-
-        switch (c) {
-        case '"':
-            fputs("\\\"", out);
-            break;
-        case '\\':
-            fputs("\\\\", out);
-            break;
-        case '\n':
-            fputs("\\n", out);
-            break;
-        case '\r':
-            fputs("\\r", out);
-            break;
-        case '\t':
-            fputs("\\t", out);
-            break;
-        default:
-            if (c < 0x20 || c == 0x7F) {
-                fprintf(out, "\\u%04x", c);
-            } else if ((k = utf8_len(p + i, n - i)) == 0) {
-                fputs("\\ufffd", out);
-            } else {
-                fwrite(p + i, 1, k, out);
-                i += k;
-                continue;
-            }
-        }
-        i++;
-    }
-    putc('"', out);
-}
-
-static void json_str(FILE *out, const char *s)
-{
-    if (s == NULL)
-        fputs("null", out);
-    else
-        json_str_n(out, s, strlen(s));
 }
 
 static void json_time(FILE *out, int64_t t)
@@ -239,12 +150,12 @@ static void json_msg_fields(FILE *out, const struct spool_msg *m)
 
     fprintf(out, "{\"id\":\"%s\",\"state\":\"%s\",\"sender\":", spool_id_str(m->id, id),
             spool_state_name(m->state));
-    json_str(out, m->sender);
+    json_fput(out, m->sender);
     fputs(",\"recipients\":[", out);
     for (size_t i = 0; i < m->nrcpts; i++) {
         if (i > 0)
             putc(',', out);
-        json_str(out, m->rcpts[i].addr);
+        json_fput(out, m->rcpts[i].addr);
     }
     fputs("],\"rcpt_status\":[", out);
     for (size_t i = 0; i < m->nrcpts; i++)
@@ -254,13 +165,13 @@ static void json_msg_fields(FILE *out, const struct spool_msg *m)
     fprintf(out, ",\"attempts\":%d,\"next_attempt\":", m->attempts);
     json_time(out, m->state == SPOOL_QUEUED || m->state == SPOOL_DEFERRED ? m->next_attempt : 0);
     fputs(",\"last_error\":", out);
-    json_str(out, m->last_error);
+    json_fput(out, m->last_error);
     fputs(",\"client\":", out);
-    json_str(out, m->client);
+    json_fput(out, m->client);
     fputs(",\"helo\":", out);
-    json_str(out, m->helo);
+    json_fput(out, m->helo);
     fputs(",\"listener\":", out);
-    json_str(out, m->listener);
+    json_fput(out, m->listener);
 }
 
 /* Copies s into out (size n) on one line, shortened with "..." when longer. */
@@ -303,27 +214,26 @@ static const char *oneline(const char *s)
 
 /* ---- commands ---- */
 
-struct ctx {
-    const char *spool_dir;
-    struct spool *sp;
-    const char *cmd;
-};
-
-static int open_spool(struct ctx *c, int readonly)
+struct spool *ctl_spool(struct ctl *c)
 {
-    struct spool_opts o = {.readonly = readonly};
+    struct spool_opts o = {.readonly = c->access != CTL_SPOOL_WRITE};
     char err[512];
     int rc;
 
+    if (c->sp != NULL)
+        return c->sp;
+    if (c->access == CTL_SPOOL_NONE)
+        log_panic("relayctl: %s opens the spool but its table row says it does not", c->cmd);
     if ((rc = spool_open(c->spool_dir, &o, &c->sp, err, sizeof(err))) != 0) {
         fprintf(stderr, "%s: %s\n", prog, err[0] ? err : spool_strerror(rc));
-        return -1;
+        c->sp = NULL;
+        return NULL;
     }
-    return 0;
+    return c->sp;
 }
 
 /* Parses one queue id argument; prints the usage-level complaint itself. */
-static int parse_id(struct ctx *c, const char *arg, uint64_t *id)
+static int parse_id(struct ctl *c, const char *arg, uint64_t *id)
 {
     if (spool_id_parse(arg, id) != 0) {
         fprintf(stderr, "%s: %s %s: not a queue id\n", prog, c->cmd, arg);
@@ -332,7 +242,7 @@ static int parse_id(struct ctx *c, const char *arg, uint64_t *id)
     return 0;
 }
 
-static void report(struct ctx *c, const char *arg, int rc)
+static void report(struct ctl *c, const char *arg, int rc)
 {
     fprintf(stderr, "%s: %s %s: %s\n", prog, c->cmd, arg, spool_strerror(rc));
 }
@@ -550,7 +460,7 @@ static int list_one(const struct spool_msg *m, void *arg)
     return 0;
 }
 
-static int cmd_list(struct ctx *c, int argc, char **argv)
+static int cmd_list(struct ctl *c, int argc, char **argv)
 {
     struct list_arg la = {0};
     int rc;
@@ -562,14 +472,14 @@ static int cmd_list(struct ctx *c, int argc, char **argv)
             la.json = 1;
         } else if ((r = filter_opt(&la.f, "list", argc, argv, &i)) != 0) {
             if (r < 0)
-                return EXIT_USAGE;
+                return CTL_EXIT_USAGE;
         } else {
             fprintf(stderr, "%s: list: unexpected argument %s\n", prog, argv[i]);
-            return EXIT_USAGE;
+            return CTL_EXIT_USAGE;
         }
     }
-    if (open_spool(c, 1) != 0)
-        return EXIT_OPER;
+    if (ctl_spool(c) == NULL)
+        return CTL_EXIT_FAIL;
     if (la.json)
         putchar('[');
     rc = spool_foreach(c->sp, list_one, &la);
@@ -577,7 +487,7 @@ static int cmd_list(struct ctx *c, int argc, char **argv)
         fputs(la.n > 0 ? "\n]\n" : "]\n", stdout);
     if (rc != 0) {
         fprintf(stderr, "%s: list: %s\n", prog, spool_strerror(rc));
-        return EXIT_OPER;
+        return CTL_EXIT_FAIL;
     }
     return 0;
 }
@@ -596,7 +506,7 @@ static size_t header_len(const char *body, size_t len)
     return len;
 }
 
-static int cmd_show(struct ctx *c, int argc, char **argv)
+static int cmd_show(struct ctl *c, int argc, char **argv)
 {
     const char *arg = NULL;
     struct spool_msg *m;
@@ -612,20 +522,20 @@ static int cmd_show(struct ctx *c, int argc, char **argv)
             arg = argv[i];
         } else {
             fprintf(stderr, "%s: show: unexpected argument %s\n", prog, argv[i]);
-            return EXIT_USAGE;
+            return CTL_EXIT_USAGE;
         }
     }
     if (arg == NULL) {
         fprintf(stderr, "%s: show: which message? (relayctl show ID)\n", prog);
-        return EXIT_USAGE;
+        return CTL_EXIT_USAGE;
     }
     if (parse_id(c, arg, &id) != 0)
-        return EXIT_USAGE;
-    if (open_spool(c, 1) != 0)
-        return EXIT_OPER;
+        return CTL_EXIT_USAGE;
+    if (ctl_spool(c) == NULL)
+        return CTL_EXIT_FAIL;
     if ((rc = spool_msg_get(c->sp, id, SPOOL_GET_HISTORY, &m)) != 0) {
         report(c, arg, rc);
-        return EXIT_OPER;
+        return CTL_EXIT_FAIL;
     }
     /* A body missing next to its envelope is worth saying, not fatal. */
     if ((rc = spool_body_get(c->sp, id, &body, &len)) != 0)
@@ -638,20 +548,20 @@ static int cmd_show(struct ctx *c, int argc, char **argv)
         json_msg_fields(stdout, m);
         /* RFC 3461 parameters as the client gave them (null: not given). */
         fputs(",\"dsn_ret\":", stdout);
-        json_str(stdout, ret_word(m->dsn_ret));
+        json_fput(stdout, ret_word(m->dsn_ret));
         fputs(",\"dsn_envid\":", stdout);
-        json_str(stdout, m->dsn_envid);
+        json_fput(stdout, m->dsn_envid);
         fputs(",\"rcpts\":[", stdout);
         for (size_t i = 0; i < m->nrcpts; i++) {
             fputs(i > 0 ? ",{\"addr\":" : "{\"addr\":", stdout);
-            json_str(stdout, m->rcpts[i].addr);
+            json_fput(stdout, m->rcpts[i].addr);
             printf(",\"status\":\"%s\",\"reply\":", rcpt_status_name(m->rcpts[i].status));
-            json_str(stdout, m->rcpts[i].reply);
+            json_fput(stdout, m->rcpts[i].reply);
             fputs(",\"dsn_notify\":", stdout);
-            json_str(stdout, m->rcpts[i].dsn_notify ? notify_words(m->rcpts[i].dsn_notify, nw)
-                                                    : NULL);
+            json_fput(stdout,
+                      m->rcpts[i].dsn_notify ? notify_words(m->rcpts[i].dsn_notify, nw) : NULL);
             fputs(",\"dsn_orcpt\":", stdout);
-            json_str(stdout, m->rcpts[i].dsn_orcpt);
+            json_fput(stdout, m->rcpts[i].dsn_orcpt);
             putchar('}');
         }
         fputs("],\"history\":[", stdout);
@@ -659,14 +569,14 @@ static int cmd_show(struct ctx *c, int argc, char **argv)
             fputs(i > 0 ? ",{\"when\":" : "{\"when\":", stdout);
             json_time(stdout, m->attempts_log[i].when);
             fputs(",\"upstream\":", stdout);
-            json_str(stdout, m->attempts_log[i].upstream);
+            json_fput(stdout, m->attempts_log[i].upstream);
             fputs(",\"result\":", stdout);
-            json_str(stdout, m->attempts_log[i].result);
+            json_fput(stdout, m->attempts_log[i].result);
             putchar('}');
         }
         fputs("],\"headers\":", stdout);
         if (body != NULL)
-            json_str_n(stdout, body, hlen);
+            json_fput_n(stdout, body, hlen);
         else
             fputs("null", stdout);
         fputs("}\n", stdout);
@@ -717,7 +627,7 @@ static int cmd_show(struct ctx *c, int argc, char **argv)
     return 0;
 }
 
-static int cmd_cat(struct ctx *c, int argc, char **argv)
+static int cmd_cat(struct ctl *c, int argc, char **argv)
 {
     uint64_t id;
     char *body;
@@ -726,17 +636,17 @@ static int cmd_cat(struct ctx *c, int argc, char **argv)
 
     if (argc != 1) {
         fprintf(stderr, "%s: cat: wants exactly one queue id\n", prog);
-        return EXIT_USAGE;
+        return CTL_EXIT_USAGE;
     }
     if (parse_id(c, argv[0], &id) != 0)
-        return EXIT_USAGE;
-    if (open_spool(c, 1) != 0)
-        return EXIT_OPER;
+        return CTL_EXIT_USAGE;
+    if (ctl_spool(c) == NULL)
+        return CTL_EXIT_FAIL;
     if ((rc = spool_body_get(c->sp, id, &body, &len)) != 0) {
         report(c, argv[0], rc);
-        return EXIT_OPER;
+        return CTL_EXIT_FAIL;
     }
-    rc = fwrite(body, 1, len, stdout) == len && fflush(stdout) == 0 ? 0 : EXIT_OPER;
+    rc = fwrite(body, 1, len, stdout) == len && fflush(stdout) == 0 ? 0 : CTL_EXIT_FAIL;
     if (rc != 0)
         fprintf(stderr, "%s: cat %s: write: %s\n", prog, argv[0], strerror(errno));
     free(body);
@@ -745,7 +655,7 @@ static int cmd_cat(struct ctx *c, int argc, char **argv)
 
 enum action { ACT_HOLD, ACT_RELEASE, ACT_RETRY, ACT_DELETE };
 
-static int act_one(struct ctx *c, enum action act, uint64_t id, const char *arg)
+static int act_one(struct ctl *c, enum action act, uint64_t id, const char *arg)
 {
     static const char *const done_word[] = {"held", "released", "queued for retry", "deleted"};
     struct spool_msg *m = NULL;
@@ -799,7 +709,7 @@ static int confirm(size_t n)
     return line[0] == 'y' || line[0] == 'Y';
 }
 
-static int cmd_action(struct ctx *c, enum action act, int argc, char **argv)
+static int cmd_action(struct ctl *c, enum action act, int argc, char **argv)
 {
     uint64_t *ids = xcalloc((size_t)argc + 1, sizeof(*ids));
     const char **args = xcalloc((size_t)argc + 1, sizeof(*args));
@@ -814,11 +724,11 @@ static int cmd_action(struct ctx *c, enum action act, int argc, char **argv)
             yes = 1;
         } else if (argv[i][0] == '-') {
             fprintf(stderr, "%s: %s: unknown option %s\n", prog, c->cmd, argv[i]);
-            rc = EXIT_USAGE;
+            rc = CTL_EXIT_USAGE;
             goto out;
         } else {
             if (parse_id(c, argv[i], &ids[n]) != 0) {
-                rc = EXIT_USAGE;
+                rc = CTL_EXIT_USAGE;
                 goto out;
             }
             args[n++] = argv[i];
@@ -826,30 +736,30 @@ static int cmd_action(struct ctx *c, enum action act, int argc, char **argv)
     }
     if (all && n > 0) {
         fprintf(stderr, "%s: retry: either queue ids or --all\n", prog);
-        rc = EXIT_USAGE;
+        rc = CTL_EXIT_USAGE;
         goto out;
     }
     if (!all && n == 0) {
         fprintf(stderr, "%s: %s: which messages? (relayctl %s ID...%s)\n", prog, c->cmd, c->cmd,
                 act == ACT_RETRY ? " or --all" : "");
-        rc = EXIT_USAGE;
+        rc = CTL_EXIT_USAGE;
         goto out;
     }
     if (act == ACT_DELETE && !yes) {
         if (!isatty(STDIN_FILENO)) {
             fprintf(stderr, "%s: delete: not a terminal; add --yes to delete without asking\n",
                     prog);
-            rc = EXIT_USAGE;
+            rc = CTL_EXIT_USAGE;
             goto out;
         }
         if (!confirm(n)) {
             fprintf(stderr, "%s: delete: nothing deleted\n", prog);
-            rc = EXIT_OPER;
+            rc = CTL_EXIT_FAIL;
             goto out;
         }
     }
-    if (open_spool(c, 0) != 0) {
-        rc = EXIT_OPER;
+    if (ctl_spool(c) == NULL) {
+        rc = CTL_EXIT_FAIL;
         goto out;
     }
     if (all) {
@@ -868,14 +778,14 @@ static int cmd_action(struct ctx *c, enum action act, int argc, char **argv)
     }
     for (size_t i = 0; i < n; i++)
         failed += act_one(c, act, ids[i], args[i]) != 0;
-    rc = failed ? EXIT_OPER : 0;
+    rc = failed ? CTL_EXIT_FAIL : 0;
 out:
     free(ids);
     free(args);
     return rc;
 }
 
-static int cmd_purge(struct ctx *c, int argc, char **argv)
+static int cmd_purge(struct ctl *c, int argc, char **argv)
 {
     struct filter f = {0};
     int failed = 0, yes = 0, r, rc;
@@ -896,22 +806,22 @@ static int cmd_purge(struct ctx *c, int argc, char **argv)
                 if (r > 0)
                     fprintf(stderr, "%s: purge: --older-than %s: not an age (90s, 30m, 2h, 3d)\n",
                             prog, v);
-                return EXIT_USAGE;
+                return CTL_EXIT_USAGE;
             }
             f.arrived_before = (int64_t)time(NULL) - age;
         } else {
             fprintf(stderr, "%s: purge: unexpected argument %s\n", prog, argv[i]);
-            return EXIT_USAGE;
+            return CTL_EXIT_USAGE;
         }
     }
     if (!failed) {
         fprintf(stderr, "%s: purge: say what to purge: relayctl purge --failed\n", prog);
-        return EXIT_USAGE;
+        return CTL_EXIT_USAGE;
     }
     if (!yes) {
         if (!isatty(STDIN_FILENO)) {
             fprintf(stderr, "%s: purge: not a terminal; add --yes to purge without asking\n", prog);
-            return EXIT_USAGE;
+            return CTL_EXIT_USAGE;
         }
         if (f.arrived_before != 0)
             fprintf(stderr, "Failed messages that arrived before %s will be deleted.\n",
@@ -920,14 +830,14 @@ static int cmd_purge(struct ctx *c, int argc, char **argv)
             fprintf(stderr, "Every failed message will be deleted.\n");
         if (!confirm(0)) {
             fprintf(stderr, "%s: purge: nothing deleted\n", prog);
-            return EXIT_OPER;
+            return CTL_EXIT_FAIL;
         }
     }
-    if (open_spool(c, 0) != 0)
-        return EXIT_OPER;
+    if (ctl_spool(c) == NULL)
+        return CTL_EXIT_FAIL;
     if ((rc = spool_purge(c->sp, SPOOL_FAILED, f.arrived_before, &removed)) != 0) {
         fprintf(stderr, "%s: purge: %s\n", prog, spool_strerror(rc));
-        return EXIT_OPER;
+        return CTL_EXIT_FAIL;
     }
     printf("%zu failed message%s deleted\n", removed, removed == 1 ? "" : "s");
     return 0;
@@ -996,7 +906,7 @@ static void print_age(int64_t arrived)
         printf("%lldh%02lldm", age / 3600, (age % 3600) / 60);
 }
 
-static int cmd_stats(struct ctx *c, int argc, char **argv)
+static int cmd_stats(struct ctl *c, int argc, char **argv)
 {
     struct spool_stats st;
     struct client_stats cs = {0};
@@ -1010,15 +920,15 @@ static int cmd_stats(struct ctx *c, int argc, char **argv)
             by_client = 1;
         } else {
             fprintf(stderr, "%s: stats: unexpected argument %s\n", prog, argv[i]);
-            return EXIT_USAGE;
+            return CTL_EXIT_USAGE;
         }
     }
-    if (open_spool(c, 1) != 0)
-        return EXIT_OPER;
+    if (ctl_spool(c) == NULL)
+        return CTL_EXIT_FAIL;
     if ((rc = spool_stats(c->sp, &st)) != 0 ||
         (by_client && (rc = spool_foreach(c->sp, client_stat_add, &cs)) != 0)) {
         fprintf(stderr, "%s: stats: %s\n", prog, spool_strerror(rc));
-        rc = EXIT_OPER;
+        rc = CTL_EXIT_FAIL;
         goto out;
     }
     if (cs.n > 1)
@@ -1038,7 +948,7 @@ static int cmd_stats(struct ctx *c, int argc, char **argv)
             fputs(",\"by_client\":[", stdout);
             for (size_t i = 0; i < cs.n; i++) {
                 fputs(i > 0 ? ",{\"client\":" : "{\"client\":", stdout);
-                json_str(stdout, cs.v[i].client);
+                json_fput(stdout, cs.v[i].client);
                 printf(",\"messages\":%llu", (unsigned long long)cs.v[i].messages);
                 for (int s = SPOOL_QUEUED; s <= SPOOL_FAILED; s++)
                     printf(",\"%s\":%llu", spool_state_name(s),
@@ -1095,6 +1005,46 @@ out:
     return rc;
 }
 
+static int cmd_hold(struct ctl *c, int argc, char **argv)
+{
+    return cmd_action(c, ACT_HOLD, argc, argv);
+}
+
+static int cmd_release(struct ctl *c, int argc, char **argv)
+{
+    return cmd_action(c, ACT_RELEASE, argc, argv);
+}
+
+static int cmd_retry(struct ctl *c, int argc, char **argv)
+{
+    return cmd_action(c, ACT_RETRY, argc, argv);
+}
+
+static int cmd_delete(struct ctl *c, int argc, char **argv)
+{
+    return cmd_action(c, ACT_DELETE, argc, argv);
+}
+
+/* Every command, once: its name, its handler and what it does to the spool. */
+static const struct ctl_cmd {
+    const char *name;
+    ctl_handler run;
+    enum ctl_spool_access spool;
+} ctl_cmds[] = {
+    {"list", cmd_list, CTL_SPOOL_READ},
+    {"show", cmd_show, CTL_SPOOL_READ},
+    {"cat", cmd_cat, CTL_SPOOL_READ},
+    {"hold", cmd_hold, CTL_SPOOL_WRITE},
+    {"release", cmd_release, CTL_SPOOL_WRITE},
+    {"retry", cmd_retry, CTL_SPOOL_WRITE},
+    {"delete", cmd_delete, CTL_SPOOL_WRITE},
+    {"purge", cmd_purge, CTL_SPOOL_WRITE},
+    {"stats", cmd_stats, CTL_SPOOL_READ},
+    {"test-upstream", ctl_diag_test_upstream_cmd, CTL_SPOOL_NONE},
+    {"send-test", ctl_diag_send_test_cmd, CTL_SPOOL_NONE},
+    {"oauth2", ctl_oauth2_cmd, CTL_SPOOL_NONE},
+};
+
 int main(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -1104,10 +1054,11 @@ int main(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *config = NULL, *spool_dir = NULL;
-    struct ctx c = {0};
+    const struct ctl_cmd *cmd = NULL;
+    struct ctl c = {.prog = prog};
     struct cfg cfg;
-    int opt, rc, have_cfg = 0, cargc;
-    char **cargv;
+    int opt, rc, have_cfg = 0;
+    size_t i;
 
     log_init(prog);
     /* '+': stop at the command, so its own options are left for it. */
@@ -1121,79 +1072,56 @@ int main(int argc, char **argv)
             break;
         case 'h':
             usage(stdout);
-            return 0;
+            return CTL_EXIT_OK;
         default:
             usage(stderr);
-            return EXIT_USAGE;
+            return CTL_EXIT_USAGE;
         }
     }
     if (optind >= argc) {
         usage(stderr);
-        return EXIT_USAGE;
+        return CTL_EXIT_USAGE;
     }
     c.cmd = argv[optind];
-    cargc = argc - optind - 1;
-    cargv = argv + optind + 1;
+    c.config_path = config != NULL ? config : CTL_DEFAULT_CONFIG;
     if (strcmp(c.cmd, "help") == 0) {
         usage(stdout);
-        return 0;
+        return CTL_EXIT_OK;
     }
-    if (strcmp(c.cmd, "test-upstream") == 0 || strcmp(c.cmd, "send-test") == 0)
-        return diag_command(prog, config != NULL ? config : DEFAULT_CONFIG, c.cmd, cargc, cargv);
-    if (strcmp(c.cmd, "oauth2") == 0)
-        return oauth2_cli_main(config != NULL ? config : DEFAULT_CONFIG, cargc, cargv);
-    if (strcmp(c.cmd, "list") != 0 && strcmp(c.cmd, "show") != 0 && strcmp(c.cmd, "cat") != 0 &&
-        strcmp(c.cmd, "hold") != 0 && strcmp(c.cmd, "release") != 0 &&
-        strcmp(c.cmd, "retry") != 0 && strcmp(c.cmd, "delete") != 0 &&
-        strcmp(c.cmd, "purge") != 0 && strcmp(c.cmd, "stats") != 0) {
+    for (i = 0; i < sizeof(ctl_cmds) / sizeof(ctl_cmds[0]) && cmd == NULL; i++)
+        if (strcmp(ctl_cmds[i].name, c.cmd) == 0)
+            cmd = &ctl_cmds[i];
+    if (cmd == NULL) {
         fprintf(stderr, "%s: unknown command %s (relayctl --help lists them)\n", prog, c.cmd);
-        return EXIT_USAGE;
+        return CTL_EXIT_USAGE;
     }
+    c.access = cmd->spool;
 
-    if (spool_dir == NULL) {
+    if (cmd->spool != CTL_SPOOL_NONE && spool_dir == NULL) {
         char err[512];
 
-        if (config == NULL)
-            config = DEFAULT_CONFIG;
-        if ((rc = cfg_load(config, &cfg, err, sizeof(err))) != 0) {
+        if ((rc = cfg_load(c.config_path, &cfg, err, sizeof(err))) != 0) {
             fprintf(stderr, "%s: %s\n", prog, err[0] ? err : strerror(-rc));
             if (rc == -ENOENT)
                 fprintf(stderr,
                         "%s: name the configuration with -c FILE or the spool with "
                         "--spool DIR\n",
                         prog);
-            return EXIT_OPER;
+            return CTL_EXIT_FAIL;
         }
         have_cfg = 1;
         spool_dir = cfg.spool_dir;
     }
     c.spool_dir = spool_dir;
 
-    if (strcmp(c.cmd, "list") == 0)
-        rc = cmd_list(&c, cargc, cargv);
-    else if (strcmp(c.cmd, "show") == 0)
-        rc = cmd_show(&c, cargc, cargv);
-    else if (strcmp(c.cmd, "cat") == 0)
-        rc = cmd_cat(&c, cargc, cargv);
-    else if (strcmp(c.cmd, "hold") == 0)
-        rc = cmd_action(&c, ACT_HOLD, cargc, cargv);
-    else if (strcmp(c.cmd, "release") == 0)
-        rc = cmd_action(&c, ACT_RELEASE, cargc, cargv);
-    else if (strcmp(c.cmd, "retry") == 0)
-        rc = cmd_action(&c, ACT_RETRY, cargc, cargv);
-    else if (strcmp(c.cmd, "delete") == 0)
-        rc = cmd_action(&c, ACT_DELETE, cargc, cargv);
-    else if (strcmp(c.cmd, "purge") == 0)
-        rc = cmd_purge(&c, cargc, cargv);
-    else
-        rc = cmd_stats(&c, cargc, cargv);
+    rc = cmd->run(&c, argc - optind - 1, argv + optind + 1);
 
     spool_close(c.sp);
     if (have_cfg)
         cfg_free(&cfg);
-    if (fflush(stdout) != 0 && rc == 0) {
+    if (fflush(stdout) != 0 && rc == CTL_EXIT_OK) {
         fprintf(stderr, "%s: write: %s\n", prog, strerror(errno));
-        rc = EXIT_OPER;
+        rc = CTL_EXIT_FAIL;
     }
     return rc;
 }

@@ -1,0 +1,65 @@
+/*
+ * testlib - shared set-up of the unit tests; see testlib.h.
+ */
+#include "tests/lib/testlib.h"
+
+#include <criterion/criterion.h>
+#include <criterion/new/assert.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+void testlib_tmpdir(char *dir, size_t dirlen, const char *name)
+{
+    if ((size_t)snprintf(dir, dirlen, "/tmp/%s.XXXXXX", name) >= dirlen)
+        cr_fatal("testlib_tmpdir: %s: name too long", name);
+    cr_assert_not_null(mkdtemp(dir), "mkdtemp %s", dir);
+}
+
+void testlib_rmtree(const char *dir)
+{
+    char cmd[512];
+
+    if ((size_t)snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir) >= sizeof cmd)
+        cr_fatal("testlib_rmtree: %s: name too long", dir);
+    cr_assert(eq(int, system(cmd), 0), "%s", cmd);
+}
+
+void testlib_write_file(const char *dir, const char *name, const char *text)
+{
+    char path[512];
+    FILE *f;
+
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    cr_assert_not_null(f = fopen(path, "w"), "%s", path);
+    fputs(text, f);
+    cr_assert(eq(int, fclose(f), 0), "%s", path);
+}
+
+void testlib_pki(const char *dir)
+{
+    char cmd[1024];
+
+    if ((size_t)snprintf(cmd, sizeof cmd, "bash '%s/tests/lib/pki.sh' '%s' unit",
+                         TESTLIB_SOURCE_DIR, dir) >= sizeof cmd)
+        cr_fatal("testlib_pki: %s: name too long", dir);
+    cr_assert(eq(int, system(cmd), 0), "%s", cmd);
+}
+
+static void close_cb_walk(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+int testlib_loop_close(uv_loop_t *loop)
+{
+    int rc = uv_loop_close(loop);
+
+    if (rc != 0) {
+        uv_walk(loop, close_cb_walk, NULL);
+        uv_run(loop, UV_RUN_DEFAULT);
+        uv_loop_close(loop);
+    }
+    return rc;
+}
