@@ -20,4 +20,7 @@ char *xstrndup(const char *s, size_t n);
 /* asprintf() that cannot fail. */
 char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* Entries of a fixed-size array (tables of keys, replies, names). */
+#define NELEM(a) (sizeof(a) / sizeof((a)[0]))
+
 #endif

@@ -250,7 +250,6 @@ struct cfg_secdef {
     size_t nkeys;
 };
 
-#define NELEM(a) (sizeof(a) / sizeof((a)[0]))
 
 static const struct cfg_secdef secdefs[] = {
     {"relayd", CFG_K_RELAYD, relayd_keys, NELEM(relayd_keys)},

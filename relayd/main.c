@@ -210,7 +210,7 @@ int main(int argc, char **argv)
 
     r.oauth2 = oauth2_new(&r.loop, &r.cfg);
     oauth2_start(r.oauth2); /* so that the first delivery finds a token */
-    r.sched = sched_new(&r.loop, &r.cfg, r.sp);
+    r.sched = sched_new(&r.loop, &r.cfg, r.sp, r.oauth2);
     if (sched_start(r.sched, err, sizeof(err)) != 0)
         log_fatal("%s", err);
     r.smtpd = smtpd_server_new(&r.loop, &r.cfg, r.sp, relayd_on_spooled, &r);

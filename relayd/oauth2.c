@@ -31,7 +31,6 @@
 #include "common/log.h"
 #include "common/xalloc.h"
 
-static struct oauth2 *o2_current;
 
 static void acct_kick(struct o2_acct *a);
 
@@ -234,13 +233,7 @@ struct oauth2 *oauth2_new(uv_loop_t *loop, const struct cfg *cfg)
         a->up = &cfg->upstreams[i];
         snprintf(a->lasterr, sizeof a->lasterr, "oauth2: no token yet (requesting one)");
     }
-    o2_current = o;
     return o;
-}
-
-struct oauth2 *oauth2_instance(void)
-{
-    return o2_current;
 }
 
 void oauth2_set_clock(struct oauth2 *o, oauth2_clock_fn fn, void *arg)
@@ -342,8 +335,6 @@ struct oauth2 *oauth2_free(struct oauth2 *o)
     free(o->accts);
     if (o->started)
         curl_global_cleanup();
-    if (o2_current == o)
-        o2_current = NULL;
     free(o);
     return NULL;
 }

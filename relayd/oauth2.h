@@ -49,10 +49,9 @@ typedef uint64_t (*oauth2_clock_fn)(void *arg);
 typedef void (*oauth2_token_cb)(void *arg, const char *token, const char *err);
 
 /* A manager for every upstream of cfg with auth = xoauth2 | oauthbearer (none: it does
- * nothing).  Also becomes oauth2_instance() until freed. */
+ * nothing).  The daemon hands it to the scheduler, which hands it to the pool and every
+ * SMTP session (sched_new(), pool_new(), smtpc_session_open()). */
 struct oauth2 *oauth2_new(uv_loop_t *loop, const struct cfg *cfg);
-/* The manager most recently created and not yet freed, or NULL: for smtpc's hook. */
-struct oauth2 *oauth2_instance(void);
 /* Tests: replace the clock (default uv_now-independent CLOCK_MONOTONIC in ms). */
 void oauth2_set_clock(struct oauth2 *o, oauth2_clock_fn fn, void *arg);
 /* Requests a token for every account now, so the first delivery finds one. */

@@ -95,6 +95,7 @@ struct pool_up {
 struct pool {
     uv_loop_t *loop;
     const struct cfg *cfg;
+    struct oauth2 *oauth2; /* tokens for OAuth 2.0 upstreams, handed to every session */
     struct pool_up *ups;
     int nups;
     int started;
@@ -425,7 +426,7 @@ static void probe_fire(uv_timer_t *t)
         (upstream_is_healthy(pu->u) && upstream_paused_until(pu->u, pool_now(pu->p)) == 0))
         return;
     log_debug(1, "upstream %s: probing", pu->cfg->name);
-    rc = smtpc_probe(pu->p->loop, pu->cfg, pu->cred, pu->p->cfg->hostname, NULL, probe_done, pu,
+    rc = smtpc_probe(pu->p->loop, pu->cfg, pu->cred, pu->p->oauth2, pu->p->cfg->hostname, NULL, probe_done, pu,
                      &pu->probe);
     if (rc < 0) {
         pu->probe = NULL;
@@ -623,7 +624,7 @@ static int conn_open(struct pool_up *pu)
     int rc;
 
     conn->pu = pu;
-    rc = smtpc_session_open(pu->p->loop, pu->cfg, pu->cred, pu->p->cfg->hostname, conn_event, conn,
+    rc = smtpc_session_open(pu->p->loop, pu->cfg, pu->cred, pu->p->oauth2, pu->p->cfg->hostname, conn_event, conn,
                             &conn->c);
     if (rc < 0) {
         free(conn);
@@ -722,13 +723,14 @@ static void pool_kick(struct pool *p)
 
 /* ---- Public ---- */
 
-struct pool *pool_new(uv_loop_t *loop, const struct cfg *cfg)
+struct pool *pool_new(uv_loop_t *loop, const struct cfg *cfg, struct oauth2 *oauth2)
 {
     struct pool *p = xcalloc(1, sizeof(*p));
     int i;
 
     p->loop = loop;
     p->cfg = cfg;
+    p->oauth2 = oauth2;
     p->nups = cfg->nupstreams;
     p->ups = xcalloc((size_t)p->nups + 1, sizeof(*p->ups));
     for (i = 0; i < p->nups; i++) {

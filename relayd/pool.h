@@ -44,8 +44,11 @@
 struct pool;
 struct upstream;
 
-/* cfg must outlive the pool; helo is cfg->hostname. */
-struct pool *pool_new(uv_loop_t *loop, const struct cfg *cfg);
+struct oauth2;
+
+/* cfg (and oauth2, the token manager for OAuth 2.0 upstreams, or NULL) must outlive the
+ * pool; helo is cfg->hostname. */
+struct pool *pool_new(uv_loop_t *loop, const struct cfg *cfg, struct oauth2 *oauth2);
 /* Loads the TLS client credentials of every upstream (ca_file or the system store, the
  * tls_priority); 0, or negative with "upstream NAME: why" in err. */
 int pool_start(struct pool *p, char *err, size_t errlen);

@@ -1326,14 +1326,15 @@ static void sched_on_tick(uv_timer_t *t)
         sched_purge_start(sc);
 }
 
-struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp)
+struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp,
+                        struct oauth2 *oauth2)
 {
     struct sched *sc = xcalloc(1, sizeof(*sc));
 
     sc->loop = loop;
     sc->cfg = cfg;
     sc->sp = sp;
-    sc->pool = pool_new(loop, cfg);
+    sc->pool = pool_new(loop, cfg, oauth2);
     sc->parks = xcalloc((size_t)cfg->nroutes + 1, sizeof(*sc->parks));
     sc->nscan = (size_t)cfg->workers + SCHED_SCAN_MAX;
     sc->scan = xcalloc(sc->nscan, sizeof(*sc->scan));

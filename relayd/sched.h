@@ -38,7 +38,11 @@
 
 struct sched;
 
-struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp);
+struct oauth2;
+
+/* cfg, sp and oauth2 (the token manager, or NULL) must outlive the scheduler. */
+struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp,
+                        struct oauth2 *oauth2);
 /* Starts the pool (TLS credentials for every upstream) and the timer; 0 or negative + err. */
 int sched_start(struct sched *sc, char *err, size_t errlen);
 /* A new message is in the spool: look for due work now. */

@@ -145,6 +145,7 @@ struct smtpc {
     uv_loop_t *loop;
     const struct cfg_upstream *up;
     struct tlsio_cred *cred;
+    struct oauth2 *oauth2; /* token manager (auth = xoauth2 | oauthbearer), or NULL */
     char *helo;
     char qid[24];
     char sid[24]; /* session tag for logs when no message is in transit */
@@ -814,9 +815,10 @@ static void smtpc_start_auth(struct smtpc *c)
     }
     if (up->upauth != CFG_UPAUTH_PASSWORD) {
         /* OAuth 2.0: the token is the secret, the mechanism the only one allowed. */
-        if ((secret = oauth2_token_peek(oauth2_instance(), up)) == NULL) {
+        if (c->oauth2 == NULL || (secret = oauth2_token_peek(c->oauth2, up)) == NULL) {
             fail(c, SMTPC_DEFER, F_QUIT | F_FAULT, "AUTH: %s",
-                 oauth2_last_error(oauth2_instance(), up));
+                 c->oauth2 != NULL ? oauth2_last_error(c->oauth2, up)
+                                   : "no OAuth 2.0 token manager");
             return;
         }
         pref = oauth2_mechanism(up);
@@ -864,7 +866,7 @@ static void smtpc_auth_reply(struct smtpc *c, int code, const char *text)
     }
     /* The token was refused (revoked, expired early): fetch a new one, once. */
     if (code == 535 && c->up->upauth != CFG_UPAUTH_PASSWORD)
-        oauth2_invalidate(oauth2_instance(), c->up);
+        oauth2_invalidate(c->oauth2, c->up);
     /* A 4xx is the server's trouble (RFC 4954 454: temporary failure), not ours. */
     fail(c, SMTPC_DEFER, F_QUIT | (code / 100 == 5 ? F_FAULT : 0), "AUTH %s: %s", c->mech, text);
 }
@@ -1513,10 +1515,11 @@ static void smtpc_io_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
 static uint64_t session_serial;
 
 static struct smtpc *smtpc_new(uv_loop_t *loop, enum smtpc_mode mode, const struct cfg_upstream *up,
-                               struct tlsio_cred *cred, const char *helo)
+                               struct tlsio_cred *cred, struct oauth2 *oauth2, const char *helo)
 {
     struct smtpc *c = xcalloc(1, sizeof(*c));
 
+    c->oauth2 = oauth2;
     c->mode = mode;
     c->loop = loop;
     c->up = up;
@@ -1562,10 +1565,10 @@ static int smtpc_begin(struct smtpc *c)
 }
 
 int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                  const char *helo, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg,
-                  struct smtpc **out)
+                  struct oauth2 *oauth2, const char *helo, const struct smtpc_msg *msg,
+                  smtpc_done_fn done, void *arg, struct smtpc **out)
 {
-    struct smtpc *c = smtpc_new(loop, SMTPC_M_DELIVER, up, cred, helo);
+    struct smtpc *c = smtpc_new(loop, SMTPC_M_DELIVER, up, cred, oauth2, helo);
     int rc;
 
     c->done = done;
@@ -1583,10 +1586,10 @@ int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_c
 }
 
 int smtpc_probe(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                const char *helo, smtpc_step_fn stepfn, smtpc_done_fn done, void *arg,
-                struct smtpc **out)
+                struct oauth2 *oauth2, const char *helo, smtpc_step_fn stepfn, smtpc_done_fn done,
+                void *arg, struct smtpc **out)
 {
-    struct smtpc *c = smtpc_new(loop, SMTPC_M_PROBE, up, cred, helo);
+    struct smtpc *c = smtpc_new(loop, SMTPC_M_PROBE, up, cred, oauth2, helo);
     int rc;
 
     c->done = done;
@@ -1619,9 +1622,10 @@ void smtpc_abort(struct smtpc *c)
 }
 
 int smtpc_session_open(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                       const char *helo, smtpc_event_fn ev, void *arg, struct smtpc **out)
+                       struct oauth2 *oauth2, const char *helo, smtpc_event_fn ev, void *arg,
+                       struct smtpc **out)
 {
-    struct smtpc *c = smtpc_new(loop, SMTPC_M_SESSION, up, cred, helo);
+    struct smtpc *c = smtpc_new(loop, SMTPC_M_SESSION, up, cred, oauth2, helo);
     int rc;
 
     c->ev = ev;

@@ -109,18 +109,20 @@ struct smtpc_result {
 #define SMTPC_ABORTED "delivery aborted (shutting down)"
 
 struct smtpc;
+struct oauth2;
 typedef void (*smtpc_done_fn)(void *arg, const struct smtpc_result *res);
 
 /*
  * Starts delivering msg to up.  helo is our EHLO name (copied).  cred is the client
  * credential for up (from tlsio_cred_client_new(up->ca_file, up->tls_priority)), or NULL
- * for tls = none.  done(arg, res) is called exactly once, from the loop or from
+ * for tls = none.  oauth2 is the token manager for auth = xoauth2 | oauthbearer upstreams
+ * (NULL: none; then such an upstream fails at AUTH with a CONFIG verdict).  done(arg, res) is called exactly once, from the loop or from
  * smtpc_abort(), never inside this call;
  * res is valid only during the call.  Returns 0, or a negative UV_E* when the attempt
  * could not even start: then done is never called and nothing needs freeing.
  */
 int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                  const char *helo, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg,
+                  struct oauth2 *oauth2, const char *helo, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg,
                   struct smtpc **out);
 /*
  * Rules shared by every result: a reply the provider table marks as the relay's own fault
@@ -145,7 +147,7 @@ void smtpc_abort(struct smtpc *c);
  */
 typedef void (*smtpc_step_fn)(void *arg, int ok, const char *text);
 int smtpc_probe(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                const char *helo, smtpc_step_fn step, smtpc_done_fn done, void *arg,
+                struct oauth2 *oauth2, const char *helo, smtpc_step_fn step, smtpc_done_fn done, void *arg,
                 struct smtpc **out);
 /* smtpc_abort() stops a probe too (done runs with SMTPC_DEFER before it returns). */
 
@@ -170,7 +172,7 @@ typedef void (*smtpc_event_fn)(void *arg, struct smtpc *c, enum smtpc_event ev,
  * up, cred and helo (copied) as for smtpc_deliver().
  */
 int smtpc_session_open(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                       const char *helo, smtpc_event_fn ev, void *arg, struct smtpc **out);
+                       struct oauth2 *oauth2, const char *helo, smtpc_event_fn ev, void *arg, struct smtpc **out);
 /* 1 when c is idle: set up, no transaction, not closing. */
 int smtpc_session_idle(const struct smtpc *c);
 /*

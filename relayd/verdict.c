@@ -14,7 +14,8 @@
 #include <string.h>
 #include <strings.h>
 
-#define NELEM(a) (sizeof(a) / sizeof((a)[0]))
+#include "common/xalloc.h"
+
 
 /* Whom a table row is about. */
 enum row_scope {

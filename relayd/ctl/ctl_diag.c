@@ -203,7 +203,7 @@ int ctl_diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
         fprintf(out, "[%s] %s\n", rc == 0 ? " ok " : "FAIL", text);
         fflush(out);
     }
-    rc = smtpc_probe(&loop, up, cred, cfg->hostname, probe_step, probe_done, &ps, &client);
+    rc = smtpc_probe(&loop, up, cred, oauth, cfg->hostname, probe_step, probe_done, &ps, &client);
     if (rc != 0) {
         ps.done = 1;
         ps.status = SMTPC_DEFER;

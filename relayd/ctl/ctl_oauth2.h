@@ -14,8 +14,8 @@
 #include "relayd/oauth2.h"
 
 /*
- * For relayctl test-upstream: creates a manager on loop (it becomes oauth2_instance(), so
- * smtpc_probe() on the same loop finds the token), runs the loop until up has a token or
+ * For relayctl test-upstream: creates a manager on loop (the caller hands it to
+ * smtpc_probe(), which takes the token from it), runs the loop until up has a token or
  * the attempt failed, and puts the step's line in text ("oauth2: token ok (grant
  * client_credentials, XOAUTH2 as a@b, expires in 3599 s)" or the reason).  0 or -1; either
  * way *out must later get oauth2_stop() (then run the loop) and oauth2_free().

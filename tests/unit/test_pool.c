@@ -312,7 +312,7 @@ static void pool_finish(struct pool *p)
 
 static struct pool *pool_up_and_running(struct setup *st)
 {
-    struct pool *p = pool_new(&loop, &st->cfg);
+    struct pool *p = pool_new(&loop, &st->cfg, NULL);
     char err[256];
 
     cr_assert(eq(int, pool_start(p, err, sizeof(err)), 0), "%s", err);

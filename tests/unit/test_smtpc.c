@@ -262,7 +262,7 @@ static void deliver(const struct cfg_upstream *up, const char *ca, const char *b
         snprintf(path, sizeof(path), "%s/%s", dir, ca);
         cr_assert(eq(int, tlsio_cred_client_new(path, NULL, &cred, err, sizeof(err)), 0));
     }
-    cr_assert(eq(int, smtpc_deliver(&loop, up, cred, "relay.test", &msg, on_done, o, NULL), 0));
+    cr_assert(eq(int, smtpc_deliver(&loop, up, cred, NULL, "relay.test", &msg, on_done, o, NULL), 0));
     for (i = 0; i < 100000 && o->ncalls == 0; i++)
         uv_run(&loop, UV_RUN_ONCE);
     cr_assert(eq(int, o->ncalls, 1));
@@ -653,7 +653,7 @@ Test(smtpc, abort_mid_dialogue)
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&o, 0, sizeof(o));
     o.nrcpts = 1;
-    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &msg, on_done, &o, &c), 0));
+    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &msg, on_done, &o, &c), 0));
     for (i = 0; i < 1000 && f.pos == 0; i++)
         uv_run(&loop, UV_RUN_ONCE);
     smtpc_abort(c);
@@ -765,7 +765,7 @@ static void on_done_full(void *arg, const struct smtpc_result *res)
 static void session_open(struct sess *s, const struct cfg_upstream *up)
 {
     memset(s, 0, sizeof(*s));
-    cr_assert(eq(int, smtpc_session_open(&loop, up, NULL, "relay.test", on_event, s, &s->c), 0));
+    cr_assert(eq(int, smtpc_session_open(&loop, up, NULL, NULL, "relay.test", on_event, s, &s->c), 0));
     run_until(&s->events[SMTPC_EV_READY], 1);
     cr_assert(eq(int, smtpc_session_idle(s->c), 1));
 }
@@ -963,7 +963,7 @@ Test(smtpc, smtputf8)
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&o, 0, sizeof(o));
     o.nrcpts = 1;
-    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done, &o, NULL), 0));
+    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &m, on_done, &o, NULL), 0));
     run_until(&o.ncalls, 1);
     cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
     fake_stop(&f);
@@ -972,7 +972,7 @@ Test(smtpc, smtputf8)
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&o, 0, sizeof(o));
     o.nrcpts = 1;
-    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done, &o, NULL), 0));
+    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &m, on_done, &o, NULL), 0));
     run_until(&o.ncalls, 1);
     cr_assert(eq(int, (int)o.status, SMTPC_FAIL));
     cr_assert(
@@ -1005,7 +1005,7 @@ Test(smtpc, send_as_denied_is_held)
     memset(&fo, 0, sizeof(fo));
     fo.o.nrcpts = 1;
     cr_assert(
-        eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done_full, &fo, NULL), 0));
+        eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &m, on_done_full, &fo, NULL), 0));
     run_until(&fo.o.ncalls, 1);
     cr_assert(eq(int, (int)fo.o.status, SMTPC_DEFER));
     /* About this sender, not the upstream: the upstream stays healthy. */
@@ -1057,7 +1057,7 @@ Test(smtpc, session_setup_failure)
     snprintf(path, sizeof(path), "%s/ca2.pem", dir);
     cr_assert(eq(int, tlsio_cred_client_new(path, NULL, &cred, err, sizeof(err)), 0));
     memset(&s, 0, sizeof(s));
-    cr_assert(eq(int, smtpc_session_open(&loop, &up, cred, "relay.test", on_event, &s, &s.c), 0));
+    cr_assert(eq(int, smtpc_session_open(&loop, &up, cred, NULL, "relay.test", on_event, &s, &s.c), 0));
     run_until(&s.events[SMTPC_EV_CLOSED], 1);
     cr_assert(eq(int, s.events[SMTPC_EV_FAILED], 1));
     cr_assert(eq(int, s.events[SMTPC_EV_READY], 0));
@@ -1103,7 +1103,7 @@ static void probe(const struct cfg_upstream *up, const char *ca, struct probe_lo
         cr_assert(eq(int, tlsio_cred_client_new(path, NULL, &cred, err, sizeof(err)), 0));
     }
     cr_assert(
-        eq(int, smtpc_probe(&loop, up, cred, "relay.test", on_step, on_probe_done, pl, NULL), 0));
+        eq(int, smtpc_probe(&loop, up, cred, NULL, "relay.test", on_step, on_probe_done, pl, NULL), 0));
     run_until(&pl->fo.o.ncalls, 1);
     uv_run(&loop, UV_RUN_NOWAIT);
     tlsio_cred_free(cred);
@@ -1218,7 +1218,7 @@ Test(smtpc, dsn_parameters)
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&o, 0, sizeof(o));
     o.nrcpts = 2;
-    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done, &o, NULL), 0));
+    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &m, on_done, &o, NULL), 0));
     run_until(&o.ncalls, 1);
     cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
     cr_assert(strstr(f.lines->data, "MAIL FROM:<fax@lan> RET=FULL ENVID=id+2042+2B+3D\n") != NULL,
@@ -1234,7 +1234,7 @@ Test(smtpc, dsn_parameters)
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&o, 0, sizeof(o));
     o.nrcpts = 2;
-    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, "relay.test", &m, on_done, &o, NULL), 0));
+    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &m, on_done, &o, NULL), 0));
     run_until(&o.ncalls, 1);
     cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
     cr_assert(strstr(f.lines->data, "MAIL FROM:<fax@lan>\n") != NULL, "%s", f.lines->data);
