@@ -31,7 +31,6 @@
 #include "common/log.h"
 #include "common/xalloc.h"
 
-
 static void acct_kick(struct o2_acct *a);
 
 /* ---- small helpers ---- */

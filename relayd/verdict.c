@@ -16,7 +16,6 @@
 
 #include "common/xalloc.h"
 
-
 /* Whom a table row is about. */
 enum row_scope {
     ROW_SESSION, /* the connection or the account: every message is affected alike */
@@ -44,7 +43,7 @@ struct reply_row {
     "max_recipients_per_day for this upstream (Microsoft 365 allows 30 messages a minute and "     \
     "10,000 recipients a day per mailbox); mail stays queued meanwhile"
 #define ACT_RELAY                                                                                  \
-    "the upstream does not relay for relayd: authenticate (username and password_file) or ask "  \
+    "the upstream does not relay for relayd: authenticate (username and password_file) or ask "    \
     "the provider to allow relaying from this address (Microsoft 365: an inbound connector)"
 
 static const struct reply_row reply_table[] = {
@@ -112,8 +111,8 @@ static const struct reply_row reply_table[] = {
  * "exceeded" or a bare "too many": "mailbox quota exceeded" and "too many recipients"
  * are about one mailbox or one message. */
 static const char *const slowdown_words[] = {
-    "rate limit",  "ratelimit",          "rate-limit",           "throttl",
-    "slow down",   "too many messages",  "too many connections", "too many concurrent",
+    "rate limit",   "ratelimit",         "rate-limit",           "throttl",
+    "slow down",    "too many messages", "too many connections", "too many concurrent",
     "sending rate",
 };
 

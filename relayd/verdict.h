@@ -28,15 +28,15 @@
 
 /* The step of the dialogue a reply answers. */
 enum verdict_stage {
-    VERDICT_AT_CONNECT,  /* resolve, connect, implicit TLS: no reply (code 0) */
+    VERDICT_AT_CONNECT, /* resolve, connect, implicit TLS: no reply (code 0) */
     VERDICT_AT_GREETING,
     VERDICT_AT_EHLO,     /* EHLO / HELO */
     VERDICT_AT_STARTTLS, /* STARTTLS and the handshake after it */
     VERDICT_AT_AUTH,
-    VERDICT_AT_MAIL,     /* MAIL FROM (and RSET before it) */
+    VERDICT_AT_MAIL, /* MAIL FROM (and RSET before it) */
     VERDICT_AT_RCPT,
-    VERDICT_AT_DATA,     /* DATA (before the body) */
-    VERDICT_AT_DOT,      /* the body and the reply to its final dot */
+    VERDICT_AT_DATA, /* DATA (before the body) */
+    VERDICT_AT_DOT,  /* the body and the reply to its final dot */
 };
 
 enum verdict_cause {

@@ -694,7 +694,6 @@ static int act_one(struct ctl *c, enum action act, uint64_t id, const char *arg)
     return 0;
 }
 
-
 /* Asks on the terminal; 1 when the answer starts with y. */
 static int confirm(size_t n)
 {
