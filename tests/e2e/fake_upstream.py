@@ -13,6 +13,9 @@ talks to it with tls = none and no username).  Listens on 127.0.0.1 only.
 when the dot arrives, so a test can act while relayd waits for the reply).
 --dot-reply-for ADDR='451 4.3.0 later' answers the end of data with REPLY when ADDR is one
 of the transaction's recipients (the message is then not stored unless REPLY is 2xx).
+--dot-421-every N answers every Nth end of data (counted over all sessions) with
+"421 4.7.0 Service not available, closing transmission channel" and closes, as Microsoft
+365 does now and then under load.
 --fault MODE, for the first N connections (--fault-times, default 1):
   421-after-rcpt   answer the first RCPT with 421 and close
   drop-in-data     accept DATA, read a few lines of the message, then close without reply
@@ -115,6 +118,14 @@ class Handler(socketserver.StreamRequestHandler):
                         raw = raw[1:]
                     data.append(raw)
                 log(a.dir, "conn %d dot" % n)
+                if a.dot_421_every:
+                    with lock:
+                        state["dots"] = state.get("dots", 0) + 1
+                        nth = state["dots"]
+                    if nth % a.dot_421_every == 0:
+                        log(a.dir, "conn %d dot 421" % n)
+                        self.send("421 4.7.0 Service not available, closing transmission channel")
+                        return
                 if a.dot_delay:
                     time.sleep(a.dot_delay)
                 special = [a.dot_reply_for[r.lower()] for r in rcpts if r.lower() in a.dot_reply_for]
@@ -160,6 +171,7 @@ def main():
     p.add_argument("--fault", choices=["421-after-rcpt", "drop-in-data", "421-greeting"])
     p.add_argument("--fault-times", type=int, default=1)
     p.add_argument("--dot-delay", type=float, default=0)
+    p.add_argument("--dot-421-every", type=int, default=0)
     p.add_argument("--dot-reply-for", action="append", default=[])
     a = p.parse_args()
     a.rcpt_reply = dict((k.lower(), v) for k, v in (r.split("=", 1) for r in a.rcpt_reply))
