@@ -53,6 +53,7 @@
 #include "common/xalloc.h"
 #include "relayd/bounce.h"
 #include "relayd/msgfix.h"
+#include "relayd/smtpd_policy.h"
 
 #define SMTPD_INPUT_MAX (256 * 1024) /* input held while not reading commands */
 #define SMTPD_DATA_CHUNK (64 * 1024)   /* flush a partial DATA line beyond this */
@@ -61,6 +62,10 @@
 #define SMTPD_AUTH_DELAY_MS 1000       /* first failed login; grows by this per failure */
 #define SMTPD_AUTH_DELAY_MAX_MS 3000
 #define SMTPD_ENVID_MAX 100            /* RFC 3461 4.4 */
+/* Replies the client has not read yet: past this we stop reading its commands until the
+ * kernel took them (an EHLO loop that never reads once grew relayd to 4.5 GB). */
+#define SMTPD_OUTPUT_MAX (64 * 1024)
+#define SMTPD_CLIENT_BUCKETS 4096      /* per-address session counts (power of two) */
 
 enum smtpd_state {
     SMTPD_S_PROXY,
@@ -86,6 +91,7 @@ static const char *const smtpd_state_names[] = {
 #define SMTPD_F_NEEDHELO 0x10 /* after STARTTLS: a new EHLO before MAIL */
 #define SMTPD_F_GREETED 0x20  /* the 220 (or a reject) was sent */
 #define SMTPD_F_COUNTED 0x40  /* counted in srv->nsessions */
+#define SMTPD_F_MASK 0x80     /* after a refused or aborted AUTH: unknown lines are masked */
 
 struct smtpd_tx {
     char *sender;
@@ -96,6 +102,8 @@ struct smtpd_tx {
     int no_mem;       /* went over the server's max_memory: read to the end, then 451 */
     int mid_line;     /* the last chunk appended ended inside a line */
     int last_dot;     /* the last complete line ended in '.' (see smtpd_data_glued_dot) */
+    int prev_crlf;    /* the last complete line (or the DATA command) ended in CRLF */
+    size_t rcpt_bytes; /* memory held by the recipient list, for max_memory */
     /* RFC 3461 DSN parameters, kept in the spool (spool.h) and passed upstream when it
      * offers DSN; ENVID and ORCPT are stored xtext-decoded. */
     char ret[8];         /* "FULL", "HDRS" or "" */
@@ -143,7 +151,25 @@ struct smtpd_session {
     int close_after_drain;        /* QUIT or a fatal reply: close once the reply is sent */
     const char *close_why;        /* for the disconnect line; NULL: "quit" */
     int input_paused;             /* reads stopped while we are not taking commands */
+    int out_blocked;              /* over SMTPD_OUTPUT_MAX unread replies: not reading */
+    size_t in_off;                /* input handled but not yet consumed (see drain_input) */
+    struct buf *cork;             /* replies gathered for one write, or NULL */
+    int last_code;                /* of the last reply, for the command counters */
+    int cmd_crlf;                 /* the last command line ended in CRLF */
+    int peer_eof;                 /* the client half-closed while its commit was pending */
+    size_t commit_mem;            /* bytes of the message the spool writer holds for us */
+    enum cfg_bare_lf bare_lf;     /* the listener's bare_lf for this client */
+    int bare_lf_logged;           /* a bare-LF end of DATA was logged in this session */
+    struct smtpd_counts counts;   /* for the disconnect line */
     struct smtpd_session *prev, *next;
+};
+
+/* Sessions counted per client address (max_connections_per_client) without walking
+ * every session at each accept: with 10,000 sessions that walk stalled the loop. */
+struct smtpd_client {
+    char peer[64];
+    int n;
+    struct smtpd_client *next;
 };
 
 struct smtpd_server {
@@ -158,6 +184,7 @@ struct smtpd_server {
     uint64_t next_session_id;
     int nsessions;         /* sessions counted against max_connections */
     size_t mem_used;       /* message bytes held by all sessions */
+    struct smtpd_client *clients[SMTPD_CLIENT_BUCKETS];
     int open;              /* listeners bound and not yet closed + sessions not yet freed */
     int stopping;
     void (*stop_done)(void *arg);
@@ -215,6 +242,38 @@ static void smtpd_trace(struct smtpd_session *s, char dir, const char *line, int
 static void smtpd_reply(struct smtpd_session *s, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+static void smtpd_enter_state(struct smtpd_session *s, enum smtpd_state st);
+
+/* Writes the gathered replies in one piece; past SMTPD_OUTPUT_MAX unread bytes the session
+ * stops reading (and handling) commands until TLSIO_DRAINED, under write_timeout. */
+static void smtpd_flush(struct smtpd_session *s)
+{
+    if (s->cork != NULL && s->cork->len > 0 && s->state != SMTPD_S_CLOSING) {
+        tlsio_write(s->io, s->cork->data, s->cork->len);
+        buf_reset(s->cork);
+    }
+    if (s->state != SMTPD_S_CLOSING && !s->out_blocked &&
+        tlsio_pending_write(s->io) > SMTPD_OUTPUT_MAX) {
+        s->out_blocked = 1;
+        s->input_paused = 1;
+        tlsio_read_stop(s->io);
+        smtpd_enter_state(s, s->state); /* re-arms the timer with write_timeout */
+    }
+}
+
+/* Replies are gathered from here to smtpd_uncork() (EHLO's lines, a pipelined batch). */
+static void smtpd_cork(struct smtpd_session *s)
+{
+    if (s->cork == NULL)
+        s->cork = buf_new(0);
+}
+
+static void smtpd_uncork(struct smtpd_session *s)
+{
+    smtpd_flush(s);
+    s->cork = buf_free(s->cork);
+}
+
 static void smtpd_reply(struct smtpd_session *s, const char *fmt, ...)
 {
     char line[1024];
@@ -234,9 +293,18 @@ static void smtpd_reply(struct smtpd_session *s, const char *fmt, ...)
         smtpd_trace(s, '>', "334 ****", 8);
     else
         smtpd_trace(s, '>', line, n);
+    if (line[0] >= '1' && line[0] <= '5')
+        s->last_code = (line[0] - '0') * 100;
     line[n++] = '\r';
     line[n++] = '\n';
+    if (s->cork != NULL) {
+        buf_append(s->cork, line, (size_t)n);
+        if (s->cork->len > SMTPD_OUTPUT_MAX)
+            smtpd_flush(s);
+        return;
+    }
     tlsio_write(s->io, line, (size_t)n);
+    smtpd_flush(s);
 }
 
 static void smtpd_enter_state(struct smtpd_session *s, enum smtpd_state st)
@@ -259,6 +327,9 @@ static void smtpd_enter_state(struct smtpd_session *s, enum smtpd_state st)
             timeout = SMTPD_AUTH_DELAY_MAX_MS;
         uv_timer_start(&s->timer, smtpd_on_timeout, timeout, 0);
         return;
+    case SMTPD_S_TLS_HANDSHAKE:
+        timeout = (uint64_t)lc->handshake_timeout * 1000;
+        break;
     case SMTPD_S_DATA:
         timeout = (uint64_t)lc->data_timeout * 1000;
         break;
@@ -266,13 +337,26 @@ static void smtpd_enter_state(struct smtpd_session *s, enum smtpd_state st)
         timeout = (uint64_t)lc->command_timeout * 1000;
         break;
     }
+    if (s->out_blocked)
+        timeout = (uint64_t)lc->write_timeout * 1000;
     uv_timer_start(&s->timer, smtpd_on_timeout, timeout, timeout);
 }
 
 /* Brings srv->mem_used in line with what this session's transaction holds now. */
 static void smtpd_mem_sync(struct smtpd_session *s)
 {
-    size_t now = s->tx != NULL && s->tx->data != NULL ? s->tx->data->cap : 0;
+    size_t now = s->commit_mem;
+
+    /* What this session really holds: the message being received (allocated size), the
+     * one the spool writer has not committed yet, the recipients, and the input and
+     * output buffers (max_memory, README "Limits"). */
+    if (s->tx != NULL) {
+        now += s->tx->rcpt_bytes;
+        if (s->tx->data != NULL)
+            now += s->tx->data->cap;
+    }
+    if (s->state != SMTPD_S_CLOSING && s->io != NULL)
+        now += tlsio_input(s->io)->len + tlsio_pending_write(s->io);
 
     s->srv->mem_used = s->srv->mem_used - s->mem + now;
     s->mem = now;
@@ -314,6 +398,7 @@ static void smtpd_session_unref(struct smtpd_session *s)
     free(s->helo);
     free(s->auth_user);
     s->sasl = authsasl_server_free(s->sasl);
+    s->cork = buf_free(s->cork);
     /* The tlsio (and its GnuTLS session) is gone by now: the credentials may go too. */
     s->cred = smtpd_cred_unref(s->cred);
     if (s->prev != NULL)
@@ -340,20 +425,87 @@ static void smtpd_on_io_closed(void *arg)
 /* A session that is closing or has said its last word no longer counts against the
  * connection limits: a client that sends QUIT and reconnects at once must not find its
  * old session still counted while the 221 is being flushed. */
+static struct smtpd_client **smtpd_client_slot(struct smtpd_server *srv, const char *peer)
+{
+    struct smtpd_client **c;
+    uint32_t h = 2166136261u; /* FNV-1a */
+    const char *p;
+
+    for (p = peer; *p != '\0'; p++)
+        h = (h ^ (unsigned char)*p) * 16777619u;
+    for (c = &srv->clients[h & (SMTPD_CLIENT_BUCKETS - 1)]; *c != NULL; c = &(*c)->next)
+        if (strcmp((*c)->peer, peer) == 0)
+            break;
+    return c;
+}
+
+/* Sessions from this address that count against max_connections_per_client. */
+static int smtpd_client_count(const struct smtpd_session *s)
+{
+    struct smtpd_client **c = smtpd_client_slot(s->srv, s->peer);
+
+    return *c != NULL ? (*c)->n : 0;
+}
+
+static void smtpd_count(struct smtpd_session *s)
+{
+    struct smtpd_client **c = smtpd_client_slot(s->srv, s->peer);
+
+    if (*c == NULL) {
+        *c = xcalloc(1, sizeof(**c));
+        snprintf((*c)->peer, sizeof((*c)->peer), "%s", s->peer);
+    }
+    (*c)->n++;
+    s->flags |= SMTPD_F_COUNTED;
+    s->srv->nsessions++;
+}
+
 static void smtpd_uncount(struct smtpd_session *s)
 {
+    struct smtpd_client **c, *dead;
+
     if (s->flags & SMTPD_F_COUNTED) {
         s->flags &= ~SMTPD_F_COUNTED;
         s->srv->nsessions--;
+        c = smtpd_client_slot(s->srv, s->peer);
+        if (*c != NULL && --(*c)->n == 0) {
+            dead = *c;
+            *c = dead->next;
+            free(dead);
+        }
     }
+}
+
+/* Refusals: one info line each with the client, the listener, the reason and the setting
+ * that would change it (README "Every refusal explained"). */
+static void smtpd_refuse_log(struct smtpd_session *s, enum smtpd_refusal r, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void smtpd_refuse_log(struct smtpd_session *s, enum smtpd_refusal r, const char *fmt, ...)
+{
+    const struct smtpd_refusal_info *ri = smtpd_policy_refusal(r);
+    char what[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof(what), fmt, ap);
+    va_end(ap);
+    log_info("reject: session=%llu client=%s listener=%s helo=%s reason=%s: %s; setting: %s "
+             "(%s)", (unsigned long long)s->id, s->peer, s->lcfg->name,
+             s->helo != NULL ? s->helo : "none", ri->name, what, ri->setting, ri->fix);
 }
 
 /* The one exit: logs one line, drops the uncommitted transaction, closes every handle. */
 static void smtpd_session_close(struct smtpd_session *s, const char *why)
 {
+    char summary[256];
+
     if (s->state == SMTPD_S_CLOSING)
         return;
-    log_info("disconnect from %s session=%llu: %s", s->peer, (unsigned long long)s->id, why);
+    smtpd_uncork(s); /* a last reply (221, 421) goes out before the close */
+    /* Postfix style: every command the client gave, "ok/total" where some failed. */
+    log_info("disconnect from %s session=%llu%s (%s)", s->peer, (unsigned long long)s->id,
+             smtpd_policy_summary(&s->counts, summary, sizeof(summary)), why);
     smtpd_enter_state(s, SMTPD_S_CLOSING);
     smtpd_uncount(s);
     /* A transaction in COMMIT_WAIT belongs to the spool writer now; see smtpd_commit_done. */
@@ -379,8 +531,8 @@ static int smtpd_error(struct smtpd_session *s)
     if (++s->errors < s->lcfg->max_errors)
         return 0;
     smtpd_reply(s, "421 4.7.0 %s Error: too many errors", s->srv->cfg->hostname);
-    log_warn("session=%llu: client %s: too many errors (%d)", (unsigned long long)s->id, s->peer,
-             s->errors);
+    smtpd_refuse_log(s, SMTPD_R_TOO_MANY_ERRORS, "%d protocol errors (max_errors %d)", s->errors,
+                     s->lcfg->max_errors);
     smtpd_reject_close(s, "too many errors");
     return -1;
 }
@@ -464,6 +616,7 @@ static void smtpd_cmd_helo(struct smtpd_session *s, const char *arg, int ehlo)
         return;
     }
     s->flags |= SMTPD_F_EHLO;
+    /* Commands run corked (smtpd_drain_input): the whole reply goes out in one write. */
     smtpd_reply(s, "250-%s", cfg->hostname);
     smtpd_reply(s, "250-PIPELINING");
     smtpd_reply(s, "250-SIZE %ld", cfg->max_message_size);
@@ -518,6 +671,8 @@ static int smtpd_mail_param(struct smtpd_session *s, struct smtpd_tx *tx, const 
         unsigned long long size = strtoull(v, NULL, 10);
 
         if (size > (unsigned long long)s->srv->cfg->max_message_size) {
+            smtpd_refuse_log(s, SMTPD_R_TOO_BIG, "MAIL SIZE=%llu over max_message_size %ld", size,
+                             s->srv->cfg->max_message_size);
             smtpd_reply(s, "552 5.3.4 Message size exceeds fixed limit of %ld bytes",
                         s->srv->cfg->max_message_size);
             return -1;
@@ -644,6 +799,8 @@ static void smtpd_cmd_mail(struct smtpd_session *s, const char *arg)
         return;
     }
     if (lc->auth == CFG_AUTH_REQUIRED && !(s->flags & SMTPD_F_AUTHED)) {
+        smtpd_refuse_log(s, SMTPD_R_AUTH_REQUIRED, "MAIL before a successful AUTH (auth = "
+                         "required)");
         smtpd_reply(s, "530 5.7.0 Authentication required");
         smtpd_error(s);
         return;
@@ -674,8 +831,8 @@ static void smtpd_cmd_mail(struct smtpd_session *s, const char *arg)
     /* The null sender has no domain to judge: bounces from devices stay possible. */
     if (lc->sender_domains != NULL && addr[0] != '\0' &&
         !cfg_domain_listed(lc->sender_domains, addr)) {
-        log_info("NOQUEUE: reject: MAIL from %s: sender <%s> is not in sender_domains of "
-                 "listener %s", s->peer, addr, lc->name);
+        smtpd_refuse_log(s, SMTPD_R_SENDER_DOMAIN, "MAIL FROM:<%s>: domain not in "
+                         "sender_domains", addr);
         smtpd_reply(s, "553 5.7.1 <%s>: Sender address rejected: domain not allowed here", addr);
         smtpd_tx_free(tx);
         smtpd_error(s);
@@ -728,8 +885,8 @@ static void smtpd_cmd_rcpt(struct smtpd_session *s, const char *arg)
         p += strspn(p, " ");
     }
     if (lc->recipient_domains != NULL && !cfg_domain_listed(lc->recipient_domains, addr)) {
-        log_info("NOQUEUE: reject: RCPT from %s: <%s>: relay access denied (not in "
-                 "recipient_domains of listener %s)", s->peer, addr, lc->name);
+        smtpd_refuse_log(s, SMTPD_R_RCPT_DOMAIN, "RCPT TO:<%s>: relay access denied (domain "
+                         "not in recipient_domains)", addr);
         smtpd_reply(s, "554 5.7.1 <%s>: Relay access denied", addr);
         free(addr);
         free(orcpt);
@@ -737,6 +894,8 @@ static void smtpd_cmd_rcpt(struct smtpd_session *s, const char *arg)
         return;
     }
     if (tx->nrcpts >= (size_t)s->srv->cfg->max_recipients) {
+        smtpd_refuse_log(s, SMTPD_R_TOO_MANY_RCPTS, "RCPT TO:<%s>: more than max_recipients "
+                         "(%d)", addr, s->srv->cfg->max_recipients);
         free(addr);
         free(orcpt);
         smtpd_reply(s, "452 4.5.3 Error: too many recipients");
@@ -748,10 +907,14 @@ static void smtpd_cmd_rcpt(struct smtpd_session *s, const char *arg)
         tx->notify = xrealloc(tx->notify, tx->cap * sizeof(*tx->notify));
         tx->orcpt = xrealloc(tx->orcpt, tx->cap * sizeof(*tx->orcpt));
     }
+    /* Charged against max_memory: strings and array slots (not malloc's own overhead). */
+    tx->rcpt_bytes += strlen(addr) + 1 + (orcpt != NULL ? strlen(orcpt) + 1 : 0) +
+                      sizeof(*tx->rcpts) + sizeof(*tx->notify) + sizeof(*tx->orcpt);
     tx->notify[tx->nrcpts] = notify;
     tx->orcpt[tx->nrcpts] = orcpt;
     tx->rcpts[tx->nrcpts++] = addr;
     tx->ndsn_rcpts += dsn;
+    smtpd_mem_sync(s);
     smtpd_reply(s, "250 2.1.5 Ok");
 }
 
@@ -771,13 +934,14 @@ static void smtpd_cmd_data(struct smtpd_session *s, const char *arg)
         return;
     }
     if (srv->mem_used >= (size_t)srv->cfg->max_memory) {
-        log_warn("NOQUEUE: DATA from %s deferred: messages in flight hold %zu bytes "
-                 "(max_memory %ld)", s->peer, srv->mem_used, srv->cfg->max_memory);
+        smtpd_refuse_log(s, SMTPD_R_MEMORY, "DATA deferred: sessions hold %zu bytes "
+                         "(max_memory %ld)", srv->mem_used, srv->cfg->max_memory);
         smtpd_reply(s, "451 4.3.1 Insufficient system resources, try again later");
         return;
     }
     /* The limit is enforced while streaming; the excess is never held in memory. */
     s->tx->data = buf_new((size_t)srv->cfg->max_message_size);
+    s->tx->prev_crlf = s->cmd_crlf;
     smtpd_mem_sync(s);
     smtpd_reply(s, "354 End data with <CR><LF>.<CR><LF>");
     smtpd_enter_state(s, SMTPD_S_DATA);
@@ -839,6 +1003,7 @@ static void smtpd_cmd_starttls(struct smtpd_session *s, const char *arg)
         return;
     }
     smtpd_reply(s, "220 2.0.0 Ready to start TLS");
+    smtpd_flush(s); /* in cleartext, before the handshake starts */
     s->cred = smtpd_cred_ref(l->cred);
     /* tlsio drops any plaintext pipelined after STARTTLS (RFC 3207 4). */
     if (tlsio_starttls(s->io, s->cred->cred, 1, NULL) != 0) {
@@ -863,6 +1028,8 @@ static void smtpd_auth_result(struct smtpd_session *s, int rc, char *challenge, 
         break;
     case AUTHSASL_DONE:
         s->flags |= SMTPD_F_AUTHED;
+        s->flags &= ~SMTPD_F_MASK;
+        s->counts.ok[SMTPD_V_AUTH]++;
         free(s->auth_user);
         s->auth_user = xstrdup(user);
         log_info("session=%llu: client=%s sasl_method=%s sasl_username=%s%s",
@@ -872,16 +1039,22 @@ static void smtpd_auth_result(struct smtpd_session *s, int rc, char *challenge, 
         smtpd_enter_state(s, SMTPD_S_CMD);
         break;
     case AUTHSASL_FORM:
+        s->flags |= SMTPD_F_MASK;
         smtpd_reply(s, "501 5.5.2 Cannot decode AUTH data");
         smtpd_enter_state(s, SMTPD_S_CMD);
         smtpd_error(s);
         break;
     case AUTHSASL_NOMECH:
+        s->flags |= SMTPD_F_MASK;
+        smtpd_refuse_log(s, SMTPD_R_AUTH_MECH, "AUTH %s: not offered (auth_mechanisms = %s%s)",
+                         authsasl_server_mech(sasl), s->lcfg->auth_mechanisms,
+                         !tlsio_is_tls(s->io) ? ", without TLS" : "");
         smtpd_reply(s, "504 5.5.4 Unrecognized authentication type");
         smtpd_enter_state(s, SMTPD_S_CMD);
         smtpd_error(s);
         break;
     case AUTHSASL_TEMP:
+        s->flags |= SMTPD_F_MASK;
         log_error("session=%llu: authentication unavailable: client=%s mechanism=%s: %s",
                   (unsigned long long)s->id, s->peer, authsasl_server_mech(sasl), err);
         smtpd_reply(s, "454 4.7.0 Temporary authentication failure");
@@ -890,9 +1063,9 @@ static void smtpd_auth_result(struct smtpd_session *s, int rc, char *challenge, 
     default:
         /* Never the password; the reply waits (AUTH_DELAY) to slow down guessing. */
         s->auth_failures++;
-        log_warn("session=%llu: authentication failed: client=%s user=%s mechanism=%s: %s",
-                 (unsigned long long)s->id, s->peer, user[0] != '\0' ? user : "(unknown)",
-                 authsasl_server_mech(sasl), err);
+        s->flags |= SMTPD_F_MASK;
+        smtpd_refuse_log(s, SMTPD_R_AUTH_FAILED, "AUTH %s for user %s failed: %s",
+                         authsasl_server_mech(sasl), user[0] != '\0' ? user : "(unknown)", err);
         smtpd_enter_state(s, SMTPD_S_AUTH_DELAY);
         break;
     }
@@ -908,9 +1081,13 @@ static void smtpd_cmd_auth(struct smtpd_session *s, const char *arg)
     size_t n;
     int rc;
 
-    while (*arg == ' ')
+    while (*arg == ' ' || *arg == '\t')
         arg++;
+    /* Whatever goes wrong below, lines the client pipelined behind this AUTH may be its
+     * credentials: they are masked in the trace until a known command comes. */
+    s->flags |= SMTPD_F_MASK;
     if (lc->auth == CFG_AUTH_OFF) {
+        smtpd_refuse_log(s, SMTPD_R_AUTH_OFF, "AUTH on a listener with auth = off");
         smtpd_reply(s, "502 5.5.1 Error: authentication not enabled");
         smtpd_error(s);
         return;
@@ -925,7 +1102,7 @@ static void smtpd_cmd_auth(struct smtpd_session *s, const char *arg)
         smtpd_error(s);
         return;
     }
-    n = strcspn(arg, " ");
+    n = strcspn(arg, " \t");
     if (n == 0 || n >= sizeof(mech)) {
         smtpd_reply(s, "501 5.5.4 Syntax: AUTH mechanism");
         smtpd_error(s);
@@ -934,14 +1111,18 @@ static void smtpd_cmd_auth(struct smtpd_session *s, const char *arg)
     memcpy(mech, arg, n);
     mech[n] = '\0';
     initial = arg + n;
-    while (*initial == ' ')
+    while (*initial == ' ' || *initial == '\t')
         initial++;
     if ((sasl = smtpd_sasl(s)) == NULL) {
+        smtpd_refuse_log(s, SMTPD_R_AUTH_UNAVAILABLE, "AUTH %s: the account store cannot be "
+                         "used (see the error logged before)", mech);
         smtpd_reply(s, "454 4.7.0 Temporary authentication failure");
         return;
     }
     /* RFC 4954 6: 538 when the mechanism would be fine over TLS. */
     if (smtpd_is_plain_mech(mech) && !tlsio_is_tls(s->io) && !lc->auth_plaintext) {
+        smtpd_refuse_log(s, SMTPD_R_AUTH_NEEDS_TLS, "AUTH %s without TLS (listener tls = %s, "
+                         "auth_plaintext = no)", mech, cfg_tls_name(lc->tls));
         smtpd_reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
         smtpd_error(s);
         return;
@@ -956,6 +1137,7 @@ static void smtpd_cmd_auth(struct smtpd_session *s, const char *arg)
  * (and leaks) state from a step it never finished, and a new AUTH starts from scratch. */
 static void smtpd_auth_abort(struct smtpd_session *s, const char *reply)
 {
+    s->flags |= SMTPD_F_MASK;
     smtpd_reply(s, "%s", reply);
     s->sasl = authsasl_server_free(s->sasl);
     smtpd_enter_state(s, SMTPD_S_CMD);
@@ -988,15 +1170,34 @@ static void smtpd_cmd_helo1(struct smtpd_session *s, const char *arg)
 struct smtpd_cmd {
     const char *verb;
     void (*fn)(struct smtpd_session *s, const char *arg);
+    enum smtpd_verb counter; /* for the disconnect line */
 };
 
 static const struct smtpd_cmd smtpd_cmd_table[] = {
-    {"EHLO", smtpd_cmd_ehlo},         {"HELO", smtpd_cmd_helo1}, {"MAIL", smtpd_cmd_mail},
-    {"RCPT", smtpd_cmd_rcpt},         {"DATA", smtpd_cmd_data},  {"RSET", smtpd_cmd_rset},
-    {"NOOP", smtpd_cmd_noop},         {"VRFY", smtpd_cmd_vrfy},  {"HELP", smtpd_cmd_help},
-    {"QUIT", smtpd_cmd_quit},         {"AUTH", smtpd_cmd_auth},
-    {"STARTTLS", smtpd_cmd_starttls}, {NULL, NULL},
+    {"EHLO", smtpd_cmd_ehlo, SMTPD_V_EHLO},
+    {"HELO", smtpd_cmd_helo1, SMTPD_V_HELO},
+    {"MAIL", smtpd_cmd_mail, SMTPD_V_MAIL},
+    {"RCPT", smtpd_cmd_rcpt, SMTPD_V_RCPT},
+    {"DATA", smtpd_cmd_data, SMTPD_V_DATA},
+    {"RSET", smtpd_cmd_rset, SMTPD_V_RSET},
+    {"NOOP", smtpd_cmd_noop, SMTPD_V_NOOP},
+    {"VRFY", smtpd_cmd_vrfy, SMTPD_V_VRFY},
+    {"HELP", smtpd_cmd_help, SMTPD_V_HELP},
+    {"QUIT", smtpd_cmd_quit, SMTPD_V_QUIT},
+    {"AUTH", smtpd_cmd_auth, SMTPD_V_AUTH},
+    {"STARTTLS", smtpd_cmd_starttls, SMTPD_V_STARTTLS},
+    {NULL, NULL, SMTPD_V_UNKNOWN},
 };
+
+static const struct smtpd_cmd *smtpd_cmd_find(const char *cmd, size_t verblen)
+{
+    const struct smtpd_cmd *c;
+
+    for (c = smtpd_cmd_table; c->verb != NULL; c++)
+        if (verblen == strlen(c->verb) && strncasecmp(cmd, c->verb, verblen) == 0)
+            return c;
+    return NULL;
+}
 
 /* One command line (without its line ending); cmd is a private copy we may change. */
 static void smtpd_dispatch(struct smtpd_session *s, char *cmd, size_t n)
@@ -1010,6 +1211,7 @@ static void smtpd_dispatch(struct smtpd_session *s, char *cmd, size_t n)
             smtpd_auth_abort(s, "501 5.5.2 Error: NUL character in authentication data");
             return;
         }
+        s->counts.total[SMTPD_V_UNKNOWN]++;
         smtpd_reply(s, "500 5.5.2 Error: NUL character in command");
         smtpd_error(s);
         return;
@@ -1022,24 +1224,37 @@ static void smtpd_dispatch(struct smtpd_session *s, char *cmd, size_t n)
         smtpd_auth_line(s, cmd);
         return;
     }
-    verblen = strcspn(cmd, " ");
-    if (verblen == 4 && strncasecmp(cmd, "AUTH", 4) == 0) {
+    /* RFC 5321 says SP; some devices send a TAB ("AUTH\tPLAIN ..."). */
+    verblen = strcspn(cmd, " \t");
+    c = smtpd_cmd_find(cmd, verblen);
+    if (c != NULL && c->counter == SMTPD_V_AUTH) {
         /* "AUTH PLAIN ****": the mechanism, never the credentials. */
-        const char *mech = cmd + verblen + strspn(cmd + verblen, " ");
-        size_t mlen = strcspn(mech, " ");
+        const char *mech = cmd + verblen + strspn(cmd + verblen, " \t");
+        size_t mlen = strcspn(mech, " \t");
         char masked[64];
         int m = snprintf(masked, sizeof(masked), "%.*s %.*s%s", (int)verblen, cmd,
                          (int)(mlen > 32 ? 32 : mlen), mech, mech[mlen] != '\0' ? " ****" : "");
         smtpd_trace(s, '<', masked, m);
+    } else if (c == NULL && (s->flags & SMTPD_F_MASK)) {
+        /* After a refused or aborted AUTH a device's pipelined answers (base64, or even a
+         * password typed as is) arrive as "commands": never log them. */
+        smtpd_trace(s, '<', "**** (not a command, after AUTH)", 32);
     } else {
+        if (c != NULL)
+            s->flags &= ~SMTPD_F_MASK;
         smtpd_trace(s, '<', cmd, (int)n);
     }
-    for (c = smtpd_cmd_table; c->verb != NULL; c++) {
-        if (verblen == strlen(c->verb) && strncasecmp(cmd, c->verb, verblen) == 0) {
-            c->fn(s, cmd + verblen);
-            return;
-        }
+    if (c != NULL) {
+        s->counts.total[c->counter]++;
+        s->last_code = 0;
+        c->fn(s, cmd + verblen);
+        /* AUTH and DATA count as done at 235 and at the 250 after the commit. */
+        if (c->counter != SMTPD_V_AUTH && c->counter != SMTPD_V_DATA && s->last_code > 0 &&
+            s->last_code < 400)
+            s->counts.ok[c->counter]++;
+        return;
     }
+    s->counts.total[SMTPD_V_UNKNOWN]++;
     if (verblen == 0)
         smtpd_reply(s, "500 5.5.2 Error: empty command");
     else
@@ -1088,7 +1303,10 @@ static void smtpd_received(struct smtpd_session *s, const char *qid, struct buf 
         buf_printf(out, "\t(using %s)\r\n", tls);
     /* RFC 3848: ESMTPS, ESMTPA, ESMTPSA. */
     buf_printf(out, "\tby %s (relayd) with %s%s%s id %s", cfg->hostname, proto,
-               tlsio_is_tls(s->io) ? "S" : "", (s->flags & SMTPD_F_AUTHED) ? "A" : "", qid);
+               tlsio_is_tls(s->io) ? "S" : "",
+               /* accept-any verified nothing: RFC 3848's "A" would claim it did. */
+               (s->flags & SMTPD_F_AUTHED) && s->lcfg->auth != CFG_AUTH_ACCEPT_ANY ? "A" : "",
+               qid);
     if (s->tx->nrcpts == 1)
         buf_printf(out, "\r\n\tfor <%s>", s->tx->rcpts[0]);
     buf_printf(out, "; %s", msgfix_date(time(NULL), date, sizeof(date)));
@@ -1110,6 +1328,8 @@ static void smtpd_data_end(struct smtpd_session *s)
     int held = 0;
 
     if (tx->too_big) {
+        smtpd_refuse_log(s, SMTPD_R_TOO_BIG, "message from <%s> over max_message_size %ld",
+                         tx->sender, srv->cfg->max_message_size);
         smtpd_reply(s, "552 5.3.4 Error: message exceeds fixed limit of %ld bytes",
                     srv->cfg->max_message_size);
         smtpd_tx_reset(s);
@@ -1117,8 +1337,9 @@ static void smtpd_data_end(struct smtpd_session *s)
         return;
     }
     if (tx->no_mem) {
-        log_warn("NOQUEUE: message from %s dropped: messages in flight passed max_memory (%ld)",
-                 s->peer, srv->cfg->max_memory);
+        smtpd_refuse_log(s, SMTPD_R_MEMORY, "message from <%s> dropped: sessions passed "
+                         "max_memory (%ld) while it was received", tx->sender,
+                         srv->cfg->max_memory);
         smtpd_reply(s, "451 4.3.1 Insufficient system resources, try again later");
         smtpd_tx_reset(s);
         smtpd_enter_state(s, SMTPD_S_CMD);
@@ -1187,6 +1408,7 @@ static void smtpd_data_end(struct smtpd_session *s)
     /* Keep the id for the completion; the transaction's data is no longer needed. */
     buf_free(tx->data);
     tx->data = NULL;
+    s->commit_mem = len; /* the spool writer holds the body until the commit completes */
     smtpd_mem_sync(s);
     s->refs++;
     smtpd_enter_state(s, SMTPD_S_COMMIT_WAIT);
@@ -1205,6 +1427,8 @@ static void smtpd_commit_done(void *arg, int rc)
     char qid[17];
 
     spool_id_str(c->id, qid);
+    s->commit_mem = 0;
+    smtpd_mem_sync(s);
     if (s->state == SMTPD_S_CLOSING) {
         /* The client left before our 250; if it resends, the upstream gets it twice. */
         if (rc == 0) {
@@ -1217,11 +1441,13 @@ static void smtpd_commit_done(void *arg, int rc)
         return;
     }
     if (rc == 0) {
+        s->counts.ok[SMTPD_V_DATA]++;
         smtpd_reply(s, "250 2.0.0 Ok: queued as %s", qid);
         if (s->srv->on_spooled != NULL)
             s->srv->on_spooled(s->srv->on_spooled_arg, c->id);
     } else if (rc == SPOOL_EFULL) {
-        log_warn("%s: rejected: spool is full (%s)", qid, spool_strerror(rc));
+        smtpd_refuse_log(s, SMTPD_R_SPOOL_FULL, "%s: spool is full (%s)", qid,
+                         spool_strerror(rc));
         smtpd_reply(s, "452 4.3.1 Insufficient system storage");
     } else {
         log_error("%s: spool write failed: %s", qid, spool_strerror(rc));
@@ -1231,23 +1457,49 @@ static void smtpd_commit_done(void *arg, int rc)
     smtpd_tx_reset(s);
     smtpd_enter_state(s, SMTPD_S_CMD);
     smtpd_session_unref(s); /* still held by "alive" */
+    if (s->srv->stopping) {
+        /* The stop waited for this commit so that the client got its 250 (no duplicate). */
+        smtpd_reply(s, "421 4.3.2 %s Service shutting down", s->srv->cfg->hostname);
+        smtpd_session_close(s, "shutdown");
+        return;
+    }
     smtpd_drain_input(s);
+    if (s->peer_eof && s->state != SMTPD_S_CLOSING) {
+        /* The client half-closed while we committed: it had its 250 (and the replies to
+         * whatever it pipelined before closing); now it is gone. */
+        smtpd_session_close(s, s->close_after_drain && s->close_why == NULL
+                                   ? "quit"
+                                   : "lost connection after the reply to DATA");
+    }
 }
 
-/* One DATA line (without its line ending); returns 1 at the end of the message. */
-static int smtpd_data_line(struct smtpd_session *s, const char *line, size_t n)
+/* One DATA line (without its line ending; crlf: it ended in CRLF, not a bare LF);
+ * returns 1 at the end of the message. */
+static int smtpd_data_line(struct smtpd_session *s, const char *line, size_t n, int crlf)
 {
     struct smtpd_tx *tx = s->tx;
 
     if (!tx->mid_line) {
-        if (n == 1 && line[0] == '.')
-            return 1;
-        if (n > 0 && line[0] == '.') { /* RFC 5321 4.5.2 dot-unstuffing */
+        if (n == 1 && line[0] == '.') {
+            enum smtpd_eod eod = smtpd_policy_dot(s->bare_lf, tx->prev_crlf, crlf);
+
+            if (eod == SMTPD_EOD_END_BARE && !s->bare_lf_logged) {
+                s->bare_lf_logged = 1;
+                log_info("session=%llu: client=%s listener=%s: end of DATA with a bare LF "
+                         "accepted (bare_lf = accept; set bare_lf = normalize where clients "
+                         "pass user text through)", (unsigned long long)s->id, s->peer,
+                         s->lcfg->name);
+            }
+            if (eod != SMTPD_EOD_DATA)
+                return 1;
+            /* A lone dot that does not end the message is message text. */
+        } else if (n > 0 && line[0] == '.') { /* RFC 5321 4.5.2 dot-unstuffing */
             line++;
             n--;
         }
     }
     tx->mid_line = 0;
+    tx->prev_crlf = crlf;
     tx->last_dot = n > 0 && line[n - 1] == '.';
     smtpd_data_append(s, line, n);
     smtpd_data_append(s, "\r\n", 2);
@@ -1267,13 +1519,14 @@ static int smtpd_data_glued_dot(struct smtpd_session *s)
     struct smtpd_tx *tx = s->tx;
     struct buf *in = tlsio_input(s->io);
 
-    if (tx == NULL || tx->too_big || tx->no_mem || tx->data == NULL)
+    if (!s->lcfg->glued_dot || tx == NULL || tx->too_big || tx->no_mem || tx->data == NULL)
         return 0;
     if (in->len > 0 && in->data[in->len - 1] == '.' && memchr(in->data, '\n', in->len) == NULL) {
         /* A last line without any line end: everything but the dot is the line. */
-        smtpd_data_line(s, in->data, in->len - 1);
+        smtpd_data_line(s, in->data, in->len - 1, 1);
         buf_consume(in, in->len);
-    } else if (in->len == 0 && tx->last_dot && tx->data->len >= 3) {
+    } else if (in->len == 0 && tx->last_dot && !tx->mid_line && tx->data->len >= 3 &&
+               memcmp(tx->data->data + tx->data->len - 3, ".\r\n", 3) == 0) {
         /* "text.\r\n": drop the dot, keep the CRLF. */
         tx->data->data[tx->data->len - 3] = '\r';
         tx->data->data[tx->data->len - 2] = '\n';
@@ -1283,7 +1536,7 @@ static int smtpd_data_glued_dot(struct smtpd_session *s)
         return 0;
     }
     log_warn("session=%llu: client %s: no end of DATA after a last line ending in '.' within "
-             "data_timeout; taking that dot as the end of the message",
+             "data_timeout; taking that dot as the end of the message (glued_dot = yes)",
              (unsigned long long)s->id, s->peer);
     smtpd_data_end(s);
     return 1;
@@ -1291,92 +1544,142 @@ static int smtpd_data_glued_dot(struct smtpd_session *s)
 
 /* ---- input ---- */
 
+/* A bare LF where bare_lf = reject: 550 and close, as Postfix's
+ * smtpd_forbid_bare_newline = reject does. */
+static void smtpd_bare_lf_refuse(struct smtpd_session *s, const char *where)
+{
+    smtpd_refuse_log(s, SMTPD_R_BARE_LF, "a line of %s ended in a bare LF (no CR)", where);
+    smtpd_reply(s, "550 5.5.2 Error: bare <LF> received");
+    smtpd_reject_close(s, "bare LF refused");
+}
+
+static int smtpd_readable(const struct smtpd_session *s)
+{
+    return s->state == SMTPD_S_CMD || s->state == SMTPD_S_DATA || s->state == SMTPD_S_AUTH;
+}
+
+/*
+ * Handles every complete line buffered (Postfix: drain all input), by offset: s->in_off
+ * advances over what was handled and the input is consumed once at the end.  Consuming
+ * line by line moved the rest of the buffer each time: ~320 KB of pipelined NOOPs cost
+ * gigabytes of copying.  Replies are corked and written once per batch (or whenever
+ * SMTPD_OUTPUT_MAX gathered); past that many unread bytes the loop stops until drained.
+ */
 static void smtpd_drain_input(struct smtpd_session *s)
 {
     size_t maxline = (size_t)s->lcfg->max_line_length;
     struct buf *in;
-    const char *line;
+    const char *p, *lf;
     char *cmd;
-    size_t n, used;
+    size_t avail, len, n;
+    int crlf;
 
-    if (s->input_paused &&
-        (s->state == SMTPD_S_CMD || s->state == SMTPD_S_DATA || s->state == SMTPD_S_AUTH)) {
+    if (s->input_paused && !s->out_blocked && smtpd_readable(s)) {
         s->input_paused = 0;
         tlsio_read_start(s->io);
     }
-    while (s->state == SMTPD_S_CMD || s->state == SMTPD_S_DATA || s->state == SMTPD_S_AUTH) {
-        in = tlsio_input(s->io);
+    smtpd_cork(s);
+    in = tlsio_input(s->io);
+    while (smtpd_readable(s) && !s->out_blocked) {
+        p = in->data + s->in_off;
+        avail = in->len - s->in_off;
         if (s->state == SMTPD_S_DATA) {
-            /* Every complete line in one pass, consumed once at the end: consuming line by
-             * line would move the rest of the buffer each time (quadratic in short lines). */
-            size_t off = 0;
             int end = 0;
 
-            while (!end) {
-                const char *p = in->data + off, *lf = memchr(p, '\n', in->len - off);
-                size_t len;
-
-                if (lf == NULL)
-                    break;
+            while (!end && (lf = memchr(p, '\n', avail)) != NULL) {
                 len = (size_t)(lf - p);
-                end = smtpd_data_line(s, p, len > 0 && p[len - 1] == '\r' ? len - 1 : len);
-                off += len + 1;
+                crlf = len > 0 && p[len - 1] == '\r';
+                s->in_off += len + 1;
+                if (!crlf && s->bare_lf == CFG_BARE_LF_REJECT) {
+                    smtpd_bare_lf_refuse(s, "DATA");
+                    break;
+                }
+                end = smtpd_data_line(s, p, crlf ? len - 1 : len, crlf);
+                p += len + 1;
+                avail -= len + 1;
             }
-            buf_consume(in, off);
+            if (s->state != SMTPD_S_DATA)
+                break;
             if (end) {
                 smtpd_data_end(s);
                 continue;
             }
-        }
-        used = buf_getline(in, &line, &n);
-        if (used == 0) {
-            if (s->state == SMTPD_S_DATA && in->len > SMTPD_DATA_CHUNK) {
+            if (avail > SMTPD_DATA_CHUNK) {
                 /* A very long line: store what we have, keeping a trailing CR for CRLF. */
-                size_t take = in->len - (in->data[in->len - 1] == '\r' ? 1 : 0);
-                if (!s->tx->mid_line && in->data[0] == '.') {
-                    buf_consume(in, 1);
+                size_t take = avail - (p[avail - 1] == '\r' ? 1 : 0);
+
+                if (!s->tx->mid_line && p[0] == '.') {
+                    p++;
                     take--;
+                    s->in_off++;
                 }
-                smtpd_data_append(s, in->data, take);
+                smtpd_data_append(s, p, take);
                 s->tx->mid_line = 1;
-                buf_consume(in, take);
-            } else if (s->state != SMTPD_S_DATA && in->len > maxline) {
+                s->tx->last_dot = 0; /* the data no longer ends in ".\r\n" */
+                s->in_off += take;
+            }
+            break;
+        }
+        if ((lf = memchr(p, '\n', avail)) == NULL) {
+            if (avail > maxline) {
                 if (!(s->flags & SMTPD_F_SKIPLINE)) {
                     smtpd_trace(s, '<', "(line too long)", 15);
+                    smtpd_refuse_log(s, SMTPD_R_LINE_TOO_LONG, "a command line over %zu bytes",
+                                     maxline);
                     smtpd_reply(s, "500 5.5.2 Error: line too long");
                     s->flags |= SMTPD_F_SKIPLINE;
-                    if (s->state == SMTPD_S_AUTH)
+                    if (s->state == SMTPD_S_AUTH) {
+                        s->flags |= SMTPD_F_MASK;
                         smtpd_enter_state(s, SMTPD_S_CMD);
+                    }
                     if (smtpd_error(s) != 0)
-                        return;
+                        break;
                 }
-                buf_consume(in, in->len);
+                s->in_off = in->len;
             }
-            return;
+            break;
         }
+        len = (size_t)(lf - p);
+        crlf = len > 0 && p[len - 1] == '\r';
+        n = crlf ? len - 1 : len;
+        s->in_off += len + 1;
         if (s->flags & SMTPD_F_SKIPLINE) {
             s->flags &= ~SMTPD_F_SKIPLINE; /* resynchronised at the end of the long line */
-            buf_consume(in, used);
             continue;
+        }
+        if (!crlf && s->bare_lf == CFG_BARE_LF_REJECT) {
+            smtpd_bare_lf_refuse(s, "a command");
+            break;
         }
         if (n > maxline) {
             smtpd_trace(s, '<', "(line too long)", 15);
+            smtpd_refuse_log(s, SMTPD_R_LINE_TOO_LONG, "a command line of %zu bytes (max %zu)",
+                             n, maxline);
             smtpd_reply(s, "500 5.5.2 Error: line too long");
-            buf_consume(in, used);
-            if (s->state == SMTPD_S_AUTH)
+            if (s->state == SMTPD_S_AUTH) {
+                s->flags |= SMTPD_F_MASK;
                 smtpd_enter_state(s, SMTPD_S_CMD);
+            }
             if (smtpd_error(s) != 0)
-                return;
+                break;
             continue;
         }
-        /* Consumed before it runs: STARTTLS replaces the input buffer's contents. */
+        s->cmd_crlf = crlf;
         cmd = xmalloc(n + 1);
-        memcpy(cmd, line, n);
+        memcpy(cmd, p, n);
         cmd[n] = '\0';
-        buf_consume(in, used);
         smtpd_dispatch(s, cmd, n);
         free(cmd);
+        if (s->state == SMTPD_S_CLOSING)
+            return; /* the io is closed: its input is gone */
+        if (in->len < s->in_off)
+            s->in_off = 0; /* STARTTLS discarded the cleartext input (RFC 3207 4) */
     }
+    if (s->state == SMTPD_S_CLOSING)
+        return;
+    buf_consume(in, s->in_off);
+    s->in_off = 0;
+    smtpd_uncork(s);
 }
 
 static void smtpd_on_io(struct tlsio *io, enum tlsio_event ev, void *arg)
@@ -1401,10 +1704,25 @@ static void smtpd_on_io(struct tlsio *io, enum tlsio_event ev, void *arg)
         smtpd_drain_input(s);
         break;
     case TLSIO_DRAINED:
+        if (s->out_blocked && !s->close_after_drain) {
+            /* The client read its replies: take its commands again. */
+            s->out_blocked = 0;
+            smtpd_enter_state(s, s->state);
+            smtpd_drain_input(s);
+            break;
+        }
         if (s->close_after_drain)
             smtpd_session_close(s, s->close_why != NULL ? s->close_why : "quit");
         break;
     case TLSIO_EOF:
+        if (s->state == SMTPD_S_COMMIT_WAIT) {
+            /* A half-close after the final dot: the client may still read our 250, and
+             * dropping it now invites a duplicate.  smtpd_commit_done closes. */
+            s->peer_eof = 1;
+            log_debug(1, "session=%llu: client %s closed its side while its message is being "
+                      "committed", (unsigned long long)s->id, s->peer);
+            break;
+        }
         smtpd_session_close(s, s->state == SMTPD_S_DATA ? "lost connection during DATA"
                                : s->state == SMTPD_S_COMMIT_WAIT
                                    ? "lost connection while committing"
@@ -1415,6 +1733,16 @@ static void smtpd_on_io(struct tlsio *io, enum tlsio_event ev, void *arg)
                                    : "lost connection");
         break;
     case TLSIO_ERROR:
+        if (s->state == SMTPD_S_TLS_HANDSHAKE) {
+            char hint[256];
+
+            smtpd_refuse_log(s, SMTPD_R_TLS_FAILED, "TLS handshake failed: %s; client offered: "
+                             "%s; hint: %s", tlsio_errstr(io),
+                             tlsio_client_versions(io)[0] != '\0' ? tlsio_client_versions(io)
+                                                                  : "(no ClientHello)",
+                             smtpd_policy_tls_hint(tlsio_client_versions(io), tlsio_errstr(io),
+                                                   hint, sizeof(hint)));
+        }
         smtpd_session_close(s, tlsio_errstr(io));
         break;
     case TLSIO_TLSREADY:
@@ -1443,63 +1771,78 @@ static void smtpd_on_io(struct tlsio *io, enum tlsio_event ev, void *arg)
 
 /* ---- connection set-up: limits, allow list, greeting ---- */
 
-static int smtpd_client_count(const struct smtpd_session *s)
-{
-    const struct smtpd_session *o;
-    int n = 0;
-
-    for (o = s->srv->sessions; o != NULL; o = o->next)
-        if ((o->flags & SMTPD_F_COUNTED) && strcmp(o->peer, s->peer) == 0)
-            n++;
-    return n;
-}
-
-/* Called once the real client is known and, on implicit-TLS listeners, TLS is up. */
-static void smtpd_greet(struct smtpd_session *s)
+/*
+ * Admission, once the real client is known (after the PROXY header, if any) and before
+ * anything costly: the allow list and the connection limits, so that on an implicit-TLS
+ * listener nobody outside allow (and nobody over the limits) gets a handshake, a private
+ * key operation or an uncounted session.  0, or -1 when the session is being refused.
+ */
+static int smtpd_admit(struct smtpd_session *s)
 {
     struct smtpd_server *srv = s->srv;
     const struct cfg_listener *lc = s->lcfg;
+    int plain = lc->tls != CFG_TLS_IMPLICIT; /* a plaintext reply can be understood */
     int n;
 
-    s->flags |= SMTPD_F_GREETED;
-    smtpd_enter_state(s, SMTPD_S_CMD);
     if (!netaddr_list_match(&lc->allow, (struct sockaddr *)&s->addr)) {
-        log_warn("reject: connect from %s to listener %s: client address is not in its allow list",
-                 s->peer, lc->name);
-        smtpd_reply(s, "554 5.7.1 %s: access denied to %s", srv->cfg->hostname, s->peer);
-        smtpd_reject_close(s, "rejected: not in the allow list");
-        return;
+        smtpd_refuse_log(s, SMTPD_R_NOT_ALLOWED, "connect from %s: not in the allow list",
+                         s->peer);
+        if (plain)
+            smtpd_reply(s, "554 5.7.1 %s: access denied to %s", srv->cfg->hostname, s->peer);
+        goto refused;
     }
     if (srv->nsessions >= srv->cfg->max_connections) {
-        log_warn("reject: connect from %s to listener %s: too many connections (%d, "
-                 "max_connections)", s->peer, lc->name, srv->nsessions);
-        smtpd_reply(s, "421 4.7.0 %s Error: too many connections", srv->cfg->hostname);
-        smtpd_reject_close(s, "rejected: max_connections");
-        return;
+        smtpd_refuse_log(s, SMTPD_R_MAX_CONN, "too many connections (%d, max_connections)",
+                         srv->nsessions);
+        if (plain)
+            smtpd_reply(s, "421 4.7.0 %s Error: too many connections", srv->cfg->hostname);
+        goto refused;
     }
     if ((n = smtpd_client_count(s)) >= srv->cfg->max_connections_per_client) {
-        log_warn("reject: connect from %s to listener %s: too many connections from this "
-                 "client (%d, max_connections_per_client)", s->peer, lc->name, n);
-        smtpd_reply(s, "421 4.7.0 %s Error: too many connections from your address",
-                    srv->cfg->hostname);
-        smtpd_reject_close(s, "rejected: max_connections_per_client");
-        return;
+        smtpd_refuse_log(s, SMTPD_R_MAX_CONN_CLIENT, "too many connections from this client "
+                         "(%d, max_connections_per_client)", n);
+        if (plain)
+            smtpd_reply(s, "421 4.7.0 %s Error: too many connections from your address",
+                        srv->cfg->hostname);
+        goto refused;
     }
-    s->flags |= SMTPD_F_COUNTED;
-    srv->nsessions++;
+    smtpd_count(s);
     s->debug = lc->debug_peers.n > 0 && netaddr_list_match(&lc->debug_peers,
                                                             (struct sockaddr *)&s->addr);
+    s->bare_lf = smtpd_policy_bare_lf_mode(
+        lc->bare_lf_mode, lc->bare_lf_accept.n > 0 &&
+                              netaddr_list_match(&lc->bare_lf_accept, (struct sockaddr *)&s->addr));
     log_info("connect from %s listener=%s session=%llu%s", s->peer, lc->name,
              (unsigned long long)s->id, s->debug ? " debug=yes" : "");
-    smtpd_reply(s, "220 %s ESMTP relayd", srv->cfg->hostname);
+    return 0;
+refused:
+    s->flags |= SMTPD_F_GREETED;
+    if (plain) {
+        smtpd_enter_state(s, SMTPD_S_CMD);
+        smtpd_reject_close(s, "rejected");
+    } else {
+        smtpd_session_close(s, "rejected");
+    }
+    return -1;
 }
 
-/* After the PROXY header (or right after accept): TLS first on implicit listeners. */
+/* The 220, once admitted and (on implicit-TLS listeners) with TLS up. */
+static void smtpd_greet(struct smtpd_session *s)
+{
+    s->flags |= SMTPD_F_GREETED;
+    smtpd_enter_state(s, SMTPD_S_CMD);
+    smtpd_reply(s, "220 %s ESMTP relayd", s->srv->cfg->hostname);
+}
+
+/* After the PROXY header (or right after accept): admission, then TLS first on implicit
+ * listeners, under handshake_timeout. */
 static void smtpd_session_begin(struct smtpd_session *s)
 {
     struct smtpd_listener *l = s->l;
 
     tlsio_read_start(s->io);
+    if (smtpd_admit(s) != 0)
+        return;
     if (s->lcfg->tls == CFG_TLS_IMPLICIT) {
         s->cred = smtpd_cred_ref(l->cred);
         /* Whatever is in the input now followed a PROXY header in the same segment: it is
@@ -1574,15 +1917,28 @@ static void smtpd_on_timeout(uv_timer_t *t)
             smtpd_drain_input(s);
         return;
     case SMTPD_S_TLS_HANDSHAKE:
+        smtpd_refuse_log(s, SMTPD_R_TLS_FAILED, "no TLS handshake within handshake_timeout "
+                         "(%d s); client offered: %s", s->lcfg->handshake_timeout,
+                         tlsio_client_versions(s->io)[0] != '\0' ? tlsio_client_versions(s->io)
+                                                                  : "(no ClientHello)");
         smtpd_session_close(s, "timeout during TLS handshake");
         return;
     case SMTPD_S_DATA:
-        if (smtpd_data_glued_dot(s))
+        if (!s->out_blocked && smtpd_data_glued_dot(s))
             return;
         break;
     default:
         break;
     }
+    if (s->out_blocked) {
+        smtpd_refuse_log(s, SMTPD_R_WRITE_TIMEOUT, "%zu bytes of replies unread for %d s",
+                         tlsio_pending_write(s->io), s->lcfg->write_timeout);
+        smtpd_session_close(s, "write timeout");
+        return;
+    }
+    smtpd_refuse_log(s, SMTPD_R_TIMEOUT, "no %s within %d s",
+                     s->state == SMTPD_S_DATA ? "DATA input" : "command",
+                     s->state == SMTPD_S_DATA ? s->lcfg->data_timeout : s->lcfg->command_timeout);
     smtpd_reply(s, "421 4.4.2 %s Error: timeout exceeded", s->srv->cfg->hostname);
     smtpd_session_close(s, s->state == SMTPD_S_DATA ? "timeout during DATA" : "timeout");
 }
@@ -1709,7 +2065,8 @@ int smtpd_server_listen(struct smtpd_server *srv, char *err, size_t errlen)
         l->bound = 1;
         srv->open++;
         if ((rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0)) != 0 ||
-            (rc = uv_listen((uv_stream_t *)&l->tcp, 128, smtpd_on_connection)) != 0) {
+            (rc = uv_listen((uv_stream_t *)&l->tcp, lc->listen_backlog, smtpd_on_connection)) !=
+                0) {
             snprintf(err, errlen, "listener %s: listen on %s:%d: %s", lc->name, lc->host,
                      lc->port, uv_strerror(rc));
             return rc;
@@ -1770,6 +2127,11 @@ void smtpd_server_stop(struct smtpd_server *srv, void (*done)(void *arg), void *
     }
     for (s = srv->sessions; s != NULL; s = next) {
         next = s->next;
+        if (s->state == SMTPD_S_COMMIT_WAIT) {
+            /* Its message is being committed: it gets its 250 first (smtpd_commit_done),
+             * or it would send it again and the upstream would get it twice. */
+            continue;
+        }
         if (s->state != SMTPD_S_CLOSING) {
             if (s->flags & SMTPD_F_GREETED)
                 smtpd_reply(s, "421 4.3.2 %s Service shutting down", srv->cfg->hostname);
