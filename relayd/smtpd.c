@@ -2150,6 +2150,14 @@ void smtpd_server_free(struct smtpd_server *srv)
         return;
     for (i = 0; i < srv->nlisteners; i++)
         srv->listeners[i].cred = smtpd_cred_unref(srv->listeners[i].cred);
+    for (i = 0; i < SMTPD_CLIENT_BUCKETS; i++) {
+        while (srv->clients[i] != NULL) {
+            struct smtpd_client *c = srv->clients[i];
+
+            srv->clients[i] = c->next;
+            free(c);
+        }
+    }
     free(srv->listeners);
     free(srv);
 }
