@@ -31,6 +31,7 @@
 #include "relayd/oauth2.h"
 #include "spool/spool.h"
 #include "relayd/diag.h"
+#include "relayd/ctl_devices.h"
 
 #define EXIT_OPER 1
 #define EXIT_USAGE 2
@@ -74,6 +75,9 @@ static void usage(FILE *out)
             "  stats [--json] [--by-client]\n"
             "                             counts per state, bytes, oldest message age;\n"
             "                             --by-client: the same per sending device\n"
+            "  devices [--json] [ADDR]    every client seen: listener, HELO name, first/last\n"
+            "                             seen, messages accepted, refusals by reason with\n"
+            "                             the last one's time and text\n"
             "  oauth2 authorize NAME      OAuth 2.0 device-code sign-in for upstream NAME;\n"
             "                             stores the refresh token in refresh_token_file\n"
             "  oauth2 token NAME          obtain a token as relayd would (never printed)\n"
@@ -1165,7 +1169,8 @@ int main(int argc, char **argv)
     if (strcmp(c.cmd, "list") != 0 && strcmp(c.cmd, "show") != 0 && strcmp(c.cmd, "cat") != 0 &&
         strcmp(c.cmd, "hold") != 0 && strcmp(c.cmd, "release") != 0 &&
         strcmp(c.cmd, "retry") != 0 && strcmp(c.cmd, "delete") != 0 &&
-        strcmp(c.cmd, "purge") != 0 && strcmp(c.cmd, "stats") != 0) {
+        strcmp(c.cmd, "purge") != 0 && strcmp(c.cmd, "stats") != 0 &&
+        strcmp(c.cmd, "devices") != 0) {
         fprintf(stderr, "%s: unknown command %s (relayctl --help lists them)\n", prog, c.cmd);
         return EXIT_USAGE;
     }
@@ -1205,6 +1210,8 @@ int main(int argc, char **argv)
         rc = cmd_action(&c, ACT_DELETE, cargc, cargv);
     else if (strcmp(c.cmd, "purge") == 0)
         rc = cmd_purge(&c, cargc, cargv);
+    else if (strcmp(c.cmd, "devices") == 0) /* relayd/ctl_devices.c */
+        rc = open_spool(&c, 1) == 0 ? ctl_devices(c.sp, cargc, cargv) : EXIT_OPER;
     else
         rc = cmd_stats(&c, cargc, cargv);
 
