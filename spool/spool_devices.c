@@ -444,7 +444,8 @@ int spool_devices_list(struct spool *sp, struct spool_device **out, size_t *n)
     if (rc != MDB_NOTFOUND)
         goto txn_abort;
     spool__txn_abort(sp, txn);
-    qsort(d, cnt, sizeof(*d), by_last_seen);
+    if (cnt > 1)
+        qsort(d, cnt, sizeof(*d), by_last_seen);
     *out = d;
     *n = cnt;
     return 0;
