@@ -408,23 +408,17 @@ static int by_last_seen(const void *a, const void *b)
     return x->last_seen < y->last_seen ? 1 : x->last_seen > y->last_seen ? -1 : 0;
 }
 
-int spool_devices_list(struct spool *sp, struct spool_device **out, size_t *n)
+/* One pass over the records; 0 or an MDB_* code. */
+static int list_once(struct spool *sp, MDB_txn *txn, struct spool_device **out, size_t *n)
 {
     struct spool_device *d = NULL;
     size_t cnt = 0, cap = 0;
-    MDB_txn *txn;
     MDB_cursor *cur;
     MDB_val k, v;
     int rc;
 
-    *out = NULL;
-    *n = 0;
-    if (!sp->have_devices)
-        return 0;
-    if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
-        return spool__from_mdb(rc, "read devices");
     if ((rc = mdb_cursor_open(txn, sp->devices, &cur)) != 0)
-        goto txn_abort;
+        return rc;
     for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
          rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
         char client[DEV_NAME_MAX + 1];
@@ -441,18 +435,48 @@ int spool_devices_list(struct spool *sp, struct spool_device **out, size_t *n)
             cnt++;
     }
     mdb_cursor_close(cur);
-    if (rc != MDB_NOTFOUND)
-        goto txn_abort;
-    spool__txn_abort(sp, txn);
-    if (cnt > 1)
-        qsort(d, cnt, sizeof(*d), by_last_seen);
     *out = d;
     *n = cnt;
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+int spool_devices_list(struct spool *sp, struct spool_device **out, size_t *n)
+{
+    MDB_txn *txn;
+    MDB_envinfo info;
+    size_t snap;
+    int rc, tries;
+
+    *out = NULL;
+    *n = 0;
+    if (!sp->have_devices)
+        return 0;
+    for (tries = 0;; tries++) {
+        if ((rc = spool__txn_begin(sp, MDB_RDONLY, &txn)) != 0)
+            return spool__from_mdb(rc, "read devices");
+        rc = list_once(sp, txn, out, n);
+        snap = mdb_txn_id(txn);
+        spool__txn_abort(sp, txn);
+        if (rc != 0) {
+            spool_devices_free(*out, *n);
+            *out = NULL;
+            *n = 0;
+            return spool__from_mdb(rc, "read devices");
+        }
+        /* Unlocked (MDB_NOLOCK) readers may see pages the writer recycled: redo the read
+         * when more than one commit happened since its snapshot (as spool.c's read_end). */
+        if (!sp->unlocked)
+            break;
+        mdb_env_info(sp->env, &info);
+        if (info.me_last_txnid <= snap + 1 || tries == 20)
+            break;
+        spool_devices_free(*out, *n);
+        *out = NULL;
+        *n = 0;
+    }
+    if (*n > 1)
+        qsort(*out, *n, sizeof(**out), by_last_seen);
     return 0;
-txn_abort:
-    spool__txn_abort(sp, txn);
-    spool_devices_free(d, cnt);
-    return spool__from_mdb(rc, "read devices");
 }
 
 void spool_devices_free(struct spool_device *d, size_t n)
