@@ -76,4 +76,25 @@ eof 5
 S
 maildir_find "stalled" >/dev/null && fail "a truncated message was delivered"
 grep -qE 'reason=timeout' "$T/relayd.log" || fail "the timeout refusal was not logged"
+
+say "4: glued_dot listener, a line ending in '.' then a 70 KB line without an end, then a stall:"
+say "   421 and nothing stored (before: the stale 'last line ended in .' cut the long line)"
+n0=$(grep -c ': from=<alarm@example.net>' "$T/relayd.log" || true)
+big=$(printf 'x%.0s' $(seq 1 70000))
+smtp_dialogue --timeout 12 <<S || fail "a stalled long line was taken as a glued dot"
+< 220
+> HELO TNCS-SERVER
+< 250
+> MAIL FROM: < alarm@example.net >
+< 250
+> RCPT To: < user@example.net >
+< 250
+> DATA
+< 354
+>raw Subject: long stall\r\n\r\nends with a dot.\r\n$big
+< 421
+eof 5
+S
+n1=$(grep -c ': from=<alarm@example.net>' "$T/relayd.log" || true)
+[ "$n1" = "$n0" ] || fail "a message was stored for a stalled long line"
 pass
