@@ -1473,7 +1473,7 @@ static void smtpd_commit_done(void *arg, int rc)
         if (s->srv->on_spooled != NULL)
             s->srv->on_spooled(s->srv->on_spooled_arg, c->id);
     } else if (rc == SPOOL_EFULL) {
-        smtpd_refuse_log(s, SMTPD_R_SPOOL_FULL, "%s: spool is full (%s)", qid,
+        smtpd_refuse_log(s, SMTPD_R_SPOOL_FULL, "%s: rejected: spool is full (%s)", qid,
                          spool_strerror(rc));
         smtpd_reply(s, "452 4.3.1 Insufficient system storage");
     } else {
