@@ -2,29 +2,39 @@
  * smtpd - the inbound SMTP server: listeners and per-connection sessions.
  *
  * Happy path: accept; on a proxy_protocol listener read the PROXY header first (PROXY
- * state, nothing sent); on an implicit-TLS listener run the handshake (TLS_HANDSHAKE);
- * then check the client against the listener's allow list and the connection limits, 220
- * greeting, HELO/EHLO (optional: legacy clients skip it), STARTTLS and AUTH when
- * configured, MAIL, RCPT..., DATA, lines collected (bare LF and CRLF alike, dot-unstuffed,
- * stored with CRLF) until ".", the message is repaired (msgfix) and handed to the spool
- * writer; COMMIT_WAIT until the durable commit completes; only then "250 2.0.0 Ok: queued
- * as ID".  Pipelined commands that arrived meanwhile stay buffered and are handled after
- * the 250 (Postfix: drain all input).
+ * state, nothing sent); then admission (smtpd_admit): the allow list and the connection
+ * limits, counted at once, before anything costly; on an implicit-TLS listener the
+ * handshake follows (TLS_HANDSHAKE, under handshake_timeout); 220 greeting, HELO/EHLO
+ * (optional: legacy clients skip it), STARTTLS and AUTH when configured, MAIL, RCPT...,
+ * DATA, lines collected (bare LF as bare_lf says, dot-unstuffed, stored with CRLF) until
+ * ".", the message is repaired (msgfix) and handed to the spool writer; COMMIT_WAIT until
+ * the durable commit completes; only then "250 2.0.0 Ok: queued as ID".  Pipelined commands
+ * that arrived meanwhile stay buffered and are handled after the 250 (Postfix: drain all
+ * input), parsed by offset and consumed once per batch, their replies corked into one
+ * write.
  *
  * States: PROXY -> [TLS_HANDSHAKE] -> CMD <-> AUTH (334 sent, waiting for the client's
  * answer) -> AUTH_DELAY (a failed login: the 535 waits 1-3 s on the session timer) ->
  * CMD <-> DATA -> COMMIT_WAIT -> CMD ... -> QUIT -> CLOSING.  STARTTLS goes CMD ->
  * TLS_HANDSHAKE -> CMD with HELO, transaction and AUTH state reset (RFC 3207 4.2).
- * The one timer is re-armed on every state change with that state's timeout.
+ * The one timer is re-armed on every state change with that state's timeout, or with
+ * write_timeout while the client leaves our replies unread.
  *
- * Failure modes: a client outside the allow list gets 554 5.7.1 and is disconnected; over
- * max_connections (total or per client address) 421 4.7.0; a malformed or missing PROXY
- * header closes the connection without a word; an over-long command line gets 500 5.5.2
- * and the session resynchronises at the next line end; a message over max_message_size
- * is read to its end and refused with 552 5.3.4 without keeping the excess; when the
- * messages held by all sessions pass max_memory, 451 4.3.1; a client that disconnects
- * mid-DATA leaves nothing in the spool; a spool that is full gets 452 4.3.1; timeouts get
- * 421 4.4.2 and a close; max_errors protocol errors get 421 4.7.0 and a close.
+ * Failure modes: every refusal goes through smtpd_refuse_log() (one info line naming the
+ * setting, smtpd_policy.h, and a note for relayctl devices).  A client outside the allow
+ * list gets 554 5.7.1 and is disconnected; over max_connections (total or per client
+ * address) 421 4.7.0 (on implicit-TLS listeners both are disconnected without a word,
+ * before any handshake); a malformed or missing PROXY header closes the connection without
+ * a word; an over-long command line gets 500 5.5.2 and the session resynchronises at the
+ * next line end; a message over max_message_size is read to its end and refused with 552
+ * 5.3.4 without keeping the excess; when what all sessions hold passes max_memory, 451
+ * 4.3.1; a bare LF with bare_lf = reject gets 550 5.5.2 and a close; more than
+ * SMTPD_OUTPUT_MAX unread reply bytes stop the reading of commands until drained (closed
+ * after write_timeout); a client that disconnects mid-DATA leaves nothing in the spool; one
+ * that half-closes during COMMIT_WAIT still gets its 250; a spool that is full gets 452
+ * 4.3.1; timeouts get 421 4.4.2 and a close (glued_dot listeners first try the alarm-panel
+ * rescue); max_errors protocol errors get 421 4.7.0 and a close.  A stop closes every
+ * session except those in COMMIT_WAIT, which get their 250 (then 421) first.
  *
  * TLS credentials are refcounted (struct smtpd_cred): a listener holds one reference, each
  * session that started TLS another, so a SIGHUP reload swaps the listener's credentials
