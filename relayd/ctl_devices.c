@@ -84,8 +84,8 @@ static void print_text(const struct spool_device *d, size_t n)
         for (size_t j = 0; j < d[i].nreasons; j++) {
             const struct spool_device_reason *r = &d[i].reasons[j];
 
-            printf("    refused %llu x %s, last at %s: %s\n", (unsigned long long)r->count,
-                   r->name, when(r->last_when, a), r->last_text ? r->last_text : "");
+            printf("    refused %llu x %s, last at %s: %s\n", (unsigned long long)r->count, r->name,
+                   when(r->last_when, a), r->last_text ? r->last_text : "");
         }
     }
     if (n == 0)

@@ -83,33 +83,39 @@ char *smtpd_policy_tls_hint(const char *versions, const char *err, char *out, si
     int modern = strstr(versions, "TLS1.2") != NULL || strstr(versions, "TLS1.3") != NULL;
 
     if (versions[0] == '\0') {
-        snprintf(out, outlen, "no TLS ClientHello was received: the client may not speak TLS "
+        snprintf(out, outlen,
+                 "no TLS ClientHello was received: the client may not speak TLS "
                  "on this port (use tls = starttls or none for it)");
     } else if (!modern) {
-        snprintf(out, outlen, "the client offers only %s: to let it in, add %s to tls_priority "
+        snprintf(out, outlen,
+                 "the client offers only %s: to let it in, add %s to tls_priority "
                  "on a listener of its own",
                  versions,
-                 strstr(versions, "TLS1.1") != NULL ? "+VERS-TLS1.1"
+                 strstr(versions, "TLS1.1") != NULL   ? "+VERS-TLS1.1"
                  : strstr(versions, "TLS1.0") != NULL ? "+VERS-TLS1.0"
                                                       : "its version (SSL 3 cannot be enabled)");
     } else if (strstr(err, "cipher") != NULL || strstr(err, "algorithm") != NULL ||
                strstr(err, "insufficient") != NULL || strstr(err, "credentials") != NULL) {
-        snprintf(out, outlen, "no cipher or key type in common: widen tls_priority, or give "
+        snprintf(out, outlen,
+                 "no cipher or key type in common: widen tls_priority, or give "
                  "the listener a certificate type the client supports (RSA)");
     } else if (strstr(err, "certificate") != NULL || strstr(err, "Unknown CA") != NULL ||
                strstr(err, "unknown_ca") != NULL) {
-        snprintf(out, outlen, "the client rejected the certificate: install a cert it trusts "
+        snprintf(out, outlen,
+                 "the client rejected the certificate: install a cert it trusts "
                  "(or its CA on the device)");
     } else {
-        snprintf(out, outlen, "the client offered %s; compare its TLS settings with "
-                 "tls_priority and cert", versions);
+        snprintf(out, outlen,
+                 "the client offered %s; compare its TLS settings with "
+                 "tls_priority and cert",
+                 versions);
     }
     return out;
 }
 
 static const char *const verb_names[SMTPD_V_COUNT] = {
     "helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data",
-    "bdat", "rset", "noop", "vrfy", "help", "quit", "unknown",
+    "bdat", "rset", "noop",     "vrfy", "help", "quit", "unknown",
 };
 
 char *smtpd_policy_summary(const struct smtpd_counts *c, char *out, size_t outlen)

@@ -34,27 +34,27 @@ enum smtpd_eod smtpd_policy_dot(enum cfg_bare_lf mode, int prev_crlf, int dot_cr
 /* ---- refusals: one log line each, naming the setting that would change it ---- */
 
 enum smtpd_refusal {
-    SMTPD_R_NOT_ALLOWED,     /* client address not in allow */
-    SMTPD_R_MAX_CONN,        /* max_connections */
-    SMTPD_R_MAX_CONN_CLIENT, /* max_connections_per_client */
-    SMTPD_R_AUTH_OFF,        /* AUTH on a listener with auth = off */
-    SMTPD_R_AUTH_MECH,       /* a mechanism not in auth_mechanisms */
-    SMTPD_R_AUTH_NEEDS_TLS,  /* PLAIN/LOGIN without TLS and auth_plaintext = no */
-    SMTPD_R_AUTH_FAILED,     /* wrong user name or password */
-    SMTPD_R_AUTH_REQUIRED,   /* MAIL before AUTH with auth = required */
+    SMTPD_R_NOT_ALLOWED,      /* client address not in allow */
+    SMTPD_R_MAX_CONN,         /* max_connections */
+    SMTPD_R_MAX_CONN_CLIENT,  /* max_connections_per_client */
+    SMTPD_R_AUTH_OFF,         /* AUTH on a listener with auth = off */
+    SMTPD_R_AUTH_MECH,        /* a mechanism not in auth_mechanisms */
+    SMTPD_R_AUTH_NEEDS_TLS,   /* PLAIN/LOGIN without TLS and auth_plaintext = no */
+    SMTPD_R_AUTH_FAILED,      /* wrong user name or password */
+    SMTPD_R_AUTH_REQUIRED,    /* MAIL before AUTH with auth = required */
     SMTPD_R_AUTH_UNAVAILABLE, /* the sasldb cannot be used */
-    SMTPD_R_SENDER_DOMAIN,   /* sender_domains */
-    SMTPD_R_RCPT_DOMAIN,     /* recipient_domains */
-    SMTPD_R_TOO_BIG,         /* max_message_size */
-    SMTPD_R_TOO_MANY_RCPTS,  /* max_recipients */
-    SMTPD_R_MEMORY,          /* max_memory */
-    SMTPD_R_SPOOL_FULL,      /* spool_max_size / spool_reserve */
-    SMTPD_R_BARE_LF,         /* bare_lf = reject */
-    SMTPD_R_TLS_FAILED,      /* the TLS handshake failed */
-    SMTPD_R_TOO_MANY_ERRORS, /* max_errors */
-    SMTPD_R_TIMEOUT,         /* command_timeout / data_timeout */
-    SMTPD_R_WRITE_TIMEOUT,   /* the client did not read our replies: write_timeout */
-    SMTPD_R_LINE_TOO_LONG,   /* max_line_length */
+    SMTPD_R_SENDER_DOMAIN,    /* sender_domains */
+    SMTPD_R_RCPT_DOMAIN,      /* recipient_domains */
+    SMTPD_R_TOO_BIG,          /* max_message_size */
+    SMTPD_R_TOO_MANY_RCPTS,   /* max_recipients */
+    SMTPD_R_MEMORY,           /* max_memory */
+    SMTPD_R_SPOOL_FULL,       /* spool_max_size / spool_reserve */
+    SMTPD_R_BARE_LF,          /* bare_lf = reject */
+    SMTPD_R_TLS_FAILED,       /* the TLS handshake failed */
+    SMTPD_R_TOO_MANY_ERRORS,  /* max_errors */
+    SMTPD_R_TIMEOUT,          /* command_timeout / data_timeout */
+    SMTPD_R_WRITE_TIMEOUT,    /* the client did not read our replies: write_timeout */
+    SMTPD_R_LINE_TOO_LONG,    /* max_line_length */
     SMTPD_R_COUNT
 };
 
@@ -75,9 +75,21 @@ char *smtpd_policy_tls_hint(const char *versions, const char *err, char *out, si
 /* ---- the session summary (Postfix's "disconnect from ... ehlo=1 mail=1/2") ---- */
 
 enum smtpd_verb {
-    SMTPD_V_HELO, SMTPD_V_EHLO, SMTPD_V_STARTTLS, SMTPD_V_AUTH, SMTPD_V_MAIL, SMTPD_V_RCPT,
-    SMTPD_V_DATA, SMTPD_V_BDAT, SMTPD_V_RSET, SMTPD_V_NOOP, SMTPD_V_VRFY, SMTPD_V_HELP,
-    SMTPD_V_QUIT, SMTPD_V_UNKNOWN, SMTPD_V_COUNT
+    SMTPD_V_HELO,
+    SMTPD_V_EHLO,
+    SMTPD_V_STARTTLS,
+    SMTPD_V_AUTH,
+    SMTPD_V_MAIL,
+    SMTPD_V_RCPT,
+    SMTPD_V_DATA,
+    SMTPD_V_BDAT,
+    SMTPD_V_RSET,
+    SMTPD_V_NOOP,
+    SMTPD_V_VRFY,
+    SMTPD_V_HELP,
+    SMTPD_V_QUIT,
+    SMTPD_V_UNKNOWN,
+    SMTPD_V_COUNT
 };
 
 struct smtpd_counts {

@@ -348,8 +348,8 @@ static int evict_oldest(struct spool *sp, MDB_txn *txn)
         return rc;
     for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
          rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-        int64_t seen = v.mv_size >= 21 ? (int64_t)spool__get_be64((unsigned char *)v.mv_data + 13)
-                                       : INT64_MIN;
+        int64_t seen =
+            v.mv_size >= 21 ? (int64_t)spool__get_be64((unsigned char *)v.mv_data + 13) : INT64_MIN;
 
         if (seen < oldest && k.mv_size <= DEV_NAME_MAX) {
             oldest = seen;

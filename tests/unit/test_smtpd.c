@@ -53,10 +53,10 @@ Test(smtpd, refusal_settings)
         enum smtpd_refusal r;
         const char *want_name, *want_setting;
     } cases[] = {
-        {SMTPD_R_NOT_ALLOWED, "not_allowed", "allow"},          /* "Relaying Denied" */
+        {SMTPD_R_NOT_ALLOWED, "not_allowed", "allow"},                /* "Relaying Denied" */
         {SMTPD_R_AUTH_NEEDS_TLS, "auth_needs_tls", "auth_plaintext"}, /* alarm panel 538 */
-        {SMTPD_R_AUTH_MECH, "auth_mechanism", "auth_mechanisms"}, /* fax CRAM-MD5 */
-        {SMTPD_R_TLS_FAILED, "tls_failed", "tls_priority"},     /* bare "SSL error" */
+        {SMTPD_R_AUTH_MECH, "auth_mechanism", "auth_mechanisms"},     /* fax CRAM-MD5 */
+        {SMTPD_R_TLS_FAILED, "tls_failed", "tls_priority"},           /* bare "SSL error" */
         {SMTPD_R_AUTH_FAILED, "auth_failed", "sasldb"},
         {SMTPD_R_AUTH_REQUIRED, "auth_required", "auth"},
         {SMTPD_R_TOO_BIG, "message_too_big", "max_message_size"},
@@ -85,15 +85,18 @@ Test(smtpd, tls_hints)
     static const struct {
         const char *label, *versions, *err, *want_substr;
     } cases[] = {
-        {"TLS 1.0 only", "TLS1.0", "TLS handshake failed: A packet with illegal or unsupported "
-         "version was received.", "+VERS-TLS1.0"},
+        {"TLS 1.0 only", "TLS1.0",
+         "TLS handshake failed: A packet with illegal or unsupported "
+         "version was received.",
+         "+VERS-TLS1.0"},
         {"TLS 1.1 max", "TLS1.1", "whatever", "+VERS-TLS1.1"},
         {"no hello", "", "TLS handshake failed: An unexpected TLS packet was received.",
          "no TLS ClientHello"},
-        {"no cipher", "TLS1.2", "TLS handshake failed: Could not negotiate a supported cipher "
-         "suite.", "tls_priority"},
-        {"cert refused", "TLS1.3 TLS1.2", "received TLS alert: Unknown certificate",
-         "cert"},
+        {"no cipher", "TLS1.2",
+         "TLS handshake failed: Could not negotiate a supported cipher "
+         "suite.",
+         "tls_priority"},
+        {"cert refused", "TLS1.3 TLS1.2", "received TLS alert: Unknown certificate", "cert"},
     };
     char out[256];
     size_t i;
@@ -131,14 +134,15 @@ Test(smtpd, client_hello_versions)
     /* legacy 0x0303, random, no session id, 1 suite, 1 compression, supported_versions
      * {GREASE, TLS1.3, TLS1.2}. */
     unsigned char hello13[] = {
-        0x03, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00, 0x00, 0x0b, 0x00,
-        0x2b, 0x00, 0x07, 0x06, 0x0a, 0x0a, 0x03, 0x04, 0x03, 0x03,
+        0x03, 0x03, 0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,
+        0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,
+        0,    0,    0,    0,    0,    0,    0x00, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00, 0x00,
+        0x0b, 0x00, 0x2b, 0x00, 0x07, 0x06, 0x0a, 0x0a, 0x03, 0x04, 0x03, 0x03,
     };
     /* A TLS 1.0 client: legacy 0x0301 and no extensions at all. */
     unsigned char hello10[] = {
-        0x03, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x02, 0x00, 0x2f, 0x01, 0x00,
+        0x03, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,    0,    0,    0,    0,    0,    0,    0,
+        0,    0,    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x02, 0x00, 0x2f, 0x01, 0x00,
     };
     unsigned char with_hdr[4 + sizeof(hello10)];
     char out[64];
