@@ -45,6 +45,9 @@ int buf_reserve(struct buf *b, size_t n)
     cap = b->cap;
     while (cap < need)
         cap = cap > SIZE_MAX / 2 ? need : cap * 2;
+    /* Never more than the limit allows: doubling would turn a 35 MB message into 64 MB. */
+    if (b->max != 0 && cap > b->max + 1)
+        cap = b->max + 1;
     b->data = xrealloc(b->data, cap);
     b->cap = cap;
     return 0;

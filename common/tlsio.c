@@ -83,6 +83,8 @@ struct tlsio {
     int verify_failed;   /* last error was a certificate verification failure */
     char *pins;          /* tls_pin list, or NULL: see tlsio_set_pin() */
     char peer_pin[64];   /* "sha256//BASE64" of the peer's key once the handshake is done */
+    int failed;          /* ERROR delivered (EOF alone still allows writes: half-close) */
+    char client_versions[64]; /* server: what the client's ClientHello offered, or "" */
 
     void (*closed)(void *arg);
     void *closed_arg;
@@ -232,6 +234,7 @@ static void fail(struct tlsio *io, const char *fmt, ...)
     vsnprintf(io->err, sizeof(io->err), fmt, ap);
     va_end(ap);
     io->dead = 1;
+    io->failed = 1;
     update_reading(io);
     io->dead = 0; /* emit() sets it again */
     emit(io, TLSIO_ERROR);
@@ -336,7 +339,9 @@ int tlsio_write(struct tlsio *io, const void *data, size_t len)
 {
     int rc;
 
-    if (io->closing || io->dead)
+    /* After TLSIO_EOF the peer has only shut down its sending side: a reply it is waiting
+     * for (the 250 of a message whose commit was pending) may still go out. */
+    if (io->closing || io->failed)
         return UV_EPIPE;
     switch (io->tls) {
     case TLSIO_T_NONE:
@@ -799,6 +804,96 @@ int tlsio_connect(struct tlsio *io, const struct sockaddr *addr)
     return rc;
 }
 
+static size_t hello_version(unsigned v, char *out, size_t outlen, size_t len)
+{
+    const char *name = v == 0x0300   ? "SSL3.0"
+                       : v == 0x0301 ? "TLS1.0"
+                       : v == 0x0302 ? "TLS1.1"
+                       : v == 0x0303 ? "TLS1.2"
+                       : v == 0x0304 ? "TLS1.3"
+                                     : NULL; /* GREASE, drafts: not worth naming */
+    int n;
+
+    if (name == NULL || strstr(out, name) != NULL)
+        return len;
+    n = snprintf(out + len, outlen - len, "%s%s", len > 0 ? " " : "", name);
+    return n > 0 && (size_t)n < outlen - len ? len + (size_t)n : len;
+}
+
+int tlsio_parse_client_hello(const unsigned char *p, size_t n, char *out, size_t outlen)
+{
+    size_t off = 0, len = 0, end, ext_end;
+    unsigned legacy;
+
+    if (outlen == 0)
+        return -1;
+    out[0] = '\0';
+    /* With or without the handshake header (type 1, 24-bit length). */
+    if (n >= 4 && p[0] == 1 && ((size_t)p[1] << 16 | (size_t)p[2] << 8 | p[3]) == n - 4)
+        off = 4;
+    if (n < off + 2 + 32 + 1)
+        return -1;
+    legacy = (unsigned)p[off] << 8 | p[off + 1];
+    off += 2 + 32;
+    off += 1 + (size_t)p[off]; /* session id */
+    if (off + 2 > n)
+        goto legacy_only;
+    off += 2 + ((size_t)p[off] << 8 | p[off + 1]); /* cipher suites */
+    if (off + 1 > n)
+        goto legacy_only;
+    off += 1 + (size_t)p[off]; /* compression methods */
+    if (off + 2 > n)
+        goto legacy_only;
+    ext_end = off + 2 + ((size_t)p[off] << 8 | p[off + 1]);
+    off += 2;
+    if (ext_end > n)
+        ext_end = n;
+    while (off + 4 <= ext_end) {
+        unsigned type = (unsigned)p[off] << 8 | p[off + 1];
+        size_t elen = (size_t)p[off + 2] << 8 | p[off + 3];
+
+        off += 4;
+        if (off + elen > ext_end)
+            break;
+        if (type == 43 && elen >= 1) { /* RFC 8446 4.2.1 supported_versions */
+            size_t i;
+
+            end = off + 1 + p[off];
+            if (end > off + elen)
+                end = off + elen;
+            for (i = off + 1; i + 2 <= end; i += 2)
+                len = hello_version((unsigned)p[i] << 8 | p[i + 1], out, outlen, len);
+            if (len > 0)
+                return 0;
+        }
+        off += elen;
+    }
+legacy_only:
+    /* No supported_versions: the client's highest version is the legacy one. */
+    len = hello_version(legacy, out, outlen, len);
+    if (len == 0)
+        snprintf(out, outlen, "0x%04x", legacy);
+    return 0;
+}
+
+static int client_hello_hook(gnutls_session_t sess, unsigned htype, unsigned when,
+                             unsigned incoming, const gnutls_datum_t *msg)
+{
+    struct tlsio *io = gnutls_transport_get_ptr(sess);
+
+    (void)htype;
+    (void)when;
+    if (incoming && msg != NULL && msg->size > 0 && io->client_versions[0] == '\0')
+        tlsio_parse_client_hello(msg->data, msg->size, io->client_versions,
+                                 sizeof(io->client_versions));
+    return 0;
+}
+
+const char *tlsio_client_versions(const struct tlsio *io)
+{
+    return io->client_versions;
+}
+
 static int is_ip_literal(const char *name)
 {
     unsigned char tmp[sizeof(struct in6_addr)];
@@ -848,6 +943,11 @@ static int starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server,
     gnutls_transport_set_ptr(io->sess, io);
     gnutls_transport_set_push_function(io->sess, tls_push);
     gnutls_transport_set_pull_function(io->sess, tls_pull);
+    if (is_server) {
+        io->client_versions[0] = '\0';
+        gnutls_handshake_set_hook_function(io->sess, GNUTLS_HANDSHAKE_CLIENT_HELLO,
+                                           GNUTLS_HOOK_PRE, client_hello_hook);
+    }
     io->is_server = is_server;
     io->tls = TLSIO_T_HANDSHAKE;
     update_reading(io);

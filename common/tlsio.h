@@ -120,6 +120,14 @@ const char *tlsio_errstr(const struct tlsio *io);
 /* 1 when the last error was the peer's certificate failing verification (chain, dates or
  * name): a configuration problem rather than a network one. */
 int tlsio_verify_failed(const struct tlsio *io);
+/* As a server: the TLS versions the client's ClientHello offered, best known names first
+ * as sent ("TLS1.3 TLS1.2", or the legacy version alone when it sent no supported_versions:
+ * "TLS1.0"); "" before a ClientHello arrived.  Valid until tlsio_close(). */
+const char *tlsio_client_versions(const struct tlsio *io);
+/* Parses a ClientHello (with or without its 4-byte handshake header) into that text;
+ * 0, or -1 when it is too short to say anything.  Pure; for tests and the hook above. */
+int tlsio_parse_client_hello(const unsigned char *p, size_t n, char *out, size_t outlen);
+
 /* The peer's address; 0 or negative. */
 int tlsio_peer(const struct tlsio *io, struct sockaddr_storage *ss);
 

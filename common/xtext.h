@@ -17,9 +17,4 @@ char *xtext_encode(const char *s);
  * not followed by two upper-case hex digits) or decode to a NUL byte. */
 char *xtext_decode(const char *p, size_t n);
 
-/* XXX Transitional, for smtpd.c and smtpc.c, which still call the codec by its old name
- * (it lived in bounce.c); remove once they call xtext_*(). */
-#define bounce_xtext_encode xtext_encode
-#define bounce_xtext_decode xtext_decode
-
 #endif

@@ -159,6 +159,17 @@ static const struct cfg_key listener_keys[] = {
     {"max_line_length", CFG_T_INT, offsetof(struct cfg_listener, max_line_length), 512, 65536,
      "2048", 0},
     {"max_errors", CFG_T_INT, offsetof(struct cfg_listener, max_errors), 1, 10000, "20", 0},
+    /* Checked in check_listener_inbound(): accept | normalize | reject. */
+    {"bare_lf", CFG_T_STRING, offsetof(struct cfg_listener, bare_lf), 0, 0, "accept", 0},
+    {"bare_lf_accept", CFG_T_NETLIST, offsetof(struct cfg_listener, bare_lf_accept), 0, 0, NULL,
+     0},
+    {"glued_dot", CFG_T_BOOL, offsetof(struct cfg_listener, glued_dot), 0, 1, "no", 0},
+    {"handshake_timeout", CFG_T_DURATION, offsetof(struct cfg_listener, handshake_timeout), 1,
+     HOUR, "10s", 0},
+    {"write_timeout", CFG_T_DURATION, offsetof(struct cfg_listener, write_timeout), 1, HOUR,
+     "60s", 0},
+    {"listen_backlog", CFG_T_INT, offsetof(struct cfg_listener, listen_backlog), 1, 65535, "4096",
+     0},
 };
 
 static const struct cfg_key upstream_keys[] = {
@@ -1114,6 +1125,46 @@ static int check_listener_tls_auth(struct cfg_parse *p, const struct cfg_sec *s,
     return 0;
 }
 
+const char *cfg_bare_lf_name(enum cfg_bare_lf mode)
+{
+    switch (mode) {
+    case CFG_BARE_LF_ACCEPT:
+        return "accept";
+    case CFG_BARE_LF_NORMALIZE:
+        return "normalize";
+    case CFG_BARE_LF_REJECT:
+        return "reject";
+    }
+    return "?";
+}
+
+/* bare_lf's word into its enum; a world-open allow list on a non-loopback listener is
+ * legal (a relay behind a firewall) but worth a warning at every load. */
+static void check_listener_inbound(struct cfg_parse *p, const struct cfg_sec *s,
+                                   struct cfg_listener *l)
+{
+    size_t i;
+
+    if (l->bare_lf == NULL || strcmp(l->bare_lf, "accept") == 0)
+        l->bare_lf_mode = CFG_BARE_LF_ACCEPT;
+    else if (strcmp(l->bare_lf, "normalize") == 0)
+        l->bare_lf_mode = CFG_BARE_LF_NORMALIZE;
+    else if (strcmp(l->bare_lf, "reject") == 0)
+        l->bare_lf_mode = CFG_BARE_LF_REJECT;
+    else
+        perr(p, key_line(s, "bare_lf"), s, "bare_lf",
+             "'%.40s' is not one of accept, normalize, reject", l->bare_lf);
+    for (i = 0; i < l->allow.n; i++) {
+        if (l->allow.nets[i].prefix == 0 && l->host != NULL && strcmp(l->host, "127.0.0.1") != 0 &&
+            strcmp(l->host, "::1") != 0) {
+            log_warn("%s:%d: [listener %s] allow: a /0 network lets every address on the "
+                     "Internet use this listener as a relay; list your client networks instead",
+                     p->path, key_line(s, "allow"), l->name);
+            break;
+        }
+    }
+}
+
 static void check_listener(struct cfg_parse *p, const struct cfg_sec *s)
 {
     struct cfg_listener *l = &p->cfg->listeners[s->index];
@@ -1133,6 +1184,7 @@ static void check_listener(struct cfg_parse *p, const struct cfg_sec *s)
             return;
         }
     }
+    check_listener_inbound(p, s, l);
     if (check_listener_tls_auth(p, s, l) != 0)
         return;
     if (l->allow.n > 0)

@@ -55,6 +55,13 @@ enum cfg_proxy {
     CFG_PROXY_ANY,
 };
 
+/* [listener] bare_lf: what a bare LF (without CR) means in DATA (README "Bare LF"). */
+enum cfg_bare_lf {
+    CFG_BARE_LF_ACCEPT,    /* a line end, and LF.LF ends DATA (legacy devices; default) */
+    CFG_BARE_LF_NORMALIZE, /* a line end, but only CRLF.CRLF ends DATA (no smuggling) */
+    CFG_BARE_LF_REJECT,    /* the message is refused with 550 5.5.2 */
+};
+
 struct cfg_listener {
     char *name;                 /* from [listener NAME] */
     char *host;                 /* "0.0.0.0", "::", "127.0.0.1" */
@@ -77,6 +84,14 @@ struct cfg_listener {
     int data_timeout;           /* seconds; same */
     int max_line_length;        /* command line bytes; default 2048 */
     int max_errors;             /* protocol errors before we hang up; default 20 */
+    /* Inbound hardening and diagnosability (issue #10). */
+    char *bare_lf;              /* "accept" (default) | "normalize" | "reject" */
+    enum cfg_bare_lf bare_lf_mode; /* from bare_lf */
+    struct netaddr_list bare_lf_accept; /* clients that get "accept" whatever bare_lf says */
+    int glued_dot;              /* at data_timeout take "text." as the end of DATA; default no */
+    int handshake_timeout;      /* seconds for a TLS handshake; default 10 */
+    int write_timeout;          /* seconds a client may leave our replies unread; default 60 */
+    int listen_backlog;         /* listen(2) backlog; default 4096 (capped by somaxconn) */
     int line;                   /* where the section starts, for messages */
 };
 
@@ -244,6 +259,7 @@ int cfg_reload_secrets(struct cfg *cfg, char *err, size_t errlen);
 const char *cfg_tls_name(enum cfg_tls tls);
 const char *cfg_auth_name(enum cfg_auth auth);
 const char *cfg_proxy_name(enum cfg_proxy proxy);
+const char *cfg_bare_lf_name(enum cfg_bare_lf mode);
 /* 1 when addr's domain is in list (comma/space separated, case-insensitive, exact). */
 int cfg_domain_listed(const char *list, const char *addr);
 

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
@@ -38,6 +39,31 @@ struct relayd {
     uv_signal_t sighup;         /* reloads listener TLS certificates */
     int stopping;
 };
+
+/* Each inbound session is one descriptor: max_connections sessions need at least that many
+ * plus the upstream sessions, the spool and the listeners.  Raise the soft limit up to the
+ * hard one; say so when even that is too low (systemd: LimitNOFILE=). */
+static void relayd_raise_nofile(const struct cfg *cfg)
+{
+    struct rlimit rl;
+    rlim_t need = (rlim_t)cfg->max_connections + (rlim_t)cfg->nlisteners + 64;
+    int i;
+
+    for (i = 0; i < cfg->nupstreams; i++)
+        need += (rlim_t)cfg->upstreams[i].max_connections;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= need)
+        return;
+    rl.rlim_cur = rl.rlim_max != RLIM_INFINITY && rl.rlim_max < need ? rl.rlim_max : need;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur < need)
+        log_warn("open files limit is %llu, but max_connections = %d needs about %llu: "
+                 "connections beyond it fail at accept; raise LimitNOFILE= in relayd.service "
+                 "(or ulimit -n)",
+                 (unsigned long long)rl.rlim_cur, cfg->max_connections,
+                 (unsigned long long)need);
+    else
+        log_info("open files limit raised to %llu for max_connections = %d",
+                 (unsigned long long)rl.rlim_cur, cfg->max_connections);
+}
 
 static void usage(FILE *out)
 {
@@ -213,7 +239,10 @@ int main(int argc, char **argv)
     r.sched = sched_new(&r.loop, &r.cfg, r.sp, r.oauth2);
     if (sched_start(r.sched, err, sizeof(err)) != 0)
         log_fatal("%s", err);
+    relayd_raise_nofile(&r.cfg);
     r.smtpd = smtpd_server_new(&r.loop, &r.cfg, r.sp, relayd_on_spooled, &r);
+    /* One max_memory for both sides: bodies being delivered count with those received. */
+    sched_share_memory(r.sched, smtpd_server_memory(r.smtpd));
     if (smtpd_server_listen(r.smtpd, err, sizeof(err)) != 0)
         log_fatal("%s", err);
 

@@ -142,7 +142,8 @@ struct sched {
     int pool_open;     /* pool_stop() has not finished yet */
     struct sched_delivery *active;
     int nactive;
-    uint64_t body_bytes;          /* message bodies held by deliveries in progress */
+    size_t own_bytes;             /* the counter when no budget is shared */
+    size_t *mem_used;             /* max_memory's counter: bodies in delivery count in it */
     struct sched_delivery *retry; /* writes that failed, to do again */
     int write_faults;             /* deliveries whose write failed and waits */
     struct sched_park *parks;     /* per route (cfg->routes[i]) */
@@ -340,7 +341,7 @@ static void sched_delivery_free(struct sched_delivery *d)
         }
     }
     sc->nactive--;
-    sc->body_bytes -= d->len;
+    *sc->mem_used -= d->len < *sc->mem_used ? d->len : *sc->mem_used;
     for (i = 0; i < n; i++) {
         free(d->rc[i].reply);
         free(d->rc[i].action);
@@ -1154,16 +1155,17 @@ static enum sched_pick sched_pick(struct sched *sc, uint64_t id, int room, int64
         spool_msg_free(msg);
         return SCHED_PICK_PARKED;
     }
-    /* Bodies are loaded whole: a budget ([relayd] max_memory, the same size as the inbound
-     * one) keeps workers x 35 MB scans from taking the machine's memory.  One delivery
-     * always may go, however large. */
-    if (room <= 0 || (sc->nactive > 0 && sc->body_bytes + msg->size > (uint64_t)sc->cfg->max_memory)) {
+    /* Bodies are loaded whole: they count against max_memory, the budget the inbound
+     * sessions share, so workers x 35 MB scans cannot take the machine's memory (and
+     * devices get 451 rather than relayd dying).  One delivery always may go. */
+    if (room <= 0 ||
+        (sc->nactive > 0 && *sc->mem_used + msg->size > (uint64_t)sc->cfg->max_memory)) {
         spool_msg_free(msg);
         return SCHED_PICK_NO_ROOM;
     }
     d = sched_delivery_new(sc, id, msg);
     rc = spool_body_get(sc->sp, id, &d->body, &d->len);
-    sc->body_bytes += d->len;
+    *sc->mem_used += d->len;
     if (rc != 0) {
         snprintf(why, sizeof why, "cannot read the message body: %s", spool_strerror(rc));
         sched_set_aside(d, SCHED_W_HOLD, why);
@@ -1336,6 +1338,7 @@ struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp
     sc->sp = sp;
     sc->pool = pool_new(loop, cfg, oauth2);
     sc->parks = xcalloc((size_t)cfg->nroutes + 1, sizeof(*sc->parks));
+    sc->mem_used = &sc->own_bytes;
     sc->nscan = (size_t)cfg->workers + SCHED_SCAN_MAX;
     sc->scan = xcalloc(sc->nscan, sizeof(*sc->scan));
     return sc;
@@ -1359,6 +1362,15 @@ int sched_start(struct sched *sc, char *err, size_t errlen)
     sc->timer_open = 1;
     uv_timer_start(&sc->timer, sched_on_tick, 0, SCHED_TICK_MS);
     return 0;
+}
+
+void sched_share_memory(struct sched *sc, size_t *used)
+{
+    if (sc->nactive == 0 && used != NULL) {
+        *used += sc->own_bytes;
+        sc->own_bytes = 0;
+        sc->mem_used = used;
+    }
 }
 
 void sched_reload(struct sched *sc)

@@ -43,6 +43,10 @@ struct oauth2;
 /* cfg, sp and oauth2 (the token manager, or NULL) must outlive the scheduler. */
 struct sched *sched_new(uv_loop_t *loop, const struct cfg *cfg, struct spool *sp,
                         struct oauth2 *oauth2);
+/* Bodies of deliveries in progress are counted in *used, the counter max_memory bounds
+ * for the inbound sessions too (smtpd_server_memory()): one budget for both sides.
+ * Without it the scheduler keeps a counter of its own, bounded by max_memory alone. */
+void sched_share_memory(struct sched *sc, size_t *used);
 /* Starts the pool (TLS credentials for every upstream) and the timer; 0 or negative + err. */
 int sched_start(struct sched *sc, char *err, size_t errlen);
 /* A new message is in the spool: look for due work now. */

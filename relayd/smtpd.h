@@ -37,5 +37,9 @@ int smtpd_server_reload_tls(struct smtpd_server *srv);
 void smtpd_server_stop(struct smtpd_server *srv, void (*done)(void *arg), void *arg);
 /* Frees a stopped server. */
 void smtpd_server_free(struct smtpd_server *srv);
+/* The counter of message bytes held in memory that [relayd] max_memory bounds: the
+ * sessions' (this server's) and, once the daemon shares it (sched_share_memory()), the
+ * bodies of deliveries in progress.  Valid until smtpd_server_free(). */
+size_t *smtpd_server_memory(struct smtpd_server *srv);
 
 #endif

@@ -371,6 +371,8 @@ static int open_dbs(struct spool *sp, char *err, size_t errlen)
 
         sp->have_counts = counts_get(sp, txn, c) == 0;
     }
+    if ((rc = spool__devices_open(sp, txn, dflags)) != 0)
+        goto mdb_fail;
     if ((rc = get_u64(sp, txn, "last_id", &last)) != 0)
         goto mdb_fail;
     if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
@@ -413,6 +415,8 @@ static void spool_free(struct spool *sp)
     pthread_mutex_destroy(&sp->idlock);
     pthread_mutex_destroy(&sp->qlock);
     pthread_cond_destroy(&sp->qcond);
+    spool__devices_free(sp->devpend);
+    pthread_mutex_destroy(&sp->devlock);
     free(sp->dir);
     free(sp);
 }
@@ -441,6 +445,7 @@ int spool_open(const char *dir, const struct spool_opts *opts, struct spool **ou
     pthread_mutex_init(&sp->idlock, NULL);
     pthread_mutex_init(&sp->qlock, NULL);
     pthread_cond_init(&sp->qcond, NULL);
+    pthread_mutex_init(&sp->devlock, NULL);
     sp->queue_tail = &sp->queue;
     sp->done_tail = &sp->done;
 

@@ -239,4 +239,52 @@ int spool_stats(struct spool *sp, struct spool_stats *st);
  * thousand messages each; *n (may be NULL) gets how many. */
 int spool_retry_all(struct spool *sp, size_t *n);
 
+/* ---- Devices: every inbound client seen, for "relayctl devices" (spool_devices.c) ----
+ *
+ * One record per client address in the "devices" sub-database: last HELO name and
+ * listener, first and last seen, messages accepted, and refusals by reason with the last
+ * one's text and time.  The daemon notes events in memory (spool_device_note(), cheap,
+ * any thread); the writer thread folds them into the next batch transaction it commits
+ * anyway, or, when no mail arrives, into one transaction of their own at most every
+ * SPOOL_DEVICES_FLUSH seconds (and at stop): never an extra fsync per session.  So a
+ * crash may lose the last few seconds of device history, never mail.  Bounded: at most
+ * SPOOL_DEVICES_MAX records (the least recently seen goes) and SPOOL_DEVICE_REASONS
+ * reasons per record. */
+
+#define SPOOL_DEVICES_MAX 10000
+#define SPOOL_DEVICE_REASONS 32
+#define SPOOL_DEVICES_FLUSH 5 /* seconds a device-only change may wait for a commit */
+
+/* One event about one client.  Strings are copied; NULL helo/listener keep what is known. */
+struct spool_device_event {
+    const char *client;       /* address, as logged ("10.0.0.7", "2001:db8::7") */
+    const char *helo;         /* last HELO/EHLO name, or NULL */
+    const char *listener;     /* listener name, or NULL */
+    int64_t when;             /* unix seconds */
+    uint32_t accepted;        /* messages accepted in this event */
+    const char *reason;       /* refusal tag ("auth_needs_tls"), or NULL */
+    const char *reason_text;  /* the refusal's log text, or NULL */
+};
+void spool_device_note(struct spool *sp, const struct spool_device_event *ev);
+
+struct spool_device_reason {
+    char *name;
+    uint64_t count;
+    int64_t last_when;
+    char *last_text;
+};
+
+struct spool_device {
+    char *client, *helo, *listener;
+    int64_t first_seen, last_seen;
+    uint64_t accepted;
+    size_t nreasons;
+    struct spool_device_reason *reasons;
+};
+
+/* Every device record, most recently seen first (one read transaction); the caller frees
+ * with spool_devices_free().  A spool that never had a device gives 0 records. */
+int spool_devices_list(struct spool *sp, struct spool_device **out, size_t *n);
+void spool_devices_free(struct spool_device *d, size_t n);
+
 #endif

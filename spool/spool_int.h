@@ -49,6 +49,14 @@ struct spool {
     void (*wake)(void *);
     void *wake_arg;
     uint64_t commits, committed_jobs; /* under qlock */
+
+    /* Devices (spool_devices.c): the sub-database, and events not yet committed. */
+    MDB_dbi devices;
+    int have_devices;                /* 0: a read-only spool without the sub-database */
+    pthread_mutex_t devlock;         /* guards devpend; never held with qlock taken after */
+    struct spool__devpend *devpend;  /* pending events merged per client */
+    size_t ndevpend;
+    int64_t devpend_since;           /* when the oldest pending event was noted */
 };
 
 /* ---- spool.c ---- */
@@ -86,6 +94,18 @@ int spool__decode_attempt(const void *p, size_t n, struct spool_attempt *a);
 void spool__msg_clear(struct spool_msg *m);
 /* A deep copy (no history). */
 struct spool_msg *spool__msg_dup(const struct spool_msg *m);
+
+/* ---- spool_devices.c ---- */
+struct spool__devpend;
+/* Opens (creates unless read-only) the "devices" sub-database inside open_dbs()'s txn. */
+int spool__devices_open(struct spool *sp, MDB_txn *txn, unsigned dflags);
+/* Takes every pending event (the caller owns the list; NULL when none). */
+struct spool__devpend *spool__devices_take(struct spool *sp);
+/* 0 with nothing pending, else the absolute time (unix s) by which they should be written. */
+int64_t spool__devices_due(struct spool *sp);
+/* Folds a taken list into the records, inside the writer's transaction; 0 or MDB_* code. */
+int spool__devices_apply(struct spool *sp, MDB_txn *txn, const struct spool__devpend *list);
+void spool__devices_free(struct spool__devpend *list);
 
 /* ---- spool_writer.c ---- */
 void spool__writer_stop(struct spool *sp);

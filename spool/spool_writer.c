@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/log.h"
 #include "common/xalloc.h"
@@ -239,8 +240,10 @@ static int job_apply(struct spool *sp, MDB_txn *txn, struct spool_job *j)
     return -EINVAL;
 }
 
-/* Applies and commits one batch; sets each job's rc.  Returns 1 when it committed. */
-static int batch_commit(struct spool *sp, struct spool_job *batch)
+/* Applies and commits one batch (devs: device events riding along, see spool_devices.c;
+ * batch may be NULL when only they are due); sets each job's rc.  1 when it committed. */
+static int batch_commit(struct spool *sp, struct spool_job *batch,
+                        const struct spool__devpend *devs)
 {
     struct spool_job *j;
     MDB_txn *txn, *child;
@@ -261,6 +264,17 @@ static int batch_commit(struct spool *sp, struct spool_job *batch)
                 break;
             j->rc = spool__from_mdb(rc, j->kind == JOB_PUT ? "store message" : "update message");
             rc = 0;
+        }
+        if (rc == 0 && devs != NULL && (rc = mdb_txn_begin(sp->env, txn, 0, &child)) == 0) {
+            /* Device history never costs mail: its failure only loses these events. */
+            if ((rc = spool__devices_apply(sp, child, devs)) == 0)
+                rc = mdb_txn_commit(child);
+            else
+                mdb_txn_abort(child);
+            if (rc != 0 && rc != MDB_MAP_FULL) {
+                log_warn("spool: device history not updated: %s", mdb_strerror(rc));
+                rc = 0;
+            }
         }
         if (rc != 0) {
             spool__txn_abort(sp, txn);
@@ -304,18 +318,42 @@ static void *writer_main(void *arg)
 
     for (;;) {
         struct spool_job *batch, **last;
+        struct spool__devpend *devs;
         uint64_t ok = 0;
-        int committed;
+        int64_t due;
+        int committed, stopping;
 
         pthread_mutex_lock(&sp->qlock);
-        while (sp->queue == NULL && !sp->stopping)
-            pthread_cond_wait(&sp->qcond, &sp->qlock);
-        batch = take_batch(sp);
-        pthread_mutex_unlock(&sp->qlock);
-        if (batch == NULL)
-            break; /* stopping, and every queued job is done */
+        while (sp->queue == NULL && !sp->stopping) {
+            /* Device events wait for mail's commit, or SPOOL_DEVICES_FLUSH at most. */
+            if ((due = spool__devices_due(sp)) == 0) {
+                pthread_cond_wait(&sp->qcond, &sp->qlock);
+            } else {
+                struct timespec ts = {(time_t)due, 0};
 
-        committed = batch_commit(sp, batch);
+                if (due <= (int64_t)time(NULL) ||
+                    pthread_cond_timedwait(&sp->qcond, &sp->qlock, &ts) == ETIMEDOUT)
+                    break;
+            }
+        }
+        batch = take_batch(sp);
+        stopping = sp->stopping;
+        pthread_mutex_unlock(&sp->qlock);
+        devs = spool__devices_take(sp);
+        if (batch == NULL && devs == NULL) {
+            if (stopping)
+                break; /* stopping, and every queued job is done */
+            continue;
+        }
+
+        committed = batch_commit(sp, batch, devs);
+        spool__devices_free(devs);
+        if (batch == NULL) {
+            pthread_mutex_lock(&sp->qlock);
+            sp->commits += committed;
+            pthread_mutex_unlock(&sp->qlock);
+            continue;
+        }
         for (last = &batch; *last != NULL; last = &(*last)->next)
             ok += (*last)->rc == 0;
 

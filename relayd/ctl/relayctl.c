@@ -30,6 +30,7 @@
 #include "common/xalloc.h"
 #include "config/cfg.h"
 #include "relayd/ctl/ctl.h"
+#include "relayd/ctl/ctl_devices.h"
 #include "spool/spool.h"
 
 static const char *prog = "relayctl";
@@ -69,6 +70,9 @@ static void usage(FILE *out)
             "  stats [--json] [--by-client]\n"
             "                             counts per state, bytes, oldest message age;\n"
             "                             --by-client: the same per sending device\n"
+            "  devices [--json] [ADDR]    every client seen: listener, HELO name, first/last\n"
+            "                             seen, messages accepted, refusals by reason with\n"
+            "                             the last one's time and text\n"
             "  oauth2 authorize NAME      OAuth 2.0 device-code sign-in for upstream NAME;\n"
             "                             stores the refresh token in refresh_token_file\n"
             "  oauth2 token NAME          obtain a token as relayd would (never printed)\n"
@@ -1024,6 +1028,14 @@ static int cmd_delete(struct ctl *c, int argc, char **argv)
     return cmd_action(c, ACT_DELETE, argc, argv);
 }
 
+/* relayctl devices: relayd/ctl/ctl_devices.c. */
+static int cmd_devices(struct ctl *c, int argc, char **argv)
+{
+    struct spool *sp = ctl_spool(c);
+
+    return sp != NULL ? ctl_devices(sp, argc, argv) : CTL_EXIT_FAIL;
+}
+
 /* Every command, once: its name, its handler and what it does to the spool. */
 static const struct ctl_cmd {
     const char *name;
@@ -1039,6 +1051,7 @@ static const struct ctl_cmd {
     {"delete", cmd_delete, CTL_SPOOL_WRITE},
     {"purge", cmd_purge, CTL_SPOOL_WRITE},
     {"stats", cmd_stats, CTL_SPOOL_READ},
+    {"devices", cmd_devices, CTL_SPOOL_READ},
     {"test-upstream", ctl_diag_test_upstream_cmd, CTL_SPOOL_NONE},
     {"send-test", ctl_diag_send_test_cmd, CTL_SPOOL_NONE},
     {"oauth2", ctl_oauth2_cmd, CTL_SPOOL_NONE},

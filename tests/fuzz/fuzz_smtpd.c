@@ -4,8 +4,9 @@
  *
  * Once per process it starts the real smtpd server on a private libuv loop: a spool in a
  * temporary directory (no fsync), and two listeners on loopback ports, one plain
- * (debug_peers, AUTH, STARTTLS when a certificate is given, small limits) and one behind
- * proxy_protocol = any (sender/recipient domain checks, accept-any AUTH).  Each input is one
+ * (debug_peers, AUTH, STARTTLS when a certificate is given, small limits, bare_lf =
+ * normalize, glued_dot) and one behind proxy_protocol = any (sender/recipient domain
+ * checks, accept-any AUTH, bare_lf = reject).  Each input is one
  * client connection: the first byte picks the listener, the rest is written to the socket
  * as the client's whole stream, then our side is shut down, and the loop runs until relayd
  * closes the connection.  The properties checked are the sanitizers' (no crash, no overflow,
@@ -107,7 +108,8 @@ static int fuzz_load(const char *path, int full, char *err, size_t errlen)
     if (full) {
         fprintf(f, "max_line_length = 512\nmax_errors = 10\ndebug_peers = 127.0.0.0/8\n"
                    "auth = optional\nauth_plaintext = yes\ncommand_timeout = 5s\n"
-                   "data_timeout = 5s\n");
+                   "data_timeout = 5s\nbare_lf = normalize\nglued_dot = yes\n"
+                   "write_timeout = 5s\nhandshake_timeout = 5s\n");
         if (sasldb != NULL)
             fprintf(f, "sasldb = %s\n", sasldb);
         else
@@ -120,7 +122,7 @@ static int fuzz_load(const char *path, int full, char *err, size_t errlen)
         fprintf(f, "proxy_protocol = any\nsender_domains = example.net\n"
                    "recipient_domains = example.com\nauth = accept-any\n"
                    "auth_plaintext = yes\nadd_message_id = no\nmax_errors = 5\n"
-                   "command_timeout = 5s\ndata_timeout = 5s\n");
+                   "command_timeout = 5s\ndata_timeout = 5s\nbare_lf = reject\n");
     fclose(f);
     return cfg_load(path, &F.cfg, err, errlen);
 }

@@ -264,3 +264,22 @@ Test(buf, steal)
     free(data);
     buf_free(b);
 }
+
+/* Growth stops at the limit: a buffer with max M never allocates more than M + 1 bytes
+ * (max_memory counts allocated bytes; doubling made 35 MB cost 64 MB). */
+Test(buf, growth_capped_at_max)
+{
+    struct buf *b = buf_new(1000);
+    char chunk[300];
+
+    memset(chunk, 'x', sizeof(chunk));
+    cr_assert_eq(buf_append(b, chunk, sizeof(chunk)), 0);
+    cr_assert_eq(buf_append(b, chunk, sizeof(chunk)), 0);
+    cr_assert_eq(buf_append(b, chunk, sizeof(chunk)), 0);
+    cr_expect_leq(b->cap, 1001);
+    cr_assert_eq(buf_append(b, chunk, 100), 0);
+    cr_expect_eq(b->len, 1000);
+    cr_expect_eq(b->data[1000], '\0');
+    cr_expect_eq(buf_append(b, "y", 1), -ENOSPC);
+    buf_free(b);
+}

@@ -789,3 +789,32 @@ Test(cfg, example_loads)
     free(fixed);
     free(text);
 }
+
+/* The inbound keys of issue #10: bare_lf's three words (and nothing else), their defaults. */
+Test(cfg, listener_inbound_keys)
+{
+    static const struct {
+        const char *label, *line;
+        enum cfg_bare_lf want;
+    } cases[] = {
+        {"default", "", CFG_BARE_LF_ACCEPT},
+        {"accept", "bare_lf = accept\n", CFG_BARE_LF_ACCEPT},
+        {"normalize", "bare_lf = normalize\n", CFG_BARE_LF_NORMALIZE},
+        {"reject", "bare_lf = reject\n", CFG_BARE_LF_REJECT},
+    };
+    char text[256];
+    struct cfg cfg;
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        snprintf(text, sizeof text, LAN "%s", cases[i].line);
+        load_ok(text, &cfg);
+        cr_expect(eq(int, cfg.listeners[0].bare_lf_mode, cases[i].want), "%s", cases[i].label);
+        cr_expect(eq(int, cfg.listeners[0].glued_dot, 0), "%s", cases[i].label);
+        cr_expect(eq(int, cfg.listeners[0].handshake_timeout, 10), "%s", cases[i].label);
+        cr_expect(eq(int, cfg.listeners[0].write_timeout, 60), "%s", cases[i].label);
+        cr_expect(eq(int, cfg.listeners[0].listen_backlog, 4096), "%s", cases[i].label);
+        cfg_free(&cfg);
+    }
+    expect_error("bare_lf word", LAN "bare_lf = lenient\n",
+                 ":3: [listener lan] bare_lf: 'lenient' is not one of accept, normalize, reject");
+}
