@@ -144,7 +144,7 @@ struct cfg_route {
     char *failover_names;       /* "backup1, backup2": tried in order when upstream fails */
     struct cfg_upstream **failover; /* resolved at load; nfailover entries */
     int nfailover;
-    char *sender_domain;        /* comma/space list matched by cfg_route_find(); NULL: none */
+    char *sender_domain;        /* comma/space list matched by route_match(); NULL: none */
     char *recipient_domain;     /* same, for recipient domains; NULL: none */
     char *sender;               /* "scan@lan, @fax.lan, lan.example": addresses, @domains or
                                    domains; one matcher kind with sender_domain; NULL: none */
@@ -207,23 +207,6 @@ void cfg_dump(const struct cfg *cfg, FILE *out);
 
 void cfg_free(struct cfg *cfg);
 
-/* cfg_route_match() without client and listener (routes that match on them are skipped). */
-const struct cfg_route *cfg_route_find(const struct cfg *cfg, const char *sender,
-                                       const char *rcpt);
-
-/*
- * The route for one recipient of a message: the first route other than "default", in file
- * order, all of whose given matcher kinds match: sender (sender and sender_domain together:
- * the sender is listed as an address, "@domain" or domain), recipient_domain, client (the
- * client address is inside one of the networks) and listener (named); else the route named
- * "default"; else NULL (hold).  Domains compare case-insensitively, exactly (no
- * subdomains).  sender may be "" or NULL; client_addr (textual IPv4/IPv6) and listener may
- * be NULL (unknown): a route that needs them does not match.  Points into cfg.
- */
-const struct cfg_route *cfg_route_match(const struct cfg *cfg, const char *sender,
-                                        const char *rcpt, const char *client_addr,
-                                        const char *listener);
-
 /* Map files (config/cfg_map.c).  cfg_map_load(): 0, or -1 with "PATH:LINE: why" in why;
  * *map is empty on failure.  cfg_map_lookup(): the value for addr (exact address first,
  * then "@domain", case-insensitive), or NULL; points into map. */
@@ -244,7 +227,5 @@ int cfg_reload_secrets(struct cfg *cfg, char *err, size_t errlen);
 const char *cfg_tls_name(enum cfg_tls tls);
 const char *cfg_auth_name(enum cfg_auth auth);
 const char *cfg_proxy_name(enum cfg_proxy proxy);
-/* 1 when addr's domain is in list (comma/space separated, case-insensitive, exact). */
-int cfg_domain_listed(const char *list, const char *addr);
 
 #endif

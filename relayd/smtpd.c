@@ -53,6 +53,7 @@
 #include "common/xalloc.h"
 #include "common/xtext.h"
 #include "relayd/msgfix.h"
+#include "relayd/route.h"
 
 #define SMTPD_INPUT_MAX (256 * 1024) /* input held while not reading commands */
 #define SMTPD_DATA_CHUNK (64 * 1024)   /* flush a partial DATA line beyond this */
@@ -673,7 +674,7 @@ static void smtpd_cmd_mail(struct smtpd_session *s, const char *arg)
     }
     /* The null sender has no domain to judge: bounces from devices stay possible. */
     if (lc->sender_domains != NULL && addr[0] != '\0' &&
-        !cfg_domain_listed(lc->sender_domains, addr)) {
+        !route_domain_listed(lc->sender_domains, addr)) {
         log_info("NOQUEUE: reject: MAIL from %s: sender <%s> is not in sender_domains of "
                  "listener %s", s->peer, addr, lc->name);
         smtpd_reply(s, "553 5.7.1 <%s>: Sender address rejected: domain not allowed here", addr);
@@ -727,7 +728,7 @@ static void smtpd_cmd_rcpt(struct smtpd_session *s, const char *arg)
         p += n;
         p += strspn(p, " ");
     }
-    if (lc->recipient_domains != NULL && !cfg_domain_listed(lc->recipient_domains, addr)) {
+    if (lc->recipient_domains != NULL && !route_domain_listed(lc->recipient_domains, addr)) {
         log_info("NOQUEUE: reject: RCPT from %s: <%s>: relay access denied (not in "
                  "recipient_domains of listener %s)", s->peer, addr, lc->name);
         smtpd_reply(s, "554 5.7.1 <%s>: Relay access denied", addr);
@@ -1148,7 +1149,7 @@ static void smtpd_data_end(struct smtpd_session *s)
         rcpts[i].addr = tx->rcpts[i];
         rcpts[i].dsn_notify = tx->notify[i];
         rcpts[i].dsn_orcpt = tx->orcpt[i];
-        if (cfg_route_match(srv->cfg, tx->sender, tx->rcpts[i], s->peer, lc->name) == NULL)
+        if (route_match(srv->cfg, tx->sender, tx->rcpts[i], s->peer, lc->name) == NULL)
             held = 1;
     }
     msg.state = held ? SPOOL_HELD : SPOOL_QUEUED;

@@ -1,6 +1,6 @@
 /*
  * test_route - [route] matchers (sender, sender_domain, recipient_domain, client, listener),
- * cfg_route_match() order and AND semantics, route validation, and map files.
+ * route_match() (relayd/route.c) order and AND semantics, route validation, and map files.
  *
  * Files are written with mkstemp() under /tmp and removed in the suite's fini.
  */
@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "config/cfg.h"
+#include "relayd/route.h"
 
 static char *tmp_paths[32];
 static int ntmp;
@@ -111,7 +112,7 @@ static const struct match_case match_cases[] = {
     {"IPv6 client outside", "a@b.example", "x@y.example", "fe80::7", NULL, "default"},
 };
 
-/* cfg_route_match(): file order, every given matcher kind must match, then default. */
+/* route_match(): file order, every given matcher kind must match, then default. */
 Test(route, match)
 {
     struct cfg cfg;
@@ -120,7 +121,7 @@ Test(route, match)
     load_ok(routes_conf, &cfg);
     for (i = 0; i < sizeof match_cases / sizeof match_cases[0]; i++) {
         const struct match_case *c = &match_cases[i];
-        const struct cfg_route *r = cfg_route_match(&cfg, c->sender, c->rcpt, c->client,
+        const struct cfg_route *r = route_match(&cfg, c->sender, c->rcpt, c->client,
                                                     c->listener);
 
         cr_assert(ne(ptr, (void *)r, NULL), "%s", c->label);
@@ -129,14 +130,14 @@ Test(route, match)
     cfg_free(&cfg);
 }
 
-/* cfg_route_find() is cfg_route_match() without client and listener. */
-Test(route, find_wrapper)
+/* Client and listener unknown (NULL): routes that need them do not match. */
+Test(route, match_without_client_and_listener)
 {
     struct cfg cfg;
 
     load_ok(routes_conf, &cfg);
-    cr_expect(eq(str, cfg_route_find(&cfg, "a@fax.example", "x@y")->name, "scanners"));
-    cr_expect(eq(str, cfg_route_find(&cfg, "a@b.example", "boss@corp.example")->name,
+    cr_expect(eq(str, route_match(&cfg, "a@fax.example", "x@y", NULL, NULL)->name, "scanners"));
+    cr_expect(eq(str, route_match(&cfg, "a@b.example", "boss@corp.example", NULL, NULL)->name,
                  "default"));
     cfg_free(&cfg);
 }
@@ -147,8 +148,8 @@ Test(route, no_default)
     struct cfg cfg;
 
     load_ok(LISTENERS UPSTREAMS "[route s]\nupstream = a\nlistener = scan\n", &cfg);
-    cr_expect(eq(ptr, (void *)cfg_route_match(&cfg, "a@b", "c@d", "127.0.0.1", "lan"), NULL));
-    cr_expect(eq(str, cfg_route_match(&cfg, "a@b", "c@d", "127.0.0.1", "scan")->name, "s"));
+    cr_expect(eq(ptr, (void *)route_match(&cfg, "a@b", "c@d", "127.0.0.1", "lan"), NULL));
+    cr_expect(eq(str, route_match(&cfg, "a@b", "c@d", "127.0.0.1", "scan")->name, "s"));
     cfg_free(&cfg);
 }
 
