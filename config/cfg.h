@@ -3,7 +3,7 @@
  *
  * inih only tokenises; cfg converts every value, checks bounds, enums and files, and
  * reports the first problem as "FILE:LINE: [section name] key: what is wrong".  Defaults
- * live in the key tables of cfg.c and nowhere else.  cfg_load() touches no spool and no
+ * live in the key tables (config/cfg_keys.c) and nowhere else.  cfg_load() touches no spool and no
  * network.  Secrets (password_file contents) are read at load time and never printed:
  * cfg_dump() masks them.
  *
@@ -106,14 +106,14 @@ struct cfg_upstream {
     /* OAuth 2.0 upstream authentication (relayd/oauth2.h).  With auth = xoauth2 or
      * oauthbearer, username is the mailbox and password_file is not used.  Presets from
      * provider are resolved at load: token_endpoint, device_endpoint and scope are set. */
-    char *auth;                 /* "password" (default) | "xoauth2" | "oauthbearer" */
-    enum cfg_upauth upauth;     /* from auth */
+    enum cfg_upauth upauth;     /* auth = password (default) | xoauth2 | oauthbearer */
     char *provider;             /* "microsoft" | "google"; NULL: none */
     char *tenant;               /* Microsoft tenant (id or domain) */
     char *token_endpoint;       /* https URL */
     char *device_endpoint;      /* https URL, for relayctl oauth2 authorize */
-    char *oauth2_grant;         /* "client_credentials" | "refresh_token" | "jwt_bearer" */
-    enum cfg_grant grant;       /* from oauth2_grant (or inferred) */
+    enum cfg_grant grant;       /* oauth2_grant = client_credentials | refresh_token |
+                                   jwt_bearer; NONE when not set, then inferred at load
+                                   (COMMAND with oauth2_token_command) */
     char *client_id;
     char *client_secret_file;
     char *client_secret;        /* contents of client_secret_file */
@@ -223,6 +223,11 @@ int cfg_secret_read(const char *path, size_t max, char **out, char *why, size_t 
 /* SIGHUP: reads every upstream's password_file again (a secret that cannot be read keeps
  * its old value).  0, or -1 with the last problem in err. */
 int cfg_reload_secrets(struct cfg *cfg, char *err, size_t errlen);
+
+/* Every key of every section type, in table order: fn(arg, "listener", "tls"), ...  The
+ * strings are static (test_cfg_doc checks that each one is documented). */
+typedef void (*cfg_key_fn)(void *arg, const char *section, const char *key);
+void cfg_keys_each(cfg_key_fn fn, void *arg);
 
 const char *cfg_tls_name(enum cfg_tls tls);
 const char *cfg_auth_name(enum cfg_auth auth);
