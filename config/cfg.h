@@ -3,7 +3,7 @@
  *
  * inih only tokenises; cfg converts every value, checks bounds, enums and files, and
  * reports the first problem as "FILE:LINE: [section name] key: what is wrong".  Defaults
- * live in the key tables of cfg.c and nowhere else.  cfg_load() touches no spool and no
+ * live in the key tables (config/cfg_keys.c) and nowhere else.  cfg_load() touches no spool and no
  * network.  Secrets (password_file contents) are read at load time and never printed:
  * cfg_dump() masks them.
  *
@@ -121,14 +121,14 @@ struct cfg_upstream {
     /* OAuth 2.0 upstream authentication (relayd/oauth2.h).  With auth = xoauth2 or
      * oauthbearer, username is the mailbox and password_file is not used.  Presets from
      * provider are resolved at load: token_endpoint, device_endpoint and scope are set. */
-    char *auth;                 /* "password" (default) | "xoauth2" | "oauthbearer" */
-    enum cfg_upauth upauth;     /* from auth */
+    enum cfg_upauth upauth;     /* auth = password (default) | xoauth2 | oauthbearer */
     char *provider;             /* "microsoft" | "google"; NULL: none */
     char *tenant;               /* Microsoft tenant (id or domain) */
     char *token_endpoint;       /* https URL */
     char *device_endpoint;      /* https URL, for relayctl oauth2 authorize */
-    char *oauth2_grant;         /* "client_credentials" | "refresh_token" | "jwt_bearer" */
-    enum cfg_grant grant;       /* from oauth2_grant (or inferred) */
+    enum cfg_grant grant;       /* oauth2_grant = client_credentials | refresh_token |
+                                   jwt_bearer; NONE when not set, then inferred at load
+                                   (COMMAND with oauth2_token_command) */
     char *client_id;
     char *client_secret_file;
     char *client_secret;        /* contents of client_secret_file */
@@ -159,7 +159,7 @@ struct cfg_route {
     char *failover_names;       /* "backup1, backup2": tried in order when upstream fails */
     struct cfg_upstream **failover; /* resolved at load; nfailover entries */
     int nfailover;
-    char *sender_domain;        /* comma/space list matched by cfg_route_find(); NULL: none */
+    char *sender_domain;        /* comma/space list matched by route_match(); NULL: none */
     char *recipient_domain;     /* same, for recipient domains; NULL: none */
     char *sender;               /* "scan@lan, @fax.lan, lan.example": addresses, @domains or
                                    domains; one matcher kind with sender_domain; NULL: none */
@@ -222,23 +222,6 @@ void cfg_dump(const struct cfg *cfg, FILE *out);
 
 void cfg_free(struct cfg *cfg);
 
-/* cfg_route_match() without client and listener (routes that match on them are skipped). */
-const struct cfg_route *cfg_route_find(const struct cfg *cfg, const char *sender,
-                                       const char *rcpt);
-
-/*
- * The route for one recipient of a message: the first route other than "default", in file
- * order, all of whose given matcher kinds match: sender (sender and sender_domain together:
- * the sender is listed as an address, "@domain" or domain), recipient_domain, client (the
- * client address is inside one of the networks) and listener (named); else the route named
- * "default"; else NULL (hold).  Domains compare case-insensitively, exactly (no
- * subdomains).  sender may be "" or NULL; client_addr (textual IPv4/IPv6) and listener may
- * be NULL (unknown): a route that needs them does not match.  Points into cfg.
- */
-const struct cfg_route *cfg_route_match(const struct cfg *cfg, const char *sender,
-                                        const char *rcpt, const char *client_addr,
-                                        const char *listener);
-
 /* Map files (config/cfg_map.c).  cfg_map_load(): 0, or -1 with "PATH:LINE: why" in why;
  * *map is empty on failure.  cfg_map_lookup(): the value for addr (exact address first,
  * then "@domain", case-insensitive), or NULL; points into map. */
@@ -256,11 +239,14 @@ int cfg_secret_read(const char *path, size_t max, char **out, char *why, size_t 
  * its old value).  0, or -1 with the last problem in err. */
 int cfg_reload_secrets(struct cfg *cfg, char *err, size_t errlen);
 
+/* Every key of every section type, in table order: fn(arg, "listener", "tls"), ...  The
+ * strings are static (test_cfg_doc checks that each one is documented). */
+typedef void (*cfg_key_fn)(void *arg, const char *section, const char *key);
+void cfg_keys_each(cfg_key_fn fn, void *arg);
+
 const char *cfg_tls_name(enum cfg_tls tls);
 const char *cfg_auth_name(enum cfg_auth auth);
 const char *cfg_proxy_name(enum cfg_proxy proxy);
 const char *cfg_bare_lf_name(enum cfg_bare_lf mode);
-/* 1 when addr's domain is in list (comma/space separated, case-insensitive, exact). */
-int cfg_domain_listed(const char *list, const char *addr);
 
 #endif

@@ -55,7 +55,7 @@ int pool_start(struct pool *p, char *err, size_t errlen);
 
 /*
  * Delivers msg on route (route->upstream, then route->failover[] in order; see above).
- * Contract, the same as smtpc_deliver()'s:
+ * Contract:
  *   - returns 0 and calls done(arg, res) exactly once, always from the loop (never inside
  *     this call) or synchronously from pool_stop(); or returns a negative UV_E* (UV_ECANCELED
  *     while stopping) and never calls done;

@@ -49,6 +49,7 @@
 #include "relayd/bounce.h"
 #include "relayd/pool.h"
 #include "relayd/rewrite.h"
+#include "relayd/route.h"
 #include "relayd/smtpc.h"
 #include "relayd/upstream.h"
 
@@ -289,7 +290,7 @@ static int sched_busy(const struct sched *sc, uint64_t id)
 static const struct cfg_route *sched_route(const struct cfg *cfg, const struct spool_msg *msg,
                                            size_t i)
 {
-    return cfg_route_match(cfg, msg->sender, msg->rcpts[i].addr, msg->client, msg->listener);
+    return route_match(cfg, msg->sender, msg->rcpts[i].addr, msg->client, msg->listener);
 }
 
 static size_t sched_route_index(const struct sched *sc, const struct cfg_route *r)

@@ -6,31 +6,37 @@
  *   RESOLVE -> CONNECT (each address in turn) -> [TLS_IMPLICIT] -> GREETING -> EHLO
  *     -> [STARTTLS -> TLS_HANDSHAKE -> EHLO] -> [AUTH ...] -> IDLE
  *   IDLE -> TX (replies to [RSET] MAIL RCPT... DATA, in order) -> BODY (written in chunks,
- *     each after TLSIO_DRAINED) -> TX (reply to the dot) -> IDLE ... -> QUIT -> CLOSING
+ *     each after TLSIO_DRAINED) -> DOT (reply to the final dot) -> IDLE ... -> QUIT -> CLOSING
+ *
+ * Every change of state goes through smtpc_enter_state(), which logs "old -> new" (debug
+ * level 3) and re-arms the one timer with that state's timeout (smtpc_state_timeout()):
+ * connect_timeout for CONNECT, command_timeout for a command's reply (and the TLS
+ * handshake, and each body chunk), data_timeout for the reply to the final dot (RFC 5321
+ * 4.5.3.2: 5 and 10 minutes suggested; the operator chooses), idle_timeout while IDLE, a
+ * short one for QUIT; none while resolving.  Waiting again in the same state (the next
+ * pipelined reply, the next AUTH step) re-enters it to re-arm.
  *
  * Replies are matched to commands through a queue of expectations (RFC 2920: replies come
  * in the order of the commands), so the same code runs a transaction pipelined (one write
- * for RSET, MAIL, every RCPT and DATA) or in lock step.  Each wait re-arms the timer:
- * command_timeout for commands, data_timeout for the reply to the final dot (RFC 5321
- * 4.5.3.2: 5 and 10 minutes suggested; the operator chooses), idle_timeout while idle.
+ * for RSET, MAIL, every RCPT and DATA) or in lock step.
  *
- * Three modes share the machine.  DELIVER (smtpc_deliver): one transaction, then QUIT; the
- * caller's done runs once everything is closed, with the transaction's result.  SESSION
- * (pool): events for set-up, each transaction's done as soon as its last reply is in.
- * PROBE: set-up only, each step reported, then QUIT.
+ * Two modes share the machine.  SESSION (smtpc_session_open(), relayd/pool.c): events for
+ * set-up, each transaction's done as soon as its last reply is in, QUIT when the owner
+ * says so or after idle_timeout.  PROBE (smtpc_probe()): set-up only, each step reported,
+ * then QUIT; done once everything is closed.
  *
- * Failure modes: anything that ends the connection goes through fail(), which records the
+ * Failure modes: anything that ends the connection goes through smtpc_fail(), which records the
  * result (the first reason wins, so a dropped connection during QUIT never turns a
  * delivered message into a deferred one), hands it to the transaction or reports the set-up
  * failure, sends QUIT when the dialogue is still in step, and closes.  A transaction that
  * fails while the dialogue stays in step (MAIL refused, every RCPT refused, DATA refused)
- * ends through tx_end() and leaves the session usable.  A 421 at any step closes.  Never a
+ * ends through smtpc_tx_end() and leaves the session usable.  A 421 at any step closes.  Never a
  * cleartext fallback after STARTTLS was required, never AUTH before TLS unless tls = none
  * and allow_plaintext_auth.  TLS verification, pin and AUTH refusals set config_fault.
  *
  * Ownership: the client frees itself once the tlsio, the timer and any pending getaddrinfo
- * have all reported back; SMTPC_EV_CLOSED (session) or done (deliver, probe) runs right
- * before that free, or done synchronously inside smtpc_abort().
+ * have all reported back; SMTPC_EV_CLOSED (session) or done (probe) runs right before that
+ * free, or done synchronously inside smtpc_abort().
  */
 #include "relayd/smtpc.h"
 
@@ -43,11 +49,11 @@
 #include <strings.h>
 
 #include "common/authsasl.h"
-#include "relayd/oauth2.h"
 #include "common/buf.h"
 #include "common/log.h"
 #include "common/xalloc.h"
 #include "common/xtext.h"
+#include "relayd/oauth2.h"
 #include "spool/spool.h"
 
 /* Message body bytes handed to tlsio per write; the next chunk waits for TLSIO_DRAINED so
@@ -63,7 +69,6 @@
 #define SMTPC_IDLE_TIMEOUT_DEFAULT 30
 
 enum smtpc_mode {
-    SMTPC_M_DELIVER,
     SMTPC_M_SESSION,
     SMTPC_M_PROBE,
 };
@@ -82,8 +87,14 @@ enum smtpc_state {
     SMTPC_S_TXCHECK, /* a transaction refused before sending anything; ends from the timer */
     SMTPC_S_TX,
     SMTPC_S_BODY,
+    SMTPC_S_DOT, /* the final dot sent, its reply awaited */
     SMTPC_S_QUIT,
     SMTPC_S_CLOSING,
+};
+
+static const char *const smtpc_state_names[] = {
+    "RESOLVE", "CONNECT", "TLS_IMPLICIT", "GREETING", "EHLO", "HELO", "STARTTLS", "TLS_HANDSHAKE",
+    "AUTH",    "IDLE",    "TXCHECK",      "TX",       "BODY", "DOT",  "QUIT",     "CLOSING",
 };
 
 /* EHLO keywords we use. */
@@ -95,10 +106,10 @@ enum smtpc_state {
 #define SMTPC_E_SMTPUTF8 0x20
 #define SMTPC_E_DSN 0x40
 
-/* fail() flags. */
-#define F_QUIT 0x01  /* the dialogue is in step: say QUIT before closing */
-#define F_FAULT 0x02 /* the relay's configuration is at fault */
-#define F_STALE 0x04 /* connection trouble: a reused session may be stale */
+/* smtpc_fail() flags. */
+#define SMTPC_F_QUIT 0x01  /* the dialogue is in step: say QUIT before closing */
+#define SMTPC_F_FAULT 0x02 /* the relay's configuration is at fault */
+#define SMTPC_F_STALE 0x04 /* connection trouble: a reused session may be stale */
 
 enum smtpc_rcpt_state {
     SMTPC_R_UNTRIED,
@@ -109,12 +120,12 @@ enum smtpc_rcpt_state {
 
 /* What the next reply answers. */
 enum smtpc_expect {
-    X_RSET,
-    X_MAIL,
-    X_RCPT,
-    X_DATA,
-    X_DOT,
-    X_DOT_DISCARD, /* the dot sent after an unwanted 354: its reply changes nothing */
+    SMTPC_X_RSET,
+    SMTPC_X_MAIL,
+    SMTPC_X_RCPT,
+    SMTPC_X_DATA,
+    SMTPC_X_DOT,
+    SMTPC_X_DOT_DISCARD, /* the dot sent after an unwanted 354: its reply changes nothing */
 };
 
 struct smtpc_tx {
@@ -123,8 +134,8 @@ struct smtpc_tx {
     void *arg;
     size_t nrcpts;
     enum smtpc_rcpt_state *rstate;
-    char **rreply;                /* its RCPT reply, owned */
-    struct verdict *rverdict;     /* the verdict on its RCPT reply (DEFER, FAIL) */
+    char **rreply;                  /* its RCPT reply, owned */
+    struct verdict *rverdict;       /* the verdict on its RCPT reply (DEFER, FAIL) */
     struct smtpc_rcpt_result *rres; /* what done sees */
     struct smtpc_result res;
     int have_result;
@@ -154,7 +165,7 @@ struct smtpc {
     int connect_timeout, command_timeout, dot_timeout, idle_timeout;
 
     smtpc_event_fn ev;  /* SESSION */
-    smtpc_done_fn done; /* DELIVER, PROBE */
+    smtpc_done_fn done; /* PROBE */
     smtpc_step_fn step; /* PROBE */
     void *arg;
 
@@ -182,28 +193,28 @@ struct smtpc {
     struct buf *reply; /* reply being assembled */
     int reply_lines;
 
-    struct smtpc_tx *tx;     /* transaction in progress (DELIVER: until the free) */
+    struct smtpc_tx *tx;     /* transaction in progress */
     struct smtpc_result res; /* set-up result (session failure, probe outcome) */
     int have_result;
     int done_called;
 };
 
 static void smtpc_io_cb(struct tlsio *io, enum tlsio_event ev, void *arg);
-static void fail(struct smtpc *c, enum smtpc_status st, int flags, const char *fmt, ...)
+static void smtpc_fail(struct smtpc *c, enum smtpc_status st, int flags, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 static void smtpc_try_connect(struct smtpc *c);
 static void smtpc_ready(struct smtpc *c);
-static void tx_send_next(struct smtpc *c);
-static void smtpc_arm(struct smtpc *c, int seconds);
+static void smtpc_tx_send_next(struct smtpc *c);
+static void smtpc_timeout(uv_timer_t *t);
 
-static const char *tag(const struct smtpc *c)
+static const char *smtpc_tag(const struct smtpc *c)
 {
     return c->tx != NULL && c->state >= SMTPC_S_IDLE ? c->qid : c->sid;
 }
 
-static void step(struct smtpc *c, int ok, const char *fmt, ...)
+static void smtpc_step(struct smtpc *c, int ok, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
-static void step(struct smtpc *c, int ok, const char *fmt, ...)
+static void smtpc_step(struct smtpc *c, int ok, const char *fmt, ...)
 {
     char text[600];
     va_list ap;
@@ -214,6 +225,56 @@ static void step(struct smtpc *c, int ok, const char *fmt, ...)
     vsnprintf(text, sizeof(text), fmt, ap);
     va_end(ap);
     c->step(c->arg, ok, text);
+}
+
+/* At least a second: a timeout the configuration leaves at 0 (tests build cfg_upstream by
+ * hand) must not fire at once. */
+static int smtpc_secs(int secs)
+{
+    return secs > 0 ? secs : 1;
+}
+
+/* How long state st may last, in seconds; 0: end from the loop at once; -1: no timer. */
+static int smtpc_state_timeout(const struct smtpc *c, enum smtpc_state st)
+{
+    switch (st) {
+    case SMTPC_S_RESOLVE:
+    case SMTPC_S_CLOSING:
+        return -1;
+    case SMTPC_S_TXCHECK:
+        return 0; /* a refused transaction ends from the loop, never inside
+                     smtpc_session_send() */
+    case SMTPC_S_CONNECT:
+        return smtpc_secs(c->connect_timeout);
+    case SMTPC_S_DOT:
+        return smtpc_secs(c->dot_timeout);
+    case SMTPC_S_IDLE:
+        return smtpc_secs(c->idle_timeout);
+    case SMTPC_S_QUIT:
+        /* The outcome is known already: no need to wait long. */
+        return smtpc_secs(c->command_timeout) < SMTPC_QUIT_TIMEOUT ? smtpc_secs(c->command_timeout)
+                                                                   : SMTPC_QUIT_TIMEOUT;
+    default:
+        return smtpc_secs(c->command_timeout);
+    }
+}
+
+/*
+ * Every state change: logs old -> new and re-arms the timer with the new state's timeout.
+ * Entering the state c is in again re-arms the timer (one more reply to wait for).
+ */
+static void smtpc_enter_state(struct smtpc *c, enum smtpc_state st)
+{
+    int secs = smtpc_state_timeout(c, st);
+
+    if (st != c->state)
+        log_debug(3, "%s: smtpc state %s -> %s", smtpc_tag(c), smtpc_state_names[c->state],
+                  smtpc_state_names[st]);
+    c->state = st;
+    if (secs < 0)
+        uv_timer_stop(&c->timer);
+    else
+        uv_timer_start(&c->timer, smtpc_timeout, (uint64_t)secs * 1000, 0);
 }
 
 /* The stage of the dialogue the next reply (or a failure now) answers. */
@@ -237,19 +298,20 @@ static enum verdict_stage smtpc_stage(const struct smtpc *c)
     case SMTPC_S_AUTH:
         return VERDICT_AT_AUTH;
     case SMTPC_S_BODY:
+    case SMTPC_S_DOT:
         return VERDICT_AT_DOT;
     case SMTPC_S_TX:
         if (tx != NULL && tx->xhead < tx->xtail) {
             switch (tx->expect[tx->xhead]) {
-            case X_RSET:
-            case X_MAIL:
+            case SMTPC_X_RSET:
+            case SMTPC_X_MAIL:
                 return VERDICT_AT_MAIL;
-            case X_RCPT:
+            case SMTPC_X_RCPT:
                 return VERDICT_AT_RCPT;
-            case X_DATA:
+            case SMTPC_X_DATA:
                 return VERDICT_AT_DATA;
-            case X_DOT:
-            case X_DOT_DISCARD:
+            case SMTPC_X_DOT:
+            case SMTPC_X_DOT_DISCARD:
                 return VERDICT_AT_DOT;
             }
         }
@@ -264,7 +326,8 @@ static enum verdict_stage smtpc_stage(const struct smtpc *c)
  * the verdict is about the upstream.  hint is what the caller knows of the failure:
  * SMTPC_DEFER means "never permanent" (a confused RSET, a lost connection).
  */
-static void result_set(struct smtpc_result *res, const struct verdict *v, enum smtpc_status hint)
+static void smtpc_result_set(struct smtpc_result *res, const struct verdict *v,
+                             enum smtpc_status hint)
 {
     enum verdict_cause cause = v->cause;
 
@@ -287,7 +350,7 @@ static void result_set(struct smtpc_result *res, const struct verdict *v, enum s
 
 /* ---- Transactions ---- */
 
-static struct smtpc_tx *tx_new(const struct smtpc_msg *msg, smtpc_done_fn done, void *arg)
+static struct smtpc_tx *smtpc_tx_new(const struct smtpc_msg *msg, smtpc_done_fn done, void *arg)
 {
     struct smtpc_tx *tx = xcalloc(1, sizeof(*tx));
     size_t i;
@@ -306,7 +369,7 @@ static struct smtpc_tx *tx_new(const struct smtpc_msg *msg, smtpc_done_fn done, 
     return tx;
 }
 
-static void tx_free(struct smtpc_tx *tx)
+static void smtpc_tx_free(struct smtpc_tx *tx)
 {
     size_t i;
 
@@ -324,10 +387,10 @@ static void tx_free(struct smtpc_tx *tx)
 
 /*
  * Records the transaction's result, the verdict on reply text (code, 0 when there was no
- * reply) at stage; the first one wins.  hint as for result_set().
+ * reply) at stage; the first one wins.  hint as for smtpc_result_set().
  */
-static void tx_result(struct smtpc *c, struct smtpc_tx *tx, enum verdict_stage stage, int code,
-                      const char *text, enum smtpc_status hint)
+static void smtpc_tx_result(struct smtpc *c, struct smtpc_tx *tx, enum verdict_stage stage,
+                            int code, const char *text, enum smtpc_status hint)
 {
     struct verdict v;
 
@@ -335,29 +398,29 @@ static void tx_result(struct smtpc *c, struct smtpc_tx *tx, enum verdict_stage s
         return;
     tx->have_result = 1;
     verdict_reply(stage, code, text, &v);
-    result_set(&tx->res, &v, hint);
+    smtpc_result_set(&tx->res, &v, hint);
     snprintf(tx->res.reply, sizeof(tx->res.reply), "%s", text);
     snprintf(tx->res.tls, sizeof(tx->res.tls), "%s", c->res.tls);
     tx->res.up = c->up;
 }
 
 /* Records a result decided without a reply (a local check, or the session's own). */
-static void tx_result_as(struct smtpc *c, struct smtpc_tx *tx, enum verdict_cause cause,
-                         const char *text)
+static void smtpc_tx_result_as(struct smtpc *c, struct smtpc_tx *tx, enum verdict_cause cause,
+                               const char *text)
 {
     struct verdict v = {cause, VERDICT_SCOPE_MESSAGE, NULL};
 
     if (tx->have_result)
         return;
     tx->have_result = 1;
-    result_set(&tx->res, &v, cause == VERDICT_SENT ? SMTPC_SENT : SMTPC_FAIL);
+    smtpc_result_set(&tx->res, &v, cause == VERDICT_SENT ? SMTPC_SENT : SMTPC_FAIL);
     snprintf(tx->res.reply, sizeof(tx->res.reply), "%s", text);
     snprintf(tx->res.tls, sizeof(tx->res.tls), "%s", c->res.tls);
     tx->res.up = c->up;
 }
 
 /* Gives tx the session's result (the session failed while tx was in progress). */
-static void tx_result_from_session(struct smtpc *c, struct smtpc_tx *tx)
+static void smtpc_tx_result_from_session(struct smtpc *c, struct smtpc_tx *tx)
 {
     if (tx->have_result)
         return;
@@ -376,7 +439,7 @@ static void tx_result_from_session(struct smtpc *c, struct smtpc_tx *tx)
 }
 
 /* The per-recipient view of a finished transaction. */
-static void tx_fill(struct smtpc *c, struct smtpc_tx *tx)
+static void smtpc_tx_fill(struct smtpc *c, struct smtpc_tx *tx)
 {
     size_t i;
 
@@ -407,34 +470,28 @@ static void tx_fill(struct smtpc *c, struct smtpc_tx *tx)
     tx->res.rcpt = tx->rres;
 }
 
-/* Hands a finished transaction to its owner (SESSION); DELIVER keeps it for the end. */
-static void tx_deliver(struct smtpc *c)
+/* Hands a finished transaction to its owner. */
+static void smtpc_tx_deliver(struct smtpc *c)
 {
     struct smtpc_tx *tx = c->tx;
 
-    if (c->mode != SMTPC_M_SESSION || tx == NULL)
+    if (tx == NULL)
         return;
     c->tx = NULL;
-    tx_fill(c, tx);
+    smtpc_tx_fill(c, tx);
     log_debug(1, "%s: smtpc transaction done: status=%d reply=%s", c->qid, (int)tx->res.status,
               tx->res.reply);
     tx->done(tx->arg, &tx->res);
-    tx_free(tx);
+    smtpc_tx_free(tx);
 }
 
 /* The transaction ended with the dialogue in step (its result recorded): the session
  * carries on. */
-static void tx_end(struct smtpc *c)
+static void smtpc_tx_end(struct smtpc *c)
 {
-    uv_timer_stop(&c->timer);
-    if (c->mode != SMTPC_M_SESSION) {
-        fail(c, c->tx->res.status, F_QUIT, "%s", c->tx->res.reply);
-        return;
-    }
-    c->state = SMTPC_S_IDLE;
     c->cmd = NULL;
-    smtpc_arm(c, c->idle_timeout);
-    tx_deliver(c);
+    smtpc_enter_state(c, SMTPC_S_IDLE);
+    smtpc_tx_deliver(c);
     /* c may be closing now (the owner may have quit it); tell it otherwise. */
     if (c->state == SMTPC_S_IDLE && c->ev != NULL)
         c->ev(c->arg, c, SMTPC_EV_IDLE, NULL);
@@ -454,21 +511,11 @@ static void smtpc_call_done(struct smtpc *c)
             c->ev(c->arg, c, SMTPC_EV_CLOSED, NULL);
         return;
     }
-    if (c->mode == SMTPC_M_DELIVER && c->tx != NULL) {
-        if (!c->tx->have_result) {
-            if (c->have_result)
-                tx_result_from_session(c, c->tx);
-            else
-                tx_result_as(c, c->tx, VERDICT_TRANSIENT, "delivery ended without a result");
-            c->tx->res.stale |= c->res.stale;
-        }
-        tx_fill(c, c->tx);
-        res = &c->tx->res;
-    } else if (!c->have_result) {
+    if (!c->have_result) {
         c->res.status = SMTPC_DEFER;
         snprintf(c->res.reply, sizeof(c->res.reply), "probe ended without a result");
     }
-    log_debug(1, "%s: smtpc done: status=%d reply=%s", tag(c), (int)res->status, res->reply);
+    log_debug(1, "%s: smtpc done: status=%d reply=%s", smtpc_tag(c), (int)res->status, res->reply);
     c->done(c->arg, res);
 }
 
@@ -481,7 +528,7 @@ static void smtpc_maybe_free(struct smtpc *c)
         uv_freeaddrinfo(c->ai);
     authsasl_free(c->sasl);
     buf_free(c->reply);
-    tx_free(c->tx);
+    smtpc_tx_free(c->tx);
     free(c->helo);
     free(c);
 }
@@ -514,7 +561,7 @@ static void smtpc_close(struct smtpc *c)
 {
     if (c->state == SMTPC_S_CLOSING)
         return;
-    c->state = SMTPC_S_CLOSING;
+    smtpc_enter_state(c, SMTPC_S_CLOSING);
     smtpc_drop_io(c);
     uv_close((uv_handle_t *)&c->timer, smtpc_timer_closed);
 }
@@ -524,14 +571,14 @@ static void smtpc_close(struct smtpc *c)
 static void smtpc_lost(struct smtpc *c, const char *why)
 {
     if (c->cmd == NULL && !c->ready)
-        fail(c, SMTPC_DEFER, F_STALE, "connection lost while waiting for greeting%s%s",
-             why != NULL ? ": " : "", why != NULL ? why : "");
+        smtpc_fail(c, SMTPC_DEFER, SMTPC_F_STALE, "connection lost while waiting for greeting%s%s",
+                   why != NULL ? ": " : "", why != NULL ? why : "");
     else if (c->cmd == NULL)
-        fail(c, SMTPC_DEFER, F_STALE, "connection closed by the server%s%s",
-             why != NULL ? ": " : "", why != NULL ? why : "");
+        smtpc_fail(c, SMTPC_DEFER, SMTPC_F_STALE, "connection closed by the server%s%s",
+                   why != NULL ? ": " : "", why != NULL ? why : "");
     else
-        fail(c, SMTPC_DEFER, F_STALE, "connection lost after %s%s%s", c->cmd,
-             why != NULL ? ": " : "", why != NULL ? why : "");
+        smtpc_fail(c, SMTPC_DEFER, SMTPC_F_STALE, "connection lost after %s%s%s", c->cmd,
+                   why != NULL ? ": " : "", why != NULL ? why : "");
 }
 
 /* Writes b (one or more command lines, already CRLF-terminated); 0 or -1 (then failed). */
@@ -554,28 +601,25 @@ static void smtpc_send(struct smtpc *c, enum smtpc_state st, const char *cmd, co
 {
     struct buf *b = buf_new(0);
     va_list ap;
-    int rc;
 
     va_start(ap, fmt);
     buf_vprintf(b, fmt, ap);
     va_end(ap);
-    log_debug(1, "%s: > %s", tag(c), logged != NULL ? logged : b->data);
+    log_debug(1, "%s: > %s", smtpc_tag(c), logged != NULL ? logged : b->data);
     buf_puts(b, "\r\n");
-    c->state = st;
+    smtpc_enter_state(c, st);
     c->cmd = cmd;
-    rc = smtpc_write(c, b);
+    smtpc_write(c, b); /* on failure c is closing */
     buf_free(b);
-    if (rc == 0)
-        smtpc_arm(c, c->command_timeout);
 }
 
 /*
  * Ends the connection.  The first result recorded wins: a transaction in progress gets it
  * (SESSION: its done runs now), a set-up failure is reported (SMTPC_EV_FAILED, the probe's
- * failed step).  F_QUIT: the dialogue is in step (we just read a complete reply), so say
+ * failed step).  SMTPC_F_QUIT: the dialogue is in step (we just read a complete reply), so say
  * QUIT politely before closing.
  */
-static void fail(struct smtpc *c, enum smtpc_status st, int flags, const char *fmt, ...)
+static void smtpc_fail(struct smtpc *c, enum smtpc_status st, int flags, const char *fmt, ...)
 {
     char text[sizeof(c->res.reply)];
     int was_ready = c->ready, first = !c->have_result;
@@ -588,7 +632,7 @@ static void fail(struct smtpc *c, enum smtpc_status st, int flags, const char *f
         struct verdict v;
 
         c->have_result = 1;
-        if (flags & F_FAULT) {
+        if (flags & SMTPC_F_FAULT) {
             /* TLS verification, a missing STARTTLS, AUTH impossible: relayd's setup. */
             v.cause = VERDICT_CONFIG;
             v.scope = VERDICT_SCOPE_SESSION;
@@ -596,26 +640,23 @@ static void fail(struct smtpc *c, enum smtpc_status st, int flags, const char *f
         } else {
             verdict_reply(smtpc_stage(c), verdict_reply_code(text), text, &v);
         }
-        result_set(&c->res, &v, st);
+        smtpc_result_set(&c->res, &v, st);
         snprintf(c->res.reply, sizeof(c->res.reply), "%s", text);
         c->res.setup = !was_ready;
     }
     if (c->tx != NULL && c->state != SMTPC_S_CLOSING) {
         struct smtpc_tx *tx = c->tx;
         if (!tx->have_result) {
-            tx_result_from_session(c, tx);
+            smtpc_tx_result_from_session(c, tx);
             /* Nothing was delivered and the session had worked before: retry at once. */
-            tx->res.stale = tx->reused && !tx->offered && (flags & F_STALE) != 0;
+            tx->res.stale = tx->reused && !tx->offered && (flags & SMTPC_F_STALE) != 0;
         }
     }
     if (c->state == SMTPC_S_CLOSING || c->state == SMTPC_S_QUIT)
-        flags &= ~F_QUIT;
-    if ((flags & F_QUIT) && c->io != NULL) {
+        flags &= ~SMTPC_F_QUIT;
+    if ((flags & SMTPC_F_QUIT) && c->io != NULL) {
         smtpc_send(c, SMTPC_S_QUIT, "QUIT", NULL, "QUIT");
-        if (c->state == SMTPC_S_QUIT)
-            smtpc_arm(c, c->command_timeout < SMTPC_QUIT_TIMEOUT ? c->command_timeout
-                                                                 : SMTPC_QUIT_TIMEOUT);
-        else
+        if (c->state != SMTPC_S_QUIT)
             smtpc_close(c);
     } else {
         smtpc_close(c);
@@ -623,10 +664,10 @@ static void fail(struct smtpc *c, enum smtpc_status st, int flags, const char *f
     if (!first)
         return;
     if (c->mode == SMTPC_M_PROBE && c->res.status != SMTPC_SENT)
-        step(c, 0, "%s", c->res.reply);
+        smtpc_step(c, 0, "%s", c->res.reply);
     if (c->mode == SMTPC_M_SESSION) {
         if (c->tx != NULL) {
-            tx_deliver(c);
+            smtpc_tx_deliver(c);
         } else if (!was_ready && c->ev != NULL) {
             log_debug(1, "%s: session set-up failed: %s", c->sid, c->res.reply);
             c->ev(c->arg, c, SMTPC_EV_FAILED, &c->res);
@@ -648,40 +689,31 @@ static void smtpc_timeout(uv_timer_t *t)
         break;
     case SMTPC_S_TLS_IMPLICIT:
     case SMTPC_S_TLS_HANDSHAKE:
-        fail(c, SMTPC_DEFER, 0, "TLS: timeout during handshake with %s", c->peer);
+        smtpc_fail(c, SMTPC_DEFER, 0, "TLS: timeout during handshake with %s", c->peer);
         break;
     case SMTPC_S_GREETING:
-        fail(c, SMTPC_DEFER, 0, "timeout waiting for greeting from %s", c->peer);
+        smtpc_fail(c, SMTPC_DEFER, 0, "timeout waiting for greeting from %s", c->peer);
         break;
     case SMTPC_S_BODY:
-        fail(c, SMTPC_DEFER, 0, "timeout sending message body to %s", c->peer);
+        smtpc_fail(c, SMTPC_DEFER, 0, "timeout sending message body to %s", c->peer);
         break;
     case SMTPC_S_QUIT:
-        step(c, 1, "QUIT: no reply (closed)");
+        smtpc_step(c, 1, "QUIT: no reply (closed)");
         smtpc_close(c);
         break;
     case SMTPC_S_IDLE:
         /* Idle long enough: say goodbye (RFC 5321 4.1.1.10). */
         log_debug(1, "%s: idle for %ds, closing", c->sid, c->idle_timeout);
         smtpc_send(c, SMTPC_S_QUIT, "QUIT", NULL, "QUIT");
-        if (c->state == SMTPC_S_QUIT)
-            smtpc_arm(c, SMTPC_QUIT_TIMEOUT);
         break;
     case SMTPC_S_TXCHECK:
-        tx_end(c);
+        smtpc_tx_end(c);
         break;
     default:
-        fail(c, SMTPC_DEFER, 0, "timeout waiting for reply to %s",
-             c->cmd != NULL ? c->cmd : "command");
+        smtpc_fail(c, SMTPC_DEFER, 0, "timeout waiting for reply to %s",
+                   c->cmd != NULL ? c->cmd : "command");
         break;
     }
-}
-
-static void smtpc_arm(struct smtpc *c, int seconds)
-{
-    if (c->state == SMTPC_S_CLOSING)
-        return;
-    uv_timer_start(&c->timer, smtpc_timeout, (uint64_t)(seconds > 0 ? seconds : 1) * 1000, 0);
 }
 
 /* ---- Connecting ---- */
@@ -711,8 +743,8 @@ static void smtpc_try_connect(struct smtpc *c)
         smtpc_format_peer(c, ai->ai_addr);
         c->io = tlsio_new(c->loop, smtpc_io_cb, c);
         c->nios++;
-        c->state = SMTPC_S_CONNECT;
-        log_debug(1, "%s: connecting to %s (%s)", tag(c), c->peer, c->up->host);
+        smtpc_enter_state(c, SMTPC_S_CONNECT);
+        log_debug(1, "%s: connecting to %s (%s)", smtpc_tag(c), c->peer, c->up->host);
         if (c->up->tls_pin != NULL)
             tlsio_set_pin(c->io, c->up->tls_pin);
         if ((rc = tlsio_connect(c->io, ai->ai_addr)) < 0) {
@@ -720,11 +752,10 @@ static void smtpc_try_connect(struct smtpc *c)
             smtpc_drop_io(c);
             continue;
         }
-        smtpc_arm(c, c->connect_timeout);
         return;
     }
-    fail(c, SMTPC_DEFER, 0, "%s",
-         c->lasterr[0] != '\0' ? c->lasterr : "no usable address for upstream");
+    smtpc_fail(c, SMTPC_DEFER, 0, "%s",
+               c->lasterr[0] != '\0' ? c->lasterr : "no usable address for upstream");
 }
 
 static void smtpc_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *ai)
@@ -740,12 +771,13 @@ static void smtpc_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *a
         return;
     }
     if (status < 0) {
-        fail(c, SMTPC_DEFER, 0, "host lookup for %s failed: %s", c->up->host, uv_strerror(status));
+        smtpc_fail(c, SMTPC_DEFER, 0, "host lookup for %s failed: %s", c->up->host,
+                   uv_strerror(status));
         return;
     }
     for (p = ai; p != NULL; p = p->ai_next)
         n++;
-    step(c, 1, "resolve %s: %d address%s", c->up->host, n, n == 1 ? "" : "es");
+    smtpc_step(c, 1, "resolve %s: %d address%s", c->up->host, n, n == 1 ? "" : "es");
     c->ai_next = ai;
     smtpc_try_connect(c);
 }
@@ -805,30 +837,29 @@ static void smtpc_start_auth(struct smtpc *c)
 
     /* RFC 4954 section 4: credentials only under TLS, unless the operator insists. */
     if (!c->tls_up && !allow_plain) {
-        fail(c, SMTPC_DEFER, F_QUIT | F_FAULT,
-             "refusing to send AUTH without TLS (tls = none needs allow_plaintext_auth)");
+        smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT | SMTPC_F_FAULT,
+                   "refusing to send AUTH without TLS (tls = none needs allow_plaintext_auth)");
         return;
     }
     if (!(c->ext & SMTPC_E_AUTH)) {
-        fail(c, SMTPC_DEFER, F_QUIT | F_FAULT, "upstream does not offer AUTH");
+        smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT | SMTPC_F_FAULT, "upstream does not offer AUTH");
         return;
     }
     if (up->upauth != CFG_UPAUTH_PASSWORD) {
         /* OAuth 2.0: the token is the secret, the mechanism the only one allowed. */
         if (c->oauth2 == NULL || (secret = oauth2_token_peek(c->oauth2, up)) == NULL) {
-            fail(c, SMTPC_DEFER, F_QUIT | F_FAULT, "AUTH: %s",
-                 c->oauth2 != NULL ? oauth2_last_error(c->oauth2, up)
-                                   : "no OAuth 2.0 token manager");
+            smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT | SMTPC_F_FAULT, "AUTH: %s",
+                       c->oauth2 != NULL ? oauth2_last_error(c->oauth2, up)
+                                         : "no OAuth 2.0 token manager");
             return;
         }
         pref = oauth2_mechanism(up);
     }
     if (authsasl_client_init(err, sizeof(err)) != 0 ||
-        authsasl_client_new(up->host, up->username, secret,
-                            &c->sasl, err, sizeof(err)) != 0 ||
-        authsasl_client_start(c->sasl, c->auth_mechs, pref, c->tls_up, allow_plain,
-                              &c->mech, &resp, err, sizeof(err)) < 0) {
-        fail(c, SMTPC_DEFER, F_QUIT | F_FAULT, "AUTH: %s", err);
+        authsasl_client_new(up->host, up->username, secret, &c->sasl, err, sizeof(err)) != 0 ||
+        authsasl_client_start(c->sasl, c->auth_mechs, pref, c->tls_up, allow_plain, &c->mech, &resp,
+                              err, sizeof(err)) < 0) {
+        smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT | SMTPC_F_FAULT, "AUTH: %s", err);
         return;
     }
     snprintf(logged, sizeof(logged), "AUTH %s%s", c->mech, resp != NULL ? " ***" : "");
@@ -848,7 +879,7 @@ static void smtpc_auth_reply(struct smtpc *c, int code, const char *text)
     char *resp = NULL;
 
     if (code == 235) {
-        step(c, 1, "AUTH %s as %s: %s", c->mech, c->up->username, text);
+        smtpc_step(c, 1, "AUTH %s as %s: %s", c->mech, c->up->username, text);
         smtpc_ready(c);
         return;
     }
@@ -856,7 +887,7 @@ static void smtpc_auth_reply(struct smtpc *c, int code, const char *text)
         const char *chal = strlen(text) > 4 ? text + 4 : "";
         if (authsasl_client_step(c->sasl, chal, &resp, err, sizeof(err)) < 0) {
             /* Mid-exchange the dialogue is out of step for QUIT: just drop it. */
-            fail(c, SMTPC_DEFER, F_FAULT, "AUTH %s: %s", c->mech, err);
+            smtpc_fail(c, SMTPC_DEFER, SMTPC_F_FAULT, "AUTH %s: %s", c->mech, err);
             return;
         }
         smtpc_send(c, SMTPC_S_AUTH, "AUTH", "***", "%s", resp);
@@ -868,15 +899,16 @@ static void smtpc_auth_reply(struct smtpc *c, int code, const char *text)
     if (code == 535 && c->up->upauth != CFG_UPAUTH_PASSWORD)
         oauth2_invalidate(c->oauth2, c->up);
     /* A 4xx is the server's trouble (RFC 4954 454: temporary failure), not ours. */
-    fail(c, SMTPC_DEFER, F_QUIT | (code / 100 == 5 ? F_FAULT : 0), "AUTH %s: %s", c->mech, text);
+    smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT | (code / 100 == 5 ? SMTPC_F_FAULT : 0), "AUTH %s: %s",
+               c->mech, text);
 }
 
 static void smtpc_after_ehlo(struct smtpc *c)
 {
     if (c->up->tls == CFG_TLS_STARTTLS && !c->tls_up) {
         if (!(c->ext & SMTPC_E_STARTTLS)) {
-            fail(c, SMTPC_DEFER, F_QUIT | F_FAULT,
-                 "upstream does not offer STARTTLS; refusing to send in cleartext");
+            smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT | SMTPC_F_FAULT,
+                       "upstream does not offer STARTTLS; refusing to send in cleartext");
             return;
         }
         smtpc_send(c, SMTPC_S_STARTTLS, "STARTTLS", NULL, "STARTTLS");
@@ -887,7 +919,7 @@ static void smtpc_after_ehlo(struct smtpc *c)
         return;
     }
     if (c->mode == SMTPC_M_PROBE)
-        step(c, 1, "AUTH: not configured (no username)");
+        smtpc_step(c, 1, "AUTH: not configured (no username)");
     smtpc_ready(c);
 }
 
@@ -895,26 +927,22 @@ static void smtpc_starttls(struct smtpc *c, int implicit)
 {
     const char *name = c->up->tls_name != NULL ? c->up->tls_name : c->up->host;
 
-    c->state = implicit ? SMTPC_S_TLS_IMPLICIT : SMTPC_S_TLS_HANDSHAKE;
+    smtpc_enter_state(c, implicit ? SMTPC_S_TLS_IMPLICIT : SMTPC_S_TLS_HANDSHAKE);
     if (c->cred == NULL) {
-        fail(c, SMTPC_DEFER, F_FAULT, "TLS: no client credentials for upstream %s",
-             c->up->name != NULL ? c->up->name : c->up->host);
+        smtpc_fail(c, SMTPC_DEFER, SMTPC_F_FAULT, "TLS: no client credentials for upstream %s",
+                   c->up->name != NULL ? c->up->name : c->up->host);
         return;
     }
-    if (tlsio_starttls(c->io, c->cred, 0, name) < 0) {
-        fail(c, SMTPC_DEFER, 0, "TLS: %s", tlsio_errstr(c->io));
-        return;
-    }
-    smtpc_arm(c, c->command_timeout);
+    if (tlsio_starttls(c->io, c->cred, 0, name) < 0)
+        smtpc_fail(c, SMTPC_DEFER, 0, "TLS: %s", tlsio_errstr(c->io));
 }
 
 /* Set-up is done: the session can carry mail. */
 static void smtpc_ready(struct smtpc *c)
 {
-    uv_timer_stop(&c->timer);
     c->ready = 1;
-    c->state = SMTPC_S_IDLE;
     c->cmd = NULL;
+    smtpc_enter_state(c, SMTPC_S_IDLE);
     switch (c->mode) {
     case SMTPC_M_PROBE:
         c->have_result = 1;
@@ -922,11 +950,7 @@ static void smtpc_ready(struct smtpc *c)
         snprintf(c->res.reply, sizeof(c->res.reply), "every step passed");
         smtpc_send(c, SMTPC_S_QUIT, "QUIT", NULL, "QUIT");
         break;
-    case SMTPC_M_DELIVER:
-        tx_send_next(c);
-        break;
     case SMTPC_M_SESSION:
-        smtpc_arm(c, c->idle_timeout);
         log_debug(1, "%s: session ready with %s%s%s", c->sid, c->peer, c->tls_up ? ", " : "",
                   c->res.tls);
         if (c->ev != NULL)
@@ -937,7 +961,7 @@ static void smtpc_ready(struct smtpc *c)
 
 /* ---- Transaction: commands ---- */
 
-static int has_8bit(const char *s)
+static int smtpc_has_8bit(const char *s)
 {
     for (; *s != '\0'; s++)
         if ((unsigned char)*s >= 0x80)
@@ -945,19 +969,19 @@ static int has_8bit(const char *s)
     return 0;
 }
 
-static void expect(struct smtpc_tx *tx, enum smtpc_expect x)
+static void smtpc_expect_add(struct smtpc_tx *tx, enum smtpc_expect x)
 {
     tx->expect[tx->xtail++] = x;
 }
 
-static const char *expect_name(enum smtpc_expect x)
+static const char *smtpc_expect_name(enum smtpc_expect x)
 {
     static const char *const names[] = {"RSET", "MAIL",        "RCPT",
                                         "DATA", "end of data", "end of data"};
     return names[x];
 }
 
-static void add_mail(struct smtpc *c, struct smtpc_tx *tx, struct buf *b, int utf8)
+static void smtpc_add_mail(struct smtpc *c, struct smtpc_tx *tx, struct buf *b, int utf8)
 {
     const struct smtpc_msg *m = tx->msg;
     size_t start = b->len;
@@ -985,11 +1009,11 @@ static void add_mail(struct smtpc *c, struct smtpc_tx *tx, struct buf *b, int ut
     }
     log_debug(1, "%s: > %s", c->qid, b->data + start);
     buf_puts(b, "\r\n");
-    expect(tx, X_MAIL);
+    smtpc_expect_add(tx, SMTPC_X_MAIL);
 }
 
 /* " NOTIFY=FAILURE,DELAY" for the SPOOL_NOTIFY_* bits (nothing for 0). */
-static void add_notify(struct buf *b, unsigned bits)
+static void smtpc_add_notify(struct buf *b, unsigned bits)
 {
     static const struct {
         unsigned bit;
@@ -1007,7 +1031,7 @@ static void add_notify(struct buf *b, unsigned bits)
             buf_printf(b, "%s%s", n++ == 0 ? " NOTIFY=" : ",", w[i].word);
 }
 
-static void add_rcpt(struct smtpc *c, struct smtpc_tx *tx, struct buf *b)
+static void smtpc_add_rcpt(struct smtpc *c, struct smtpc_tx *tx, struct buf *b)
 {
     const struct smtpc_msg *m = tx->msg;
     size_t k = tx->rcpt_next++;
@@ -1019,7 +1043,7 @@ static void add_rcpt(struct smtpc *c, struct smtpc_tx *tx, struct buf *b)
         const char *semi = orcpt != NULL ? strchr(orcpt, ';') : NULL;
 
         if (m->dsn_notify != NULL)
-            add_notify(b, m->dsn_notify[k]);
+            smtpc_add_notify(b, m->dsn_notify[k]);
         if (semi != NULL && semi > orcpt) {
             /* RFC 3461 4.2: addr-type ";" xtext. */
             char *x = xtext_encode(semi + 1);
@@ -1030,21 +1054,20 @@ static void add_rcpt(struct smtpc *c, struct smtpc_tx *tx, struct buf *b)
     }
     log_debug(1, "%s: > %s", c->qid, b->data + start);
     buf_puts(b, "\r\n");
-    expect(tx, X_RCPT);
+    smtpc_expect_add(tx, SMTPC_X_RCPT);
 }
 
-static void send_group(struct smtpc *c, struct buf *b)
+static void smtpc_send_group(struct smtpc *c, struct buf *b)
 {
-    c->state = SMTPC_S_TX;
-    c->cmd = expect_name(c->tx->expect[c->tx->xhead]);
-    if (smtpc_write(c, b) == 0)
-        smtpc_arm(c, c->command_timeout);
+    smtpc_enter_state(c, SMTPC_S_TX);
+    c->cmd = smtpc_expect_name(c->tx->expect[c->tx->xhead]);
+    smtpc_write(c, b); /* on failure c is closing */
     buf_free(b);
 }
 
 /* Checks the message against what the upstream offers, then sends the first command (or,
  * with PIPELINING, everything up to DATA). */
-static void tx_send_next(struct smtpc *c)
+static void smtpc_tx_send_next(struct smtpc *c)
 {
     struct smtpc_tx *tx = c->tx;
     const struct smtpc_msg *m = tx->msg;
@@ -1054,18 +1077,18 @@ static void tx_send_next(struct smtpc *c)
 
     snprintf(c->qid, sizeof(c->qid), "%012" PRIX64, m->id);
     tx->reused = c->ntx++ > 0;
-    if (has_8bit(m->sender))
+    if (smtpc_has_8bit(m->sender))
         need8 = m->sender;
     for (i = 0; i < m->nrcpts && need8 == NULL; i++)
-        if (has_8bit(m->rcpts[i]))
+        if (smtpc_has_8bit(m->rcpts[i]))
             need8 = m->rcpts[i];
     /* Retrying would not help: the message is at fault here, not the upstream. */
     if (m->nrcpts == 0)
-        tx_result_as(c, tx, VERDICT_PERMANENT, "no recipients");
+        smtpc_tx_result_as(c, tx, VERDICT_PERMANENT, "no recipients");
     else if (c->size_limit > 0 && m->len > c->size_limit)
-        tx_result_as(c, tx, VERDICT_PERMANENT, "");
+        smtpc_tx_result_as(c, tx, VERDICT_PERMANENT, "");
     else if (need8 != NULL && !(c->ext & SMTPC_E_SMTPUTF8))
-        tx_result_as(c, tx, VERDICT_PERMANENT, "");
+        smtpc_tx_result_as(c, tx, VERDICT_PERMANENT, "");
     if (tx->have_result) {
         /* Say why in words; nothing was sent, the session stays in step. */
         if (c->size_limit > 0 && m->len > c->size_limit && m->nrcpts > 0)
@@ -1074,8 +1097,7 @@ static void tx_send_next(struct smtpc *c)
         else if (m->nrcpts > 0)
             snprintf(tx->res.reply, sizeof(tx->res.reply),
                      "upstream does not offer SMTPUTF8, needed for the address <%.200s>", need8);
-        c->state = SMTPC_S_TXCHECK;
-        uv_timer_start(&c->timer, smtpc_timeout, 0, 0);
+        smtpc_enter_state(c, SMTPC_S_TXCHECK);
         return;
     }
     b = buf_new(0);
@@ -1084,22 +1106,22 @@ static void tx_send_next(struct smtpc *c)
         /* A fresh transaction state whatever the last one left behind (RFC 5321 4.1.1.5). */
         log_debug(1, "%s: > RSET", c->qid);
         buf_puts(b, "RSET\r\n");
-        expect(tx, X_RSET);
+        smtpc_expect_add(tx, SMTPC_X_RSET);
         if (!tx->pipelined) {
-            send_group(c, b);
+            smtpc_send_group(c, b);
             return;
         }
     }
-    add_mail(c, tx, b, need8 != NULL);
+    smtpc_add_mail(c, tx, b, need8 != NULL);
     if (tx->pipelined) {
         /* RFC 2920 3.1: MAIL, RCPT... and DATA may go in one group, DATA last. */
         while (tx->rcpt_next < m->nrcpts)
-            add_rcpt(c, tx, b);
+            smtpc_add_rcpt(c, tx, b);
         log_debug(1, "%s: > DATA", c->qid);
         buf_puts(b, "DATA\r\n");
-        expect(tx, X_DATA);
+        smtpc_expect_add(tx, SMTPC_X_DATA);
     }
-    send_group(c, b);
+    smtpc_send_group(c, b);
 }
 
 /* Writes the next chunk of the dot-stuffed body (RFC 5321 4.5.2), then ".". */
@@ -1141,25 +1163,22 @@ static void smtpc_send_body(struct smtpc *c)
         buf_puts(b, ".\r\n");
         log_debug(1, "%s: > (%zu bytes of message) .", c->qid, len);
         tx->offered = 1;
-        expect(tx, X_DOT);
-        c->state = SMTPC_S_TX;
+        smtpc_expect_add(tx, SMTPC_X_DOT);
         c->cmd = "end of data";
     }
+    smtpc_enter_state(c, last ? SMTPC_S_DOT : SMTPC_S_BODY);
     rc = tlsio_write(c->io, b->data, b->len);
     buf_free(b);
-    if (rc < 0) {
-        fail(c, SMTPC_DEFER, 0, "connection lost while sending message body: %s",
-             tlsio_errstr(c->io));
-        return;
-    }
-    smtpc_arm(c, last ? c->dot_timeout : c->command_timeout);
+    if (rc < 0)
+        smtpc_fail(c, SMTPC_DEFER, 0, "connection lost while sending message body: %s",
+                   tlsio_errstr(c->io));
 }
 
 /* ---- Transaction: replies ---- */
 
 /* A reply to RCPT: that recipient's own verdict.  Only a reply about the session (530
  * "authentication required", an account's quota) touches the upstream. */
-static void tx_rcpt_reply(struct smtpc *c, struct smtpc_tx *tx, int code, const char *text)
+static void smtpc_tx_rcpt_reply(struct smtpc *c, struct smtpc_tx *tx, int code, const char *text)
 {
     size_t i = tx->rcpt_replies++;
     struct verdict *v;
@@ -1189,7 +1208,7 @@ static void tx_rcpt_reply(struct smtpc *c, struct smtpc_tx *tx, int code, const 
 
 /* Nobody accepted: the transaction's own result says so (every recipient keeps its own
  * verdict); it is PERMANENT only when every recipient failed for good. */
-static void tx_result_nobody(struct smtpc *c, struct smtpc_tx *tx)
+static void smtpc_tx_result_nobody(struct smtpc *c, struct smtpc_tx *tx)
 {
     size_t i, nfail = 0;
     enum verdict_cause cause = VERDICT_TRANSIENT;
@@ -1200,76 +1219,90 @@ static void tx_result_nobody(struct smtpc *c, struct smtpc_tx *tx)
         else if (tx->rstate[i] == SMTPC_R_DEFER && cause == VERDICT_TRANSIENT)
             cause = tx->rverdict[i].cause;
     }
-    tx_result_as(c, tx, nfail == tx->nrcpts ? VERDICT_PERMANENT : cause, tx->last_rcpt_reply);
+    smtpc_tx_result_as(c, tx, nfail == tx->nrcpts ? VERDICT_PERMANENT : cause, tx->last_rcpt_reply);
 }
 
 /* Sends the next command in lock step (no PIPELINING). */
-static void tx_lockstep(struct smtpc *c, struct smtpc_tx *tx)
+static void smtpc_tx_lockstep(struct smtpc *c, struct smtpc_tx *tx)
 {
     struct buf *b = buf_new(0);
 
     if (tx->rcpt_next < tx->nrcpts) {
-        add_rcpt(c, tx, b);
+        smtpc_add_rcpt(c, tx, b);
     } else {
         log_debug(1, "%s: > DATA", c->qid);
         buf_puts(b, "DATA\r\n");
-        expect(tx, X_DATA);
+        smtpc_expect_add(tx, SMTPC_X_DATA);
     }
-    send_group(c, b);
+    smtpc_send_group(c, b);
 }
 
-static void tx_reply(struct smtpc *c, int code, const char *text)
+/* Pipelined: the group's next reply is awaited; it gets its own command_timeout. */
+static void smtpc_tx_wait(struct smtpc *c, struct smtpc_tx *tx)
+{
+    c->cmd = smtpc_expect_name(tx->expect[tx->xhead]);
+    smtpc_enter_state(c, SMTPC_S_TX);
+}
+
+static void smtpc_tx_reply(struct smtpc *c, int code, const char *text)
 {
     struct smtpc_tx *tx = c->tx;
     int cls = code / 100;
     enum smtpc_expect x;
 
     if (tx->xhead == tx->xtail) {
-        fail(c, SMTPC_DEFER, 0, "unexpected reply from server: %s", text);
+        smtpc_fail(c, SMTPC_DEFER, 0, "unexpected reply from server: %s", text);
         return;
     }
     x = tx->expect[tx->xhead++];
     switch (x) {
-    case X_RSET:
+    case SMTPC_X_RSET:
         if (cls != 2) {
             /* The session is confused: start over on a new one. */
-            fail(c, SMTPC_DEFER, F_QUIT | F_STALE, "RSET: %s", text);
+            smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT | SMTPC_F_STALE, "RSET: %s", text);
             return;
         }
         if (!tx->pipelined) {
             struct buf *b = buf_new(0);
-            int utf8 = has_8bit(tx->msg->sender);
+            int utf8 = smtpc_has_8bit(tx->msg->sender);
             for (size_t i = 0; i < tx->nrcpts && !utf8; i++)
-                utf8 = has_8bit(tx->msg->rcpts[i]);
-            add_mail(c, tx, b, utf8);
-            send_group(c, b);
+                utf8 = smtpc_has_8bit(tx->msg->rcpts[i]);
+            smtpc_add_mail(c, tx, b, utf8);
+            smtpc_send_group(c, b);
+        } else {
+            smtpc_tx_wait(c, tx);
         }
         return;
-    case X_MAIL:
+    case SMTPC_X_MAIL:
         if (cls != 2) {
             tx->mail_failed = 1;
-            tx_result(c, tx, VERDICT_AT_MAIL, code, text, SMTPC_FAIL);
+            smtpc_tx_result(c, tx, VERDICT_AT_MAIL, code, text, SMTPC_FAIL);
             if (!tx->pipelined)
-                tx_end(c);
+                smtpc_tx_end(c);
+            else
+                smtpc_tx_wait(c, tx);
             return;
         }
         if (!tx->pipelined)
-            tx_lockstep(c, tx);
+            smtpc_tx_lockstep(c, tx);
+        else
+            smtpc_tx_wait(c, tx);
         return;
-    case X_RCPT:
-        tx_rcpt_reply(c, tx, code, text);
-        if (tx->pipelined)
+    case SMTPC_X_RCPT:
+        smtpc_tx_rcpt_reply(c, tx, code, text);
+        if (tx->pipelined) {
+            smtpc_tx_wait(c, tx);
             return;
+        }
         if (tx->rcpt_next < tx->nrcpts || tx->naccepted > 0) {
-            tx_lockstep(c, tx);
+            smtpc_tx_lockstep(c, tx);
         } else {
-            tx_result_nobody(c, tx);
-            tx_end(c);
+            smtpc_tx_result_nobody(c, tx);
+            smtpc_tx_end(c);
         }
         return;
-    case X_DATA:
+    case SMTPC_X_DATA:
         if (code == 354 && !tx->mail_failed && tx->naccepted > 0) {
-            c->state = SMTPC_S_BODY;
             c->cmd = "DATA";
             tx->body_off = 0;
             tx->body_bol = 1;
@@ -1281,28 +1314,29 @@ static void tx_reply(struct smtpc *c, int code, const char *text)
             /* RFC 2920 3.1: DATA accepted with nobody to deliver to; end it empty. */
             log_debug(1, "%s: > . (nobody accepted)", c->qid);
             tlsio_write(c->io, ".\r\n", 3);
-            expect(tx, X_DOT_DISCARD);
+            smtpc_expect_add(tx, SMTPC_X_DOT_DISCARD);
             c->cmd = "end of data";
-            smtpc_arm(c, c->command_timeout);
+            smtpc_enter_state(c, SMTPC_S_TX);
             return;
         }
         if (tx->naccepted == 0 && !tx->mail_failed)
-            tx_result_nobody(c, tx);
+            smtpc_tx_result_nobody(c, tx);
         else
-            tx_result(c, tx, VERDICT_AT_DATA, code, text, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER);
-        tx_end(c); /* a refused MAIL's result came first */
+            smtpc_tx_result(c, tx, VERDICT_AT_DATA, code, text,
+                            cls == 5 ? SMTPC_FAIL : SMTPC_DEFER);
+        smtpc_tx_end(c); /* a refused MAIL's result came first */
         return;
-    case X_DOT:
-        tx_result(c, tx, VERDICT_AT_DOT, code, text,
-                  cls == 2   ? SMTPC_SENT
-                  : cls == 5 ? SMTPC_FAIL
-                             : SMTPC_DEFER);
-        tx_end(c);
+    case SMTPC_X_DOT:
+        smtpc_tx_result(c, tx, VERDICT_AT_DOT, code, text,
+                        cls == 2   ? SMTPC_SENT
+                        : cls == 5 ? SMTPC_FAIL
+                                   : SMTPC_DEFER);
+        smtpc_tx_end(c);
         return;
-    case X_DOT_DISCARD:
+    case SMTPC_X_DOT_DISCARD:
         if (!tx->mail_failed)
-            tx_result_nobody(c, tx);
-        tx_end(c);
+            smtpc_tx_result_nobody(c, tx);
+        smtpc_tx_end(c);
         return;
     }
 }
@@ -1312,55 +1346,57 @@ static void smtpc_reply(struct smtpc *c, int code, const char *text)
 {
     int cls = code / 100;
 
+    /* The wait is over; whatever waits next enters its state, which re-arms the timer. */
     uv_timer_stop(&c->timer);
     /* RFC 5321 3.8: 421 at any point: the server is closing the channel. */
     if (code == 421 && c->state != SMTPC_S_QUIT) {
-        fail(c, SMTPC_DEFER, 0, "%s", text);
+        smtpc_fail(c, SMTPC_DEFER, 0, "%s", text);
         return;
     }
     switch (c->state) {
     case SMTPC_S_GREETING:
         if (cls == 2) {
-            step(c, 1, "greeting from %s: %s", c->peer, text);
+            smtpc_step(c, 1, "greeting from %s: %s", c->peer, text);
             smtpc_send_ehlo(c);
         } else {
-            fail(c, SMTPC_DEFER, F_QUIT, "%s", text);
+            smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT, "%s", text);
         }
         break;
     case SMTPC_S_EHLO:
         if (cls == 2) {
-            step(c, 1, "EHLO %s: %s", c->helo, c->ehlo_kw[0] ? c->ehlo_kw : "no extensions");
+            smtpc_step(c, 1, "EHLO %s: %s", c->helo, c->ehlo_kw[0] ? c->ehlo_kw : "no extensions");
             smtpc_after_ehlo(c);
         } else if (cls == 5 && c->up->tls == CFG_TLS_NONE && !c->tls_up) {
             smtpc_send(c, SMTPC_S_HELO, "HELO", NULL, "HELO %s", c->helo);
         } else {
-            fail(c, SMTPC_DEFER, F_QUIT, "%s", text);
+            smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT, "%s", text);
         }
         break;
     case SMTPC_S_HELO:
         if (cls == 2)
             smtpc_after_ehlo(c);
         else
-            fail(c, SMTPC_DEFER, F_QUIT, "%s", text);
+            smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT, "%s", text);
         break;
     case SMTPC_S_STARTTLS:
         if (code == 220)
             smtpc_starttls(c, 0);
         else
-            fail(c, SMTPC_DEFER, F_QUIT, "STARTTLS: %s", text);
+            smtpc_fail(c, SMTPC_DEFER, SMTPC_F_QUIT, "STARTTLS: %s", text);
         break;
     case SMTPC_S_AUTH:
         smtpc_auth_reply(c, code, text);
         break;
     case SMTPC_S_TX:
-        tx_reply(c, code, text);
+    case SMTPC_S_DOT:
+        smtpc_tx_reply(c, code, text);
         break;
     case SMTPC_S_BODY:
         /* The server spoke while we were still sending: it gave up on the message. */
-        fail(c, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, 0, "%s", text);
+        smtpc_fail(c, cls == 5 ? SMTPC_FAIL : SMTPC_DEFER, 0, "%s", text);
         break;
     case SMTPC_S_QUIT:
-        step(c, 1, "QUIT: %s", text);
+        smtpc_step(c, 1, "QUIT: %s", text);
         smtpc_close(c);
         break;
     case SMTPC_S_IDLE:
@@ -1369,7 +1405,7 @@ static void smtpc_reply(struct smtpc *c, int code, const char *text)
         smtpc_close(c);
         break;
     default:
-        fail(c, SMTPC_DEFER, 0, "unexpected reply from server: %s", text);
+        smtpc_fail(c, SMTPC_DEFER, 0, "unexpected reply from server: %s", text);
         break;
     }
 }
@@ -1387,7 +1423,7 @@ static void smtpc_input(struct smtpc *c)
 
         if ((used = buf_getline(in, &line, &n)) == 0) {
             if (in->len > SMTPC_LINE_MAX)
-                fail(c, SMTPC_DEFER, 0, "reply line too long from %s", c->peer);
+                smtpc_fail(c, SMTPC_DEFER, 0, "reply line too long from %s", c->peer);
             return;
         }
         if (n > SMTPC_LINE_MAX)
@@ -1395,11 +1431,11 @@ static void smtpc_input(struct smtpc *c)
         memcpy(text, line, n);
         text[n] = '\0';
         buf_consume(in, used);
-        log_debug(1, "%s: < %s", tag(c), text);
+        log_debug(1, "%s: < %s", smtpc_tag(c), text);
         /* RFC 5321 4.2: three digits, then space (last line) or hyphen (more follow). */
         if (n < 3 || text[0] < '2' || text[0] > '5' || text[1] < '0' || text[1] > '9' ||
             text[2] < '0' || text[2] > '9' || (n > 3 && text[3] != ' ' && text[3] != '-')) {
-            fail(c, SMTPC_DEFER, 0, "malformed reply from %s: %.200s", c->peer, text);
+            smtpc_fail(c, SMTPC_DEFER, 0, "malformed reply from %s: %.200s", c->peer, text);
             return;
         }
         code = atoi(text);
@@ -1426,17 +1462,15 @@ static void smtpc_tls_ready(struct smtpc *c)
 {
     const char *pin;
 
-    uv_timer_stop(&c->timer);
     c->tls_up = 1;
     tlsio_describe(c->io, c->res.tls, sizeof(c->res.tls));
     pin = tlsio_peer_pin(c->io);
-    log_debug(1, "%s: TLS with %s: %s, key %s", tag(c), c->peer, c->res.tls, pin);
-    step(c, 1, "TLS: %s; certificate verified for %s%s; public key %s", c->res.tls,
-         c->up->tls_name != NULL ? c->up->tls_name : c->up->host,
-         c->up->tls_pin != NULL ? ", matches tls_pin" : "", pin);
+    log_debug(1, "%s: TLS with %s: %s, key %s", smtpc_tag(c), c->peer, c->res.tls, pin);
+    smtpc_step(c, 1, "TLS: %s; certificate verified for %s%s; public key %s", c->res.tls,
+               c->up->tls_name != NULL ? c->up->tls_name : c->up->host,
+               c->up->tls_pin != NULL ? ", matches tls_pin" : "", pin);
     if (c->state == SMTPC_S_TLS_IMPLICIT) {
-        c->state = SMTPC_S_GREETING;
-        smtpc_arm(c, c->command_timeout);
+        smtpc_enter_state(c, SMTPC_S_GREETING);
         return;
     }
     /* RFC 3207 section 4.2: forget everything learnt before TLS and say EHLO again. */
@@ -1451,19 +1485,16 @@ static void smtpc_io_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
         return;
     switch (ev) {
     case TLSIO_CONNECTED:
-        uv_timer_stop(&c->timer);
-        log_debug(1, "%s: connected to %s", tag(c), c->peer);
+        log_debug(1, "%s: connected to %s", smtpc_tag(c), c->peer);
         if (tlsio_read_start(io) < 0) {
-            fail(c, SMTPC_DEFER, 0, "connect to %s: %s", c->peer, tlsio_errstr(io));
+            smtpc_fail(c, SMTPC_DEFER, 0, "connect to %s: %s", c->peer, tlsio_errstr(io));
             return;
         }
-        step(c, 1, "connect to %s: ok", c->peer);
-        if (c->up->tls == CFG_TLS_IMPLICIT) {
+        smtpc_step(c, 1, "connect to %s: ok", c->peer);
+        if (c->up->tls == CFG_TLS_IMPLICIT)
             smtpc_starttls(c, 1);
-        } else {
-            c->state = SMTPC_S_GREETING;
-            smtpc_arm(c, c->command_timeout);
-        }
+        else
+            smtpc_enter_state(c, SMTPC_S_GREETING);
         break;
     case TLSIO_DATAIN:
         smtpc_input(c);
@@ -1486,12 +1517,13 @@ static void smtpc_io_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
             break;
         case SMTPC_S_TLS_IMPLICIT:
         case SMTPC_S_TLS_HANDSHAKE:
-            fail(c, SMTPC_DEFER, ev == TLSIO_ERROR && tlsio_verify_failed(io) ? F_FAULT : 0,
-                 "TLS: %s",
-                 ev == TLSIO_EOF ? "connection closed by peer during handshake" : tlsio_errstr(io));
+            smtpc_fail(c, SMTPC_DEFER,
+                       ev == TLSIO_ERROR && tlsio_verify_failed(io) ? SMTPC_F_FAULT : 0, "TLS: %s",
+                       ev == TLSIO_EOF ? "connection closed by peer during handshake"
+                                       : tlsio_errstr(io));
             break;
         case SMTPC_S_QUIT:
-            step(c, 1, "QUIT: connection closed");
+            smtpc_step(c, 1, "QUIT: connection closed");
             smtpc_close(c);
             break;
         case SMTPC_S_IDLE:
@@ -1499,8 +1531,9 @@ static void smtpc_io_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
             smtpc_close(c);
             break;
         case SMTPC_S_BODY:
-            fail(c, SMTPC_DEFER, F_STALE, "connection lost while sending message body%s%s",
-                 ev == TLSIO_ERROR ? ": " : "", ev == TLSIO_ERROR ? tlsio_errstr(io) : "");
+            smtpc_fail(c, SMTPC_DEFER, SMTPC_F_STALE,
+                       "connection lost while sending message body%s%s",
+                       ev == TLSIO_ERROR ? ": " : "", ev == TLSIO_ERROR ? tlsio_errstr(io) : "");
             break;
         default:
             smtpc_lost(c, ev == TLSIO_ERROR ? tlsio_errstr(io) : NULL);
@@ -1512,7 +1545,7 @@ static void smtpc_io_cb(struct tlsio *io, enum tlsio_event ev, void *arg)
 
 /* ---- Public ---- */
 
-static uint64_t session_serial;
+static uint64_t smtpc_serial;
 
 static struct smtpc *smtpc_new(uv_loop_t *loop, enum smtpc_mode mode, const struct cfg_upstream *up,
                                struct tlsio_cred *cred, struct oauth2 *oauth2, const char *helo)
@@ -1530,7 +1563,7 @@ static struct smtpc *smtpc_new(uv_loop_t *loop, enum smtpc_mode mode, const stru
     c->dot_timeout = up->data_timeout > 0 ? up->data_timeout : c->command_timeout;
     c->idle_timeout = up->idle_timeout > 0 ? up->idle_timeout : SMTPC_IDLE_TIMEOUT_DEFAULT;
     snprintf(c->sid, sizeof(c->sid), "%s#%" PRIu64, up->name != NULL ? up->name : up->host,
-             ++session_serial);
+             ++smtpc_serial);
     snprintf(c->qid, sizeof(c->qid), "%s", c->sid);
     c->reply = buf_new(0);
     c->res.up = up;
@@ -1552,7 +1585,7 @@ static int smtpc_begin(struct smtpc *c)
     rc = uv_getaddrinfo(c->loop, &c->gai, smtpc_resolved, c->up->host, port, &hints);
     if (rc < 0) {
         buf_free(c->reply);
-        tx_free(c->tx);
+        smtpc_tx_free(c->tx);
         free(c->helo);
         free(c);
         return rc;
@@ -1560,28 +1593,7 @@ static int smtpc_begin(struct smtpc *c)
     c->gai_pending = 1;
     uv_timer_init(c->loop, &c->timer);
     c->timer.data = c;
-    c->state = SMTPC_S_RESOLVE;
-    return 0;
-}
-
-int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                  struct oauth2 *oauth2, const char *helo, const struct smtpc_msg *msg,
-                  smtpc_done_fn done, void *arg, struct smtpc **out)
-{
-    struct smtpc *c = smtpc_new(loop, SMTPC_M_DELIVER, up, cred, oauth2, helo);
-    int rc;
-
-    c->done = done;
-    c->arg = arg;
-    c->tx = tx_new(msg, NULL, NULL);
-    snprintf(c->qid, sizeof(c->qid), "%012" PRIX64, msg->id);
-    snprintf(c->sid, sizeof(c->sid), "%s", c->qid);
-    if ((rc = smtpc_begin(c)) < 0)
-        return rc;
-    if (msg->nrcpts == 0)
-        fail(c, SMTPC_FAIL, 0, "no recipients");
-    if (out != NULL)
-        *out = c;
+    smtpc_enter_state(c, SMTPC_S_RESOLVE);
     return 0;
 }
 
@@ -1655,10 +1667,9 @@ int smtpc_session_send(struct smtpc *c, const struct smtpc_msg *msg, smtpc_done_
 {
     if (!smtpc_session_idle(c))
         return UV_EBUSY;
-    uv_timer_stop(&c->timer);
-    c->tx = tx_new(msg, done, arg);
+    c->tx = smtpc_tx_new(msg, done, arg);
     /* The first reply cannot arrive before this returns: done always runs from the loop. */
-    tx_send_next(c);
+    smtpc_tx_send_next(c);
     return 0;
 }
 
@@ -1667,14 +1678,14 @@ void smtpc_session_abort(struct smtpc *c)
     if (c == NULL || c->state == SMTPC_S_CLOSING)
         return;
     if (c->tx != NULL) {
-        tx_result_as(c, c->tx, VERDICT_TRANSIENT, SMTPC_ABORTED);
+        smtpc_tx_result_as(c, c->tx, VERDICT_TRANSIENT, SMTPC_ABORTED);
         c->have_result = 1;
     }
     c->have_result = 1; /* no SMTPC_EV_FAILED */
     if (c->gai_pending)
         uv_cancel((uv_req_t *)&c->gai);
     smtpc_close(c);
-    tx_deliver(c);
+    smtpc_tx_deliver(c);
 }
 
 void smtpc_session_quit(struct smtpc *c)
@@ -1684,8 +1695,6 @@ void smtpc_session_quit(struct smtpc *c)
     if (smtpc_session_idle(c)) {
         c->have_result = 1;
         smtpc_send(c, SMTPC_S_QUIT, "QUIT", NULL, "QUIT");
-        if (c->state == SMTPC_S_QUIT)
-            smtpc_arm(c, SMTPC_QUIT_TIMEOUT);
         return;
     }
     smtpc_session_abort(c);

@@ -2,12 +2,13 @@
  * smtpc - the outbound SMTP client.
  *
  * Two ways to use it:
- *   smtpc_deliver()        one message on its own connection (the original API), and
  *   smtpc_session_open() + smtpc_session_send()...  a session (connect, EHLO, TLS, AUTH)
  *                          that carries several transactions (MAIL..DATA), RSET between
- *                          them, closed with QUIT after idle_timeout (relayd/pool.c).
- * smtpc_probe() runs the set-up only and reports every step (relayctl test-upstream and
- * the health probe).
+ *                          them, closed with QUIT by smtpc_session_quit() or after
+ *                          idle_timeout (relayd/pool.c; one message on its own connection
+ *                          is open, send, quit);
+ *   smtpc_probe()          the set-up only, every step reported (relayctl test-upstream
+ *                          and the health probe).
  *
  * Happy path: resolve, connect, 220, EHLO, STARTTLS (or implicit TLS), verify (chain, name,
  * tls_pin), EHLO again, AUTH through authsasl, then per message: [RSET,] MAIL, RCPT for
@@ -30,9 +31,10 @@
  *   SMTPC_SENT   the final dot accepted, for the recipients the server accepted
  * Verdicts of session scope also set config_fault / throttled / session_transient.
  *
- * Ownership: smtpc_deliver() allocates the client; it frees itself after calling done
- * exactly once.  msg (and the strings it points to), up and cred must stay valid until done
- * runs.  The struct smtpc pointer is invalid once done has been called.
+ * Ownership: smtpc_session_open() and smtpc_probe() allocate the client; it frees itself
+ * right after SMTPC_EV_CLOSED (session) or done (probe), and the struct smtpc pointer is
+ * invalid from then on.  up, cred and oauth2 must stay valid until then; msg (and the
+ * strings it points to) until its transaction's done has run.
  */
 #ifndef RELAYD_SMTPC_H
 #define RELAYD_SMTPC_H
@@ -76,8 +78,8 @@ struct smtpc_rcpt_result {
 };
 
 struct smtpc_result {
-    enum smtpc_status status;       /* of the transaction: SENT when the final dot got 2xx */
-    enum verdict_cause cause;       /* why */
+    enum smtpc_status status; /* of the transaction: SENT when the final dot got 2xx */
+    enum verdict_cause cause; /* why */
     /* Verdicts about the upstream itself (session scope), never about one message: */
     int config_fault;               /* relay configuration fault (TLS verification, AUTH
                                        refused, connection-level policy): the upstream is
@@ -97,12 +99,12 @@ struct smtpc_result {
     size_t nrcpts;                  /* entries in rcpt */
     struct smtpc_rcpt_result *rcpt; /* per recipient of the message; NULL for probes and
                                        session set-up failures */
-    int setup;                     /* 1: the session failed before it could carry mail (resolve,
-                                      connect, greeting, EHLO, TLS, AUTH): another upstream may work */
-    const struct cfg_upstream *up; /* the upstream that produced this result */
-    int stale;                     /* 1: a reused session broke before the message was offered
-                                      (RSET refused or connection lost before the body's end): it
-                                      can be retried at once on a new session */
+    int setup;                      /* 1: the session failed before it could carry mail (resolve,
+                                       connect, greeting, EHLO, TLS, AUTH): another upstream may work */
+    const struct cfg_upstream *up;  /* the upstream that produced this result */
+    int stale;                      /* 1: a reused session broke before the message was offered
+                                       (RSET refused or connection lost before the body's end): it
+                                       can be retried at once on a new session */
 };
 
 /* The reply of a transaction that a stop aborted: nothing was decided about the message. */
@@ -113,18 +115,6 @@ struct oauth2;
 typedef void (*smtpc_done_fn)(void *arg, const struct smtpc_result *res);
 
 /*
- * Starts delivering msg to up.  helo is our EHLO name (copied).  cred is the client
- * credential for up (from tlsio_cred_client_new(up->ca_file, up->tls_priority)), or NULL
- * for tls = none.  oauth2 is the token manager for auth = xoauth2 | oauthbearer upstreams
- * (NULL: none; then such an upstream fails at AUTH with a CONFIG verdict).  done(arg, res) is called exactly once, from the loop or from
- * smtpc_abort(), never inside this call;
- * res is valid only during the call.  Returns 0, or a negative UV_E* when the attempt
- * could not even start: then done is never called and nothing needs freeing.
- */
-int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                  struct oauth2 *oauth2, const char *helo, const struct smtpc_msg *msg, smtpc_done_fn done, void *arg,
-                  struct smtpc **out);
-/*
  * Rules shared by every result: a reply the provider table marks as the relay's own fault
  * (AUTH refused, "send as denied", a TLS version refused) is a CONFIG verdict and never
  * SMTPC_FAIL, only SMTPC_DEFER; so is a throttling or quota reply (SLOWDOWN).  A 421 at
@@ -133,23 +123,26 @@ int smtpc_deliver(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_c
  * verdict: "553 ... not owned by user" on one RCPT holds that recipient only.
  */
 
-/* Aborts (shutdown): the connection is dropped and done runs with SMTPC_DEFER (or with the
- * result already known, e.g. SENT when only QUIT was outstanding) before this returns.
- * Call it only before done has run (c is gone afterwards); from inside done it is a no-op. */
-void smtpc_abort(struct smtpc *c);
-
 /*
  * "Test Connection": connects to up, EHLO, STARTTLS/implicit TLS, verifies the
- * certificate, authenticates, QUIT, without sending mail.  step(arg, ok, text) is called
+ * certificate, authenticates, QUIT, without sending mail.  cred is the client credential
+ * for up (from tlsio_cred_client_new(up->ca_file, up->tls_priority)), or NULL for
+ * tls = none.  oauth2 is the token manager for auth = xoauth2 | oauthbearer upstreams
+ * (NULL: none; then such an upstream fails at AUTH with a CONFIG verdict).  helo is our
+ * EHLO name (copied).  step(arg, ok, text) is called
  * once per step as it completes ("connect to 127.0.0.1:587: ok", "TLS: certificate signer
  * not trusted"); done(arg, res) once at the end (res->status SMTPC_SENT means every step
  * passed).  Used by relayctl test-upstream and the upstream health probe.
  */
 typedef void (*smtpc_step_fn)(void *arg, int ok, const char *text);
 int smtpc_probe(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                struct oauth2 *oauth2, const char *helo, smtpc_step_fn step, smtpc_done_fn done, void *arg,
-                struct smtpc **out);
-/* smtpc_abort() stops a probe too (done runs with SMTPC_DEFER before it returns). */
+                struct oauth2 *oauth2, const char *helo, smtpc_step_fn step, smtpc_done_fn done,
+                void *arg, struct smtpc **out);
+/* Aborts a probe (shutdown): the connection is dropped and done runs with SMTPC_DEFER (or
+ * with the result already known, e.g. SENT when only QUIT was outstanding) before this
+ * returns.  Call it only before done has run (c is gone afterwards); from inside done it is
+ * a no-op.  On a session it is smtpc_session_abort(). */
+void smtpc_abort(struct smtpc *c);
 
 /* ---- Sessions: one connection, several transactions (used by relayd/pool.c) ---- */
 
@@ -169,10 +162,11 @@ typedef void (*smtpc_event_fn)(void *arg, struct smtpc *c, enum smtpc_event ev,
  * the session usable, and SMTPC_EV_CLOSED exactly once at the end, always from the loop.
  * An idle session closes itself (QUIT) after up->idle_timeout seconds, or when the server
  * drops it.  Returns 0 (*out set), or a negative UV_E* when it could not start (no event).
- * up, cred and helo (copied) as for smtpc_deliver().
+ * up, cred, oauth2 and helo (copied) as for smtpc_probe().
  */
 int smtpc_session_open(uv_loop_t *loop, const struct cfg_upstream *up, struct tlsio_cred *cred,
-                       struct oauth2 *oauth2, const char *helo, smtpc_event_fn ev, void *arg, struct smtpc **out);
+                       struct oauth2 *oauth2, const char *helo, smtpc_event_fn ev, void *arg,
+                       struct smtpc **out);
 /* 1 when c is idle: set up, no transaction, not closing. */
 int smtpc_session_idle(const struct smtpc *c);
 /*

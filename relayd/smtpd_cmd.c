@@ -23,6 +23,7 @@
 #include "common/log.h"
 #include "common/tlsio.h"
 #include "common/xalloc.h"
+#include "relayd/route.h"
 #include "relayd/msgfix.h"
 #include "relayd/smtpd_int.h"
 
@@ -314,7 +315,7 @@ static void smtpd_cmd_mail(struct smtpd_session *s, const char *arg)
     }
     /* The null sender has no domain to judge: bounces from devices stay possible. */
     if (lc->sender_domains != NULL && addr[0] != '\0' &&
-        !cfg_domain_listed(lc->sender_domains, addr)) {
+        !route_domain_listed(lc->sender_domains, addr)) {
         smtpd__refuse_log(s, SMTPD_R_SENDER_DOMAIN, "MAIL FROM:<%s>: domain not in "
                          "sender_domains", addr);
         smtpd__reply(s, "553 5.7.1 <%s>: Sender address rejected: domain not allowed here", addr);
@@ -363,7 +364,7 @@ static void smtpd_cmd_rcpt(struct smtpd_session *s, const char *arg)
         p += n;
         p += strspn(p, " ");
     }
-    if (lc->recipient_domains != NULL && !cfg_domain_listed(lc->recipient_domains, addr)) {
+    if (lc->recipient_domains != NULL && !route_domain_listed(lc->recipient_domains, addr)) {
         smtpd__refuse_log(s, SMTPD_R_RCPT_DOMAIN, "RCPT TO:<%s>: relay access denied (domain "
                          "not in recipient_domains)", addr);
         smtpd__reply(s, "554 5.7.1 <%s>: Relay access denied", addr);

@@ -24,6 +24,7 @@
 #include "common/log.h"
 #include "common/tlsio.h"
 #include "common/xalloc.h"
+#include "relayd/route.h"
 #include "relayd/msgfix.h"
 #include "relayd/smtpd_int.h"
 
@@ -134,7 +135,7 @@ void smtpd__data_end(struct smtpd_session *s)
         rcpts[i].addr = tx->rcpts[i];
         rcpts[i].dsn_notify = tx->notify[i];
         rcpts[i].dsn_orcpt = tx->orcpt[i];
-        if (cfg_route_match(srv->cfg, tx->sender, tx->rcpts[i], s->peer, lc->name) == NULL)
+        if (route_match(srv->cfg, tx->sender, tx->rcpts[i], s->peer, lc->name) == NULL)
             held = 1;
     }
     msg.state = held ? SPOOL_HELD : SPOOL_QUEUED;

@@ -33,6 +33,7 @@
 #include "relayd/ctl/ctl.h"
 #include "relayd/ctl/ctl_oauth2.h"
 #include "relayd/oauth2.h"
+#include "relayd/route.h"
 #include "relayd/smtpc.h"
 #include "spool/spool.h"
 
@@ -406,7 +407,7 @@ static char *default_sender(const struct cfg *cfg, const struct cfg_upstream *up
 static void check_route(const struct cfg *cfg, const struct cfg_listener *l,
                         const struct cfg_upstream *up, const char *from, const char *to, FILE *out)
 {
-    const struct cfg_route *r = cfg_route_match(cfg, from, to, "127.0.0.1", l->name);
+    const struct cfg_route *r = route_match(cfg, from, to, "127.0.0.1", l->name);
     int i;
 
     if (r == NULL) {

@@ -35,6 +35,26 @@ void testlib_write_file(const char *dir, const char *name, const char *text)
     cr_assert(eq(int, fclose(f), 0), "%s", path);
 }
 
+char *testlib_source_read(const char *rel)
+{
+    char path[512];
+    char *text;
+    long len;
+    FILE *f;
+
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", TESTLIB_SOURCE_DIR, rel) >= sizeof path)
+        cr_fatal("testlib_source_read: %s: name too long", rel);
+    cr_assert_not_null(f = fopen(path, "r"), "%s", path);
+    cr_assert(eq(int, fseek(f, 0, SEEK_END), 0), "%s", path);
+    cr_assert(ge(long, len = ftell(f), 0), "%s", path);
+    rewind(f);
+    cr_assert_not_null(text = malloc((size_t)len + 1));
+    cr_assert(eq(sz, fread(text, 1, (size_t)len, f), (size_t)len), "%s", path);
+    text[len] = '\0';
+    fclose(f);
+    return text;
+}
+
 void testlib_pki(const char *dir)
 {
     char cmd[1024];

@@ -18,6 +18,8 @@ void testlib_tmpdir(char *dir, size_t dirlen, const char *name);
 void testlib_rmtree(const char *dir);
 /* dir/name with text in it. */
 void testlib_write_file(const char *dir, const char *name, const char *text);
+/* The whole of the source tree's file rel (e.g. "README.md"), NUL-terminated; free() it. */
+char *testlib_source_read(const char *rel);
 /* The unit tests' PKI in dir (tests/lib/pki.sh DIR unit): ca.pem/.key ("Test CA"),
  * ca2.pem/.key (an unrelated CA), srv.pem/.key (localhost and 127.0.0.1, signed by ca). */
 void testlib_pki(const char *dir);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "config/cfg.h"
+#include "relayd/route.h"
 
 static char *tmp_paths[64];
 static int ntmp;
@@ -607,7 +608,7 @@ Test(cfg, builtin_default)
         eq(str, netaddr_net_str(&cfg.listeners[0].allow.nets[1], net, sizeof net), "::1/128"));
     cr_expect(eq(int, cfg.nupstreams, 0));
     cr_expect(eq(int, cfg.nroutes, 0));
-    cr_expect(eq(ptr, (void *)cfg_route_find(&cfg, "a@b", "c@d"), NULL));
+    cr_expect(eq(ptr, (void *)route_match(&cfg, "a@b", "c@d", NULL, NULL), NULL));
     cfg_free(&cfg);
 
     cfg_default(&cfg, "/var/tmp/spool");
@@ -637,7 +638,8 @@ static const struct route_case route_cases[] = {
     {"NULL sender pointer", NULL, "x@corp.example", "corp"},
 };
 
-/* cfg_route_find(): non-default routes in order by domain, then "default". */
+/* route_match() without client and listener: non-default routes in order by domain, then
+ * "default". */
 Test(cfg, route_find)
 {
     struct cfg cfg;
@@ -650,7 +652,7 @@ Test(cfg, route_find)
             &cfg);
     for (i = 0; i < sizeof route_cases / sizeof route_cases[0]; i++) {
         const struct route_case *c = &route_cases[i];
-        const struct cfg_route *r = cfg_route_find(&cfg, c->sender, c->rcpt);
+        const struct cfg_route *r = route_match(&cfg, c->sender, c->rcpt, NULL, NULL);
 
         cr_assert(ne(ptr, (void *)r, NULL), "%s", c->label);
         cr_expect(eq(str, r->name, (char *)c->want), "%s", c->label);
@@ -666,8 +668,8 @@ Test(cfg, route_find_no_default)
     load_ok(LAN "[upstream a]\nhost = a.example\n"
                 "[route corp]\nupstream = a\nrecipient_domain = corp.example\n",
             &cfg);
-    cr_expect(eq(ptr, (void *)cfg_route_find(&cfg, "a@b", "x@gmail.example"), NULL));
-    cr_expect(eq(str, cfg_route_find(&cfg, "a@b", "x@corp.example")->name, "corp"));
+    cr_expect(eq(ptr, (void *)route_match(&cfg, "a@b", "x@gmail.example", NULL, NULL), NULL));
+    cr_expect(eq(str, route_match(&cfg, "a@b", "x@corp.example", NULL, NULL)->name, "corp"));
     cfg_free(&cfg);
 }
 
@@ -784,7 +786,8 @@ Test(cfg, example_loads)
     cr_expect(eq(int, cfg.upstreams[0].port, 587));
     cr_expect(eq(int, cfg.upstreams[0].tls, CFG_TLS_STARTTLS));
     cr_expect(eq(str, cfg.upstreams[0].host, "smtp.office365.com"));
-    cr_expect(eq(str, cfg_route_find(&cfg, "scanner@example.com", "x@y.example")->name, "default"));
+    cr_expect(eq(str, route_match(&cfg, "scanner@example.com", "x@y.example", NULL, NULL)->name,
+                 "default"));
     cfg_free(&cfg);
     free(fixed);
     free(text);

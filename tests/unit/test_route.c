@@ -1,6 +1,6 @@
 /*
  * test_route - [route] matchers (sender, sender_domain, recipient_domain, client, listener),
- * cfg_route_match() order and AND semantics, route validation, and map files.
+ * route_match() (relayd/route.c) order and AND semantics, route validation, and map files.
  *
  * Files are written with mkstemp() under /tmp and removed in the suite's fini.
  */
@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "config/cfg.h"
+#include "relayd/route.h"
 
 static char *tmp_paths[32];
 static int ntmp;
@@ -60,8 +61,8 @@ static void expect_error(const char *label, const char *text, const char *want)
         cfg_free(&cfg);
 }
 
-#define LISTENERS                                                                                \
-    "[listener lan]\nlisten = 127.0.0.1:25\n"                                                    \
+#define LISTENERS                                                                                  \
+    "[listener lan]\nlisten = 127.0.0.1:25\n"                                                      \
     "[listener scan]\nlisten = 127.0.0.1:2526\n"
 #define UPSTREAMS "[upstream a]\nhost = a.example\n[upstream b]\nhost = b.example\n"
 
@@ -71,8 +72,7 @@ struct match_case {
     const char *want; /* route name, NULL: none */
 };
 
-static const char routes_conf[] =
-    LISTENERS UPSTREAMS
+static const char routes_conf[] = LISTENERS UPSTREAMS
     "[route scanners]\nupstream = b\nsender = scanner@lan.example, @fax.example, copiers.example\n"
     "[route corp-from-lab]\nupstream = b\nrecipient_domain = corp.example\n"
     "client = 10.1.0.0/16\n"
@@ -84,8 +84,7 @@ static const char routes_conf[] =
 static const struct match_case match_cases[] = {
     {"full sender address", "scanner@lan.example", "x@y.example", "10.0.0.1", "lan", "scanners"},
     {"sender address, other case", "Scanner@LAN.example", "x@y.example", NULL, NULL, "scanners"},
-    {"other user of that domain", "other@lan.example", "x@y.example", "10.0.0.1", "lan",
-     "default"},
+    {"other user of that domain", "other@lan.example", "x@y.example", "10.0.0.1", "lan", "default"},
     {"@domain", "anyone@fax.example", "x@y.example", NULL, NULL, "scanners"},
     {"bare domain", "room1@copiers.example", "x@y.example", NULL, NULL, "scanners"},
     {"subdomain is not the domain", "a@sub.fax.example", "x@y.example", NULL, NULL, "default"},
@@ -93,8 +92,8 @@ static const struct match_case match_cases[] = {
     {"NULL sender", NULL, "x@y.example", NULL, NULL, "default"},
     {"recipient and client both match", "a@b.example", "boss@corp.example", "10.1.2.3", "lan",
      "corp-from-lab"},
-    {"recipient matches, client does not", "a@b.example", "boss@corp.example", "10.2.0.1",
-     "lan", "default"},
+    {"recipient matches, client does not", "a@b.example", "boss@corp.example", "10.2.0.1", "lan",
+     "default"},
     {"client matches, recipient does not", "a@b.example", "x@y.example", "10.1.2.3", "lan",
      "default"},
     {"client unknown: a client route does not match", "a@b.example", "boss@corp.example", NULL,
@@ -103,15 +102,14 @@ static const struct match_case match_cases[] = {
     {"listener", "a@b.example", "x@y.example", "10.0.0.1", "scan", "scan-listener"},
     {"listener unknown", "a@b.example", "x@y.example", "10.0.0.1", NULL, "default"},
     {"first match wins", "scanner@lan.example", "x@y.example", "10.0.0.1", "scan", "scanners"},
-    {"sender_domain AND recipient_domain", "n@lists.example", "r@news.example", NULL, NULL,
-     "both"},
+    {"sender_domain AND recipient_domain", "n@lists.example", "r@news.example", NULL, NULL, "both"},
     {"sender_domain without recipient_domain", "n@lists.example", "r@y.example", NULL, NULL,
      "default"},
     {"IPv6 client", "a@b.example", "x@y.example", "fd00::7", NULL, "v6"},
     {"IPv6 client outside", "a@b.example", "x@y.example", "fe80::7", NULL, "default"},
 };
 
-/* cfg_route_match(): file order, every given matcher kind must match, then default. */
+/* route_match(): file order, every given matcher kind must match, then default. */
 Test(route, match)
 {
     struct cfg cfg;
@@ -120,8 +118,7 @@ Test(route, match)
     load_ok(routes_conf, &cfg);
     for (i = 0; i < sizeof match_cases / sizeof match_cases[0]; i++) {
         const struct match_case *c = &match_cases[i];
-        const struct cfg_route *r = cfg_route_match(&cfg, c->sender, c->rcpt, c->client,
-                                                    c->listener);
+        const struct cfg_route *r = route_match(&cfg, c->sender, c->rcpt, c->client, c->listener);
 
         cr_assert(ne(ptr, (void *)r, NULL), "%s", c->label);
         cr_expect(eq(str, r->name, (char *)c->want), "%s", c->label);
@@ -129,14 +126,14 @@ Test(route, match)
     cfg_free(&cfg);
 }
 
-/* cfg_route_find() is cfg_route_match() without client and listener. */
-Test(route, find_wrapper)
+/* Client and listener unknown (NULL): routes that need them do not match. */
+Test(route, match_without_client_and_listener)
 {
     struct cfg cfg;
 
     load_ok(routes_conf, &cfg);
-    cr_expect(eq(str, cfg_route_find(&cfg, "a@fax.example", "x@y")->name, "scanners"));
-    cr_expect(eq(str, cfg_route_find(&cfg, "a@b.example", "boss@corp.example")->name,
+    cr_expect(eq(str, route_match(&cfg, "a@fax.example", "x@y", NULL, NULL)->name, "scanners"));
+    cr_expect(eq(str, route_match(&cfg, "a@b.example", "boss@corp.example", NULL, NULL)->name,
                  "default"));
     cfg_free(&cfg);
 }
@@ -147,8 +144,8 @@ Test(route, no_default)
     struct cfg cfg;
 
     load_ok(LISTENERS UPSTREAMS "[route s]\nupstream = a\nlistener = scan\n", &cfg);
-    cr_expect(eq(ptr, (void *)cfg_route_match(&cfg, "a@b", "c@d", "127.0.0.1", "lan"), NULL));
-    cr_expect(eq(str, cfg_route_match(&cfg, "a@b", "c@d", "127.0.0.1", "scan")->name, "s"));
+    cr_expect(eq(ptr, (void *)route_match(&cfg, "a@b", "c@d", "127.0.0.1", "lan"), NULL));
+    cr_expect(eq(str, route_match(&cfg, "a@b", "c@d", "127.0.0.1", "scan")->name, "s"));
     cfg_free(&cfg);
 }
 
@@ -212,10 +209,10 @@ static char *conf_with_map(const char *key, const char *map_text)
     const char *map = tmp_file(map_text);
     char *text;
 
-    cr_assert(ge(int,
-                 asprintf(&text, LISTENERS UPSTREAMS "[route default]\nupstream = a\n%s = %s\n",
-                          key, map),
-                 0));
+    cr_assert(ge(
+        int,
+        asprintf(&text, LISTENERS UPSTREAMS "[route default]\nupstream = a\n%s = %s\n", key, map),
+        0));
     return text;
 }
 

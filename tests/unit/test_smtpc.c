@@ -206,6 +206,107 @@ static void fake_stop(struct fake *f)
 
 /* ---- Running a delivery ---- */
 
+static void tick(uv_timer_t *t)
+{
+    (void)t;
+}
+
+/* Runs the loop until *flag reaches want.  A 10 ms tick keeps UV_RUN_ONCE from sleeping
+ * in poll until the next long timer after a callback that ran from a timer. */
+static void run_until(int *flag, int want)
+{
+    uv_timer_t t;
+    int i;
+
+    uv_timer_init(&loop, &t);
+    uv_timer_start(&t, tick, 10, 10);
+    for (i = 0; i < 100000 && *flag < want; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    uv_close((uv_handle_t *)&t, NULL);
+    uv_run(&loop, UV_RUN_NOWAIT);
+    cr_assert(ge(int, *flag, want), "the loop ended before the event came");
+}
+
+/*
+ * One message on its own session, driven the way relayd/pool.c drives a session: open, send
+ * the message on SMTPC_EV_READY, quit on SMTPC_EV_IDLE.  A set-up failure (SMTPC_EV_FAILED)
+ * reaches done as the pool passes it on (pool.c req_finish()): the failure's verdict for
+ * every recipient.
+ */
+struct oneshot {
+    const struct smtpc_msg *msg;
+    smtpc_done_fn done;
+    void *arg;
+    struct smtpc *c; /* NULL once closed */
+    int nfailed, closed;
+};
+
+static void oneshot_failed(struct oneshot *os, const struct smtpc_result *res)
+{
+    struct smtpc_rcpt_result rr[4];
+    struct smtpc_result r = *res;
+    size_t i;
+
+    cr_assert(le(sz, os->msg->nrcpts, 4));
+    for (i = 0; i < os->msg->nrcpts; i++) {
+        rr[i].status = res->status;
+        rr[i].cause = res->cause;
+        rr[i].reply = res->reply;
+        rr[i].action = res->action[0] != '\0' ? res->action : NULL;
+        rr[i].tls = res->tls;
+        rr[i].up = res->up;
+    }
+    r.nrcpts = os->msg->nrcpts;
+    r.rcpt = rr;
+    os->done(os->arg, &r);
+}
+
+static void oneshot_event(void *arg, struct smtpc *c, enum smtpc_event ev,
+                          const struct smtpc_result *res)
+{
+    struct oneshot *os = arg;
+
+    switch (ev) {
+    case SMTPC_EV_READY:
+        cr_assert(eq(int, smtpc_session_send(c, os->msg, os->done, os->arg), 0));
+        break;
+    case SMTPC_EV_FAILED:
+        os->nfailed++;
+        oneshot_failed(os, res);
+        break;
+    case SMTPC_EV_IDLE:
+        smtpc_session_quit(c);
+        break;
+    case SMTPC_EV_CLOSED:
+        os->closed = 1;
+        os->c = NULL;
+        break;
+    }
+}
+
+static void oneshot_start(struct oneshot *os, const struct cfg_upstream *up,
+                          struct tlsio_cred *cred, const struct smtpc_msg *msg, smtpc_done_fn done,
+                          void *arg)
+{
+    memset(os, 0, sizeof(*os));
+    os->msg = msg;
+    os->done = done;
+    os->arg = arg;
+    cr_assert(eq(int,
+                 smtpc_session_open(&loop, up, cred, NULL, "relay.test", oneshot_event, os, &os->c),
+                 0));
+}
+
+/* Delivers msg on a session of its own; returns once the session has closed. */
+static void deliver_msg(const struct cfg_upstream *up, struct tlsio_cred *cred,
+                        const struct smtpc_msg *msg, smtpc_done_fn done, void *arg)
+{
+    struct oneshot os;
+
+    oneshot_start(&os, up, cred, msg, done, arg);
+    run_until(&os.closed, 1);
+}
+
 static void on_done(void *arg, const struct smtpc_result *res)
 {
     struct outcome *o = arg;
@@ -254,7 +355,6 @@ static void deliver(const struct cfg_upstream *up, const char *ca, const char *b
     };
     struct tlsio_cred *cred = NULL;
     char err[256], path[128];
-    int i;
 
     memset(o, 0, sizeof(*o));
     o->nrcpts = nrcpts;
@@ -262,11 +362,8 @@ static void deliver(const struct cfg_upstream *up, const char *ca, const char *b
         snprintf(path, sizeof(path), "%s/%s", dir, ca);
         cr_assert(eq(int, tlsio_cred_client_new(path, NULL, &cred, err, sizeof(err)), 0));
     }
-    cr_assert(eq(int, smtpc_deliver(&loop, up, cred, NULL, "relay.test", &msg, on_done, o, NULL), 0));
-    for (i = 0; i < 100000 && o->ncalls == 0; i++)
-        uv_run(&loop, UV_RUN_ONCE);
+    deliver_msg(up, cred, &msg, on_done, o);
     cr_assert(eq(int, o->ncalls, 1));
-    uv_run(&loop, UV_RUN_NOWAIT);
     tlsio_cred_free(cred);
 }
 
@@ -634,8 +731,40 @@ Test(smtpc, connection_refused)
     cr_assert(eq(str, o.reply, want));
 }
 
-/* Abort mid-dialogue: done runs once, before smtpc_abort() returns, with DEFER. */
+/* Abort mid-dialogue (shutdown): done runs once, before smtpc_session_abort() returns,
+ * with DEFER; no SMTPC_EV_FAILED, then SMTPC_EV_CLOSED. */
 Test(smtpc, abort_mid_dialogue)
+{
+    static const struct step script[] = {
+        {"EHLO", "250 fake"},
+        {"MAIL", NULL},
+        {NULL, NULL},
+    };
+    struct smtpc_msg msg = {
+        .id = 1, .sender = "", .rcpts = rcpts2, .nrcpts = 1, .body = "x\r\n", .len = 3};
+    struct cfg_upstream up;
+    struct oneshot os;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    memset(&o, 0, sizeof(o));
+    o.nrcpts = 1;
+    oneshot_start(&os, &up, NULL, &msg, on_done, &o);
+    run_until(&f.pos, 2);
+    smtpc_session_abort(os.c);
+    cr_assert(eq(int, o.ncalls, 1));
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(str, o.reply, "delivery aborted (shutting down)"));
+    run_until(&os.closed, 1);
+    cr_assert(eq(int, os.nfailed, 0));
+    fake_stop(&f);
+    cr_assert(eq(int, o.ncalls, 1));
+}
+
+/* Abort during set-up: nothing to report (no done, no SMTPC_EV_FAILED), SMTPC_EV_CLOSED. */
+Test(smtpc, abort_during_setup)
 {
     static const struct step script[] = {
         {"EHLO", NULL},
@@ -644,24 +773,45 @@ Test(smtpc, abort_mid_dialogue)
     struct smtpc_msg msg = {
         .id = 1, .sender = "", .rcpts = rcpts2, .nrcpts = 1, .body = "x\r\n", .len = 3};
     struct cfg_upstream up;
+    struct oneshot os;
     struct outcome o;
-    struct smtpc *c;
     struct fake f;
-    int i;
 
     fake_start(&f, script);
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&o, 0, sizeof(o));
     o.nrcpts = 1;
-    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &msg, on_done, &o, &c), 0));
-    for (i = 0; i < 1000 && f.pos == 0; i++)
-        uv_run(&loop, UV_RUN_ONCE);
-    smtpc_abort(c);
-    cr_assert(eq(int, o.ncalls, 1));
-    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
-    cr_assert(eq(str, o.reply, "delivery aborted (shutting down)"));
+    oneshot_start(&os, &up, NULL, &msg, on_done, &o);
+    run_until(&f.pos, 1);
+    smtpc_session_abort(os.c);
+    run_until(&os.closed, 1);
+    cr_assert(eq(int, os.nfailed, 0));
+    cr_assert(eq(int, o.ncalls, 0));
     fake_stop(&f);
-    cr_assert(eq(int, o.ncalls, 1));
+}
+
+/* Pipelined: each reply of the group re-arms the timer, so silence after MAIL's reply is
+ * a timeout that names the command whose reply is missing. */
+Test(smtpc, pipelined_timeout_after_mail)
+{
+    static const struct step script[] = {
+        {"EHLO relay.test", "250-fake\r\n250 PIPELINING"},
+        {"MAIL FROM:<fax@lan>", "250 2.1.0 Ok"},
+        {"RCPT TO:<a@example.com>", NULL},
+        {"DATA", NULL},
+        {NULL, NULL},
+    };
+    struct cfg_upstream up;
+    struct outcome o;
+    struct fake f;
+
+    fake_start(&f, script);
+    up = upstream(f.port, CFG_TLS_NONE);
+    up.command_timeout = 1;
+    deliver(&up, NULL, "x\r\n", 1, &o);
+    cr_assert(eq(int, (int)o.status, SMTPC_DEFER));
+    cr_assert(eq(str, o.reply, "timeout waiting for reply to RCPT"));
+    fake_stop(&f);
 }
 
 /* A body larger than one write chunk, over TLS, arrives intact and dot-stuffed. */
@@ -724,27 +874,6 @@ static void on_event(void *arg, struct smtpc *c, enum smtpc_event ev,
     (void)c;
 }
 
-static void tick(uv_timer_t *t)
-{
-    (void)t;
-}
-
-/* Runs the loop until *flag reaches want.  A 10 ms tick keeps UV_RUN_ONCE from sleeping
- * in poll until the next long timer after a callback that ran from a timer. */
-static void run_until(int *flag, int want)
-{
-    uv_timer_t t;
-    int i;
-
-    uv_timer_init(&loop, &t);
-    uv_timer_start(&t, tick, 10, 10);
-    for (i = 0; i < 100000 && *flag < want; i++)
-        uv_run(&loop, UV_RUN_ONCE);
-    uv_close((uv_handle_t *)&t, NULL);
-    uv_run(&loop, UV_RUN_NOWAIT);
-    cr_assert(ge(int, *flag, want), "the loop ended before the event came");
-}
-
 struct full_outcome {
     struct outcome o;
     int throttled, stale, setup;
@@ -765,7 +894,8 @@ static void on_done_full(void *arg, const struct smtpc_result *res)
 static void session_open(struct sess *s, const struct cfg_upstream *up)
 {
     memset(s, 0, sizeof(*s));
-    cr_assert(eq(int, smtpc_session_open(&loop, up, NULL, NULL, "relay.test", on_event, s, &s->c), 0));
+    cr_assert(
+        eq(int, smtpc_session_open(&loop, up, NULL, NULL, "relay.test", on_event, s, &s->c), 0));
     run_until(&s->events[SMTPC_EV_READY], 1);
     cr_assert(eq(int, smtpc_session_idle(s->c), 1));
 }
@@ -963,8 +1093,8 @@ Test(smtpc, smtputf8)
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&o, 0, sizeof(o));
     o.nrcpts = 1;
-    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &m, on_done, &o, NULL), 0));
-    run_until(&o.ncalls, 1);
+    deliver_msg(&up, NULL, &m, on_done, &o);
+    cr_assert(eq(int, o.ncalls, 1));
     cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
     fake_stop(&f);
 
@@ -972,8 +1102,8 @@ Test(smtpc, smtputf8)
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&o, 0, sizeof(o));
     o.nrcpts = 1;
-    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &m, on_done, &o, NULL), 0));
-    run_until(&o.ncalls, 1);
+    deliver_msg(&up, NULL, &m, on_done, &o);
+    cr_assert(eq(int, o.ncalls, 1));
     cr_assert(eq(int, (int)o.status, SMTPC_FAIL));
     cr_assert(
         eq(str, o.reply,
@@ -1004,9 +1134,8 @@ Test(smtpc, send_as_denied_is_held)
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&fo, 0, sizeof(fo));
     fo.o.nrcpts = 1;
-    cr_assert(
-        eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &m, on_done_full, &fo, NULL), 0));
-    run_until(&fo.o.ncalls, 1);
+    deliver_msg(&up, NULL, &m, on_done_full, &fo);
+    cr_assert(eq(int, fo.o.ncalls, 1));
     cr_assert(eq(int, (int)fo.o.status, SMTPC_DEFER));
     /* About this sender, not the upstream: the upstream stays healthy. */
     cr_assert(eq(int, fo.o.config_fault, 0));
@@ -1057,7 +1186,8 @@ Test(smtpc, session_setup_failure)
     snprintf(path, sizeof(path), "%s/ca2.pem", dir);
     cr_assert(eq(int, tlsio_cred_client_new(path, NULL, &cred, err, sizeof(err)), 0));
     memset(&s, 0, sizeof(s));
-    cr_assert(eq(int, smtpc_session_open(&loop, &up, cred, NULL, "relay.test", on_event, &s, &s.c), 0));
+    cr_assert(
+        eq(int, smtpc_session_open(&loop, &up, cred, NULL, "relay.test", on_event, &s, &s.c), 0));
     run_until(&s.events[SMTPC_EV_CLOSED], 1);
     cr_assert(eq(int, s.events[SMTPC_EV_FAILED], 1));
     cr_assert(eq(int, s.events[SMTPC_EV_READY], 0));
@@ -1102,8 +1232,9 @@ static void probe(const struct cfg_upstream *up, const char *ca, struct probe_lo
         snprintf(path, sizeof(path), "%s/%s", dir, ca);
         cr_assert(eq(int, tlsio_cred_client_new(path, NULL, &cred, err, sizeof(err)), 0));
     }
-    cr_assert(
-        eq(int, smtpc_probe(&loop, up, cred, NULL, "relay.test", on_step, on_probe_done, pl, NULL), 0));
+    cr_assert(eq(int,
+                 smtpc_probe(&loop, up, cred, NULL, "relay.test", on_step, on_probe_done, pl, NULL),
+                 0));
     run_until(&pl->fo.o.ncalls, 1);
     uv_run(&loop, UV_RUN_NOWAIT);
     tlsio_cred_free(cred);
@@ -1218,8 +1349,8 @@ Test(smtpc, dsn_parameters)
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&o, 0, sizeof(o));
     o.nrcpts = 2;
-    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &m, on_done, &o, NULL), 0));
-    run_until(&o.ncalls, 1);
+    deliver_msg(&up, NULL, &m, on_done, &o);
+    cr_assert(eq(int, o.ncalls, 1));
     cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
     cr_assert(strstr(f.lines->data, "MAIL FROM:<fax@lan> RET=FULL ENVID=id+2042+2B+3D\n") != NULL,
               "%s", f.lines->data);
@@ -1234,8 +1365,8 @@ Test(smtpc, dsn_parameters)
     up = upstream(f.port, CFG_TLS_NONE);
     memset(&o, 0, sizeof(o));
     o.nrcpts = 2;
-    cr_assert(eq(int, smtpc_deliver(&loop, &up, NULL, NULL, "relay.test", &m, on_done, &o, NULL), 0));
-    run_until(&o.ncalls, 1);
+    deliver_msg(&up, NULL, &m, on_done, &o);
+    cr_assert(eq(int, o.ncalls, 1));
     cr_assert(eq(int, (int)o.status, SMTPC_SENT), "%s", o.reply);
     cr_assert(strstr(f.lines->data, "MAIL FROM:<fax@lan>\n") != NULL, "%s", f.lines->data);
     cr_assert(strstr(f.lines->data, "RCPT TO:<a@example.com>\n") != NULL, "%s", f.lines->data);
