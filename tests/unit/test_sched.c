@@ -2,7 +2,6 @@
 #include <criterion/criterion.h>
 #include <criterion/new/assert.h>
 
-#include <ftw.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +9,7 @@
 #include <time.h>
 
 #include "relayd/sched.h"
+#include "tests/lib/testlib.h"
 
 /* Backoff doubles from retry_first, stays within +-10%, and is capped at retry_max. */
 Test(sched, backoff)
@@ -63,14 +63,6 @@ Test(sched, backoff_factor)
 /* ---- failed_retention ---- */
 
 static char tdir[64];
-
-static int rm_cb(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
 
 static pthread_mutex_t wmu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wcond = PTHREAD_COND_INITIALIZER;
@@ -138,8 +130,7 @@ Test(sched, purge_failed, .timeout = 60)
     char err[256], sdir[96];
     size_t n = 0;
 
-    strcpy(tdir, "/tmp/test_sched.XXXXXX");
-    cr_assert(mkdtemp(tdir) != NULL);
+    testlib_tmpdir(tdir, sizeof(tdir), "test_sched");
     snprintf(sdir, sizeof sdir, "%s/spool", tdir);
     cr_assert(eq(int, spool_open(sdir, &o, &sp, err, sizeof err), 0), "%s", err);
     cr_assert(eq(int, spool_writer_start(sp, test_wake, NULL), 0));
@@ -171,7 +162,7 @@ Test(sched, purge_failed, .timeout = 60)
     spool_writer_stop(sp);
     spool_writer_reap(sp);
     spool_close(sp);
-    nftw(tdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    testlib_rmtree(tdir);
 }
 
 /* ---- The round's outcome ---- */

@@ -6,7 +6,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +17,7 @@
 #include "config/cfg.h"
 #include "relayd/smtpd.h"
 #include "spool/spool_int.h"
+#include "tests/lib/testlib.h"
 
 static char tdir[64];
 static uv_loop_t loop;
@@ -26,14 +26,6 @@ static struct cfg cfg;
 static struct spool *sp;
 static struct smtpd_server *srv;
 static int port, stopped;
-
-static int rm_cb(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
 
 static void on_wake(uv_async_t *a)
 {
@@ -64,8 +56,7 @@ static void setup(void)
 {
     char dir[96], err[256];
 
-    strcpy(tdir, "/tmp/test_smtpd_loop.XXXXXX");
-    cr_assert(mkdtemp(tdir) != NULL);
+    testlib_tmpdir(tdir, sizeof(tdir), "test_smtpd_loop");
     snprintf(dir, sizeof(dir), "%s/spool", tdir);
     cr_assert_eq(uv_loop_init(&loop), 0);
     cr_assert_eq(uv_async_init(&loop, &wake, on_wake), 0);
@@ -99,7 +90,7 @@ static void teardown(void)
     cr_expect_eq(uv_loop_close(&loop), 0, "handles left open");
     spool_close(sp);
     cfg_free(&cfg);
-    nftw(tdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    testlib_rmtree(tdir);
 }
 
 TestSuite(smtpd_loop, .init = setup, .fini = teardown, .timeout = 60);

@@ -10,7 +10,6 @@
 #include <criterion/new/assert.h>
 
 #include <errno.h>
-#include <ftw.h>
 #include <lmdb.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -23,28 +22,20 @@
 #include <unistd.h>
 
 #include "spool/spool.h"
+#include "tests/lib/testlib.h"
 
 static char tdir[64];
 static char sdir[96];
 
-static int rm_cb(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
 static void setup(void)
 {
-    strcpy(tdir, "/tmp/test_spool.XXXXXX");
-    cr_assert(mkdtemp(tdir) != NULL);
+    testlib_tmpdir(tdir, sizeof(tdir), "test_spool");
     snprintf(sdir, sizeof(sdir), "%s/spool", tdir);
 }
 
 static void teardown(void)
 {
-    nftw(tdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    testlib_rmtree(tdir);
 }
 
 TestSuite(spool, .init = setup, .fini = teardown, .timeout = 60);

@@ -1,7 +1,6 @@
 /* Unit tests for spool/spool_devices: the device history behind "relayctl devices". */
 #include <criterion/criterion.h>
 
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,28 +9,20 @@
 #include <unistd.h>
 
 #include "spool/spool.h"
+#include "tests/lib/testlib.h"
 
 static char tdir[64];
 static char sdir[96];
 
-static int rm_cb(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
 static void setup(void)
 {
-    strcpy(tdir, "/tmp/test_spool_devices.XXXXXX");
-    cr_assert(mkdtemp(tdir) != NULL);
+    testlib_tmpdir(tdir, sizeof(tdir), "test_spool_devices");
     snprintf(sdir, sizeof(sdir), "%s/spool", tdir);
 }
 
 static void teardown(void)
 {
-    nftw(tdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    testlib_rmtree(tdir);
 }
 
 TestSuite(spool_devices, .init = setup, .fini = teardown, .timeout = 120);
@@ -150,7 +141,7 @@ Test(spool_devices, bounded)
     spool_close(sp);
 
     /* The reason bound, on a device recorded alone. */
-    nftw(sdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    testlib_rmtree(sdir);
     sp = open_rw();
     for (j = 0; j < SPOOL_DEVICE_REASONS + 5; j++) {
         snprintf(name, sizeof(name), "reason%d", j);
