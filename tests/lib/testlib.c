@@ -3,6 +3,11 @@
  */
 #include "tests/lib/testlib.h"
 
+#include <pthread.h>
+#include <time.h>
+
+#include "spool/spool.h"
+
 #include <criterion/criterion.h>
 #include <criterion/new/assert.h>
 #include <stdio.h>
@@ -82,4 +87,38 @@ int testlib_loop_close(uv_loop_t *loop)
         uv_loop_close(loop);
     }
     return rc;
+}
+
+static pthread_mutex_t testlib_wmu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t testlib_wcond = PTHREAD_COND_INITIALIZER;
+int testlib_spool_wakes;
+
+void testlib_spool_wake(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&testlib_wmu);
+    testlib_spool_wakes++;
+    pthread_cond_signal(&testlib_wcond);
+    pthread_mutex_unlock(&testlib_wmu);
+}
+
+void testlib_spool_reap_until(struct spool *sp, const int *count, int want)
+{
+    for (int i = 0; i < 2000 && *count < want; i++) {
+        struct timespec ts;
+
+        spool_writer_reap(sp);
+        if (*count >= want)
+            break;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 10 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_mutex_lock(&testlib_wmu);
+        pthread_cond_timedwait(&testlib_wcond, &testlib_wmu, &ts);
+        pthread_mutex_unlock(&testlib_wmu);
+    }
+    cr_assert(count[0] >= want, "spool callbacks did not arrive (%d of %d)", count[0], want);
 }

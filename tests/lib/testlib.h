@@ -24,6 +24,15 @@ char *testlib_source_read(const char *rel);
  * ca2.pem/.key (an unrelated CA), srv.pem/.key (localhost and 127.0.0.1, signed by ca). */
 void testlib_pki(const char *dir);
 
+/* The spool writer's wake callback for tests whose own thread plays the event loop
+ * (spool_writer_start(sp, testlib_spool_wake, NULL)); counts in testlib_spool_wakes. */
+struct spool;
+void testlib_spool_wake(void *arg);
+extern int testlib_spool_wakes;
+/* Runs sp's completions (spool_writer_reap()) until *count reaches want, waiting for
+ * testlib_spool_wake between tries; asserts it got there within 20 s. */
+void testlib_spool_reap_until(struct spool *sp, const int *count, int want);
+
 /* Closes loop; when handles are still open (a leak), closes them, runs the loop once more
  * and closes it again so the next test starts clean.  Returns uv_loop_close()'s first
  * result: the teardown asserts it is 0. */

@@ -64,17 +64,6 @@ Test(sched, backoff_factor)
 
 static char tdir[64];
 
-static pthread_mutex_t wmu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t wcond = PTHREAD_COND_INITIALIZER;
-
-static void test_wake(void *arg)
-{
-    (void)arg;
-    pthread_mutex_lock(&wmu);
-    pthread_cond_signal(&wcond);
-    pthread_mutex_unlock(&wmu);
-}
-
 static void on_done(void *arg, int rc)
 {
     int *r = arg;
@@ -99,21 +88,7 @@ static uint64_t put_aged(struct spool *sp, int64_t age, enum spool_state st)
     m.rcpts = &r;
     m.nrcpts = 1;
     spool_put_async(sp, &m, strdup("Subject: x\r\n\r\nx\r\n"), 17, on_done, &done);
-    for (int i = 0; i < 2000 && done == 0; i++) {
-        struct timespec ts;
-        spool_writer_reap(sp);
-        if (done)
-            break;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 10 * 1000 * 1000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        pthread_mutex_lock(&wmu);
-        pthread_cond_timedwait(&wcond, &wmu, &ts);
-        pthread_mutex_unlock(&wmu);
-    }
+    testlib_spool_reap_until(sp, &done, 1);
     cr_assert(eq(int, done, 1));
     if (st != SPOOL_QUEUED)
         cr_assert(eq(int, spool_msg_set_state(sp, m.id, st), 0));
@@ -133,7 +108,7 @@ Test(sched, purge_failed, .timeout = 60)
     testlib_tmpdir(tdir, sizeof(tdir), "test_sched");
     snprintf(sdir, sizeof sdir, "%s/spool", tdir);
     cr_assert(eq(int, spool_open(sdir, &o, &sp, err, sizeof err), 0), "%s", err);
-    cr_assert(eq(int, spool_writer_start(sp, test_wake, NULL), 0));
+    cr_assert(eq(int, spool_writer_start(sp, testlib_spool_wake, NULL), 0));
 
     old_failed = put_aged(sp, 8 * 86400, SPOOL_FAILED);
     old_failed2 = put_aged(sp, 9 * 86400, SPOOL_FAILED);

@@ -42,19 +42,6 @@ TestSuite(spool, .init = setup, .fini = teardown, .timeout = 60);
 
 /* ---- the test thread as event loop ---- */
 
-static pthread_mutex_t wmu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t wcond = PTHREAD_COND_INITIALIZER;
-static int wakes;
-
-static void test_wake(void *arg)
-{
-    (void)arg;
-    pthread_mutex_lock(&wmu);
-    wakes++;
-    pthread_cond_signal(&wcond);
-    pthread_mutex_unlock(&wmu);
-}
-
 struct result {
     int called;
     int rc;
@@ -71,23 +58,7 @@ static void on_done(void *arg, int rc)
 /* Reaps until *count reaches want (bounded: 20 s). */
 static void reap_until(struct spool *sp, const int *count, int want)
 {
-    for (int i = 0; i < 2000 && *count < want; i++) {
-        struct timespec ts;
-
-        spool_writer_reap(sp);
-        if (*count >= want)
-            break;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 10 * 1000 * 1000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        pthread_mutex_lock(&wmu);
-        pthread_cond_timedwait(&wcond, &wmu, &ts);
-        pthread_mutex_unlock(&wmu);
-    }
-    cr_assert(eq(int, *count, want), "callbacks did not arrive");
+    testlib_spool_reap_until(sp, count, want);
 }
 
 static struct spool *open_rw(const struct spool_opts *o)
@@ -98,7 +69,7 @@ static struct spool *open_rw(const struct spool_opts *o)
     int rc = spool_open(sdir, o ? o : &def, &sp, err, sizeof(err));
 
     cr_assert(eq(int, rc, 0), "spool_open: %s", err);
-    cr_assert(eq(int, spool_writer_start(sp, test_wake, NULL), 0));
+    cr_assert(eq(int, spool_writer_start(sp, testlib_spool_wake, NULL), 0));
     return sp;
 }
 
