@@ -418,6 +418,31 @@ wait_for_maildir_count() {
 # ---------------------------------------------------------------------------------------
 # relayd
 
+# tncs_prelude: the first lines of a TNCS alarm panel's dialogue, for smtp_dialogue: HELO,
+# spaces inside the brackets, up to DATA's 354 (the seeds' transcript).  Use as
+#   { tncs_prelude; cat <<'S'; } | smtp_dialogue || fail "..."
+tncs_prelude() {
+    printf '%s\n' '< 220' '> HELO TNCS-SERVER' '< 250' '> MAIL FROM: < alarm@example.net >' \
+        '< 250' '> RCPT To: < user@example.net >' '< 250' '> DATA' '< 354'
+}
+
+# use_wrong_password: the next write_relayd_conf gives [upstream provider] a password file
+# with a wrong password ($RELAYD_PWFILE); put "$SASL_PASSWORD" into it to fix it.
+use_wrong_password() {
+    RELAYD_PWFILE=$T/wrong.secret
+    (umask 077; printf 'not-the-password\n' > "$RELAYD_PWFILE")
+}
+
+# relayd_conf_pf_upstream FILE NAME PORT TLS: [upstream NAME] for another port of the test
+# Postfix (an extra service from pf_service), with the test CA and SASL account, and
+# [route default] through it.
+relayd_conf_pf_upstream() {
+    relayd_conf "$1" "upstream $2" "host = localhost" "port = $3" "tls = $4" \
+        "ca_file = $T/ca/ca.pem" "username = $SASL_LOGIN" "password_file = $T/provider.secret" \
+        "connect_timeout = 5s"
+    relayd_conf "$1" "route default" "upstream = $2"
+}
+
 # write_relayd_conf FILE: a config for one LAN listener on a fresh port (RELAYD_PORT) and the
 # Postfix upstream ([upstream provider], [route default]).  Override with RELAYD_CA,
 # RELAYD_PWFILE, RELAYD_RETRY_FIRST, RELAYD_RETRY_MAX; RELAYD_UPSTREAM=none writes only

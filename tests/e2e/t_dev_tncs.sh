@@ -15,16 +15,7 @@ start_relayd "$T/relayd.conf"
 
 printf 'ALARM 0042 zone 3 door open\n\nacknowledge at the console\n' > "$T/want1.body"
 say "1: old firmware: HELO, MAIL FROM: < user@example.net >, only To/From/Subject"
-smtp_dialogue <<'S' || fail "TNCS dialogue (old firmware) failed"
-< 220
-> HELO TNCS-SERVER
-< 250
-> MAIL FROM: < alarm@example.net >
-< 250
-> RCPT To: < user@example.net >
-< 250
-> DATA
-< 354
+{ tncs_prelude; cat <<'S'; } | smtp_dialogue || fail "TNCS dialogue (old firmware) failed"
 > To: user@example.net
 > From: alarm@example.net
 > Subject: TNCS alarm 0042

@@ -16,16 +16,7 @@ relayd_conf "$T/relayd.conf" "listener strict" "listen = 127.0.0.1:$STRICT_PORT"
 start_relayd "$T/relayd.conf"
 
 say "1: bare LF before the final dot"
-smtp_dialogue <<'S' || fail "bare LF before the dot was not taken as the end of DATA"
-< 220
-> HELO TNCS-SERVER
-< 250
-> MAIL FROM: < alarm@example.net >
-< 250
-> RCPT To: < user@example.net >
-< 250
-> DATA
-< 354
+{ tncs_prelude; cat <<'S'; } | smtp_dialogue || fail "bare LF before the dot was not taken as the end of DATA"
 >raw To: user@example.net\r\nFrom: alarm@example.net\r\nSubject: TNCS lf dot\r\n\r\nALARM 7 lf\n.\r\n
 < 250
 > QUIT
@@ -37,16 +28,7 @@ assert_body "$f" "$T/want1.body"
 assert_repaired "$f"
 
 say "2: the dot glued to the last line, then silence (the device waits for 250)"
-smtp_dialogue --timeout 12 <<'S' || fail "relayd left a glued final dot unanswered (known TNCS quirk)"
-< 220
-> HELO TNCS-SERVER
-< 250
-> MAIL FROM: < alarm@example.net >
-< 250
-> RCPT To: < user@example.net >
-< 250
-> DATA
-< 354
+{ tncs_prelude; cat <<'S'; } | smtp_dialogue --timeout 12 || fail "relayd left a glued final dot unanswered (known TNCS quirk)"
 >raw To: user@example.net\r\nFrom: alarm@example.net\r\nSubject: TNCS glued dot\r\n\r\nALARM 8 glued.\r\n
 < 250
 > QUIT
@@ -57,16 +39,7 @@ grep -q '^ALARM 8 glued' "$f" || fail "the glued-dot alarm lost its text"
 
 say "3: the same stall on a listener without glued_dot: 421, nothing stored"
 before=$(spool_count)
-smtp_dialogue --port "$STRICT_PORT" --timeout 12 <<'S' || fail "a stalled client was not given 421"
-< 220
-> HELO TNCS-SERVER
-< 250
-> MAIL FROM: < alarm@example.net >
-< 250
-> RCPT To: < user@example.net >
-< 250
-> DATA
-< 354
+{ tncs_prelude; cat <<'S'; } | smtp_dialogue --port "$STRICT_PORT" --timeout 12 || fail "a stalled client was not given 421"
 >raw Subject: stalled\r\n\r\nThis sentence ends.\r\n
 < 421
 eof 5

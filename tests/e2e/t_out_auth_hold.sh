@@ -5,8 +5,7 @@
 source "$(dirname "$0")/lib.sh"
 
 start_postfix_upstream
-RELAYD_PWFILE=$T/provider.pw
-(umask 077; printf 'not-the-password\n' > "$RELAYD_PWFILE")
+use_wrong_password
 write_relayd_conf "$T/relayd.conf"
 start_relayd "$T/relayd.conf"
 

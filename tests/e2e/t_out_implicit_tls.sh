@@ -13,14 +13,7 @@ PF_EXTRA_MASTER=$(pf_service "$P2" smtps smtpd_tls_wrappermode=yes)
 PF_EXTRA_PORTS=$P2
 start_postfix_upstream
 write_relayd_conf "$T/relayd.conf"
-relayd_conf "$T/relayd.conf" "upstream smtps" "host = localhost
-port = $P2
-tls = implicit
-ca_file = $T/ca/ca.pem
-username = $SASL_LOGIN
-password_file = $T/provider.secret
-connect_timeout = 5s"
-relayd_conf "$T/relayd.conf" "route default" "upstream = smtps"
+relayd_conf_pf_upstream "$T/relayd.conf" smtps "$P2" implicit
 start_relayd "$T/relayd.conf"
 
 make_message "$T/m.eml" "implicit tls"

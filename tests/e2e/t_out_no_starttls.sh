@@ -12,14 +12,7 @@ PF_EXTRA_MASTER=$(pf_service "$P2" plain smtpd_tls_security_level=none smtpd_tls
 PF_EXTRA_PORTS=$P2
 start_postfix_upstream
 write_relayd_conf "$T/relayd.conf"
-relayd_conf "$T/relayd.conf" "upstream plain" "host = localhost
-port = $P2
-tls = starttls
-ca_file = $T/ca/ca.pem
-username = $SASL_LOGIN
-password_file = $T/provider.secret
-connect_timeout = 5s"
-relayd_conf "$T/relayd.conf" "route default" "upstream = plain"
+relayd_conf_pf_upstream "$T/relayd.conf" plain "$P2" starttls
 start_relayd "$T/relayd.conf"
 
 make_message "$T/m.eml" "no starttls"
