@@ -1,6 +1,11 @@
 /*
  * sched - the delivery scheduler; see sched.h.
  *
+ * Why one file of this length: a round's steps (pick, group, verdicts, notifications, the
+ * conditional write and its retries, parking) all work on struct sched_delivery and the
+ * scheduler's busy set; the decisions are pure functions here (sched_round_decide(),
+ * sched_backoff_factor()) with their own table tests, and the I/O is in pool.c and spool/.
+ *
  * Happy path: tick or kick -> spool_due() -> for each id not already busy, load the
  * envelope (not the body), re-check that it is still due, route its pending recipients.
  * When a route can take mail now the body is loaded and a round starts: the pending

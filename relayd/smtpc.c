@@ -1,6 +1,11 @@
 /*
  * smtpc - the outbound SMTP client; see smtpc.h.
  *
+ * Why one file of this length: it is one state machine (connect, TLS, AUTH, the pipelined
+ * transaction, the body, QUIT) whose states share the connection, the timer and the reply
+ * queue; split, every part would need the whole struct smtpc and its transitions.  The
+ * policy it applies lives elsewhere (relayd/verdict.c), and so does its I/O (common/tlsio.c).
+ *
  * One struct smtpc per connection, driven by tlsio events and one timer:
  *
  *   RESOLVE -> CONNECT (each address in turn) -> [TLS_IMPLICIT] -> GREETING -> EHLO

@@ -1,4 +1,9 @@
 /*
+ * Why one file of this length: every function here runs inside, or opens, an LMDB
+ * transaction over the same sub-databases and keeps the same invariants (schedule keys,
+ * byte and state counters); the writer thread (spool_writer.c), the record layout
+ * (spool_codec.c) and the device history (spool_devices.c) are apart already.
+ *
  * spool - the LMDB environment, queue ids, reads and the record-level writes; see spool.h
  * and spool/DESIGN.md.  The writer thread lives in spool_writer.c, the byte layout in
  * spool_codec.c.
