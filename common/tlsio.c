@@ -3,7 +3,7 @@
  *
  * GnuTLS runs on a custom transport: its pull function reads ciphertext from io->cin, which
  * the uv read callback fills; its push function copies each record into its own uv_write
- * request, so GnuTLS never sees EAGAIN on output.  After every read one drive() runs the
+ * request, so GnuTLS never sees EAGAIN on output.  After every read one tlsio_drive() runs the
  * handshake, or gnutls_record_recv() until GNUTLS_E_AGAIN, and everything decrypted goes to
  * io->in.  Nothing stays hidden inside GnuTLS or io->cin after a drive except a partial
  * record, so stopping and restarting reads never strands plaintext (Postfix tlsp_strategy).
@@ -212,7 +212,7 @@ struct tlsio_cred *tlsio_cred_free(struct tlsio_cred *cred)
 
 /* Delivers ev unless the consumer closed the io or it already died.  Afterwards the caller
  * must re-check io->closing and io->dead: the callback may have closed it. */
-static void emit(struct tlsio *io, enum tlsio_event ev)
+static void tlsio_emit(struct tlsio *io, enum tlsio_event ev)
 {
     if (io->closing || io->dead)
         return;
@@ -223,8 +223,9 @@ static void emit(struct tlsio *io, enum tlsio_event ev)
 
 static void update_reading(struct tlsio *io);
 
-static void fail(struct tlsio *io, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void fail(struct tlsio *io, const char *fmt, ...)
+static void tlsio_fail(struct tlsio *io, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void tlsio_fail(struct tlsio *io, const char *fmt, ...)
 {
     va_list ap;
 
@@ -236,8 +237,8 @@ static void fail(struct tlsio *io, const char *fmt, ...)
     io->dead = 1;
     io->failed = 1;
     update_reading(io);
-    io->dead = 0; /* emit() sets it again */
-    emit(io, TLSIO_ERROR);
+    io->dead = 0; /* tlsio_emit() sets it again */
+    tlsio_emit(io, TLSIO_ERROR);
 }
 
 /* ---- Writes ---- */
@@ -254,11 +255,11 @@ static void write_cb(uv_write_t *req, int status)
         return;
     if (status < 0) {
         if (status != UV_ECANCELED)
-            fail(io, "%s", uv_strerror(status));
+            tlsio_fail(io, "%s", uv_strerror(status));
         return;
     }
     if (io->nwrites == 0 && io->preout->len == 0)
-        emit(io, TLSIO_DRAINED);
+        tlsio_emit(io, TLSIO_DRAINED);
 }
 
 static int queue_write(struct tlsio *io, const void *data, size_t len)
@@ -349,7 +350,7 @@ int tlsio_write(struct tlsio *io, const void *data, size_t len)
             snprintf(io->err, sizeof(io->err), "%s", uv_strerror(rc));
         return rc;
     case TLSIO_T_HANDSHAKE:
-        /* Sent once the handshake is done; see drive(). */
+        /* Sent once the handshake is done; see tlsio_drive(). */
         buf_append(io->preout, data, len);
         return 0;
     case TLSIO_T_READY:
@@ -402,16 +403,16 @@ static void tls_fail(struct tlsio *io, int rc, const char *when)
     char tmp[200];
 
     if (rc == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
-        fail(io, "%s", verify_words(io, tmp, sizeof(tmp)));
+        tlsio_fail(io, "%s", verify_words(io, tmp, sizeof(tmp)));
     } else if (rc == GNUTLS_E_FATAL_ALERT_RECEIVED) {
         const char *name = gnutls_alert_get_name(gnutls_alert_get(io->sess));
-        fail(io, "received TLS alert: %s", name != NULL ? name : "unknown");
+        tlsio_fail(io, "received TLS alert: %s", name != NULL ? name : "unknown");
     } else if (rc == GNUTLS_E_PUSH_ERROR && io->push_err != 0) {
-        fail(io, "%s", uv_strerror(io->push_err));
+        tlsio_fail(io, "%s", uv_strerror(io->push_err));
     } else if (io->peer_eof && io->tls == TLSIO_T_HANDSHAKE) {
-        fail(io, "connection closed by peer during TLS handshake");
+        tlsio_fail(io, "connection closed by peer during TLS handshake");
     } else {
-        fail(io, "TLS %s failed: %s", when, gnutls_strerror(rc));
+        tlsio_fail(io, "TLS %s failed: %s", when, gnutls_strerror(rc));
     }
 }
 
@@ -426,7 +427,7 @@ static void flush_preout(struct tlsio *io)
     buf_reset(io->preout);
     if (rc < 0) {
         snprintf(tmp, sizeof(tmp), "%s", io->err);
-        fail(io, "%s", tmp);
+        tlsio_fail(io, "%s", tmp);
     }
 }
 
@@ -516,7 +517,7 @@ static int check_pin(struct tlsio *io)
         if (io->pins == NULL)
             return 0;
         io->verify_failed = 1;
-        fail(io, "server sent no certificate to check against tls_pin");
+        tlsio_fail(io, "server sent no certificate to check against tls_pin");
         return -1;
     }
     if ((rc = spki_pin(&certs[0], io->peer_pin, sizeof(io->peer_pin))) < 0) {
@@ -524,12 +525,12 @@ static int check_pin(struct tlsio *io)
         if (io->pins == NULL)
             return 0;
         io->verify_failed = 1;
-        fail(io, "cannot read the server's public key: %s", gnutls_strerror(rc));
+        tlsio_fail(io, "cannot read the server's public key: %s", gnutls_strerror(rc));
         return -1;
     }
     if (io->pins != NULL && !pin_listed(io->pins, io->peer_pin)) {
         io->verify_failed = 1;
-        fail(io, "certificate public key does not match tls_pin (server key is %s)",
+        tlsio_fail(io, "certificate public key does not match tls_pin (server key is %s)",
              io->peer_pin);
         return -1;
     }
@@ -576,7 +577,7 @@ int tlsio_pin_of_cert_file(const char *pem_file, char *out, size_t outlen, char 
 }
 
 /* Runs the TLS engine over everything in io->cin; see the file comment. */
-static void drive(struct tlsio *io)
+static void tlsio_drive(struct tlsio *io)
 {
     char tmp[16384];
     int got = 0, eof = 0;
@@ -590,7 +591,7 @@ static void drive(struct tlsio *io)
                 break;
             if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED) {
                 if (io->peer_eof && io->cin->len == 0)
-                    fail(io, "connection closed by peer during TLS handshake");
+                    tlsio_fail(io, "connection closed by peer during TLS handshake");
                 return;
             }
             if (!gnutls_error_is_fatal(rc))
@@ -605,7 +606,7 @@ static void drive(struct tlsio *io)
         flush_preout(io);
         if (io->closing || io->dead)
             return;
-        emit(io, TLSIO_TLSREADY);
+        tlsio_emit(io, TLSIO_TLSREADY);
         if (io->closing || io->dead)
             return;
     }
@@ -643,17 +644,17 @@ static void drive(struct tlsio *io)
         if (!gnutls_error_is_fatal((int)n))
             continue;
         if (got && io->want_read)
-            emit(io, TLSIO_DATAIN);
+            tlsio_emit(io, TLSIO_DATAIN);
         tls_fail(io, (int)n, "read");
         return;
     }
     if (got && io->want_read)
-        emit(io, TLSIO_DATAIN);
+        tlsio_emit(io, TLSIO_DATAIN);
     if (io->closing || io->dead)
         return;
     if (eof || (io->peer_eof && io->cin->len == 0)) {
         update_reading(io);
-        emit(io, TLSIO_EOF);
+        tlsio_emit(io, TLSIO_EOF);
     }
 }
 
@@ -679,14 +680,14 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         io->peer_eof = 1;
         if (io->tls == TLSIO_T_NONE) {
             update_reading(io);
-            emit(io, TLSIO_EOF);
+            tlsio_emit(io, TLSIO_EOF);
         } else {
-            drive(io);
+            tlsio_drive(io);
         }
         return;
     }
     if (nread < 0) {
-        fail(io, "%s", uv_strerror((int)nread));
+        tlsio_fail(io, "%s", uv_strerror((int)nread));
         return;
     }
     if (nread == 0)
@@ -696,9 +697,9 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     dst->data[dst->len] = '\0';
     if (io->tls == TLSIO_T_NONE) {
         if (io->want_read)
-            emit(io, TLSIO_DATAIN);
+            tlsio_emit(io, TLSIO_DATAIN);
     } else {
-        drive(io);
+        tlsio_drive(io);
     }
 }
 
@@ -722,7 +723,7 @@ static void deferred_datain(uv_timer_t *t)
     struct tlsio *io = t->data;
 
     if (io->want_read && io->in->len > 0)
-        emit(io, TLSIO_DATAIN);
+        tlsio_emit(io, TLSIO_DATAIN);
 }
 
 int tlsio_read_start(struct tlsio *io)
@@ -786,12 +787,12 @@ static void connect_cb(uv_connect_t *req, int status)
     if (status == UV_ECANCELED || io->closing)
         return;
     if (status < 0) {
-        fail(io, "%s", uv_strerror(status));
+        tlsio_fail(io, "%s", uv_strerror(status));
         return;
     }
     /* SMTP is a dialogue of short lines: do not let Nagle hold back the last one. */
     uv_tcp_nodelay(&io->tcp, 1);
-    emit(io, TLSIO_CONNECTED);
+    tlsio_emit(io, TLSIO_CONNECTED);
 }
 
 int tlsio_connect(struct tlsio *io, const struct sockaddr *addr)
@@ -901,7 +902,7 @@ static int is_ip_literal(const char *name)
     return inet_pton(AF_INET, name, tmp) == 1 || inet_pton(AF_INET6, name, tmp) == 1;
 }
 
-static int starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server,
+static int tlsio_start_tls(struct tlsio *io, struct tlsio_cred *cred, int is_server,
                     const char *servername, int keep)
 {
     int rc;
@@ -977,13 +978,13 @@ gnutls_fail:
 
 int tlsio_starttls(struct tlsio *io, struct tlsio_cred *cred, int is_server, const char *servername)
 {
-    return starttls(io, cred, is_server, servername, 0);
+    return tlsio_start_tls(io, cred, is_server, servername, 0);
 }
 
 int tlsio_starttls_keep(struct tlsio *io, struct tlsio_cred *cred, int is_server,
                         const char *servername)
 {
-    return starttls(io, cred, is_server, servername, 1);
+    return tlsio_start_tls(io, cred, is_server, servername, 1);
 }
 
 /* ---- Queries ---- */
