@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 
 #include "common/log.h"
 #include "common/tlsio.h"
@@ -65,7 +66,7 @@ struct pool_req {
     const char **sub_orcpt;
     size_t *sub_index; /* sub slot -> index in msg */
     struct pool_rcpt *rc; /* msg->nrcpts */
-    struct pool_req *next;
+    STAILQ_ENTRY(pool_req) link; /* in its upstream's queue or p->finished, or in none */
 };
 
 struct pool_conn {
@@ -74,7 +75,7 @@ struct pool_conn {
     int ready;            /* set-up done */
     int failed;           /* set-up failed: closing */
     struct pool_req *req; /* in transit */
-    struct pool_conn *next;
+    LIST_ENTRY(pool_conn) link;
 };
 
 struct pool_up {
@@ -82,9 +83,9 @@ struct pool_up {
     const struct cfg_upstream *cfg;
     struct upstream *u;
     struct tlsio_cred *cred;
-    struct pool_conn *conns;
+    LIST_HEAD(, pool_conn) conns;
     int nconns, nconnecting;
-    struct pool_req *qhead, *qtail;
+    STAILQ_HEAD(, pool_req) queue; /* waiting in memory, first in first out */
     int nqueued;
     uint64_t reopen_at; /* no new session before this (after a set-up failure) */
     uv_timer_t wake;
@@ -101,7 +102,7 @@ struct pool {
     int started;
     uv_timer_t kick;
     uv_timer_t grace; /* stop: how long offered transactions may wait for their reply */
-    struct pool_req *finished; /* requests to finish from the loop (pool_deliver refusals) */
+    STAILQ_HEAD(, pool_req) finished; /* to finish from the loop (pool_deliver refusals) */
     int open_handles;
     int stopping;
     void (*stop_done)(void *arg);
@@ -148,7 +149,7 @@ static int pool_up_ready(const struct pool_up *pu, size_t nrcpts, uint64_t now)
 
     if (!pool_up_ok(pu) || upstream_rate_wait(pu->u, nrcpts, now, NULL))
         return 0;
-    for (conn = pu->conns; conn != NULL; conn = conn->next)
+    LIST_FOREACH(conn, &pu->conns, link)
         working += conn->ready && !conn->failed;
     return working > 0 || pu->reopen_at <= now;
 }
@@ -294,8 +295,7 @@ static void req_finish_later(struct pool_req *req)
 {
     struct pool *p = req->p;
 
-    req->next = p->finished;
-    p->finished = req;
+    STAILQ_INSERT_TAIL(&p->finished, req, link);
     pool_kick(p);
 }
 
@@ -303,33 +303,21 @@ static void req_finish_later(struct pool_req *req)
 
 static void queue_push(struct pool_up *pu, struct pool_req *req, int at_head)
 {
-    req->next = NULL;
-    if (at_head) {
-        req->next = pu->qhead;
-        pu->qhead = req;
-        if (pu->qtail == NULL)
-            pu->qtail = req;
-    } else {
-        if (pu->qtail != NULL)
-            pu->qtail->next = req;
-        else
-            pu->qhead = req;
-        pu->qtail = req;
-    }
+    if (at_head)
+        STAILQ_INSERT_HEAD(&pu->queue, req, link);
+    else
+        STAILQ_INSERT_TAIL(&pu->queue, req, link);
     pu->nqueued++;
 }
 
 static struct pool_req *queue_pop(struct pool_up *pu)
 {
-    struct pool_req *req = pu->qhead;
+    struct pool_req *req = STAILQ_FIRST(&pu->queue);
 
     if (req == NULL)
         return NULL;
-    pu->qhead = req->next;
-    if (pu->qhead == NULL)
-        pu->qtail = NULL;
+    STAILQ_REMOVE_HEAD(&pu->queue, link);
     pu->nqueued--;
-    req->next = NULL;
     return req;
 }
 
@@ -454,16 +442,8 @@ static void conn_event(void *arg, struct smtpc *c, enum smtpc_event ev,
 
 static void conn_unlink(struct pool_conn *conn)
 {
-    struct pool_up *pu = conn->pu;
-    struct pool_conn **pp;
-
-    for (pp = &pu->conns; *pp != NULL; pp = &(*pp)->next) {
-        if (*pp == conn) {
-            *pp = conn->next;
-            break;
-        }
-    }
-    pu->nconns--;
+    LIST_REMOVE(conn, link);
+    conn->pu->nconns--;
 }
 
 static void pool_grace_close(struct pool *p);
@@ -577,25 +557,25 @@ static void conn_event(void *arg, struct smtpc *c, enum smtpc_event ev,
             up_fault(pu, res);
             break;
         }
-        for (o = pu->conns; o != NULL; o = o->next)
+        LIST_FOREACH(o, &pu->conns, link)
             working += o->ready && !o->failed;
         /* With no working session left, the queue goes to the failover upstreams (or
          * finishes); sessions still being set up get new requests as they come. */
         if (working == 0) {
             int keep = pu->nconnecting;
-            struct pool_req *kept = NULL, **kt = &kept;
+            STAILQ_HEAD(, pool_req) kept = STAILQ_HEAD_INITIALIZER(kept);
+
             while ((req = queue_pop(pu)) != NULL) {
                 if (keep > 0 && cand_up(req->route, req->cand + 1) == NULL) {
                     /* No failover for it: let a session still being set up try. */
                     keep--;
-                    *kt = req;
-                    kt = &req->next;
+                    STAILQ_INSERT_TAIL(&kept, req, link);
                     continue;
                 }
                 req_failover(req, res);
             }
-            while ((req = kept) != NULL) {
-                kept = req->next;
+            while ((req = STAILQ_FIRST(&kept)) != NULL) {
+                STAILQ_REMOVE_HEAD(&kept, link);
                 queue_push(pu, req, 0);
             }
         }
@@ -630,8 +610,7 @@ static int conn_open(struct pool_up *pu)
         free(conn);
         return rc;
     }
-    conn->next = pu->conns;
-    pu->conns = conn;
+    LIST_INSERT_HEAD(&pu->conns, conn, link);
     pu->nconns++;
     pu->nconnecting++;
     pu->p->opened++;
@@ -662,12 +641,12 @@ static void pool_dispatch_up(struct pool_up *pu)
             req_failover(req, NULL);
         return;
     }
-    while ((req = pu->qhead) != NULL) {
+    while ((req = STAILQ_FIRST(&pu->queue)) != NULL) {
         if (upstream_rate_wait(pu->u, req->sub.nrcpts, now, &wait)) {
             uv_timer_start(&pu->wake, wake_fire, wait, 0);
             return;
         }
-        for (conn = pu->conns; conn != NULL; conn = conn->next)
+        LIST_FOREACH(conn, &pu->conns, link)
             if (conn->ready && !conn->failed && conn->req == NULL && smtpc_session_idle(conn->c))
                 break;
         if (conn != NULL) {
@@ -705,8 +684,8 @@ static void kick_fire(uv_timer_t *t)
     struct pool_req *req;
     int i;
 
-    while ((req = p->finished) != NULL) {
-        p->finished = req->next;
+    while ((req = STAILQ_FIRST(&p->finished)) != NULL) {
+        STAILQ_REMOVE_HEAD(&p->finished, link);
         req_failover(req, NULL);
     }
     if (p->stopping)
@@ -732,11 +711,14 @@ struct pool *pool_new(uv_loop_t *loop, const struct cfg *cfg, struct oauth2 *oau
     p->cfg = cfg;
     p->oauth2 = oauth2;
     p->nups = cfg->nupstreams;
+    STAILQ_INIT(&p->finished);
     p->ups = xcalloc((size_t)p->nups + 1, sizeof(*p->ups));
     for (i = 0; i < p->nups; i++) {
         p->ups[i].p = p;
         p->ups[i].cfg = &cfg->upstreams[i];
         p->ups[i].u = upstream_new(&cfg->upstreams[i]);
+        STAILQ_INIT(&p->ups[i].queue);
+        LIST_INIT(&p->ups[i].conns);
     }
     return p;
 }
@@ -862,8 +844,8 @@ static void pool_close_sessions(struct pool *p, int offered_wait)
     int i, waiting = 0;
 
     for (i = 0; i < p->nups; i++) {
-        for (conn = p->ups[i].conns; conn != NULL; conn = next) {
-            next = conn->next;
+        for (conn = LIST_FIRST(&p->ups[i].conns); conn != NULL; conn = next) {
+            next = LIST_NEXT(conn, link);
             if (conn->req != NULL && offered_wait && smtpc_session_offered(conn->c)) {
                 waiting++;
                 continue;
@@ -894,8 +876,8 @@ void pool_stop(struct pool *p, void (*done)(void *arg), void *arg)
     p->stopping = 1;
     p->stop_done = done;
     p->stop_arg = arg;
-    while ((req = p->finished) != NULL) {
-        p->finished = req->next;
+    while ((req = STAILQ_FIRST(&p->finished)) != NULL) {
+        STAILQ_REMOVE_HEAD(&p->finished, link);
         req_fail_now(req, 0, NULL, cand_up(req->route, req->cand), SMTPC_ABORTED);
     }
     for (i = 0; i < p->nups; i++) {
@@ -957,7 +939,7 @@ void pool_get_stats(const struct pool *p, struct pool_stats *st)
     for (i = 0; i < p->nups; i++) {
         st->sessions += p->ups[i].nconns;
         st->queued += p->ups[i].nqueued;
-        for (conn = p->ups[i].conns; conn != NULL; conn = conn->next)
+        LIST_FOREACH(conn, &p->ups[i].conns, link)
             st->idle += conn->ready && conn->req == NULL && smtpc_session_idle(conn->c);
     }
     st->opened = p->opened;

@@ -46,6 +46,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <time.h>
 
 #include "common/log.h"
@@ -128,8 +129,8 @@ struct sched_delivery {
     enum sched_write_kind wkind;
     int wtries;
     int64_t wretry_at;
-    struct sched_delivery *next;       /* sc->active */
-    struct sched_delivery *retry_next; /* sc->retry */
+    LIST_ENTRY(sched_delivery) active;     /* sc->active */
+    SLIST_ENTRY(sched_delivery) retry_link; /* sc->retry */
 };
 
 /* Messages waiting for an unhealthy upstream of one route (memory only: after a restart
@@ -146,11 +147,11 @@ struct sched {
     uv_timer_t timer;
     struct pool *pool; /* sessions to the upstreams (relayd/pool.h) */
     int pool_open;     /* pool_stop() has not finished yet */
-    struct sched_delivery *active;
+    LIST_HEAD(, sched_delivery) active; /* busy: picked, results not yet durable */
     int nactive;
     size_t own_bytes;             /* the counter when no budget is shared */
     size_t *mem_used;             /* max_memory's counter: bodies in delivery count in it */
-    struct sched_delivery *retry; /* writes that failed, to do again */
+    SLIST_HEAD(, sched_delivery) retry; /* writes that failed, to do again */
     int write_faults;             /* deliveries whose write failed and waits */
     struct sched_park *parks;     /* per route (cfg->routes[i]) */
     uint64_t *scan;               /* ids of one scan: workers + SCHED_SCAN_MAX entries */
@@ -285,7 +286,7 @@ static int sched_busy(const struct sched *sc, uint64_t id)
 {
     const struct sched_delivery *d;
 
-    for (d = sc->active; d != NULL; d = d->next)
+    LIST_FOREACH(d, &sc->active, active)
         if (d->id == id)
             return 1;
     return 0;
@@ -318,8 +319,7 @@ static struct sched_delivery *sched_delivery_new(struct sched *sc, uint64_t id,
     d->rw_rcpts = xcalloc(n, sizeof(*d->rw_rcpts));
     d->dsn_notify = xcalloc(n, sizeof(*d->dsn_notify));
     d->dsn_orcpt = xcalloc(n, sizeof(*d->dsn_orcpt));
-    d->next = sc->active;
-    sc->active = d;
+    LIST_INSERT_HEAD(&sc->active, d, active);
     sc->nactive++;
     return d;
 }
@@ -337,15 +337,9 @@ static void sched_maybe_stopped(struct sched *sc)
 static void sched_delivery_free(struct sched_delivery *d)
 {
     struct sched *sc = d->sc;
-    struct sched_delivery **pp;
     size_t i, n = d->msg != NULL ? d->msg->nrcpts : 0;
 
-    for (pp = &sc->active; *pp != NULL; pp = &(*pp)->next) {
-        if (*pp == d) {
-            *pp = d->next;
-            break;
-        }
-    }
+    LIST_REMOVE(d, active);
     sc->nactive--;
     *sc->mem_used -= d->len < *sc->mem_used ? d->len : *sc->mem_used;
     for (i = 0; i < n; i++) {
@@ -557,8 +551,7 @@ static void sched_write_done(void *arg, int rc)
         log_error("%s: could not record the delivery result: %s; trying again in %ds, no new "
                   "delivery starts until the spool can be written",
                   qid, spool_strerror(rc), delay);
-        d->retry_next = sc->retry;
-        sc->retry = d;
+        SLIST_INSERT_HEAD(&sc->retry, d, retry_link);
         return;
     }
     if (d->wtries > 0) {
@@ -668,20 +661,20 @@ out:
 
 static void sched_retry_writes(struct sched *sc, int force)
 {
-    struct sched_delivery *d, *list = sc->retry, *keep = NULL;
+    struct sched_delivery *d, *next;
     int64_t now = (int64_t)time(NULL);
 
-    sc->retry = NULL;
-    while ((d = list) != NULL) {
-        list = d->retry_next;
+    /* Take the list: a write that fails again puts its delivery back on sc->retry. */
+    d = SLIST_FIRST(&sc->retry);
+    SLIST_INIT(&sc->retry);
+    for (; d != NULL; d = next) {
+        next = SLIST_NEXT(d, retry_link);
         if (!force && d->wretry_at > now) {
-            d->retry_next = keep;
-            keep = d;
+            SLIST_INSERT_HEAD(&sc->retry, d, retry_link);
             continue;
         }
         sched_write(d);
     }
-    sc->retry = keep;
 }
 
 /* ---- Notifications ---- */
@@ -1327,7 +1320,7 @@ static void sched_on_tick(uv_timer_t *t)
 {
     struct sched *sc = t->data;
 
-    if (sc->retry != NULL)
+    if (!SLIST_EMPTY(&sc->retry))
         sched_retry_writes(sc, 0);
     sched_run(sc);
     if ((int64_t)time(NULL) - sc->last_purge >= SCHED_PURGE_EVERY)
