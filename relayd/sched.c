@@ -489,18 +489,16 @@ static int sched_route_open(struct sched *sc, const struct cfg_route *route, int
     return 0;
 }
 
-/* Every route is blocked: nothing to scan for.  (No route at all: mail is held, so scan.) */
-static int sched_all_blocked(struct sched *sc)
+/* How many routes are blocked now (0..nroutes): all of them means nothing to scan for
+ * (with no route at all mail is held, so scan), none means no mail needs parking. */
+static int sched_blocked_routes(struct sched *sc)
 {
     int64_t until;
-    int park;
+    int park, blocked = 0;
 
-    if (sc->cfg->nroutes == 0)
-        return 0;
     for (int r = 0; r < sc->cfg->nroutes; r++)
-        if (sched_route_open(sc, &sc->cfg->routes[r], 0, &until, &park))
-            return 0;
-    return 1;
+        blocked += !sched_route_open(sc, &sc->cfg->routes[r], 0, &until, &park);
+    return blocked;
 }
 
 /* ---- Writes ---- */
@@ -1178,14 +1176,19 @@ static void sched_run(struct sched *sc)
 {
     uint64_t *ids = sc->scan, *pids = NULL;
     int64_t now = (int64_t)time(NULL), *pwhen = NULL, until;
-    size_t n = 0, i, npark = 0;
-    int rc;
+    size_t n = 0, i, npark = 0, want = sc->nscan;
+    int rc, blocked;
 
-    if (sc->stopping || sc->parking || sc->write_faults > 0 ||
-        sc->nactive >= sc->cfg->workers || sched_all_blocked(sc))
+    if (sc->stopping || sc->parking || sc->write_faults > 0 || sc->nactive >= sc->cfg->workers)
         return;
-    /* Busy messages may still look due: look past them (they are skipped unread). */
-    if ((rc = spool_due(sc->sp, now, ids, sc->nscan, &n)) != 0) {
+    if ((blocked = sched_blocked_routes(sc)) == sc->cfg->nroutes && blocked > 0)
+        return;
+    /* Busy messages may still look due: look past them (they are skipped unread).  With no
+     * route blocked nothing will be parked, so the busy ones and the free workers are all
+     * the scan needs (a drain of a full spool scans little per delivery). */
+    if (blocked == 0)
+        want = (size_t)sc->cfg->workers + 1;
+    if ((rc = spool_due(sc->sp, now, ids, want, &n)) != 0) {
         log_error("spool: cannot read the schedule: %s", spool_strerror(rc));
         return;
     }
@@ -1195,6 +1198,8 @@ static void sched_run(struct sched *sc)
 
         if (sched_busy(sc, ids[i]))
             continue;
+        if (blocked == 0 && sc->nactive >= sc->cfg->workers)
+            break; /* nothing to park, no room: no need to read the next envelope */
         pk = sched_pick(sc, ids[i], sc->cfg->workers - sc->nactive, now, &until, &park);
         if (pk == SCHED_PICK_NO_ROOM)
             break;
