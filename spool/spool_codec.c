@@ -18,7 +18,6 @@
 #include "common/xalloc.h"
 #include "spool/spool_int.h"
 
-#define STR_NULL 0xFFFFFFFFu
 #define MSG_V1 1 /* = SPOOL_REC_VERSION: no DSN fields */
 #define MSG_V2 2 /* + u8 dsn_ret, str dsn_envid; per recipient + u8 notify, str orcpt */
 
@@ -60,14 +59,14 @@ void spool__sched_key(unsigned char k[16], int64_t when, uint64_t id)
 
 /* ---- encoding ---- */
 
-static void put_u8(struct buf *b, unsigned v)
+void spool__put_u8(struct buf *b, unsigned v)
 {
     unsigned char c = (unsigned char)v;
 
     buf_append(b, &c, 1);
 }
 
-static void put_u32(struct buf *b, uint32_t v)
+void spool__put_u32(struct buf *b, uint32_t v)
 {
     unsigned char p[4];
 
@@ -75,7 +74,7 @@ static void put_u32(struct buf *b, uint32_t v)
     buf_append(b, p, 4);
 }
 
-static void put_u64(struct buf *b, uint64_t v)
+void spool__put_u64(struct buf *b, uint64_t v)
 {
     unsigned char p[8];
 
@@ -83,30 +82,30 @@ static void put_u64(struct buf *b, uint64_t v)
     buf_append(b, p, 8);
 }
 
-static void put_str(struct buf *b, const char *s)
+void spool__put_str(struct buf *b, const char *s)
 {
     size_t n;
 
     if (s == NULL) {
-        put_u32(b, STR_NULL);
+        spool__put_u32(b, SPOOL_STR_NULL);
         return;
     }
     n = strlen(s);
-    if (n >= STR_NULL)
-        n = STR_NULL - 1; /* cannot happen for SMTP data; keep the record decodable */
-    put_u32(b, (uint32_t)n);
+    if (n >= SPOOL_STR_NULL)
+        n = SPOOL_STR_NULL - 1; /* cannot happen for SMTP data; keep the record decodable */
+    spool__put_u32(b, (uint32_t)n);
     buf_append(b, s, n);
 }
 
-/* Writes the header with a placeholder length; finish() patches it. */
-static void start(struct buf *b, unsigned version)
+/* Writes the header with a placeholder length; spool__rec_finish() patches it. */
+void spool__rec_start(struct buf *b, unsigned version)
 {
     buf_reset(b);
-    put_u8(b, version);
-    put_u32(b, 0);
+    spool__put_u8(b, version);
+    spool__put_u32(b, 0);
 }
 
-static void finish(struct buf *b)
+void spool__rec_finish(struct buf *b)
 {
     spool__be32((unsigned char *)b->data + 1, (uint32_t)b->len);
 }
@@ -126,52 +125,46 @@ void spool__encode_msg(const struct spool_msg *m, struct buf *out)
 {
     unsigned v = has_dsn(m) ? MSG_V2 : MSG_V1;
 
-    start(out, v);
-    put_u8(out, (unsigned)m->state);
-    put_u64(out, (uint64_t)m->arrived);
-    put_u64(out, (uint64_t)m->next_attempt);
-    put_u32(out, m->attempts < 0 ? 0 : (uint32_t)m->attempts);
-    put_u64(out, m->size);
-    put_str(out, m->sender);
-    put_str(out, m->client);
-    put_str(out, m->helo);
-    put_str(out, m->listener);
-    put_str(out, m->last_error);
+    spool__rec_start(out, v);
+    spool__put_u8(out, (unsigned)m->state);
+    spool__put_u64(out, (uint64_t)m->arrived);
+    spool__put_u64(out, (uint64_t)m->next_attempt);
+    spool__put_u32(out, m->attempts < 0 ? 0 : (uint32_t)m->attempts);
+    spool__put_u64(out, m->size);
+    spool__put_str(out, m->sender);
+    spool__put_str(out, m->client);
+    spool__put_str(out, m->helo);
+    spool__put_str(out, m->listener);
+    spool__put_str(out, m->last_error);
     if (v >= MSG_V2) {
-        put_u8(out, (unsigned)m->dsn_ret & 0xff);
-        put_str(out, m->dsn_envid);
+        spool__put_u8(out, (unsigned)m->dsn_ret & 0xff);
+        spool__put_str(out, m->dsn_envid);
     }
-    put_u32(out, (uint32_t)m->nrcpts);
+    spool__put_u32(out, (uint32_t)m->nrcpts);
     for (size_t i = 0; i < m->nrcpts; i++) {
-        put_str(out, m->rcpts[i].addr);
-        put_u8(out, (unsigned)m->rcpts[i].status);
-        put_str(out, m->rcpts[i].reply);
+        spool__put_str(out, m->rcpts[i].addr);
+        spool__put_u8(out, (unsigned)m->rcpts[i].status);
+        spool__put_str(out, m->rcpts[i].reply);
         if (v >= MSG_V2) {
-            put_u8(out, m->rcpts[i].dsn_notify & 0xff);
-            put_str(out, m->rcpts[i].dsn_orcpt);
+            spool__put_u8(out, m->rcpts[i].dsn_notify & 0xff);
+            spool__put_str(out, m->rcpts[i].dsn_orcpt);
         }
     }
-    finish(out);
+    spool__rec_finish(out);
 }
 
 void spool__encode_attempt(const struct spool_attempt *a, struct buf *out)
 {
-    start(out, SPOOL_REC_VERSION);
-    put_u64(out, (uint64_t)a->when);
-    put_str(out, a->upstream);
-    put_str(out, a->result);
-    finish(out);
+    spool__rec_start(out, SPOOL_REC_VERSION);
+    spool__put_u64(out, (uint64_t)a->when);
+    spool__put_str(out, a->upstream);
+    spool__put_str(out, a->result);
+    spool__rec_finish(out);
 }
 
 /* ---- decoding ---- */
 
-struct rd {
-    const unsigned char *p;
-    size_t n, off;
-    int bad;
-};
-
-static int need(struct rd *r, size_t k)
+static int need(struct spool__rd *r, size_t k)
 {
     if (r->bad || r->n - r->off < k) {
         r->bad = 1;
@@ -180,14 +173,14 @@ static int need(struct rd *r, size_t k)
     return 1;
 }
 
-static unsigned get_u8(struct rd *r)
+unsigned spool__get_u8(struct spool__rd *r)
 {
     if (!need(r, 1))
         return 0;
     return r->p[r->off++];
 }
 
-static uint32_t get_u32(struct rd *r)
+uint32_t spool__get_u32(struct spool__rd *r)
 {
     uint32_t v;
 
@@ -198,7 +191,7 @@ static uint32_t get_u32(struct rd *r)
     return v;
 }
 
-static uint64_t get_u64(struct rd *r)
+uint64_t spool__get_u64(struct spool__rd *r)
 {
     uint64_t v;
 
@@ -209,12 +202,12 @@ static uint64_t get_u64(struct rd *r)
     return v;
 }
 
-static char *get_str(struct rd *r)
+char *spool__get_str(struct spool__rd *r)
 {
-    uint32_t n = get_u32(r);
+    uint32_t n = spool__get_u32(r);
     char *s;
 
-    if (r->bad || n == STR_NULL)
+    if (r->bad || n == SPOOL_STR_NULL)
         return NULL;
     if (!need(r, n))
         return NULL;
@@ -225,47 +218,47 @@ static char *get_str(struct rd *r)
 
 /* Checks the version (min..max) and length; leaves r positioned after the header and
  * the version in *version. */
-static int header(struct rd *r, const void *p, size_t n, unsigned min, unsigned max,
+int spool__rec_header(struct spool__rd *r, const void *p, size_t n, unsigned min, unsigned max,
                   unsigned *version)
 {
     r->p = p;
     r->n = n;
     r->off = 0;
     r->bad = 0;
-    *version = get_u8(r);
+    *version = spool__get_u8(r);
     if (*version < min || *version > max)
         return SPOOL_ECORRUPT;
-    if (get_u32(r) != n || r->bad)
+    if (spool__get_u32(r) != n || r->bad)
         return SPOOL_ECORRUPT;
     return 0;
 }
 
 int spool__decode_msg(const void *p, size_t n, uint64_t id, struct spool_msg *m)
 {
-    struct rd r;
+    struct spool__rd r;
     uint32_t nr;
     unsigned v;
     size_t min_rcpt;
 
     memset(m, 0, sizeof(*m));
-    if (header(&r, p, n, MSG_V1, MSG_V2, &v) != 0)
+    if (spool__rec_header(&r, p, n, MSG_V1, MSG_V2, &v) != 0)
         return SPOOL_ECORRUPT;
     m->id = id;
-    m->state = (enum spool_state)get_u8(&r);
-    m->arrived = (int64_t)get_u64(&r);
-    m->next_attempt = (int64_t)get_u64(&r);
-    m->attempts = (int)get_u32(&r);
-    m->size = get_u64(&r);
-    m->sender = get_str(&r);
-    m->client = get_str(&r);
-    m->helo = get_str(&r);
-    m->listener = get_str(&r);
-    m->last_error = get_str(&r);
+    m->state = (enum spool_state)spool__get_u8(&r);
+    m->arrived = (int64_t)spool__get_u64(&r);
+    m->next_attempt = (int64_t)spool__get_u64(&r);
+    m->attempts = (int)spool__get_u32(&r);
+    m->size = spool__get_u64(&r);
+    m->sender = spool__get_str(&r);
+    m->client = spool__get_str(&r);
+    m->helo = spool__get_str(&r);
+    m->listener = spool__get_str(&r);
+    m->last_error = spool__get_str(&r);
     if (v >= MSG_V2) {
-        m->dsn_ret = (int)get_u8(&r);
-        m->dsn_envid = get_str(&r);
+        m->dsn_ret = (int)spool__get_u8(&r);
+        m->dsn_envid = spool__get_str(&r);
     }
-    nr = get_u32(&r);
+    nr = spool__get_u32(&r);
     /* Each recipient takes at least 9 bytes (14 in version 2): a bound before allocating. */
     min_rcpt = v >= MSG_V2 ? 14 : 9;
     if (r.bad || nr > (r.n - r.off) / min_rcpt)
@@ -273,12 +266,12 @@ int spool__decode_msg(const void *p, size_t n, uint64_t id, struct spool_msg *m)
     m->rcpts = xcalloc(nr ? nr : 1, sizeof(*m->rcpts));
     m->nrcpts = nr;
     for (uint32_t i = 0; i < nr; i++) {
-        m->rcpts[i].addr = get_str(&r);
-        m->rcpts[i].status = (enum spool_rcpt_status)get_u8(&r);
-        m->rcpts[i].reply = get_str(&r);
+        m->rcpts[i].addr = spool__get_str(&r);
+        m->rcpts[i].status = (enum spool_rcpt_status)spool__get_u8(&r);
+        m->rcpts[i].reply = spool__get_str(&r);
         if (v >= MSG_V2) {
-            m->rcpts[i].dsn_notify = get_u8(&r);
-            m->rcpts[i].dsn_orcpt = get_str(&r);
+            m->rcpts[i].dsn_notify = spool__get_u8(&r);
+            m->rcpts[i].dsn_orcpt = spool__get_str(&r);
         }
         if (m->rcpts[i].addr == NULL)
             r.bad = 1;
@@ -294,15 +287,15 @@ corrupt:
 
 int spool__decode_attempt(const void *p, size_t n, struct spool_attempt *a)
 {
-    struct rd r;
+    struct spool__rd r;
     unsigned v;
 
     memset(a, 0, sizeof(*a));
-    if (header(&r, p, n, SPOOL_REC_VERSION, SPOOL_REC_VERSION, &v) != 0)
+    if (spool__rec_header(&r, p, n, SPOOL_REC_VERSION, SPOOL_REC_VERSION, &v) != 0)
         return SPOOL_ECORRUPT;
-    a->when = (int64_t)get_u64(&r);
-    a->upstream = get_str(&r);
-    a->result = get_str(&r);
+    a->when = (int64_t)spool__get_u64(&r);
+    a->upstream = spool__get_str(&r);
+    a->result = spool__get_str(&r);
     if (r.bad || r.off != r.n) {
         free(a->upstream);
         free(a->result);

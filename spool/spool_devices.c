@@ -199,110 +199,41 @@ void spool__devices_free(struct spool__devpend *list)
 
 /* ---- records ---- */
 
-static void put_u32(struct buf *b, uint32_t v)
-{
-    unsigned char p[4];
-
-    spool__be32(p, v);
-    buf_append(b, p, 4);
-}
-
-static void put_u64(struct buf *b, uint64_t v)
-{
-    unsigned char p[8];
-
-    spool__be64(p, v);
-    buf_append(b, p, 8);
-}
-
-static void put_str(struct buf *b, const char *s)
-{
-    if (s == NULL) {
-        put_u32(b, 0xFFFFFFFFu);
-        return;
-    }
-    put_u32(b, (uint32_t)strlen(s));
-    buf_append(b, s, strlen(s));
-}
-
 static void encode(const struct spool_device *d, struct buf *out)
 {
-    unsigned char v = DEV_V1;
-
-    buf_reset(out);
-    buf_append(out, &v, 1);
-    put_u32(out, 0); /* total length, patched below */
-    put_u64(out, (uint64_t)d->first_seen);
-    put_u64(out, (uint64_t)d->last_seen);
-    put_u64(out, d->accepted);
-    put_str(out, d->helo);
-    put_str(out, d->listener);
-    put_u32(out, (uint32_t)d->nreasons);
+    spool__rec_start(out, DEV_V1);
+    spool__put_u64(out, (uint64_t)d->first_seen);
+    spool__put_u64(out, (uint64_t)d->last_seen);
+    spool__put_u64(out, d->accepted);
+    spool__put_str(out, d->helo);
+    spool__put_str(out, d->listener);
+    spool__put_u32(out, (uint32_t)d->nreasons);
     for (size_t i = 0; i < d->nreasons; i++) {
-        put_str(out, d->reasons[i].name);
-        put_u64(out, d->reasons[i].count);
-        put_u64(out, (uint64_t)d->reasons[i].last_when);
-        put_str(out, d->reasons[i].last_text);
+        spool__put_str(out, d->reasons[i].name);
+        spool__put_u64(out, d->reasons[i].count);
+        spool__put_u64(out, (uint64_t)d->reasons[i].last_when);
+        spool__put_str(out, d->reasons[i].last_text);
     }
-    spool__be32((unsigned char *)out->data + 1, (uint32_t)out->len);
-}
-
-struct rd {
-    const unsigned char *p;
-    size_t n, off;
-    int bad;
-};
-
-static uint64_t get_u64(struct rd *r)
-{
-    if (r->bad || r->n - r->off < 8) {
-        r->bad = 1;
-        return 0;
-    }
-    r->off += 8;
-    return spool__get_be64(r->p + r->off - 8);
-}
-
-static uint32_t get_u32(struct rd *r)
-{
-    if (r->bad || r->n - r->off < 4) {
-        r->bad = 1;
-        return 0;
-    }
-    r->off += 4;
-    return spool__get_be32(r->p + r->off - 4);
-}
-
-static char *get_str(struct rd *r)
-{
-    uint32_t len = get_u32(r);
-
-    if (r->bad || len == 0xFFFFFFFFu)
-        return NULL;
-    if (r->n - r->off < len) {
-        r->bad = 1;
-        return NULL;
-    }
-    r->off += len;
-    return xstrndup((const char *)r->p + r->off - len, len);
+    spool__rec_finish(out);
 }
 
 /* 0, or SPOOL_ECORRUPT with *d holding nothing to free. */
 static int decode(const void *p, size_t n, const char *client, struct spool_device *d)
 {
-    struct rd r = {p, n, 5, 0};
+    struct spool__rd r;
     uint32_t nreasons;
+    unsigned v;
 
     memset(d, 0, sizeof(*d));
-    if (n < 5 || r.p[0] != DEV_V1 || spool__get_be32(r.p + 1) != n)
+    if (spool__rec_header(&r, p, n, DEV_V1, DEV_V1, &v) != 0)
         return SPOOL_ECORRUPT;
     d->client = xstrdup(client);
-    d->first_seen = (int64_t)get_u64(&r);
-    d->last_seen = (int64_t)get_u64(&r);
-    d->accepted = get_u64(&r);
-    d->helo = get_str(&r);
-    d->listener = get_str(&r);
-    nreasons = get_u32(&r);
+    d->first_seen = (int64_t)spool__get_u64(&r);
+    d->last_seen = (int64_t)spool__get_u64(&r);
+    d->accepted = spool__get_u64(&r);
+    d->helo = spool__get_str(&r);
+    d->listener = spool__get_str(&r);
+    nreasons = spool__get_u32(&r);
     if (!r.bad && nreasons > SPOOL_DEVICE_REASONS)
         r.bad = 1;
     if (!r.bad && nreasons > 0)
@@ -310,10 +241,10 @@ static int decode(const void *p, size_t n, const char *client, struct spool_devi
     for (uint32_t i = 0; i < nreasons && !r.bad; i++) {
         struct spool_device_reason *x = &d->reasons[d->nreasons++];
 
-        x->name = get_str(&r);
-        x->count = get_u64(&r);
-        x->last_when = (int64_t)get_u64(&r);
-        x->last_text = get_str(&r);
+        x->name = spool__get_str(&r);
+        x->count = spool__get_u64(&r);
+        x->last_when = (int64_t)spool__get_u64(&r);
+        x->last_text = spool__get_str(&r);
         if (x->name == NULL)
             r.bad = 1;
     }

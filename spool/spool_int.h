@@ -85,6 +85,30 @@ uint32_t spool__get_be32(const unsigned char *p);
 /* sched key: next_attempt (BE, as unsigned; negatives clamp to 0) + id. */
 void spool__sched_key(unsigned char k[16], int64_t when, uint64_t id);
 
+/* The pieces every record is made of (DESIGN.md "Records"): a header (u8 version, u32
+ * total length), big-endian integers, strings as u32 length + bytes (SPOOL_STR_NULL:
+ * NULL).  Readers set bad on a short or malformed record and return 0 / NULL from then on. */
+#define SPOOL_STR_NULL 0xFFFFFFFFu
+struct spool__rd {
+    const unsigned char *p;
+    size_t n, off;
+    int bad;
+};
+void spool__rec_start(struct buf *b, unsigned version);
+void spool__rec_finish(struct buf *b); /* patches the total length */
+void spool__put_u8(struct buf *b, unsigned v);
+void spool__put_u32(struct buf *b, uint32_t v);
+void spool__put_u64(struct buf *b, uint64_t v);
+void spool__put_str(struct buf *b, const char *s);
+/* Reads the header of the record p[0..n): version within min..max (into *version) and a
+ * length equal to n; 0 or SPOOL_ECORRUPT. */
+int spool__rec_header(struct spool__rd *r, const void *p, size_t n, unsigned min, unsigned max,
+                      unsigned *version);
+unsigned spool__get_u8(struct spool__rd *r);
+uint32_t spool__get_u32(struct spool__rd *r);
+uint64_t spool__get_u64(struct spool__rd *r);
+char *spool__get_str(struct spool__rd *r); /* malloc'd, or NULL */
+
 void spool__encode_msg(const struct spool_msg *m, struct buf *out);
 /* Fills *m (zeroed first); strings allocated; on failure *m holds nothing to free. */
 int spool__decode_msg(const void *p, size_t n, uint64_t id, struct spool_msg *m);
