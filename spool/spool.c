@@ -283,6 +283,8 @@ static int counts_move(struct spool *sp, MDB_txn *txn, const struct spool_msg *b
         counts_of(before, -1, delta);
     if (after != NULL)
         counts_of(after, 1, delta);
+    if (memcmp(delta, (int64_t[CNT_N]){0}, sizeof delta) == 0)
+        return 0; /* a new due time only (parking, retry): nothing to count */
     if ((rc = counts_get(sp, txn, c)) != 0 && rc != MDB_NOTFOUND)
         return rc;
     for (int i = 0; i < CNT_N; i++)
@@ -290,11 +292,10 @@ static int counts_move(struct spool *sp, MDB_txn *txn, const struct spool_msg *b
     return counts_put(sp, txn, c);
 }
 
-/* Counts every message (a spool from before the counters, or after a quarantine). */
-static int counts_rebuild(struct spool *sp, MDB_txn *txn)
+/* Counts every message into c (one scan; an unreadable record counts as a message only). */
+static int counts_scan(struct spool *sp, MDB_txn *txn, uint64_t c[CNT_N])
 {
     int64_t delta[CNT_N] = {0};
-    uint64_t c[CNT_N];
     MDB_cursor *cur;
     MDB_val k, d;
     int rc, op = MDB_FIRST;
@@ -317,6 +318,18 @@ static int counts_rebuild(struct spool *sp, MDB_txn *txn)
         return rc;
     for (int i = 0; i < CNT_N; i++)
         c[i] = (uint64_t)delta[i];
+    return 0;
+}
+
+/* Counts every message again and stores the counters (a spool from before the counters,
+ * or after a quarantine). */
+static int counts_rebuild(struct spool *sp, MDB_txn *txn)
+{
+    uint64_t c[CNT_N];
+    int rc;
+
+    if ((rc = counts_scan(sp, txn, c)) != 0)
+        return rc;
     return counts_put(sp, txn, c);
 }
 
@@ -774,31 +787,6 @@ int spool_foreach(struct spool *sp, int (*fn)(const struct spool_msg *msg, void 
     return spool__from_mdb(rc, "scan messages");
 }
 
-/* The counters of a spool without them: one scan (a read-only reader of an old spool). */
-static int stats_scan(struct spool *sp, MDB_txn *txn, struct spool_stats *st)
-{
-    MDB_cursor *cur;
-    MDB_val k, d;
-    int rc, op = MDB_FIRST;
-
-    if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
-        return rc;
-    while ((rc = mdb_cursor_get(cur, &k, &d, op)) == 0) {
-        struct spool_msg m;
-
-        op = MDB_NEXT;
-        if ((rc = spool__decode_msg(d.mv_data, d.mv_size, 0, &m)) != 0)
-            break;
-        st->messages++;
-        st->by_state[m.state]++;
-        for (size_t i = 0; i < m.nrcpts; i++)
-            st->recipients += m.rcpts[i].status == SPOOL_RCPT_PENDING;
-        spool__msg_clear(&m);
-    }
-    mdb_cursor_close(cur);
-    return rc == MDB_NOTFOUND ? 0 : rc;
-}
-
 int spool_stats(struct spool *sp, struct spool_stats *st)
 {
     MDB_envinfo info;
@@ -819,14 +807,13 @@ again:
     st->used_bytes = (uint64_t)(info.me_last_pgno + 1) * ms.ms_psize;
     if ((rc = get_u64(sp, txn, "bytes", &st->bytes)) != 0)
         goto txn_end;
-    if (sp->have_counts && (rc = counts_get(sp, txn, c)) == 0) {
-        st->messages = c[CNT_MESSAGES];
-        for (int i = SPOOL_QUEUED; i <= SPOOL_FAILED; i++)
-            st->by_state[i] = c[CNT_STATE0 + i];
-        st->recipients = c[CNT_PENDING];
-    } else if ((rc = stats_scan(sp, txn, st)) != 0) {
+    /* A read-only reader of a spool from before the counters counts for itself. */
+    if ((!sp->have_counts || counts_get(sp, txn, c) != 0) && (rc = counts_scan(sp, txn, c)) != 0)
         goto txn_end;
-    }
+    st->messages = c[CNT_MESSAGES];
+    for (int i = SPOOL_QUEUED; i <= SPOOL_FAILED; i++)
+        st->by_state[i] = c[CNT_STATE0 + i];
+    st->recipients = c[CNT_PENDING];
     /* Ids are arrival times: the first message is the oldest. */
     if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
         goto txn_end;
@@ -1035,38 +1022,16 @@ static int attempt_append(struct spool *sp, MDB_txn *txn, uint64_t id, const cha
     return rc;
 }
 
-/* Gives m (as loaded in txn) a new state and due time: its schedule key, which depends on
- * both, moves with it; then the record is written back. */
-static int msg_move(struct spool *sp, MDB_txn *txn, struct spool_msg *m, enum spool_state state,
-                    int64_t next_attempt)
-{
-    int rc;
-
-    struct spool_msg before = *m;
-
-    if ((rc = sched_del(sp, txn, m)) != 0)
-        return rc;
-    m->state = state;
-    m->next_attempt = is_scheduled(state) ? next_attempt : 0;
-    if ((rc = sched_add(sp, txn, m)) != 0)
-        return rc;
-    if (before.state != state && (rc = counts_move(sp, txn, &before, m)) != 0)
-        return rc;
-    return msg_store(sp, txn, m, 0);
-}
-
-/* Loads id, lets change() modify it, and stores it back with its schedule key and the
- * counters moved along: the one way a stored envelope changes state. */
+/* Stores m, which txn loaded and the caller changed: before is what was stored (state,
+ * next_attempt, recipient statuses).  m gets state and next_attempt (QUEUED/DEFERRED
+ * only), its schedule key and the counters move along: the one way a stored envelope
+ * changes. */
 static int msg_change(struct spool *sp, MDB_txn *txn, struct spool_msg *m,
                       const struct spool_msg *before, enum spool_state state, int64_t next_attempt)
 {
-    struct spool_msg old = *before;
     int rc;
 
-    /* The schedule key is the one stored: before's state and next_attempt. */
-    m->state = old.state;
-    m->next_attempt = old.next_attempt;
-    if ((rc = sched_del(sp, txn, m)) != 0)
+    if ((rc = sched_del(sp, txn, before)) != 0)
         return rc;
     m->state = state;
     m->next_attempt = is_scheduled(state) ? next_attempt : 0;
@@ -1075,6 +1040,15 @@ static int msg_change(struct spool *sp, MDB_txn *txn, struct spool_msg *m,
     if ((rc = counts_move(sp, txn, before, m)) != 0)
         return rc;
     return msg_store(sp, txn, m, 0);
+}
+
+/* A new state and due time for m (as loaded in txn), its recipients as they are. */
+static int msg_move(struct spool *sp, MDB_txn *txn, struct spool_msg *m, enum spool_state state,
+                    int64_t next_attempt)
+{
+    struct spool_msg before = *m;
+
+    return msg_change(sp, txn, m, &before, state, next_attempt);
 }
 
 int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update *u)
@@ -1135,8 +1109,7 @@ int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update 
         rc = -EINVAL;
         goto out;
     }
-    rc = msg_change(sp, txn, &m, &before, state,
-                    state == before.state && !is_scheduled(state) ? 0 : u->next_attempt);
+    rc = msg_change(sp, txn, &m, &before, state, u->next_attempt);
 out:
     free(before.rcpts);
     spool__msg_clear(&m);
