@@ -68,6 +68,7 @@
 
 /* One recipient of the message in delivery, for this round. */
 struct sched_rcpt {
+    const struct cfg_route *route; /* its route, found once at the pick; NULL: none */
     int in_round;                  /* it got a verdict in this round */
     enum verdict_cause cause;      /* that verdict */
     enum spool_rcpt_status status; /* its status after the round */
@@ -319,6 +320,9 @@ static struct sched_delivery *sched_delivery_new(struct sched *sc, uint64_t id,
     d->rw_rcpts = xcalloc(n, sizeof(*d->rw_rcpts));
     d->dsn_notify = xcalloc(n, sizeof(*d->dsn_notify));
     d->dsn_orcpt = xcalloc(n, sizeof(*d->dsn_orcpt));
+    for (size_t i = 0; msg != NULL && i < msg->nrcpts; i++)
+        if (msg->rcpts[i].status == SPOOL_RCPT_PENDING)
+            d->rc[i].route = sched_route(sc->cfg, msg, i);
     LIST_INSERT_HEAD(&sc->active, d, active);
     sc->nactive++;
     return d;
@@ -847,7 +851,7 @@ static void sched_round_finish(struct sched_delivery *d)
         x[i].in_round = d->rc[i].in_round;
         x[i].cause = d->rc[i].cause;
         x[i].wait_until = d->rc[i].wait_until;
-        x[i].routed = msg->rcpts[i].status == SPOOL_RCPT_PENDING && sched_route(cfg, msg, i);
+        x[i].routed = msg->rcpts[i].status == SPOOL_RCPT_PENDING && d->rc[i].route != NULL;
     }
     in.cfg = cfg;
     in.now = now;
@@ -898,14 +902,21 @@ static void sched_round_finish(struct sched_delivery *d)
     sched_write(d);
 }
 
+/* The route of recipient i when it still waits for its group in this round, else NULL. */
+static const struct cfg_route *sched_todo(const struct sched_delivery *d, size_t i)
+{
+    const struct sched_rcpt *r = &d->rc[i];
+
+    if (r->in_round || r->wait_until != 0 || d->msg->rcpts[i].status != SPOOL_RCPT_PENDING)
+        return NULL;
+    return r->route;
+}
+
 /* Another group of recipients is left for this round. */
 static int sched_more_groups(const struct sched_delivery *d)
 {
-    const struct spool_msg *msg = d->msg;
-
-    for (size_t i = 0; i < msg->nrcpts; i++)
-        if (!d->rc[i].in_round && msg->rcpts[i].status == SPOOL_RCPT_PENDING &&
-            sched_route(d->sc->cfg, msg, i) != NULL && d->rc[i].wait_until == 0)
+    for (size_t i = 0; i < d->msg->nrcpts; i++)
+        if (sched_todo(d, i) != NULL)
             return 1;
     return 0;
 }
@@ -1016,16 +1027,13 @@ static void sched_round_next(struct sched_delivery *d)
         int park;
 
         for (i = 0; i < msg->nrcpts && route == NULL; i++)
-            if (!d->rc[i].in_round && d->rc[i].wait_until == 0 &&
-                msg->rcpts[i].status == SPOOL_RCPT_PENDING)
-                route = sched_route(sc->cfg, msg, i);
+            route = sched_todo(d, i);
         if (route == NULL)
             break;
         d->route = route;
         d->nrcpts = 0;
         for (i = 0; i < msg->nrcpts; i++) {
-            if (d->rc[i].in_round || d->rc[i].wait_until != 0 ||
-                msg->rcpts[i].status != SPOOL_RCPT_PENDING || sched_route(sc->cfg, msg, i) != route)
+            if (sched_todo(d, i) != route)
                 continue; /* done, or another route: another group */
             d->rcpts[d->nrcpts] = msg->rcpts[i].addr;
             d->dsn_notify[d->nrcpts] = msg->rcpts[i].dsn_notify;
