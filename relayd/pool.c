@@ -230,29 +230,36 @@ static void rcpt_set(struct pool_rcpt *rc, enum smtpc_status st, enum verdict_ca
 }
 
 /*
- * Calls done: every recipient without a final verdict gets res's (the transaction's or
- * the failure's), then the caller sees one verdict per recipient of its message.
+ * Calls done with one verdict per recipient of the caller's message: the one an earlier
+ * upstream of this delivery gave (req->rc, before a failover), else its own in res (the
+ * last transaction's, for the recipients it carried), else res's as a whole (a failure
+ * without a transaction).  Nothing is copied: res lives until done returns.
  */
 static void req_finish(struct pool_req *req, const struct smtpc_result *res)
 {
-    size_t n = req->msg->nrcpts, i, nsent = 0, nfail = 0;
+    size_t n = req->msg->nrcpts, i, j, nsent = 0, nfail = 0;
     struct smtpc_result r = *res;
     struct smtpc_rcpt_result *rr = xcalloc(n + 1, sizeof(*rr));
+    const struct cfg_upstream *up = res->up != NULL ? res->up : cand_up(req->route, req->cand);
 
     for (i = 0; i < n; i++) {
-        struct pool_rcpt *rc = &req->rc[i];
+        const struct pool_rcpt *rc = &req->rc[i];
 
-        if (!rc->final)
-            rcpt_set(rc, res->status, res->cause, res->reply, res->action, res->tls,
-                     res->up != NULL ? res->up : cand_up(req->route, req->cand));
-        rr[i].status = rc->status;
-        rr[i].cause = rc->cause;
-        rr[i].reply = rc->reply;
-        rr[i].action = rc->action;
-        rr[i].tls = rc->tls;
-        rr[i].up = rc->up;
-        nsent += rc->status == SMTPC_SENT;
-        nfail += rc->status == SMTPC_FAIL;
+        if (rc->final) {
+            rr[i] = (struct smtpc_rcpt_result){rc->status, rc->cause, rc->reply, rc->action,
+                                               rc->up, rc->tls};
+        } else {
+            rr[i] = (struct smtpc_rcpt_result){res->status, res->cause, res->reply,
+                                               res->action[0] != '\0' ? res->action : NULL, up,
+                                               res->tls};
+        }
+    }
+    for (j = 0; j < res->nrcpts && j < req->sub.nrcpts; j++)
+        if (!req->rc[req->sub_index[j]].final)
+            rr[req->sub_index[j]] = res->rcpt[j];
+    for (i = 0; i < n; i++) {
+        nsent += rr[i].status == SMTPC_SENT;
+        nfail += rr[i].status == SMTPC_FAIL;
     }
     r.nrcpts = n;
     r.rcpt = rr;
@@ -508,18 +515,18 @@ static void tx_done(void *arg, const struct smtpc_result *res)
     if (res->config_fault && !p->stopping)
         up_fault(pu, res); /* unhealthy; the rest of its queue moves on */
     /* Each recipient's verdict is final now, except a CONFIG one: another upstream of the
-     * route (another account, another connector) may be allowed what this one is not. */
-    for (j = 0; j < res->nrcpts && j < req->sub.nrcpts; j++) {
-        const struct smtpc_rcpt_result *r = &res->rcpt[j];
-
-        rcpt_set(&req->rc[req->sub_index[j]], r->status, r->cause, r->reply, r->action, r->tls,
-                 r->up);
-        nconfig += r->cause == VERDICT_CONFIG;
-    }
+     * route (another account, another connector) may be allowed what this one is not.
+     * Only then are the others' verdicts copied to wait for the end of the delivery. */
+    for (j = 0; j < res->nrcpts && j < req->sub.nrcpts; j++)
+        nconfig += res->rcpt[j].cause == VERDICT_CONFIG;
     if (nconfig > 0 && !p->stopping && cand_up(req->route, req->cand + 1) != NULL) {
-        for (j = 0; j < res->nrcpts && j < req->sub.nrcpts; j++)
-            if (res->rcpt[j].cause == VERDICT_CONFIG)
-                req->rc[req->sub_index[j]].final = 0;
+        for (j = 0; j < res->nrcpts && j < req->sub.nrcpts; j++) {
+            const struct smtpc_rcpt_result *r = &res->rcpt[j];
+
+            if (r->cause != VERDICT_CONFIG)
+                rcpt_set(&req->rc[req->sub_index[j]], r->status, r->cause, r->reply, r->action,
+                         r->tls, r->up);
+        }
         req_build_sub(req);
         req_failover(req, res);
         pool_kick(p);
