@@ -128,11 +128,6 @@ void upstream_throttle(struct upstream *u, uint64_t now_ms)
              u->cfg->name, (unsigned long long)(pause / 1000));
 }
 
-void upstream_throttle_clear(struct upstream *u)
-{
-    u->next_pause = 0;
-}
-
 int upstream_session_failed(struct upstream *u, int cohort, uint64_t first_ms, uint64_t max_ms,
                             uint64_t now_ms)
 {
