@@ -353,8 +353,10 @@ static void smtpd_uncount(struct smtpd_session *s)
     }
 }
 
-/* What relayctl devices shows: every client, its last refusal and its accepted mail. */
-static void smtpd_device_note(struct smtpd_session *s, const char *reason, const char *text)
+/* What relayctl devices shows: every client, its refusals (reason and text, or NULL) and
+ * the messages it got accepted. */
+static void smtpd_device_note(struct smtpd_session *s, const char *reason, const char *text,
+                              uint32_t accepted)
 {
     struct spool_device_event ev;
 
@@ -363,6 +365,7 @@ static void smtpd_device_note(struct smtpd_session *s, const char *reason, const
     ev.helo = s->helo;
     ev.listener = s->lcfg->name;
     ev.when = (int64_t)time(NULL);
+    ev.accepted = accepted;
     ev.reason = reason;
     ev.reason_text = text;
     spool_device_note(s->srv->sp, &ev);
@@ -385,7 +388,7 @@ void smtpd__refuse_log(struct smtpd_session *s, enum smtpd_refusal r, const char
     log_info("reject: session=%llu client=%s listener=%s helo=%s reason=%s: %s; setting: %s "
              "(%s)", (unsigned long long)s->id, s->peer, s->lcfg->name,
              s->helo != NULL ? s->helo : "none", ri->name, what, ri->setting, ri->fix);
-    smtpd_device_note(s, ri->name, what);
+    smtpd_device_note(s, ri->name, what, 0);
 }
 
 /* The one exit: logs one line, drops the uncommitted transaction, closes every handle. */
@@ -396,17 +399,8 @@ void smtpd__session_close(struct smtpd_session *s, const char *why)
     if (s->state == SMTPD_S_CLOSING)
         return;
     smtpd_uncork(s); /* a last reply (221, 421) goes out before the close */
-    if (strcmp(s->peer, "unknown") != 0) {
-        struct spool_device_event ev;
-
-        memset(&ev, 0, sizeof(ev));
-        ev.client = s->peer;
-        ev.helo = s->helo;
-        ev.listener = s->lcfg->name;
-        ev.when = (int64_t)time(NULL);
-        ev.accepted = s->counts.ok[SMTPD_V_DATA];
-        spool_device_note(s->srv->sp, &ev);
-    }
+    if (strcmp(s->peer, "unknown") != 0)
+        smtpd_device_note(s, NULL, NULL, (uint32_t)s->counts.ok[SMTPD_V_DATA]);
     /* Postfix style: every command the client gave, "ok/total" where some failed. */
     log_info("disconnect from %s session=%llu%s (%s)", s->peer, (unsigned long long)s->id,
              smtpd_policy_summary(&s->counts, summary, sizeof(summary)), why);
