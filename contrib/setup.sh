@@ -19,6 +19,10 @@ PKGS=(
     ca-certificates python3 clang libclang-rt-14-dev   # clang + libFuzzer runtime: tests/fuzz
     libcurl4-gnutls-dev                # OAuth 2.0 token endpoints (relayd/oauth2.c)
     python3-aiosmtpd python3-cryptography  # OAuth 2.0 e2e: XOAUTH2 SMTP server, JWT checks
+    libgmime-3.0-dev                   # MIME parsing for the Graph large-message path
+    dpkg-dev                           # dpkg-shlibdeps for the .deb (CPack)
+    haproxy                            # e2e: several relays behind HAProxy (PROXY v2)
+    prometheus                         # promtool check metrics (e2e of /metrics)
 )
 
 missing=()
