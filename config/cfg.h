@@ -198,6 +198,9 @@ struct cfg {
     long spool_max_size;        /* [relayd] spool_max_size, bytes of mail; 0 (default): none */
     long spool_reserve;         /* [relayd] spool_reserve, free disk to keep; default 100M */
     int unsafe_no_fsync;        /* [relayd] unsafe_no_fsync: no fsync at commit; default no */
+    char *user;                 /* [relayd] user relayd becomes when started as root */
+    char *group;                /* [relayd] group; NULL: the user's primary group */
+    int run_as_root;            /* [relayd] run_as_root: stay root when started so; default no */
     int max_connections;        /* [relayd] inbound sessions at once; default 200 */
     int max_connections_per_client; /* [relayd] per client address; default 20 */
     long max_memory;            /* [relayd] message bytes held by sessions; default 256M */

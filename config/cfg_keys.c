@@ -46,6 +46,11 @@ static const struct cfg_key relayd_keys[] = {
     {"spool_reserve", CFG_T_SIZE, O(spool_reserve), 0, 16384 * GB, "100M", 0},
     /* Loses acknowledged mail on a power failure or kernel crash; benchmarks only. */
     {"unsafe_no_fsync", CFG_T_BOOL, O(unsafe_no_fsync), 0, 1, "no", 0},
+    /* Least privilege (relayd/privdrop.c): started as root, relayd becomes user:group. */
+    {"user", CFG_T_STRING, O(user), 0, 0, "relayd", 0},
+    /* NULL: the user's primary group. */
+    {"group", CFG_T_STRING, O(group), 0, 0, NULL, 0},
+    {"run_as_root", CFG_T_BOOL, O(run_as_root), 0, 1, "no", 0},
 };
 #undef O
 

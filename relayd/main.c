@@ -20,9 +20,11 @@
 
 #include "common/authsasl.h"
 #include "common/log.h"
+#include "common/sdnotify.h"
 #include "common/tlsio.h"
 #include "config/cfg.h"
 #include "relayd/oauth2.h"
+#include "relayd/privdrop.h"
 #include "relayd/sched.h"
 #include "relayd/smtpd.h"
 #include "spool/spool.h"
@@ -125,6 +127,7 @@ static void relayd_on_sighup(uv_signal_t *h, int signum)
     (void)signum;
     if (r->stopping)
         return;
+    sdnotify("RELOADING=1");
     char err[512];
 
     log_info("SIGHUP: reloading listener TLS certificates and upstream secrets");
@@ -132,6 +135,7 @@ static void relayd_on_sighup(uv_signal_t *h, int signum)
     if (cfg_reload_secrets(&r->cfg, err, sizeof err) != 0)
         log_warn("SIGHUP: %s; keeping the old secret", err);
     sched_reload(r->sched);
+    sdnotify("READY=1\nSTATUS=reloaded");
 }
 
 static void relayd_on_signal(uv_signal_t *h, int signum)
@@ -141,6 +145,7 @@ static void relayd_on_signal(uv_signal_t *h, int signum)
     if (r->stopping)
         return;
     r->stopping = 1;
+    sdnotify("STOPPING=1");
     log_info("%s: stopping", signum == SIGTERM ? "SIGTERM" : "SIGINT");
     smtpd_server_stop(r->smtpd, relayd_on_smtpd_stopped, r);
 }
@@ -153,6 +158,7 @@ int main(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
     };
     struct relayd r;
+    struct privdrop pd;
     struct spool_opts so;
     const char *config = NULL, *spool_dir = NULL;
     char err[1024];
@@ -206,6 +212,8 @@ int main(int argc, char **argv)
         return 0;
     }
 
+    if (privdrop_plan(&r.cfg, config == NULL, &pd, err, sizeof err) != 0)
+        log_fatal("%s", err);
     signal(SIGPIPE, SIG_IGN);
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
     if (tlsio_global_init(err, sizeof(err)) != 0 || authsasl_client_init(err, sizeof(err)) != 0)
@@ -245,6 +253,9 @@ int main(int argc, char **argv)
     sched_share_memory(r.sched, smtpd_server_memory(r.smtpd));
     if (smtpd_server_listen(r.smtpd, err, sizeof(err)) != 0)
         log_fatal("%s", err);
+    /* Listening and spool open: no client is served before the loop runs, below. */
+    if (privdrop_apply(&pd, &r.cfg, err, sizeof err) != 0)
+        log_fatal("%s", err);
 
     uv_signal_init(&r.loop, &r.sigterm);
     uv_signal_init(&r.loop, &r.sigint);
@@ -257,6 +268,7 @@ int main(int argc, char **argv)
 
     log_info("started: hostname=%s spool=%s config=%s", r.cfg.hostname, r.cfg.spool_dir,
              r.cfg.path);
+    sdnotify("READY=1\nSTATUS=accepting mail");
     uv_run(&r.loop, UV_RUN_DEFAULT);
 
     /* Finish queued writes and run their completions, so nothing is left half-done. */

@@ -533,6 +533,11 @@ start_relayd() {
     read -r -a wrapper <<< "${RELAYD_WRAPPER:-}"
     [ -x "$RELAYD_BIN" ] || fail "no relayd binary at $RELAYD_BIN (set RELAYD_BIN)"
     [ -f "$T/relayd.log" ] && cat "$T/relayd.log" >> "$T/relayd.log.old"
+    # The tests run as root with files under $T: relayd stays root unless the test chose
+    # a user itself (t_install_privdrop).
+    if [ "$(id -u)" = 0 ] && ! grep -qE '^(user|run_as_root)[[:space:]]*=' "$conf"; then
+        relayd_conf "$conf" relayd "run_as_root = yes"
+    fi
     "${wrapper[@]}" "$RELAYD_BIN" -c "$conf" > "$T/relayd.log" 2>&1 &
     RELAYD_PID=$!
     RELAYD_CONF=$conf
