@@ -5,7 +5,8 @@
 # spool (now owned by nobody), drops to nobody (/proc: every Uid and Gid non-zero, CapEff 0)
 # before serving, tells $NOTIFY_SOCKET READY=1 / RELOADING=1 / STOPPING=1, and relays a
 # message; a secret it could not read again is named with the chown that fixes it.  As root
-# with user = root or a user that does not exist, and no run_as_root, it refuses to start.
+# with user = root or a user that does not exist, and no run_as_root, it refuses to start;
+# with stderr as the journal ($JOURNAL_STREAM) its lines carry <N> priorities.
 source "$(dirname "$0")/lib.sh"
 
 BUILD=${RELAYD_BUILD_DIR:-$(dirname "$RELAYD_BIN")}
@@ -56,6 +57,13 @@ fi
 grep -q 'fatal: started as root, but user relayd-e2e-no-such-user does not exist' "$T/refuse.log" ||
     { cat "$T/refuse.log" >&2; fail "no clear refusal for a missing user"; }
 [ -e "$T/spool-refuse/data.mdb" ] && fail "a refused start created the spool"
+# Under systemd, stderr is the journal: $JOURNAL_STREAM names it and lines carry "<N>".
+: > "$T/journal.log"
+JOURNAL_STREAM=$(stat -c '%d:%i' "$T/journal.log") "$DEST/usr/sbin/relayd" -c "$T/refuse.conf" \
+    2>> "$T/journal.log" && fail "relayd ran as root with a user that does not exist"
+grep -q '^<3>relayd\[[0-9]*\]: fatal: started as root' "$T/journal.log" ||
+    { cat "$T/journal.log" >&2; fail "no <3> priority prefix with stderr as the journal"; }
+grep -qv '^<[0-7]>relayd\[' "$T/journal.log" && fail "a line without a priority prefix"
 
 say "4: started as root, relayd becomes nobody before serving"
 FAKE_PORT=$(free_port)
