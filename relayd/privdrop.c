@@ -190,7 +190,9 @@ int privdrop_apply(const struct privdrop *pd, const struct cfg *cfg, char *err, 
                  strerror(chown_errno != 0 ? chown_errno : errno));
         return -1;
     }
-    if (setgroups(1, &gid) != 0 || setgid(pd->gid) != 0 || setuid(pd->uid) != 0) {
+    /* The user's supplementary groups from /etc/group (e.g. sasl, for /etc/sasldb2), never
+     * root's. */
+    if (initgroups(pd->user, gid) != 0 || setgid(pd->gid) != 0 || setuid(pd->uid) != 0) {
         snprintf(err, errlen, "cannot become user %s (uid %ld gid %ld): %s", pd->user,
                  (long)pd->uid, (long)pd->gid, strerror(errno));
         return -1;

@@ -94,6 +94,9 @@ RELAYD_BIN=$DEST/usr/sbin/relayd
 # LeakSanitizer cannot stop the world of a process that setuid() made non-dumpable.
 export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0
 NOTIFY_SOCKET=$T/notify.sock start_relayd "$T/relayd.conf"
+# The port opens at listen(), before the drop; READY=1 comes after it.
+for ((i = 0; i < 150; i++)); do grep -q '^READY=1' "$T/notify.log" 2> /dev/null && break; sleep 0.1; done
+grep -q '^READY=1 STATUS=accepting mail' "$T/notify.log" || fail "no READY=1 on the notify socket"
 grep -q 'privileges dropped: user=nobody uid=65534' "$T/relayd.log" ||
     { cat "$T/relayd.log" >&2; fail "no 'privileges dropped' line"; }
 for field in Uid Gid; do
@@ -112,8 +115,6 @@ for f in "$T/spool" "$T/spool/data.mdb" "$T/spool/lock.mdb"; do
 done
 grep -q "password_file $T/provider.secret is not readable by user nobody.*fix: chown nobody $T/provider.secret" \
     "$T/relayd.log" || fail "no warning naming the chown for the unreadable secret"
-for ((i = 0; i < 50; i++)); do grep -q '^READY=1' "$T/notify.log" 2> /dev/null && break; sleep 0.1; done
-grep -q '^READY=1 STATUS=accepting mail' "$T/notify.log" || fail "no READY=1 on the notify socket"
 
 make_message "$T/m1.eml" "e2e privdrop"
 relay_send "$T/m1.eml" user@example.com || fail "relayd (as nobody) did not accept the message"

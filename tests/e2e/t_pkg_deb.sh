@@ -103,6 +103,8 @@ EOC
 RELAYD_BIN=/usr/sbin/relayd
 RELAYCTL_BIN=/usr/sbin/relayctl
 start_relayd "$T/site.conf"
+# The port opens at listen(), before the drop; "started:" is logged after it.
+for ((i = 0; i < 150; i++)); do grep -q ': started: ' "$T/relayd.log" && break; sleep 0.1; done
 grep -q 'privileges dropped: user=relayd' "$T/relayd.log" || fail "relayd did not drop to relayd"
 uid_now=$(awk '$1 == "Uid:" { print $3 }' "/proc/$RELAYD_PID/status")
 [ "$uid_now" = "$uid" ] || fail "relayd runs as uid $uid_now, want $uid"
