@@ -63,6 +63,7 @@
 #include "common/xalloc.h"
 #include "common/xtext.h"
 #include "relayd/msgfix.h"
+#include "relayd/metrics.h"
 #include "relayd/smtpd_int.h"
 #include "relayd/smtpd_policy.h"
 
@@ -335,6 +336,7 @@ static void smtpd_count(struct smtpd_session *s)
     (*c)->n++;
     s->flags |= SMTPD_F_COUNTED;
     s->srv->nsessions++;
+    metrics_on_session(1);
 }
 
 static void smtpd_uncount(struct smtpd_session *s)
@@ -344,6 +346,7 @@ static void smtpd_uncount(struct smtpd_session *s)
     if (s->flags & SMTPD_F_COUNTED) {
         s->flags &= ~SMTPD_F_COUNTED;
         s->srv->nsessions--;
+        metrics_on_session(-1);
         c = smtpd_client_slot(s->srv, s->peer);
         if (*c != NULL && --(*c)->n == 0) {
             dead = *c;
@@ -388,6 +391,7 @@ void smtpd__refuse_log(struct smtpd_session *s, enum smtpd_refusal r, const char
     log_info("reject: session=%llu client=%s listener=%s helo=%s reason=%s: %s; setting: %s "
              "(%s)", (unsigned long long)s->id, s->peer, s->lcfg->name,
              s->helo != NULL ? s->helo : "none", ri->name, what, ri->setting, ri->fix);
+    metrics_on_reject(s->lcfg->name, ri->name);
     smtpd_device_note(s, ri->name, what, 0);
 }
 
