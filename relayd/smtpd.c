@@ -681,6 +681,14 @@ static int smtpd_admit(struct smtpd_session *s)
     int plain = lc->tls != CFG_TLS_IMPLICIT; /* a plaintext reply can be understood */
     int n;
 
+    if (srv->draining) {
+        log_info("connect from %s listener=%s session=%llu: refused: draining (relayctl resume)",
+                 s->peer, lc->name, (unsigned long long)s->id);
+        if (plain)
+            smtpd__reply(s, "421 4.3.2 %s not accepting mail now (draining), try another server",
+                        srv->cfg->hostname);
+        goto refused;
+    }
     if (!netaddr_list_match(&lc->allow, (struct sockaddr *)&s->addr)) {
         smtpd__refuse_log(s, SMTPD_R_NOT_ALLOWED, "connect from %s: not in the allow list",
                          s->peer);
@@ -1057,4 +1065,20 @@ void smtpd_server_free(struct smtpd_server *srv)
     }
     free(srv->listeners);
     free(srv);
+}
+
+void smtpd_server_set_accepting(struct smtpd_server *srv, int accepting)
+{
+    if (srv->draining == !accepting)
+        return;
+    srv->draining = !accepting;
+    log_info("%s: %s", accepting ? "resume" : "drain",
+             accepting ? "accepting mail again"
+                       : "new connections get 421 4.3.2; sessions in progress finish, "
+                         "queued mail is still delivered");
+}
+
+int smtpd_server_accepting(const struct smtpd_server *srv)
+{
+    return !srv->draining;
 }
