@@ -492,14 +492,16 @@ void metrics_on_conn(const char *upstream, int delta)
 void metrics_on_session_result(const char *upstream, const char *reply, int config_fault,
                                int setup)
 {
-    const char *fl[3] = {"outbound", upstream, config_fault ? "refused" : "temporary"};
+    /* config: the relay's own configuration must change (verification, a refused
+     * password); temporary: the upstream may do better next time. */
+    const char *fl[3] = {"outbound", upstream, config_fault ? "config" : "temporary"};
 
     if (metrics_g == NULL || reply == NULL || !setup)
         return;
-    /* smtpc's words: "TLS: certificate signer not trusted", "STARTTLS: 454 ...",
-     * "AUTH PLAIN: 535 5.7.8 ...": a set-up failure at those stages. */
-    if (strncmp(reply, "TLS", 3) == 0 || strncmp(reply, "STARTTLS", 8) == 0) {
-        fl[2] = config_fault ? "verify" : "handshake";
+    /* smtpc's words: "TLS: certificate signer not trusted", "STARTTLS: 454 ...", "upstream
+     * does not offer STARTTLS; ...", "AUTH PLAIN: 535 5.7.8 ...": a set-up failure at
+     * those stages. */
+    if (strncmp(reply, "TLS", 3) == 0 || strstr(reply, "STARTTLS") != NULL) {
         metrics_add(metrics_g, METRICS_TLS_FAILURES, fl, 1);
     } else if (strncmp(reply, "AUTH", 4) == 0) {
         metrics_add(metrics_g, METRICS_AUTH_FAILURES, fl, 1);

@@ -126,7 +126,7 @@ Test(metrics, instrumentation)
     const char *smtp[1] = {"smtp"}, *prov[1] = {"prov"};
     const char *rej[2] = {"smtp", "tls_failed"};
     const char *tls[3] = {"inbound", "smtp", "tls_failed"};
-    const char *auth[3] = {"outbound", "prov", "refused"};
+    const char *auth[3] = {"outbound", "prov", "config"};
     const char *def[2] = {"prov", "transient"};
 
     metrics_on_spool_write(0, "smtp"); /* no registry: nothing */
