@@ -55,8 +55,7 @@ struct control {
     int stopping;
 };
 
-void control_dispatch(const struct control_hooks *h, const char *line, char *reply,
-                      size_t replylen)
+void control_dispatch(const struct control_hooks *h, const char *line, char *reply, size_t replylen)
 {
     char err[900];
 
@@ -238,14 +237,16 @@ int control_start(uv_loop_t *loop, const char *spool_dir, const struct control_h
     c = xcalloc(1, sizeof(*c));
     n = snprintf(c->path, sizeof c->path, "%s/%s", spool_dir, CONTROL_SOCKET);
     if (n < 0 || (size_t)n >= sizeof c->path) {
-        snprintf(err, errlen, "control socket %s/%s: path too long for a unix socket",
-                 spool_dir, CONTROL_SOCKET);
+        snprintf(err, errlen, "control socket %s/%s: path too long for a unix socket", spool_dir,
+                 CONTROL_SOCKET);
         free(c);
         return UV_ENAMETOOLONG;
     }
     if (ctl_socket_live(c->path)) {
-        snprintf(err, errlen, "control socket %s: another relayd answers on it (two daemons "
-                 "on one spool?)", c->path);
+        snprintf(err, errlen,
+                 "control socket %s: another relayd answers on it (two daemons "
+                 "on one spool?)",
+                 c->path);
         free(c);
         return UV_EADDRINUSE;
     }
@@ -280,6 +281,6 @@ void control_stop(struct control *c)
     c->stopping = 1;
     unlink(c->path);
     LIST_FOREACH(cc, &c->conns, link)
-        ctl_conn_close(cc);
+    ctl_conn_close(cc);
     uv_close((uv_handle_t *)&c->listener, ctl_on_listener_closed);
 }

@@ -99,13 +99,13 @@ void metrics_upstream_health(struct metrics *m, const char *upstream, int health
                              const char *reason);
 
 struct metrics_health_in {
-    int draining;              /* relayctl drain */
-    int spool_fault;           /* the last spool write failed, or the spool is full */
-    const char *spool_why;     /* its reason */
-    const char *up_unhealthy;  /* the first unhealthy upstream's name, or NULL */
-    const char *up_reason;     /* its reason */
-    int64_t oldest_age;        /* seconds, 0 when the queue is empty */
-    int64_t max_age;           /* health_max_age; 0: no limit */
+    int draining;             /* relayctl drain */
+    int spool_fault;          /* the last spool write failed, or the spool is full */
+    const char *spool_why;    /* its reason */
+    const char *up_unhealthy; /* the first unhealthy upstream's name, or NULL */
+    const char *up_reason;    /* its reason */
+    int64_t oldest_age;       /* seconds, 0 when the queue is empty */
+    int64_t max_age;          /* health_max_age; 0: no limit */
 };
 /* 200 with "ok", or 503 with a one-line reason in why (pure). */
 int metrics_health(const struct metrics_health_in *in, char *why, size_t whylen);

@@ -145,7 +145,10 @@ static void mh_reply_text(struct mh_conn *c, int code, const char *text, int hea
     int n = snprintf(line, sizeof line, "%s\n", text);
 
     mh_reply(c, code, "text/plain; charset=utf-8", line,
-             n < 0 ? 0 : (size_t)n < sizeof line ? (size_t)n : sizeof line - 1, head_only);
+             n < 0                     ? 0
+             : (size_t)n < sizeof line ? (size_t)n
+                                       : sizeof line - 1,
+             head_only);
 }
 
 int metrics_http_parse(const char *req, size_t len, char *path, size_t pathlen)
@@ -287,8 +290,8 @@ static void mh_on_connection(uv_stream_t *server, int status)
 }
 
 int metrics_http_start(uv_loop_t *loop, const struct cfg *cfg, struct metrics *m,
-                       const struct metrics_http_hooks *hooks, struct metrics_http **out,
-                       char *err, size_t errlen)
+                       const struct metrics_http_hooks *hooks, struct metrics_http **out, char *err,
+                       size_t errlen)
 {
     struct metrics_http *h;
     struct sockaddr_storage ss;
@@ -318,8 +321,9 @@ int metrics_http_start(uv_loop_t *loop, const struct cfg *cfg, struct metrics *m
         uv_close((uv_handle_t *)&h->listener, mh_on_listener_closed);
         return rc;
     }
-    log_info("metrics: serving /metrics and /healthz on %s%s%s:%d", strchr(cfg->metrics_host, ':') ? "[" : "",
-             cfg->metrics_host, strchr(cfg->metrics_host, ':') ? "]" : "", cfg->metrics_port);
+    log_info("metrics: serving /metrics and /healthz on %s%s%s:%d",
+             strchr(cfg->metrics_host, ':') ? "[" : "", cfg->metrics_host,
+             strchr(cfg->metrics_host, ':') ? "]" : "", cfg->metrics_port);
     *out = h;
     return 0;
 }
@@ -332,6 +336,6 @@ void metrics_http_stop(struct metrics_http *h)
         return;
     h->stopping = 1;
     LIST_FOREACH(c, &h->conns, link)
-        mh_conn_close(c);
+    mh_conn_close(c);
     uv_close((uv_handle_t *)&h->listener, mh_on_listener_closed);
 }

@@ -40,8 +40,8 @@ struct metrics_http_hooks {
 
 /* Listens on cfg->metrics_host:metrics_port; cfg, m and hooks must outlive the server. */
 int metrics_http_start(uv_loop_t *loop, const struct cfg *cfg, struct metrics *m,
-                       const struct metrics_http_hooks *hooks, struct metrics_http **out,
-                       char *err, size_t errlen);
+                       const struct metrics_http_hooks *hooks, struct metrics_http **out, char *err,
+                       size_t errlen);
 /* Closes the listener and every connection; NULL is fine. */
 void metrics_http_stop(struct metrics_http *h);
 

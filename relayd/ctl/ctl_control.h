@@ -17,6 +17,7 @@
 int ctl_control_request(const char *spool_dir, const char *request, char *reply, size_t replylen,
                         char *err, size_t errlen);
 
-int ctl_control_cmd(struct ctl *c, int argc, char **argv); /* reload, drain, resume, daemon-status */
+int ctl_control_cmd(struct ctl *c, int argc,
+                    char **argv); /* reload, drain, resume, daemon-status */
 
 #endif
