@@ -684,6 +684,7 @@ static int smtpd_admit(struct smtpd_session *s)
     if (srv->draining) {
         log_info("connect from %s listener=%s session=%llu: refused: draining (relayctl resume)",
                  s->peer, lc->name, (unsigned long long)s->id);
+        metrics_on_reject(lc->name, "draining");
         if (plain)
             smtpd__reply(s, "421 4.3.2 %s not accepting mail now (draining), try another server",
                         srv->cfg->hostname);

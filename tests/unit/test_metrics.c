@@ -8,6 +8,7 @@
 
 #include "common/buf.h"
 #include "relayd/metrics.h"
+#include "relayd/metrics_http.h"
 #include "relayd/smtpc.h"
 #include "spool/spool.h"
 
@@ -211,4 +212,37 @@ Test(metrics, health_fill)
     cr_expect(in.up_unhealthy == NULL && in.spool_fault == 0);
     metrics_set_global(NULL);
     metrics_free(m);
+}
+
+/* The request line of /metrics and /healthz: methods, paths, query strings, garbage. */
+Test(metrics, http_parse)
+{
+    static const struct {
+        const char *label, *req;
+        int want;
+        const char *want_path;
+    } cases[] = {
+        {"get", "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 0, "/metrics"},
+        {"http 1.0 bare lf", "GET /healthz HTTP/1.0\n\n", 0, "/healthz"},
+        {"head", "HEAD /healthz HTTP/1.1\r\n\r\n", 1, "/healthz"},
+        {"query", "GET /metrics?name[]=x HTTP/1.1\r\n\r\n", 0, "/metrics"},
+        {"post", "POST /metrics HTTP/1.1\r\n\r\n", 405, ""},
+        {"lower case", "get /metrics HTTP/1.1\r\n\r\n", 405, ""},
+        {"http 2", "GET /metrics HTTP/2\r\n\r\n", 400, ""},
+        {"no version", "GET /metrics\r\n\r\n", 400, ""},
+        {"no line end", "GET /metrics HTTP/1.1", 400, ""},
+        {"empty path", "GET  HTTP/1.1\r\n\r\n", 400, ""},
+        {"garbage", "\x16\x03\x01\x02\x00\n\n", 400, ""},
+    };
+    char path[32];
+
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        int rc = metrics_http_parse(cases[i].req, strlen(cases[i].req), path, sizeof path);
+
+        cr_expect(rc == cases[i].want, "%s: %d", cases[i].label, rc);
+        cr_expect(strcmp(path, cases[i].want_path) == 0, "%s: path %s", cases[i].label, path);
+    }
+    /* A path longer than the caller's buffer is not found, never truncated into another. */
+    cr_expect(metrics_http_parse("GET /metrics-and-then-some-more-text HTTP/1.1\n\n", 47, path,
+                                 sizeof path) == 404);
 }
