@@ -417,7 +417,43 @@ void metrics_upstream_health(struct metrics *m, const char *upstream, int health
     metrics_set(m, METRICS_UP_HEALTHY, lab, healthy != 0);
 }
 
-void metrics_health_fill(const struct metrics *m, struct metrics_health_in *in)
+static int up_configured(const struct cfg *cfg, const char *name)
+{
+    int i;
+
+    if (cfg == NULL)
+        return 1;
+    for (i = 0; i < cfg->nupstreams; i++)
+        if (strncmp(cfg->upstreams[i].name, name, METRICS_LABEL_MAX - 1) == 0)
+            return 1;
+    return 0;
+}
+
+static const struct metrics_up *up_find(const struct metrics *m, const char *name)
+{
+    int i;
+
+    for (i = 0; i < m->nups; i++)
+        if (strncmp(m->ups[i].name, name, sizeof m->ups[i].name - 1) == 0)
+            return &m->ups[i];
+    return NULL;
+}
+
+void metrics_health_gauges(struct metrics *m, const struct cfg *cfg)
+{
+    int i;
+
+    metrics_clear(m, METRICS_UP_HEALTHY);
+    for (i = 0; i < cfg->nupstreams; i++) {
+        const struct metrics_up *u = up_find(m, cfg->upstreams[i].name);
+        const char *lab[1] = {cfg->upstreams[i].name};
+
+        metrics_set(m, METRICS_UP_HEALTHY, lab, u == NULL || u->healthy);
+    }
+}
+
+void metrics_health_fill(const struct metrics *m, const struct cfg *cfg,
+                         struct metrics_health_in *in)
 {
     int i;
 
@@ -426,7 +462,7 @@ void metrics_health_fill(const struct metrics *m, struct metrics_health_in *in)
     in->up_unhealthy = NULL;
     in->up_reason = NULL;
     for (i = 0; i < m->nups; i++)
-        if (!m->ups[i].healthy) {
+        if (!m->ups[i].healthy && up_configured(cfg, m->ups[i].name)) {
             in->up_unhealthy = m->ups[i].name;
             in->up_reason = m->ups[i].reason;
             break;

@@ -31,6 +31,7 @@
 #include <stdint.h>
 
 #include "common/buf.h"
+#include "config/cfg.h"
 
 #define METRICS_LABELS_MAX 3   /* label names per metric */
 #define METRICS_LABEL_MAX 64   /* bytes per label value, NUL included */
@@ -109,9 +110,14 @@ struct metrics_health_in {
 };
 /* 200 with "ok", or 503 with a one-line reason in why (pure). */
 int metrics_health(const struct metrics_health_in *in, char *why, size_t whylen);
-/* Fills the registry's part of in (spool fault, the first unhealthy upstream); the
- * strings stay valid until the next change of m. */
-void metrics_health_fill(const struct metrics *m, struct metrics_health_in *in);
+/* Fills the registry's part of in (spool fault, the first unhealthy upstream among those
+ * cfg configures: one a reload removed no longer counts; cfg NULL: any); the strings stay
+ * valid until the next change of m. */
+void metrics_health_fill(const struct metrics *m, const struct cfg *cfg,
+                         struct metrics_health_in *in);
+/* Sets relayd_upstream_healthy afresh for the upstreams cfg configures (1 when nothing
+ * was heard about one yet), so that series of upstreams a reload removed go away. */
+void metrics_health_gauges(struct metrics *m, const struct cfg *cfg);
 
 /* ---- Instrumentation: one call at each event point, a no-op without a global registry ---- */
 

@@ -58,6 +58,7 @@ void metrics_collect(void *arg, struct metrics *m)
         metrics_set(m, METRICS_SPOOL_COMMITS, NULL, (double)st.commits);
     }
     metrics_set(m, METRICS_ACCEPTING, NULL, smtpd_server_accepting(src->smtpd));
+    metrics_health_gauges(m, src->cfg);
     metrics_clear(m, METRICS_OAUTH2_TTL); /* upstreams may come and go with a reload */
     for (i = 0; src->oauth2 != NULL && i < src->cfg->nupstreams; i++) {
         const struct cfg_upstream *up = &src->cfg->upstreams[i];
@@ -77,7 +78,7 @@ int metrics_healthz(void *arg, char *why, size_t whylen)
 
     memset(&in, 0, sizeof in);
     if (metrics_global() != NULL)
-        metrics_health_fill(metrics_global(), &in);
+        metrics_health_fill(metrics_global(), src->cfg, &in);
     in.draining = !smtpd_server_accepting(src->smtpd);
     in.max_age = src->cfg->health_max_age;
     if ((rc = spool_stats(src->sp, &st)) != 0) {

@@ -197,18 +197,18 @@ Test(metrics, health_fill)
     metrics_on_health("a", 1, NULL);
     metrics_on_health("b", 1, NULL);
     memset(&in, 0, sizeof in);
-    metrics_health_fill(m, &in);
+    metrics_health_fill(m, NULL, &in);
     cr_expect(in.up_unhealthy == NULL && in.spool_fault == 0);
     metrics_on_health("b", 0, "TLS: certificate signer not trusted");
     metrics_on_spool_write(SPOOL_EFULL, "smtp");
-    metrics_health_fill(m, &in);
+    metrics_health_fill(m, NULL, &in);
     cr_expect(in.up_unhealthy != NULL && strcmp(in.up_unhealthy, "b") == 0);
     cr_expect(strcmp(in.up_reason, "TLS: certificate signer not trusted") == 0);
     cr_expect(in.spool_fault == 1 && in.spool_why[0] != '\0');
     cr_expect(metrics_get(m, METRICS_UP_HEALTHY, (const char *[]){"b"}) == 0);
     metrics_on_health("b", 1, NULL);
     metrics_on_spool_write(0, NULL);
-    metrics_health_fill(m, &in);
+    metrics_health_fill(m, NULL, &in);
     cr_expect(in.up_unhealthy == NULL && in.spool_fault == 0);
     metrics_set_global(NULL);
     metrics_free(m);
@@ -245,4 +245,37 @@ Test(metrics, http_parse)
     /* A path longer than the caller's buffer is not found, never truncated into another. */
     cr_expect(metrics_http_parse("GET /metrics-and-then-some-more-text HTTP/1.1\n\n", 47, path,
                                  sizeof path) == 404);
+}
+
+/* After a reload removed an unhealthy upstream, it no longer fails /healthz nor shows. */
+Test(metrics, health_removed_upstream)
+{
+    struct metrics *m = metrics_new();
+    struct cfg_upstream ups[1];
+    struct cfg cfg;
+    struct metrics_health_in in;
+    char name[] = "kept";
+
+    memset(&cfg, 0, sizeof cfg);
+    memset(ups, 0, sizeof ups);
+    ups[0].name = name;
+    cfg.upstreams = ups;
+    cfg.nupstreams = 1;
+    metrics_upstream_health(m, "gone", 0, "AUTH PLAIN: 535");
+    memset(&in, 0, sizeof in);
+    metrics_health_fill(m, NULL, &in);
+    cr_expect(in.up_unhealthy != NULL);
+    metrics_health_fill(m, &cfg, &in);
+    cr_expect(in.up_unhealthy == NULL);
+    metrics_health_gauges(m, &cfg);
+    cr_expect(metrics_get(m, METRICS_UP_HEALTHY, (const char *[]){"kept"}) == 1);
+    cr_expect(metrics_get(m, METRICS_UP_HEALTHY, (const char *[]){"gone"}) == 0);
+    {
+        struct buf *b = buf_new(0);
+
+        metrics_render(m, b);
+        cr_expect(strstr(b->data, "upstream=\"gone\"") == NULL);
+        buf_free(b);
+    }
+    metrics_free(m);
 }
