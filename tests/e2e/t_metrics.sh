@@ -92,6 +92,8 @@ code=$(healthz)
     fail "/healthz with an unhealthy upstream: $code $(cat "$T/health.txt")"
 scrape
 expect_metric 'relayd_upstream_healthy{upstream="strict"}' 0
+expect_metric 'relayd_smtpd_rejected_total{listener="lan",reason="draining"}' 1
+expect_metric 'relayd_smtpd_sessions' 0
 expect_metric 'relayd_tls_failures_total{direction="outbound",peer="strict",reason="config"}' 1
 say "healthz: ok, draining, unhealthy upstream as expected"
 pass
