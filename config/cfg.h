@@ -204,6 +204,10 @@ struct cfg {
     int max_connections;        /* [relayd] inbound sessions at once; default 200 */
     int max_connections_per_client; /* [relayd] per client address; default 20 */
     long max_memory;            /* [relayd] message bytes held by sessions; default 256M */
+    char *metrics_host;         /* [relayd] metrics: HTTP /metrics and /healthz; NULL: off */
+    int metrics_port;
+    struct netaddr_list metrics_allow; /* [relayd] metrics_allow; default loopback */
+    int health_max_age;         /* [relayd] health_max_age, seconds; 0: no limit; default 1h */
     struct cfg_listener *listeners;
     int nlisteners;
     struct cfg_upstream *upstreams;

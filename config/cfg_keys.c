@@ -51,6 +51,11 @@ static const struct cfg_key relayd_keys[] = {
     /* NULL: the user's primary group. */
     {"group", CFG_T_STRING, O(group), 0, 0, NULL, 0},
     {"run_as_root", CFG_T_BOOL, O(run_as_root), 0, 1, "no", 0},
+    /* Monitoring (relayd/metrics_http.c): off unless metrics = address:port. */
+    {"metrics", CFG_T_HOSTPORT, O(metrics_host), 1, 65535, NULL, O(metrics_port)},
+    {"metrics_allow", CFG_T_NETLIST, O(metrics_allow), 0, 0, "127.0.0.0/8, ::1", 0},
+    /* /healthz fails once the oldest queued message is older; 0: never for age. */
+    {"health_max_age", CFG_T_DURATION, O(health_max_age), 0, 100 * DAY, "1h", 0},
 };
 #undef O
 

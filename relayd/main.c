@@ -23,6 +23,9 @@
 #include "common/sdnotify.h"
 #include "common/tlsio.h"
 #include "config/cfg.h"
+#include "relayd/control.h"
+#include "relayd/metrics.h"
+#include "relayd/metrics_http.h"
 #include "relayd/oauth2.h"
 #include "relayd/privdrop.h"
 #include "relayd/sched.h"
@@ -40,6 +43,11 @@ struct relayd {
     uv_signal_t sigterm, sigint;
     uv_signal_t sighup;         /* reloads listener TLS certificates */
     int stopping;
+    /* Monitoring and the operator's control channel (relayctl reload / drain / resume). */
+    struct metrics *metrics;
+    struct metrics_sources msrc;
+    struct metrics_http *mhttp; /* NULL unless [relayd] metrics is set */
+    struct control *control;    /* NULL when the socket could not be made */
 };
 
 /* Each inbound session is one descriptor: max_connections sessions need at least that many
@@ -102,6 +110,10 @@ static void relayd_on_sched_stopped(void *arg)
 {
     struct relayd *r = arg;
 
+    metrics_http_stop(r->mhttp);
+    r->mhttp = NULL;
+    control_stop(r->control);
+    r->control = NULL;
     oauth2_stop(r->oauth2, NULL, NULL); /* its handles close from the loop */
     /* Let pending spool completions run, then leave the loop. */
     spool_writer_reap(r->sp);
@@ -136,6 +148,47 @@ static void relayd_on_sighup(uv_signal_t *h, int signum)
         log_warn("SIGHUP: %s; keeping the old secret", err);
     sched_reload(r->sched);
     sdnotify("READY=1\nSTATUS=reloaded");
+}
+
+/* relayctl reload.  XXX: until the full reload (relayd_reload()) lands, what SIGHUP does. */
+static int relayd_ctl_reload(void *arg, char *err, size_t errlen)
+{
+    struct relayd *r = arg;
+
+    if (r->stopping) {
+        snprintf(err, errlen, "relayd is stopping");
+        return -1;
+    }
+    smtpd_server_reload_tls(r->smtpd);
+    if (cfg_reload_secrets(&r->cfg, err, errlen) != 0) {
+        log_warn("reload: %s; keeping the old secret", err);
+        return -1;
+    }
+    sched_reload(r->sched);
+    log_info("reload: listener TLS certificates and upstream secrets reloaded");
+    return 0;
+}
+
+static void relayd_ctl_set_accepting(void *arg, int accepting)
+{
+    struct relayd *r = arg;
+
+    smtpd_server_set_accepting(r->smtpd, accepting);
+}
+
+static void relayd_ctl_status(void *arg, char *out, size_t outlen)
+{
+    struct relayd *r = arg;
+    struct spool_stats st;
+
+    if (spool_stats(r->sp, &st) != 0)
+        memset(&st, 0, sizeof st);
+    snprintf(out, outlen, "%s queued=%llu deferred=%llu held=%llu failed=%llu",
+             smtpd_server_accepting(r->smtpd) ? "accepting" : "draining",
+             (unsigned long long)st.by_state[SPOOL_QUEUED],
+             (unsigned long long)st.by_state[SPOOL_DEFERRED],
+             (unsigned long long)st.by_state[SPOOL_HELD],
+             (unsigned long long)st.by_state[SPOOL_FAILED]);
 }
 
 static void relayd_on_signal(uv_signal_t *h, int signum)
@@ -253,6 +306,25 @@ int main(int argc, char **argv)
     sched_share_memory(r.sched, smtpd_server_memory(r.smtpd));
     if (smtpd_server_listen(r.smtpd, err, sizeof(err)) != 0)
         log_fatal("%s", err);
+    {
+        /* Monitoring (/metrics, /healthz) and the control socket.  The registry sees
+         * every event from here on: nothing has run on the loop yet. */
+        struct metrics_http_hooks mh = {metrics_collect, metrics_healthz, &r.msrc};
+        struct control_hooks ch = {relayd_ctl_reload, relayd_ctl_set_accepting, relayd_ctl_status,
+                                   &r};
+        int i;
+
+        r.metrics = metrics_new();
+        metrics_set_global(r.metrics);
+        for (i = 0; i < r.cfg.nupstreams; i++)
+            metrics_on_health(r.cfg.upstreams[i].name, 1, NULL);
+        r.msrc = (struct metrics_sources){&r.cfg, r.sp, r.smtpd, r.oauth2};
+        if (r.cfg.metrics_host != NULL &&
+            metrics_http_start(&r.loop, &r.cfg, r.metrics, &mh, &r.mhttp, err, sizeof err) != 0)
+            log_fatal("%s", err);
+        if (control_start(&r.loop, r.cfg.spool_dir, &ch, &r.control, err, sizeof err) != 0)
+            log_error("%s; relayctl reload, drain and resume will not work", err);
+    }
     /* Listening and spool open: no client is served before the loop runs, below. */
     if (privdrop_apply(&pd, &r.cfg, err, sizeof err) != 0)
         log_fatal("%s", err);
@@ -283,6 +355,8 @@ int main(int argc, char **argv)
                      (unsigned long long)st.committed_jobs);
     }
     spool_close(r.sp);
+    metrics_set_global(NULL);
+    r.metrics = metrics_free(r.metrics);
     smtpd_server_free(r.smtpd);
     sched_free(r.sched);
     oauth2_free(r.oauth2);

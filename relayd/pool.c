@@ -29,6 +29,7 @@
 #include "common/log.h"
 #include "common/tlsio.h"
 #include "common/xalloc.h"
+#include "relayd/metrics.h"
 #include "relayd/upstream.h"
 
 #define POOL_PROBE_INTERVAL_DEFAULT 60
@@ -451,6 +452,7 @@ static void conn_unlink(struct pool_conn *conn)
 {
     LIST_REMOVE(conn, link);
     conn->pu->nconns--;
+    metrics_on_conn(conn->pu->cfg->name, -1);
 }
 
 static void pool_grace_close(struct pool *p);
@@ -480,6 +482,7 @@ static void up_learn(struct pool_up *pu, const struct smtpc_result *res)
     struct pool *p = pu->p;
     uint64_t now = pool_now(p);
 
+    metrics_on_session_result(pu->cfg->name, res->reply, res->config_fault, res->setup);
     if (res->throttled)
         upstream_throttle(pu->u, now);
     if (res->session_transient &&
@@ -619,6 +622,7 @@ static int conn_open(struct pool_up *pu)
     }
     LIST_INSERT_HEAD(&pu->conns, conn, link);
     pu->nconns++;
+    metrics_on_conn(pu->cfg->name, 1);
     pu->nconnecting++;
     pu->p->opened++;
     log_debug(1, "upstream %s: opening session %d of at most %d", pu->cfg->name, pu->nconns,

@@ -53,6 +53,7 @@
 #include "common/tlsio.h"
 #include "common/xalloc.h"
 #include "relayd/bounce.h"
+#include "relayd/metrics.h"
 #include "relayd/pool.h"
 #include "relayd/rewrite.h"
 #include "relayd/route.h"
@@ -543,6 +544,7 @@ static void sched_write_done(void *arg, int rc)
     int delay;
 
     spool_id_str(d->id, qid);
+    metrics_on_spool_write(rc, NULL);
     if (rc != 0 && rc != SPOOL_ENOTFOUND && !sc->stopping) {
         /* Keep the message busy: picking it again before its result is durable would
          * deliver it twice.  No new round starts while results cannot be written. */
@@ -882,6 +884,7 @@ static void sched_round_finish(struct sched_delivery *d)
         snprintf(d->last_error, sizeof d->last_error,
                  "expired: not delivered within max_lifetime (%ds)", cfg->max_lifetime);
         log_warn("%s: expired after %lld seconds in the queue", qid, (long long)age);
+        metrics_on_expired();
     }
     if (d->out.noroute) {
         snprintf(d->last_error, sizeof d->last_error,
@@ -990,6 +993,7 @@ static void sched_on_delivered(void *arg, const struct smtpc_result *res)
                                                 : "",
                  r->action != NULL ? "; the administrator must: " : "",
                  r->action != NULL ? r->action : "");
+        metrics_on_rcpt(up->name, (int)x->status, verdict_cause_name(x->cause), now - msg->arrived);
     }
     if (aborted > 0)
         log_info("%s: delivery to %zu recipient%s interrupted by the stop; %s queued", qid,

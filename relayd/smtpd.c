@@ -63,6 +63,7 @@
 #include "common/xalloc.h"
 #include "common/xtext.h"
 #include "relayd/msgfix.h"
+#include "relayd/metrics.h"
 #include "relayd/smtpd_int.h"
 #include "relayd/smtpd_policy.h"
 
@@ -335,6 +336,7 @@ static void smtpd_count(struct smtpd_session *s)
     (*c)->n++;
     s->flags |= SMTPD_F_COUNTED;
     s->srv->nsessions++;
+    metrics_on_session(1);
 }
 
 static void smtpd_uncount(struct smtpd_session *s)
@@ -344,6 +346,7 @@ static void smtpd_uncount(struct smtpd_session *s)
     if (s->flags & SMTPD_F_COUNTED) {
         s->flags &= ~SMTPD_F_COUNTED;
         s->srv->nsessions--;
+        metrics_on_session(-1);
         c = smtpd_client_slot(s->srv, s->peer);
         if (*c != NULL && --(*c)->n == 0) {
             dead = *c;
@@ -388,6 +391,7 @@ void smtpd__refuse_log(struct smtpd_session *s, enum smtpd_refusal r, const char
     log_info("reject: session=%llu client=%s listener=%s helo=%s reason=%s: %s; setting: %s "
              "(%s)", (unsigned long long)s->id, s->peer, s->lcfg->name,
              s->helo != NULL ? s->helo : "none", ri->name, what, ri->setting, ri->fix);
+    metrics_on_reject(s->lcfg->name, ri->name);
     smtpd_device_note(s, ri->name, what, 0);
 }
 
@@ -677,6 +681,15 @@ static int smtpd_admit(struct smtpd_session *s)
     int plain = lc->tls != CFG_TLS_IMPLICIT; /* a plaintext reply can be understood */
     int n;
 
+    if (srv->draining) {
+        log_info("connect from %s listener=%s session=%llu: refused: draining (relayctl resume)",
+                 s->peer, lc->name, (unsigned long long)s->id);
+        metrics_on_reject(lc->name, "draining");
+        if (plain)
+            smtpd__reply(s, "421 4.3.2 %s not accepting mail now (draining), try another server",
+                        srv->cfg->hostname);
+        goto refused;
+    }
     if (!netaddr_list_match(&lc->allow, (struct sockaddr *)&s->addr)) {
         smtpd__refuse_log(s, SMTPD_R_NOT_ALLOWED, "connect from %s: not in the allow list",
                          s->peer);
@@ -1053,4 +1066,20 @@ void smtpd_server_free(struct smtpd_server *srv)
     }
     free(srv->listeners);
     free(srv);
+}
+
+void smtpd_server_set_accepting(struct smtpd_server *srv, int accepting)
+{
+    if (srv->draining == !accepting)
+        return;
+    srv->draining = !accepting;
+    log_info("%s: %s", accepting ? "resume" : "drain",
+             accepting ? "accepting mail again"
+                       : "new connections get 421 4.3.2; sessions in progress finish, "
+                         "queued mail is still delivered");
+}
+
+int smtpd_server_accepting(const struct smtpd_server *srv)
+{
+    return !srv->draining;
 }

@@ -35,6 +35,12 @@ int smtpd_server_listen(struct smtpd_server *srv, char *err, size_t errlen);
 int smtpd_server_reload_tls(struct smtpd_server *srv);
 /* Stops accepting and closes all sessions; done(arg) runs once every handle is closed. */
 void smtpd_server_stop(struct smtpd_server *srv, void (*done)(void *arg), void *arg);
+/* Drain (accepting = 0, relayctl drain): listeners stay open, but every new connection
+ * gets "421 4.3.2 <host> not accepting mail now (draining), try another server" (on
+ * implicit-TLS listeners a close), so load balancer checks mark the node down; sessions in
+ * progress finish.  accepting = 1 (relayctl resume) takes mail again. */
+void smtpd_server_set_accepting(struct smtpd_server *srv, int accepting);
+int smtpd_server_accepting(const struct smtpd_server *srv);
 /* Frees a stopped server. */
 void smtpd_server_free(struct smtpd_server *srv);
 /* The counter of message bytes held in memory that [relayd] max_memory bounds: the

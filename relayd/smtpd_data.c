@@ -26,6 +26,7 @@
 #include "common/xalloc.h"
 #include "relayd/route.h"
 #include "relayd/msgfix.h"
+#include "relayd/metrics.h"
 #include "relayd/smtpd_int.h"
 
 /* ---- DATA ---- */
@@ -193,6 +194,7 @@ static void smtpd_commit_done(void *arg, int rc)
     char qid[17];
 
     spool_id_str(c->id, qid);
+    metrics_on_spool_write(rc, s->lcfg->name);
     s->commit_mem = 0;
     smtpd__mem_sync(s);
     if (s->state == SMTPD_S_CLOSING) {

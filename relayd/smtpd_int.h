@@ -148,6 +148,7 @@ struct smtpd_server {
     int stopping;
     void (*stop_done)(void *arg);
     void *stop_arg;
+    int draining;          /* relayctl drain: new connections get 421 (smtpd_server_set_accepting) */
 };
 
 /* A commit in flight: the session it answers to, and the queue id. */

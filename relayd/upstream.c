@@ -16,6 +16,7 @@
 
 #include "common/log.h"
 #include "common/xalloc.h"
+#include "relayd/metrics.h"
 
 #define MINUTE_MS 60000ULL
 #define DAY_MINUTES 1440
@@ -45,6 +46,7 @@ struct upstream *upstream_new(const struct cfg_upstream *cfg)
     struct upstream *u = xcalloc(1, sizeof(*u));
 
     u->cfg = cfg;
+    metrics_on_health(cfg->name, 1, NULL);
     if (cfg->max_messages_per_minute > 0)
         u->sent = xcalloc((size_t)cfg->max_messages_per_minute, sizeof(*u->sent));
     if (cfg->max_recipients_per_day > 0) {
@@ -87,6 +89,7 @@ void upstream_set_unhealthy(struct upstream *u, const char *reason, const char *
     u->unhealthy = 1;
     snprintf(u->reason, sizeof(u->reason), "%s", reason);
     snprintf(u->action, sizeof(u->action), "%s", action != NULL ? action : "");
+    metrics_on_health(u->cfg->name, 0, u->reason);
     if (changed)
         log_warn("upstream %s: unhealthy, its mail is held until a probe succeeds: %s%s%s",
                  u->cfg->name, u->reason, u->action[0] != '\0' ? "; the administrator must: " : "",
@@ -99,6 +102,7 @@ void upstream_set_healthy(struct upstream *u, uint64_t now_ms)
         log_info("upstream %s: healthy again after %llus; held mail is delivered now", u->cfg->name,
                  (unsigned long long)((now_ms - u->since) / 1000));
     u->unhealthy = 0;
+    metrics_on_health(u->cfg->name, 1, NULL);
     u->reason[0] = '\0';
     u->action[0] = '\0';
 }

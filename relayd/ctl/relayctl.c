@@ -30,6 +30,7 @@
 #include "common/xalloc.h"
 #include "config/cfg.h"
 #include "relayd/ctl/ctl.h"
+#include "relayd/ctl/ctl_control.h"
 #include "relayd/ctl/ctl_devices.h"
 #include "spool/spool.h"
 
@@ -80,6 +81,12 @@ static void usage(FILE *out)
             "                             and a verdict (exit 0 only when all passed)\n"
             "  send-test NAME --to ADDR [--from ADDR] [--wait SECS]\n"
             "                             queue a test message through relayd and watch it\n"
+            "  reload                     the running relayd re-reads its configuration;\n"
+            "                             prints the error (file:line) when it is invalid\n"
+            "  drain                      the running relayd stops accepting mail (421 to new\n"
+            "                             connections) and goes on delivering what it holds\n"
+            "  resume                     it accepts mail again\n"
+            "  daemon-status              accepting or draining, and its queue counts\n"
             "\n"
             "list, show, cat and stats open the spool read-only: they need read permission\n"
             "on the spool directory and data.mdb, and write permission on lock.mdb (LMDB's\n"
@@ -1055,6 +1062,11 @@ static const struct ctl_cmd {
     {"test-upstream", ctl_diag_test_upstream_cmd, CTL_SPOOL_NONE},
     {"send-test", ctl_diag_send_test_cmd, CTL_SPOOL_NONE},
     {"oauth2", ctl_oauth2_cmd, CTL_SPOOL_NONE},
+    /* The running daemon, through spool/control.sock (ctl_control.c). */
+    {"reload", ctl_control_cmd, CTL_SPOOL_READ},
+    {"drain", ctl_control_cmd, CTL_SPOOL_READ},
+    {"resume", ctl_control_cmd, CTL_SPOOL_READ},
+    {"daemon-status", ctl_control_cmd, CTL_SPOOL_READ},
 };
 
 int main(int argc, char **argv)
