@@ -17,6 +17,7 @@ start_fake_upstream "$UP" "$T/up"
 # Two nodes, each with its own spool, each taking PROXY v2 from HAProxy (127.0.0.1).
 RELAYD_PORT=$R1 RELAYD_RETRY_FIRST=1 RELAYD_RETRY_MAX=2 write_fake_relayd_conf "$T/r1.conf" "$UP"
 relayd_conf "$T/r1.conf" "listener lan" "proxy_protocol = v2" "proxy_trusted = 127.0.0.1/32"
+[ "$(id -u)" = 0 ] && relayd_conf "$T/r1.conf" relayd "run_as_root = yes" # files under $T
 sed "s|^spool = .*|spool = $T/spool2|; s|^listen = 127.0.0.1:$R1|listen = 127.0.0.1:$R2|" \
     "$T/r1.conf" > "$T/r2.conf"
 relayd_conf "$T/r1.conf" relayd "spool = $T/spool1"
