@@ -52,8 +52,13 @@ Output (in --state-dir DIR):
               written after NNNN.eml: a test waits for the .json
   requests.log  one line per request: "POST /v1.0/users/fax@corp.example/sendMail 202"
               (path decoded, query left out); "CONCURRENCY POST /path 429" for the excess
+  drafts.json the drafts that exist now: [{"id", "mailbox", "queueId", "attachments"}]
 The server writes --ready-file (the word "ready") once it listens; stop it by its pid
 (SIGTERM).
+
+api_server.py --compare SMTP.eml API.eml: exit 0 when the two are byte-identical but for
+their To/Cc/Bcc fields (the only ones relayd's API copy may change), else say where they
+differ and exit 1.
 """
 import argparse
 import base64
@@ -202,6 +207,14 @@ def record(api, mailbox, mime, save=None, attachments=None, queue_id=None):
     write_atomic(n + ".eml", mime)
     write_atomic(n + ".json", (json.dumps(meta, indent=1) + "\n").encode())
     return n
+
+
+def dump_drafts():
+    """DIR/drafts.json: the drafts that exist now (a crash test checks none is left over).
+    Call under LOCK."""
+    out = [{"id": did, "mailbox": d["mailbox"], "queueId": Handler.draft_qid(d),
+            "attachments": len(d["attachments"])} for did, d in STATE["drafts"].items()]
+    write_atomic("drafts.json", (json.dumps(out, indent=1) + "\n").encode())
 
 
 def att_meta(name, ctype, data, is_inline=False, content_id=None):
@@ -365,6 +378,11 @@ class Handler(BaseHTTPRequestHandler):
         m = re.match(r"^/upload/([A-Za-z0-9_-]+)$", p)
         if m and not self.gmail and c == "PUT":
             return self.graph_upload(m.group(1))
+        if m and not self.gmail and c == "DELETE":  # cancelling an upload session
+            with LOCK:
+                gone = STATE["sessions"].pop(m.group(1), None)
+            return self.reply(204) if gone else self.error(404, "ErrorItemNotFound",
+                                                           "The upload session was not found.")
         m = re.match(r"^/gmail/v1/users/[^/]+/(profile|messages/send)$", p)
         if m and c == "GET" and m.group(1) == "profile":
             return self.reply(200, {"emailAddress": mailbox, "messagesTotal": 0,
@@ -459,6 +477,7 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             STATE["drafts"][did] = {"mailbox": mailbox, "mime": mime, "props": props,
                                     "attachments": [], "created": time.time()}
+            dump_drafts()
         self.reply(201, {"id": did, "isDraft": True,
                          "createdDateTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
@@ -495,13 +514,16 @@ class Handler(BaseHTTPRequestHandler):
         if c == "DELETE" and rest == "":
             with LOCK:
                 STATE["drafts"].pop(did, None)
+                dump_drafts()
             return self.reply(204)
         if c == "PATCH" and rest == "":
             j = self.json_body()
             if j is None:
                 return
-            for ep in j.get("singleValueExtendedProperties", []) or []:
-                d["props"][ep.get("id", "")] = ep.get("value")
+            with LOCK:
+                for ep in j.get("singleValueExtendedProperties", []) or []:
+                    d["props"][ep.get("id", "")] = ep.get("value")
+                dump_drafts()
             return self.reply(200, {"id": did})
         if c == "POST" and rest == "/attachments":
             j = self.json_body()
@@ -517,6 +539,7 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 d["attachments"].append(att_meta(j.get("name", ""), j.get("contentType", ""),
                                                  data, j.get("isInline"), j.get("contentId")))
+                dump_drafts()
             return self.reply(201, {"id": secrets.token_urlsafe(12), "size": len(data)})
         if c == "POST" and rest == "/attachments/createUploadSession":
             j = self.json_body()
@@ -539,7 +562,10 @@ class Handler(BaseHTTPRequestHandler):
                 "expirationDateTime": exp, "nextExpectedRanges": ["0-"]})
         if c == "POST" and rest == "/send":
             with LOCK:
-                STATE["drafts"].pop(did, None)
+                if STATE["drafts"].pop(did, None) is None:  # a concurrent send or delete
+                    return self.error(404, "ErrorItemNotFound", "The specified object was "
+                                      "not found in the store.")
+                dump_drafts()
             record("graph-draft", mailbox, d["mime"], None, d["attachments"], self.draft_qid(d))
             return self.reply(202)
         return self.error(404, "ResourceNotFound", "no such endpoint: %s %s" % (c, self.rpath))
@@ -579,6 +605,7 @@ class Handler(BaseHTTPRequestHandler):
                 d["attachments"].append(att_meta(item.get("name", ""),
                                                  item.get("contentType", ""), bytes(s["data"]),
                                                  item.get("isInline"), item.get("contentId")))
+                dump_drafts()
         if d is None:
             return self.error(404, "ErrorItemNotFound", "The draft of this upload is gone.")
         self.reply(201, None, {"Location": "https://%s:%d/v1.0/users/%s/messages/%s" %
@@ -633,8 +660,42 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(200, {"id": mid, "threadId": mid, "labelIds": ["SENT"]})
 
 
+def strip_recipient_fields(mime):
+    """The message without its To/Cc/Bcc fields (each with its continuation lines)."""
+    # The header section with its last line's terminator; the rest is the blank line + body.
+    i = mime.find(b"\r\n\r\n")
+    j = mime.find(b"\n\n")
+    cut = i + 2 if i >= 0 and (j < 0 or i < j) else (j + 1 if j >= 0 else len(mime))
+    head, sep, body = mime[:cut], b"", mime[cut:]
+    out, skip = [], False
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):
+            if not skip:
+                out.append(line)
+            continue
+        skip = re.match(rb"(?i)(to|cc|bcc)[ \t]*:", line) is not None
+        if not skip:
+            out.append(line)
+    return b"".join(out) + sep + body
+
+
+def compare(smtp_path, api_path):
+    """--compare SMTP API: exit 0 when the API copy equals the SMTP copy but for To/Cc/Bcc
+    (what apimime_for_api() may change); else print where they differ, exit 1."""
+    a = strip_recipient_fields(open(smtp_path, "rb").read())
+    b = strip_recipient_fields(open(api_path, "rb").read())
+    if a == b:
+        return 0
+    i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+    sys.stdout.write("differ at byte %d (sizes %d, %d):\n  smtp: %r\n  api:  %r\n" %
+                     (i, len(a), len(b), a[max(0, i - 40):i + 40], b[max(0, i - 40):i + 40]))
+    return 1
+
+
 def main():
     global ARGS
+    if len(sys.argv) == 4 and sys.argv[1] == "--compare":
+        sys.exit(compare(sys.argv[2], sys.argv[3]))
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--cert", required=True)

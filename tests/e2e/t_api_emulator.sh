@@ -136,6 +136,27 @@ EOF
 st=$(api GET "/v1.0/users/fax@corp.example/mailFolders/drafts/messages" "${auth[@]}")
 [ "$st" = 200 ] && grep -q '"value": \[\]' "$T/body" || fail "the sent draft is still listed"
 
+python3 -c 'import json,sys; assert json.load(open(sys.argv[1])) == []' "$API_DIR/drafts.json" ||
+    fail "drafts.json after the send: $(cat "$API_DIR/drafts.json")"
+
+# A draft deleted (what relayd does with the draft of an upload it gave up) is gone.
+st=$(api POST /v1.0/users/fax@corp.example/messages "${auth[@]}" -H 'Content-Type: text/plain' \
+    --data-binary @"$T/draft.b64")
+did=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$T/body")
+grep -q "$did" "$API_DIR/drafts.json" || fail "the new draft is not in drafts.json"
+st=$(api DELETE "/v1.0/users/fax@corp.example/messages/$did" "${auth[@]}")
+[ "$st" = 204 ] || fail "draft delete: $st"
+grep -q "$did" "$API_DIR/drafts.json" && fail "the deleted draft is still in drafts.json"
+
+# --compare: equal but for To/Cc/Bcc (folded lines included); anything else differs.
+printf 'From: "Fax" <fax@corp.example>\r\nTo: undisclosed-recipients:;\r\nSubject: scan\r\nBcc: x@y.example,\r\n z@y.example\r\n\r\nbody line\r\n' \
+    > "$T/api-copy.eml"
+python3 "$E2E_SRC/tests/e2e/api_server.py" --compare "$T/msg.eml" "$T/api-copy.eml" ||
+    fail "--compare: the copies should be equal but for To/Cc/Bcc"
+sed 's/scan/scam/' "$T/api-copy.eml" > "$T/api-bad.eml"
+python3 "$E2E_SRC/tests/e2e/api_server.py" --compare "$T/msg.eml" "$T/api-bad.eml" > /dev/null &&
+    fail "--compare: a changed Subject went unnoticed"
+
 # Graph's concurrency limit: five requests at once for one mailbox, one gets 429.
 pids=()
 for n in 1 2 3 4 5; do
