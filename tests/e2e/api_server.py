@@ -44,7 +44,8 @@ Knobs:
   --max-concurrent-per-mailbox N (default 4, Graph's limit): one more concurrent request for a
         mailbox gets 429 ApplicationThrottled and a "CONCURRENCY" line in requests.log
 Output (in --state-dir DIR):
-  NNNN.eml    each message sent, the MIME exactly as received (decoded from base64)
+  NNNN.eml    each message sent, the MIME exactly as received (decoded from base64); for a
+              message given as JSON, a MIME rendering of its recipients, subject and body
   NNNN.json   {"api": "graph-sendmail"|"graph-draft"|"gmail-raw"|"gmail-upload", "mailbox",
               "recipients" (To/Cc/Bcc, the addresses the provider delivers to, each once),
               "bcc", "saveToSentItems" (bool or null), "attachments": [{"name",
@@ -207,6 +208,18 @@ def record(api, mailbox, mime, save=None, attachments=None, queue_id=None):
     write_atomic(n + ".eml", mime)
     write_atomic(n + ".json", (json.dumps(meta, indent=1) + "\n").encode())
     return n
+
+
+def json_message_mime(msg):
+    """A JSON Graph message as the MIME the tests look at (recipients, subject, body)."""
+    lines = []
+    for hdr, key in (("To", "toRecipients"), ("Cc", "ccRecipients"), ("Bcc", "bccRecipients")):
+        addrs = [r.get("emailAddress", {}).get("address", "") for r in msg.get(key, []) or []]
+        if addrs:
+            lines.append("%s: %s" % (hdr, ", ".join(addrs)))
+    lines.append("Subject: %s" % msg.get("subject", ""))
+    return ("\r\n".join(lines) + "\r\n\r\n" +
+            (msg.get("body") or {}).get("content", "")).encode()
 
 
 def dump_drafts():
@@ -433,17 +446,7 @@ class Handler(BaseHTTPRequestHandler):
             j = self.json_body()
             if j is None:
                 return
-            msg = j.get("message", {})
-            lines = []
-            for hdr, key in (("To", "toRecipients"), ("Cc", "ccRecipients"),
-                             ("Bcc", "bccRecipients")):
-                addrs = [r.get("emailAddress", {}).get("address", "")
-                         for r in msg.get(key, [])]
-                if addrs:
-                    lines.append("%s: %s" % (hdr, ", ".join(addrs)))
-            lines.append("Subject: %s" % msg.get("subject", ""))
-            mime = ("\r\n".join(lines) + "\r\n\r\n" +
-                    msg.get("body", {}).get("content", "")).encode()
+            mime = json_message_mime(j.get("message", {}))
             record("graph-sendmail", mailbox, mime, j.get("saveToSentItems", True))
             return self.reply(202)
         mime = self.mime_body(GRAPH_SENDMAIL_MAX)
@@ -459,7 +462,7 @@ class Handler(BaseHTTPRequestHandler):
             j = self.json_body()
             if j is None:
                 return
-            mime = b""
+            mime = json_message_mime(j)
             for ep in j.get("singleValueExtendedProperties", []) or []:
                 props[ep.get("id", "")] = ep.get("value")
         else:
@@ -486,7 +489,7 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in d["props"].items():
             if QID_PROP.search(k.strip()):
                 return v
-        return mime_header(d["mime"], "X-Relayd-Queue-Id") if d["mime"] else None
+        return mime_header(d["mime"], "X-Relayd-Queue-Id")
 
     def graph_list_drafts(self, mailbox):
         flt = (self.query.get("$filter") or [""])[0]
