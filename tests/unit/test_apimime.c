@@ -301,6 +301,20 @@ Test(apimime, graph_split_edges)
     cr_expect(strstr(s.draft, "JVBERi0") == NULL, "%s", s.draft);
     apimime_split_free(&s);
 
+    /* The draft of the API copy keeps the Bcc apimime_for_api() added, folding and all. */
+    {
+        static const char *const r[] = {"a@x.example", "hidden@y.example"};
+        char *copy, note[64];
+        size_t copylen;
+        cr_assert(apimime_for_api(pdf, sizeof pdf - 1, r, 2, &copy, &copylen, note, sizeof note,
+                                  err, sizeof err) == 0);
+        cr_assert(apimime_graph_split(copy, copylen, &s, err, sizeof err) == 0, "%s", err);
+        cr_expect(strstr(s.draft, "\r\nBcc: hidden@y.example\r\n") != NULL, "%s", s.draft);
+        cr_expect(s.natt == 1 && s.att[0].len == 15);
+        apimime_split_free(&s);
+        free(copy);
+    }
+
     cr_expect(apimime_graph_split("", 0, &s, err, sizeof err) == -1);
     cr_expect(eq(str, err, "empty message"));
 }
