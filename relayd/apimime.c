@@ -105,7 +105,6 @@ struct header {
     size_t n, cap;
     size_t end;      /* where the header section ends: the blank line or the body */
     const char *eol; /* the message's line ending: "\r\n" or "\n" */
-    int last_open;   /* the last field has no line terminator (message ends there) */
 };
 
 static enum hkind kind_of(const char *name, size_t n)
@@ -187,7 +186,6 @@ static void header_parse(const char *msg, size_t len, struct header *h)
         p = e;
     }
     h->end = p;
-    h->last_open = h->n > 0 && h->f[h->n - 1].end == h->f[h->n - 1].body_end;
 }
 
 /* ---- address lists ---------------------------------------------------------------- */
@@ -199,6 +197,8 @@ struct elem {
     size_t s, e; /* the raw text, trimmed (mailbox, or a group's "display-name:") */
     char *addr;  /* E_MAILBOX: the bare address, malloc'd ("" when none was found) */
     int keep;
+    int broken; /* an unterminated quote, comment or angle-addr: never kept, since text
+                 * written after it would be swallowed (an added Bcc address, say) */
 };
 
 struct alist {
@@ -217,6 +217,7 @@ static void alist_push(struct alist *l, enum ekind kind, size_t s, size_t e, cha
     l->v[l->n].e = e;
     l->v[l->n].addr = addr;
     l->v[l->n].keep = 1;
+    l->v[l->n].broken = 0;
     l->n++;
 }
 
@@ -372,7 +373,12 @@ static void alist_parse(const char *m, size_t s, size_t e, struct alist *l)
             start = i + 1;
         }
     }
-    push_item(l, m, start, e);
+    {
+        size_t before = l->n;
+        push_item(l, m, start, e);
+        if (l->n > before && (quoted || depth > 0 || angle))
+            l->v[l->n - 1].broken = 1;
+    }
     if (group)
         alist_push(l, E_GROUP_CLOSE, e, e, NULL); /* an unterminated group: close it */
 }
@@ -530,7 +536,7 @@ int apimime_for_api(const char *msg, size_t len, const char *const *rcpts, size_
             int match = 0;
             if (el->kind != E_MAILBOX)
                 continue;
-            for (size_t r = 0; r < nrcpts; r++) {
+            for (size_t r = 0; r < nrcpts && !el->broken; r++) {
                 if (rcpts[r] != NULL && addr_same(el->addr, rcpts[r])) {
                     found[r] = 1;
                     match = 1;
@@ -608,7 +614,8 @@ int apimime_for_api(const char *msg, size_t len, const char *const *rcpts, size_
     if (bcc_field == (size_t)-1 && nadd > 0) {
         struct writer w;
 
-        if (h.last_open)
+        /* The last field may have had no terminator (a message that ends in its header). */
+        if (o.len > 0 && o.data[o.len - 1] != '\n')
             out_str(&o, h.eol);
         memset(&w, 0, sizeof(w));
         w.o = &o;

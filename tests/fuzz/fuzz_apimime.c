@@ -1,6 +1,6 @@
 /* libFuzzer target: apimime_for_api(), apimime_from_address() and apimime_graph_split() on
  * arbitrary messages must not crash or leak; a copy that needed no change (empty note) must
- * be byte-identical to the input. */
+ * be byte-identical to the input, and a second pass over the copy must change nothing. */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,6 +25,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort();
         if (strlen(note) >= sizeof note)
             abort();
+        /* Idempotent: the copy of the copy needs no change (every envelope recipient is
+         * named once, no other recipient is left, nothing swallows an added address). */
+        {
+            char *again = NULL;
+            size_t againlen = 0;
+            if (apimime_for_api(out, outlen, rcpts, n, &again, &againlen, note, sizeof note, err,
+                                sizeof err) != 0 ||
+                note[0] != '\0' || againlen != outlen || memcmp(again, out, outlen) != 0)
+                abort();
+            free(again);
+        }
         free(out);
     }
     if (apimime_from_address(msg, size, from, sizeof from) == 0 && strchr(from, '@') == NULL)
