@@ -2,8 +2,10 @@
 #include <criterion/criterion.h>
 #include <criterion/new/assert.h>
 
+#include <gmime/gmime.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "relayd/apimime.h"
 
@@ -17,6 +19,66 @@ static const char *body_of(const char *m)
     if (a != NULL && (b == NULL || a < b))
         return a + 4;
     return b != NULL ? b + 2 : m + strlen(m);
+}
+
+static int same_addr(const char *a, const char *b)
+{
+    const char *da = strrchr(a, '@'), *db = strrchr(b, '@');
+
+    return da != NULL && db != NULL && da - a == db - b && memcmp(a, b, (size_t)(da - a)) == 0 &&
+           strcasecmp(da, db) == 0;
+}
+
+static void collect(InternetAddressList *l, const char **v, size_t *n, size_t max)
+{
+    for (int i = 0; l != NULL && i < internet_address_list_length(l); i++) {
+        InternetAddress *ia = internet_address_list_get_address(l, i);
+        if (INTERNET_ADDRESS_IS_GROUP(ia))
+            collect(internet_address_group_get_members(INTERNET_ADDRESS_GROUP(ia)), v, n, max);
+        else if (*n < max)
+            v[(*n)++] = internet_address_mailbox_get_addr(INTERNET_ADDRESS_MAILBOX(ia));
+    }
+}
+
+/* What a provider reading the copy with a MIME library (GMime here) delivers to: To, Cc and
+ * Bcc must name exactly the envelope recipients.  Returns "" or what is wrong. */
+static const char *provider_view(const char *copy, size_t len, const char *const *rcpts,
+                                 size_t nrcpts, char *why, size_t whylen)
+{
+    static const GMimeAddressType types[] = {GMIME_ADDRESS_TYPE_TO, GMIME_ADDRESS_TYPE_CC,
+                                             GMIME_ADDRESS_TYPE_BCC};
+    GMimeStream *st = g_mime_stream_mem_new_with_buffer(copy, len);
+    GMimeParser *p = g_mime_parser_new_with_stream(st);
+    GMimeMessage *m = g_mime_parser_construct_message(p, NULL);
+    const char *got[32];
+    size_t ngot = 0;
+
+    why[0] = '\0';
+    if (m == NULL) {
+        snprintf(why, whylen, "GMime cannot parse the copy");
+        goto unref;
+    }
+    for (size_t t = 0; t < 3; t++)
+        collect(g_mime_message_get_addresses(m, types[t]), got, &ngot, 32);
+    for (size_t r = 0; r < nrcpts && why[0] == '\0'; r++) {
+        size_t k = 0;
+        while (k < ngot && !same_addr(got[k], rcpts[r]))
+            k++;
+        if (k == ngot)
+            snprintf(why, whylen, "envelope recipient %s not in To/Cc/Bcc", rcpts[r]);
+    }
+    for (size_t k = 0; k < ngot && why[0] == '\0'; k++) {
+        size_t r = 0;
+        while (r < nrcpts && !same_addr(got[k], rcpts[r]))
+            r++;
+        if (r == nrcpts)
+            snprintf(why, whylen, "%s is in To/Cc/Bcc but not in the envelope", got[k]);
+    }
+    g_object_unref(m);
+unref:
+    g_object_unref(p);
+    g_object_unref(st);
+    return why;
 }
 
 /* The API copy: Bcc for envelope-only recipients, header recipients outside the envelope
@@ -165,6 +227,12 @@ Test(apimime, for_api)
                   t[i].want);
         cr_expect(strcmp(note, t[i].want_note) == 0, "%s: note \"%s\"", t[i].label, note);
         cr_expect(strcmp(body_of(out), body_of(t[i].in)) == 0, "%s: body changed", t[i].label);
+        {
+            char why[256];
+            apimime_init();
+            cr_expect(provider_view(out, outlen, t[i].rcpts, n, why, sizeof why)[0] == '\0',
+                      "%s: %s", t[i].label, why);
+        }
         free(out);
     }
 }
