@@ -282,8 +282,12 @@ static char *mailbox_addr(const char *m, size_t s, size_t e)
                 as = (size_t)(c - m) + 1;
         }
     }
+    /* White space and comments may stand only next to a '.' or the '@' (obs-local-part,
+     * obs-domain): "a@x.exam ple" is not one address, and a reader that stops at the space
+     * would not see the one this would make of it.  Such text gives no address. */
     depth = quoted = 0;
-    for (i = as; i < ae; i++) {
+    int gap = 0, bad = 0;
+    for (i = as; i < ae && !bad; i++) {
         char c = m[i];
         if (quoted) {
             out_add(&o, &c, 1);
@@ -299,15 +303,23 @@ static char *mailbox_addr(const char *m, size_t s, size_t e)
                 depth++;
             else if (c == ')')
                 depth--;
-        } else if (c == '(') {
-            depth = 1;
-        } else if (c == '"') {
-            quoted = 1;
-            out_add(&o, &c, 1);
-        } else if (!is_fws(c)) {
+        } else if (c == '(' || is_fws(c)) {
+            depth = c == '(';
+            gap = 1;
+        } else {
+            if (gap && o.len > 0 && c != '.' && c != '@' && o.data[o.len - 1] != '.' &&
+                o.data[o.len - 1] != '@')
+                bad = 1;
+            gap = 0;
+            if (c == '"')
+                quoted = 1;
             out_add(&o, &c, 1);
         }
     }
+    if (bad)
+        o.len = 0;
+    if (o.data != NULL && o.len == 0)
+        o.data[0] = '\0';
     return o.data ? o.data : xstrdup("");
 }
 
@@ -322,11 +334,13 @@ static void push_item(struct alist *l, const char *m, size_t s, size_t e)
     alist_push(l, E_MAILBOX, s, e, mailbox_addr(m, s, e));
 }
 
-/* Splits the address list [s, e) of msg into mailboxes and groups. */
+/* Splits the address list [s, e) of msg into mailboxes and groups.  A ':' opens a group only
+ * after a phrase (RFC 5322 3.4: display-name ":"): "a@: b@x" is no group, as a MIME library
+ * would read it. */
 static void alist_parse(const char *m, size_t s, size_t e, struct alist *l)
 {
     size_t i, start = s;
-    int depth = 0, quoted = 0, angle = 0, group = 0;
+    int depth = 0, quoted = 0, angle = 0, group = 0, special = 0;
 
     memset(l, 0, sizeof(*l));
     for (i = s; i < e; i++) {
@@ -356,10 +370,14 @@ static void alist_parse(const char *m, size_t s, size_t e, struct alist *l)
                 angle = 0;
         } else if (c == '<') {
             angle = 1;
+            special = 1;
+        } else if (c == '@' || c == '>' || c == '[' || c == ']') {
+            special = 1;
         } else if (c == ',') {
             push_item(l, m, start, i);
             start = i + 1;
-        } else if (c == ':' && !group) {
+            special = 0;
+        } else if (c == ':' && !group && !special) {
             size_t gs = start;
             while (gs < i && is_fws(m[gs]))
                 gs++;
@@ -371,6 +389,7 @@ static void alist_parse(const char *m, size_t s, size_t e, struct alist *l)
             alist_push(l, E_GROUP_CLOSE, i, i + 1, NULL);
             group = 0;
             start = i + 1;
+            special = 0;
         }
     }
     {
@@ -517,6 +536,12 @@ int apimime_for_api(const char *msg, size_t len, const char *const *rcpts, size_
     header_parse(msg, len, &h);
     if (h.n == 0) {
         seterr(err, errlen, "no header section");
+        goto free_header;
+    }
+    /* A NUL ends a header for C-string readers (MIME libraries, the providers' parsers may
+     * be among them): they would not see the recipients this function sees. */
+    if (memchr(msg, '\0', h.end) != NULL) {
+        seterr(err, errlen, "NUL byte in the header section");
         goto free_header;
     }
     lists = xcalloc(h.n, sizeof(*lists));

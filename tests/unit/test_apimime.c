@@ -192,6 +192,21 @@ Test(apimime, for_api)
          {"a@x.example"},
          "To: undisclosed-recipients:;" CRLF "Bcc: a@x.example" CRLF CRLF "b" CRLF,
          "bcc +1; header recipients not in the envelope left out: a@x.example"},
+        {"white space inside an atom is no address",
+         "To: a@x.exam ple, b@x.example" CRLF CRLF "b" CRLF,
+         {"a@x.example", "b@x.example"},
+         "To: b@x.example" CRLF "Bcc: a@x.example" CRLF CRLF "b" CRLF,
+         "bcc +1; header recipients not in the envelope left out: (no address)"},
+        {"a colon after an address opens no group",
+         "To: a@: b@x.example" CRLF CRLF "b" CRLF,
+         {"b@x.example"},
+         "To: undisclosed-recipients:;" CRLF "Bcc: b@x.example" CRLF CRLF "b" CRLF,
+         "bcc +1; header recipients not in the envelope left out: (no address)"},
+        {"obs-domain: white space around the dots",
+         "To: a @ x . example" CRLF CRLF "b" CRLF,
+         {"a@x.example"},
+         "To: a @ x . example" CRLF CRLF "b" CRLF,
+         ""},
         {"comments and a quoted local part",
          "To: (the fax) \"j doe\"@x.example (home), k@x.example" CRLF CRLF "b" CRLF,
          {"\"j doe\"@x.example"},
@@ -255,6 +270,9 @@ Test(apimime, for_api_errors)
     cr_expect(apimime_for_api(CRLF "body" CRLF, 6, r, 1, &out, &outlen, note, sizeof note, err,
                               sizeof err) == -1);
     cr_expect(eq(str, err, "no header section"));
+    cr_expect(apimime_for_api("To: a@x.example\0" CRLF CRLF, 20, r, 1, &out, &outlen, note,
+                              sizeof note, err, sizeof err) == -1);
+    cr_expect(eq(str, err, "NUL byte in the header section"));
     cr_assert(apimime_for_api(m, strlen(m), r, 2, &out, &outlen, note, sizeof note, err,
                               sizeof err) == 0);
     cr_expect(eq(str, note, "bcc +2;"), "note truncated: %s", note);
