@@ -234,6 +234,70 @@ static int is_fws(char c)
     return c == ' ' || c == '\t' || c == '\r' || c == '\n';
 }
 
+static int is_atext(unsigned char c)
+{
+    return c >= 128 || isalnum(c) || strchr("!#$%&'*+-/=?^_`{|}~", c) != NULL;
+}
+
+/* [s, e) is a phrase (RFC 5322 3.2.5, obs-phrase; 8-bit text as RFC 6532 allows): words,
+ * comments, white space and dots after the first word.  With lenient (a display name), it
+ * may also be empty or one bare dot-atom@dot-atom (devices write "fax@corp.example
+ * <fax@corp.example>"; MIME libraries take that, but not other uses of '@'). */
+static int is_phrase(const char *m, size_t s, size_t e, int lenient)
+{
+    int words = 0, depth = 0;
+
+    while (s < e && is_fws(m[s]))
+        s++;
+    while (e > s && is_fws(m[e - 1]))
+        e--;
+    if (lenient && memchr(m + s, '@', e - s) != NULL) {
+        const char *at = memchr(m + s, '@', e - s);
+        size_t a = (size_t)(at - m);
+        if (memchr(at + 1, '@', e - a - 1) != NULL || a == s || a + 1 == e)
+            return 0;
+        for (size_t i = s; i < e; i++) {
+            unsigned char c = (unsigned char)m[i];
+            if (i == a)
+                continue;
+            if (c == '.') {
+                if (i == s || i + 1 == e || i == a + 1 || i + 1 == a || m[i + 1] == '.')
+                    return 0;
+            } else if (!is_atext(c)) {
+                return 0;
+            }
+        }
+        return 1;
+    }
+    for (size_t i = s; i < e; i++) {
+        unsigned char c = (unsigned char)m[i];
+        if (depth > 0) {
+            if (c == '\\' && i + 1 < e)
+                i++;
+            else if (c == '(')
+                depth++;
+            else if (c == ')')
+                depth--;
+        } else if (c == '(') {
+            depth = 1;
+        } else if (c == '"') {
+            for (i++; i < e && m[i] != '"'; i++)
+                if (m[i] == '\\')
+                    i++;
+            words++;
+        } else if (c == '.') {
+            if (words == 0)
+                return 0;
+        } else if (is_atext(c)) {
+            words++;
+        } else if (!is_fws((char)c)) {
+            return 0;
+        }
+    }
+    /* A display name may be only CFWS ("(fax) <a@b>"), a group's name may not. */
+    return depth == 0 && (words > 0 || lenient);
+}
+
 /* The bare address of one mailbox's raw text [s, e): the angle-addr's contents when there
  * is one ("< a@b >" -> "a@b", an obs-route "@r1,@r2:" dropped), else the addr-spec with
  * comments and white space removed.  Quoted strings are kept as written. */
@@ -241,7 +305,7 @@ static char *mailbox_addr(const char *m, size_t s, size_t e)
 {
     struct out o = {0};
     size_t i, as = s, ae = e;
-    int depth = 0, quoted = 0, angle = 0;
+    int depth = 0, quoted = 0, angle = 0, colon = 0;
 
     /* Find a top-level '<' (outside quotes and comments). */
     for (i = s; i < e; i++) {
@@ -262,6 +326,8 @@ static char *mailbox_addr(const char *m, size_t s, size_t e)
             quoted = 1;
         } else if (c == '(') {
             depth = 1;
+        } else if (c == ':') {
+            colon = 1;
         } else if (c == '<') {
             angle = 1;
             as = i + 1;
@@ -272,8 +338,26 @@ static char *mailbox_addr(const char *m, size_t s, size_t e)
         }
     }
     if (angle) {
+        /* name-addr: no ':' in the display name, nothing but CFWS after the '>' (a MIME
+         * library reads "x: <a@b>" as a group, "<a@b> junk" as two mailboxes). */
+        size_t k = ae + 1;
+        depth = 0;
+        for (; k < e && !colon; k++) {
+            if (depth > 0) {
+                if (m[k] == '\\')
+                    k++;
+                else
+                    depth += m[k] == '(' ? 1 : m[k] == ')' ? -1 : 0;
+            } else if (m[k] == '(') {
+                depth = 1;
+            } else if (!is_fws(m[k])) {
+                colon = 1;
+            }
+        }
+        if (colon || (as - 1 > s && !is_phrase(m, s, as - 1, 1)))
+            return xstrdup("");
         /* obs-route: "@a,@b:user@dom" */
-        size_t k = as;
+        k = as;
         while (k < ae && is_fws(m[k]))
             k++;
         if (k < ae && m[k] == '@') {
@@ -377,7 +461,7 @@ static void alist_parse(const char *m, size_t s, size_t e, struct alist *l)
             push_item(l, m, start, i);
             start = i + 1;
             special = 0;
-        } else if (c == ':' && !group && !special) {
+        } else if (c == ':' && !group && !special && is_phrase(m, start, i, 0)) {
             size_t gs = start;
             while (gs < i && is_fws(m[gs]))
                 gs++;

@@ -24,10 +24,13 @@
  *    is the message's own (CRLF for spooled bodies; bare LF input is handled too).  A To:/Cc:
  *    line is rebuilt only when an address is left out of it; the addresses kept keep their
  *    display names as written (RFC 2047 words are not decoded).
- *  - Addresses are read as a MIME library reads them: an address with an unterminated
- *    quote, comment or angle-addr, or with white space inside an atom ("a@x.exam ple"), is
- *    no envelope recipient's and is left out (the envelope recipient, if any, goes to Bcc);
- *    a header section holding a NUL byte is refused (-1): readers would stop at the NUL.
+ *  - Addresses are read as a MIME library (GMime, checked by the unit test) reads them: an
+ *    address with an unterminated quote, comment or angle-addr, with white space inside an
+ *    atom ("a@x.exam ple"), with a display name that is no phrase ("x@: <a@b>", "@x <a@b>";
+ *    "fax@corp.example <fax@corp.example>" is accepted) or with text after its '>' is no
+ *    envelope recipient's and is left out (the envelope recipient, if any, goes to Bcc); a
+ *    ':' opens a group only after a phrase; a header section holding a NUL byte is refused
+ *    (-1): readers would stop at the NUL.
  *
  * Graph's large-message path (more than about 3 MB of MIME) creates a draft and uploads the
  * attachments separately: apimime_graph_split() parses the message with GMime (not by hand)

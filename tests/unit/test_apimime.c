@@ -202,6 +202,18 @@ Test(apimime, for_api)
          {"b@x.example"},
          "To: undisclosed-recipients:;" CRLF "Bcc: b@x.example" CRLF CRLF "b" CRLF,
          "bcc +1; header recipients not in the envelope left out: (no address)"},
+        {"name-addr: a colon in the name, text after the '>'",
+         "To: x@: y <a@x.example>, Name <b@x.example> junk, c@corp.example <c@x.example>" CRLF CRLF
+         "b" CRLF,
+         {"a@x.example", "b@x.example", "c@x.example"},
+         "To: c@corp.example <c@x.example>" CRLF "Bcc: a@x.example, b@x.example" CRLF CRLF "b" CRLF,
+         "bcc +2; header recipients not in the envelope left out: (no address), (no address)"},
+        {"display names: a comment, an address, but no leading '@'",
+         "To: (fax) <a@x.example>, b@x.example <b@x.example>, @x <c@x.example>" CRLF CRLF "b" CRLF,
+         {"a@x.example", "b@x.example", "c@x.example"},
+         "To: (fax) <a@x.example>, b@x.example <b@x.example>" CRLF "Bcc: c@x.example" CRLF CRLF
+         "b" CRLF,
+         "bcc +1; header recipients not in the envelope left out: (no address)"},
         {"obs-domain: white space around the dots",
          "To: a @ x . example" CRLF CRLF "b" CRLF,
          {"a@x.example"},
