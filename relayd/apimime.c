@@ -593,6 +593,29 @@ static void note_add(char *note, size_t notelen, const char *fmt, ...)
     va_end(ap);
 }
 
+/* Text that gave no address, for the log: quoted, white space folded to one space, control
+ * characters as '?', at most 40 bytes. */
+static void note_raw(struct out *o, const char *p, size_t n)
+{
+    int sp = 0;
+
+    out_str(o, "\"");
+    for (size_t i = 0; i < n && i < 40; i++) {
+        char c = p[i];
+        if (is_fws(c)) {
+            sp = 1;
+            continue;
+        }
+        if (sp)
+            out_str(o, " ");
+        sp = 0;
+        if ((unsigned char)c < 32 || c == 127 || c == '"')
+            c = c == '"' ? '\'' : '?';
+        out_add(o, &c, 1);
+    }
+    out_str(o, n > 40 ? "...\"" : "\"");
+}
+
 int apimime_for_api(const char *msg, size_t len, const char *const *rcpts, size_t nrcpts,
                     char **out, size_t *outlen, char *note, size_t notelen, char *err,
                     size_t errlen)
@@ -655,7 +678,10 @@ int apimime_for_api(const char *msg, size_t len, const char *const *rcpts, size_
                 el->keep = 0;
                 if (ndropped++)
                     out_str(&dropped, ", ");
-                out_str(&dropped, el->addr[0] ? el->addr : "(no address)");
+                if (el->addr[0] != '\0')
+                    out_str(&dropped, el->addr);
+                else
+                    note_raw(&dropped, msg + el->s, el->e - el->s);
             }
         }
     }
