@@ -239,6 +239,24 @@ int cfg_secret_read(const char *path, size_t max, char **out, char *why, size_t 
  * its old value).  0, or -1 with the last problem in err. */
 int cfg_reload_secrets(struct cfg *cfg, char *err, size_t errlen);
 
+/* Configuration generations (the full reload, SIGHUP): a loaded struct cfg that is never
+ * changed again, shared by reference.  The daemon holds the current one; every inbound
+ * session and the delivery engine hold the one they started with, so a reload never
+ * changes the settings under a session or a delivery in progress; the last unref frees it.
+ * Single-threaded (the event loop): the count is not atomic. */
+struct cfg_gen {
+    struct cfg cfg;
+    unsigned long n; /* 1 for the configuration loaded at start, +1 per reload */
+    int refs;
+};
+
+/* Takes over the contents of *cfg (which is left zeroed) with one reference. */
+struct cfg_gen *cfg_gen_new(struct cfg *cfg, unsigned long n);
+/* One more reference; returns g (NULL is fine). */
+struct cfg_gen *cfg_gen_ref(struct cfg_gen *g);
+/* Drops one reference, frees g with the last one; returns NULL (NULL is fine). */
+struct cfg_gen *cfg_gen_unref(struct cfg_gen *g);
+
 /* Every key of every section type, in table order: fn(arg, "listener", "tls"), ...  The
  * strings are static (test_cfg_doc checks that each one is documented). */
 typedef void (*cfg_key_fn)(void *arg, const char *section, const char *key);

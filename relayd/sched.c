@@ -147,7 +147,15 @@ struct sched {
     struct spool *sp;
     uv_timer_t timer;
     struct pool *pool; /* sessions to the upstreams (relayd/pool.h) */
-    int pool_open;     /* pool_stop() has not finished yet */
+    int pool_open;     /* pools whose pool_stop() has not finished yet */
+    int started_pool;  /* sc->pool was started and not yet stopped */
+    /* A reload waiting to take over (sched_reconfigure()): the started pool of the new
+     * configuration, the configuration, and who to tell once the old one is gone. */
+    struct pool *next_pool;
+    const struct cfg *next_cfg;
+    struct pool *old_pool; /* being stopped after a reload took over */
+    void (*reconf_done)(void *arg, int swapped);
+    void *reconf_arg;
     LIST_HEAD(, sched_delivery) active; /* busy: picked, results not yet durable */
     int nactive;
     size_t own_bytes;             /* the counter when no budget is shared */
@@ -1180,6 +1188,116 @@ static enum sched_pick sched_pick(struct sched *sc, uint64_t id, int room, int64
     return SCHED_PICK_STARTED;
 }
 
+/* ---- Reload ---- */
+
+static void sched_on_old_pool_stopped(void *arg)
+{
+    struct sched *sc = arg;
+    void (*done)(void *, int) = sc->reconf_done;
+
+    pool_free(sc->old_pool);
+    sc->old_pool = NULL;
+    sc->pool_open--;
+    sc->reconf_done = NULL;
+    if (done != NULL)
+        done(sc->reconf_arg, 1);
+    sched_maybe_stopped(sc);
+}
+
+static void sched_on_next_pool_stopped(void *arg)
+{
+    struct sched *sc = arg;
+    void (*done)(void *, int) = sc->reconf_done;
+
+    pool_free(sc->next_pool);
+    sc->next_pool = NULL;
+    sc->next_cfg = NULL;
+    sc->pool_open--;
+    sc->reconf_done = NULL;
+    if (done != NULL)
+        done(sc->reconf_arg, 0);
+    sched_maybe_stopped(sc);
+}
+
+/*
+ * The reload takes over the delivery side once nothing is in delivery: every delivery in
+ * progress finished on the configuration it started with (its routes, upstreams, sessions
+ * and credentials), and its results are durable.  The new pool gets the upstreams' state
+ * by name, the parked mail stays parked on the route of the same name, unhealthy
+ * upstreams are probed at once, and the old pool closes its idle sessions.  1 when done.
+ */
+static int sched_swap(struct sched *sc)
+{
+    const struct cfg *old = sc->cfg, *cfg = sc->next_cfg;
+    struct sched_park *parks;
+
+    if (sc->nactive > 0 || sc->parking || sc->old_pool != NULL)
+        return 0;
+    parks = xcalloc((size_t)cfg->nroutes + 1, sizeof(*parks));
+    for (int i = 0; i < old->nroutes; i++) {
+        int j;
+
+        for (j = 0; j < cfg->nroutes; j++)
+            if (strcmp(old->routes[i].name, cfg->routes[j].name) == 0)
+                break;
+        if (j < cfg->nroutes)
+            parks[j] = sc->parks[i]; /* the ids move */
+        else
+            free(sc->parks[i].ids); /* next_attempt (at most SCHED_PARK_SECONDS) wakes them */
+    }
+    free(sc->parks);
+    sc->parks = parks;
+    if ((size_t)cfg->workers + SCHED_SCAN_MAX > sc->nscan) {
+        sc->nscan = (size_t)cfg->workers + SCHED_SCAN_MAX;
+        free(sc->scan);
+        sc->scan = xcalloc(sc->nscan, sizeof(*sc->scan));
+    }
+    pool_carry(sc->next_pool, sc->pool);
+    pool_set_on_healthy(sc->next_pool, sched_on_upstream_healthy, sc);
+    sc->old_pool = sc->pool;
+    sc->pool = sc->next_pool;
+    sc->cfg = cfg;
+    sc->next_pool = NULL;
+    sc->next_cfg = NULL;
+    log_info("reload: deliveries now use the new configuration");
+    pool_reprobe(sc->pool);
+    pool_stop(sc->old_pool, sched_on_old_pool_stopped, sc); /* may call back now */
+    return 1;
+}
+
+int sched_reconfigure(struct sched *sc, const struct cfg *cfg, struct oauth2 *oauth2,
+                      void (*done)(void *arg, int swapped), void *arg, char *err, size_t errlen)
+{
+    struct pool *p;
+    int rc;
+
+    if (sc->stopping || sc->next_cfg != NULL || sc->old_pool != NULL) {
+        snprintf(err, errlen, "the previous reload is still taking over deliveries");
+        return -1;
+    }
+    p = pool_new(sc->loop, cfg, oauth2);
+    if ((rc = pool_start(p, err, errlen)) != 0) {
+        pool_free(p); /* pool_start() fails before it initialises any handle */
+        return rc;
+    }
+    sc->pool_open++;
+    sc->next_pool = p;
+    sc->next_cfg = cfg;
+    sc->reconf_done = done;
+    sc->reconf_arg = arg;
+    if (sc->nactive > 0)
+        log_info("reload: %d deliver%s in progress finish on the old configuration first",
+                 sc->nactive, sc->nactive == 1 ? "y" : "ies");
+    sched_kick(sc);
+    return 0;
+}
+
+void sched_reconfigure_cancel(struct sched *sc)
+{
+    if (sc->next_pool != NULL)
+        pool_stop(sc->next_pool, sched_on_next_pool_stopped, sc);
+}
+
 static void sched_run(struct sched *sc)
 {
     uint64_t *ids = sc->scan, *pids = NULL;
@@ -1187,7 +1305,11 @@ static void sched_run(struct sched *sc)
     size_t n = 0, i, npark = 0, want = sc->nscan;
     int rc, blocked;
 
-    if (sc->stopping || sc->parking || sc->write_faults > 0 || sc->nactive >= sc->cfg->workers)
+    if (sc->stopping || sc->parking || sc->write_faults > 0)
+        return;
+    if (sc->next_cfg != NULL && !sched_swap(sc))
+        return; /* no new delivery until the reload takes over */
+    if (sc->nactive >= sc->cfg->workers)
         return;
     if ((blocked = sched_blocked_routes(sc)) == sc->cfg->nroutes && blocked > 0)
         return;
@@ -1364,6 +1486,7 @@ int sched_start(struct sched *sc, char *err, size_t errlen)
         return rc;
     pool_set_on_healthy(sc->pool, sched_on_upstream_healthy, sc);
     sc->pool_open = 1;
+    sc->started_pool = 1;
     if (sc->cfg->nupstreams == 0)
         log_warn("no upstream is configured: mail is accepted and held in the spool");
     /* Nothing is busy at start: that state lives only in sc->active, so mail a crash
@@ -1401,7 +1524,7 @@ static void sched_on_pool_stopped(void *arg)
 {
     struct sched *sc = arg;
 
-    sc->pool_open = 0;
+    sc->pool_open--;
     sched_maybe_stopped(sc);
 }
 
@@ -1423,8 +1546,11 @@ void sched_stop(struct sched *sc, void (*done)(void *arg), void *arg)
     sched_retry_writes(sc, 1);
     /* Deliveries in the pool end now (or after stop_grace for those waiting on the reply
      * to their final dot); their results are written before done runs. */
-    if (sc->pool_open)
+    if (sc->pool != NULL && sc->started_pool) {
+        sc->started_pool = 0;
         pool_stop(sc->pool, sched_on_pool_stopped, sc);
+    }
+    sched_reconfigure_cancel(sc); /* a reload not yet in force is dropped */
     if (sc->timer_open)
         uv_close((uv_handle_t *)&sc->timer, sched_on_timer_closed);
     else

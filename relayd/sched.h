@@ -54,6 +54,19 @@ void sched_kick(struct sched *sc);
 /* After SIGHUP re-read the upstream secrets: probe unhealthy upstreams now; mail waiting
  * for one becomes due as soon as its probe succeeds. */
 void sched_reload(struct sched *sc);
+/*
+ * The full reload (SIGHUP): cfg (with oauth2, the token manager made for it) takes over the
+ * deliveries once none is in progress: those in progress finish on the configuration they
+ * started with, and no new one starts meanwhile.  Upstream state carries over by name
+ * (pool_carry()).  The new pool is started now, so its failure (a CA file) is returned
+ * here, negative with text in err, and changes nothing; so is a reload while another is
+ * still taking over.  done(arg, 1) runs once the old pool is gone (the old cfg and oauth2
+ * may go then), done(arg, 0) when the reload was dropped (sched_reconfigure_cancel() or a
+ * stop: cfg and oauth2 may go).
+ */
+int sched_reconfigure(struct sched *sc, const struct cfg *cfg, struct oauth2 *oauth2,
+                      void (*done)(void *arg, int swapped), void *arg, char *err, size_t errlen);
+void sched_reconfigure_cancel(struct sched *sc);
 /* Aborts deliveries in progress (they stay queued) and stops; done(arg) when idle. */
 void sched_stop(struct sched *sc, void (*done)(void *arg), void *arg);
 void sched_free(struct sched *sc);

@@ -70,6 +70,40 @@ const struct cfg_upstream *upstream_cfg(const struct upstream *u)
     return u->cfg;
 }
 
+/* ---- Reload ---- */
+
+void upstream_carry(struct upstream *u, const struct upstream *from)
+{
+    int i, flimit = from->cfg->max_messages_per_minute, limit = u->cfg->max_messages_per_minute;
+
+    u->unhealthy = from->unhealthy;
+    u->since = from->since;
+    memcpy(u->reason, from->reason, sizeof(u->reason));
+    memcpy(u->action, from->action, sizeof(u->action));
+    u->paused_until = from->paused_until;
+    u->next_pause = from->next_pause;
+    u->failed_sessions = from->failed_sessions;
+    u->next_cohort_pause = from->next_cohort_pause;
+    /* Oldest first, so that a smaller limit keeps the newest send times. */
+    if (u->sent != NULL && from->sent != NULL) {
+        for (i = 0; i < from->nsent; i++) {
+            uint64_t t = from->sent[(from->head + i) % flimit];
+
+            if (u->nsent < limit) {
+                u->sent[(u->head + u->nsent) % limit] = t;
+                u->nsent++;
+            } else {
+                u->sent[u->head] = t;
+                u->head = (u->head + 1) % limit;
+            }
+        }
+    }
+    if (u->bucket_count != NULL && from->bucket_count != NULL) {
+        memcpy(u->bucket_minute, from->bucket_minute, DAY_MINUTES * sizeof(*u->bucket_minute));
+        memcpy(u->bucket_count, from->bucket_count, DAY_MINUTES * sizeof(*u->bucket_count));
+    }
+}
+
 /* ---- Health ---- */
 
 int upstream_is_healthy(const struct upstream *u)

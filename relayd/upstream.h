@@ -80,6 +80,13 @@ void upstream_rate_take(struct upstream *u, size_t nrcpts, uint64_t now_ms);
 void upstream_rate_usage(const struct upstream *u, uint64_t now_ms, int *msgs_minute,
                          long *rcpts_day);
 
+/* ---- Reload ---- */
+/* A reload made a new struct upstream for an upstream of the same name: u takes from's
+ * run-time state: health (reason, action, since; a probe decides whether a changed
+ * password or host fixed it), the pause and its doubling, the session cohort, and the
+ * rate windows (as far as u's limits keep them). */
+void upstream_carry(struct upstream *u, const struct upstream *from);
+
 /* ---- Summary ---- */
 /* One line for logs and relayctl: "healthy", "healthy, paused for 60s after throttling",
  * "unhealthy since 120s: AUTH PLAIN: 535 ...; action: ...", with rate usage when limited.
