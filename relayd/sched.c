@@ -204,16 +204,30 @@ int64_t sched_backoff(int attempts, int first, int max, unsigned rnd)
     return sched_backoff_factor(attempts, first, 2, max, rnd);
 }
 
+int64_t sched_age(int64_t now, int64_t arrived, int64_t config_wait, int64_t config_since)
+{
+    int64_t age = now - arrived - config_wait;
+
+    if (config_since > 0 && now > config_since)
+        age -= now - config_since;
+    return age;
+}
+
 void sched_round_decide(const struct sched_round_in *in, struct sched_round_rcpt *r, size_t n,
                         struct sched_outcome *out)
 {
     const struct cfg *cfg = in->cfg;
-    int expired = in->now - in->arrived >= cfg->max_lifetime;
+    int expired =
+        sched_age(in->now, in->arrived, in->config_wait, in->config_since) >= cfg->max_lifetime;
     size_t i, pending_normal = 0, pending_wait = 0, pending_later = 0, pending_noroute = 0;
-    size_t failed = 0, failed_now = 0;
+    size_t failed = 0, failed_now = 0, pending_config = 0;
     int64_t next = INT64_MAX;
 
     memset(out, 0, sizeof(*out));
+    /* The wait in progress, if any, ends with this round. */
+    out->config_wait = in->config_wait;
+    if (in->config_since > 0 && in->now > in->config_since)
+        out->config_wait += in->now - in->config_since;
     for (i = 0; i < n; i++) {
         struct sched_round_rcpt *x = &r[i];
 
@@ -247,6 +261,7 @@ void sched_round_decide(const struct sched_round_in *in, struct sched_round_rcpt
             break;
         case VERDICT_CONFIG:
             x->after = SPOOL_RCPT_PENDING;
+            pending_config++;
             break;
         }
         if (x->after == SPOOL_RCPT_FAILED) {
@@ -283,6 +298,9 @@ void sched_round_decide(const struct sched_round_in *in, struct sched_round_rcpt
     }
     if (pending_wait > 0 && next == INT64_MAX)
         next = in->now + cfg->retry_first;
+    /* Only the relay's own fault holds it: the clock stops until the next round. */
+    if (pending_config > 0 && pending_config == pending_normal + pending_wait + pending_later)
+        out->config_since = in->now;
     if (pending_later > 0)
         next = in->now;
     out->state = SPOOL_DEFERRED;
@@ -646,6 +664,9 @@ static void sched_write(struct sched_delivery *d)
         u.state = d->out.state;
         u.next_attempt = d->out.next_attempt;
         u.count_attempt = d->out.count_attempt;
+        u.set_config_wait = 1;
+        u.config_wait = d->out.config_wait;
+        u.config_since = d->out.config_since;
         u.upstream = d->result_up;
         u.result = d->result[0] != '\0' ? d->result : NULL;
         u.last_error = d->last_error[0] != '\0' ? d->last_error : NULL;
@@ -712,7 +733,7 @@ static void sched_dsn_add(struct sched_delivery *d, enum bounce_kind kind,
     bi.to = sc->cfg->bounce_to != NULL ? sc->cfg->bounce_to : msg->sender;
     bi.arrived = msg->arrived;
     bi.now = now;
-    bi.retry_until = msg->arrived + sc->cfg->max_lifetime;
+    bi.retry_until = msg->arrived + msg->config_wait + sc->cfg->max_lifetime;
     bi.rcpts = rcpts;
     bi.nrcpts = n;
     bi.orig = d->body;
@@ -866,6 +887,8 @@ static void sched_round_finish(struct sched_delivery *d)
     in.arrived = msg->arrived;
     in.attempts = msg->attempts;
     in.rnd = (unsigned)rand();
+    in.config_wait = msg->config_wait;
+    in.config_since = msg->config_since;
     sched_round_decide(&in, x, msg->nrcpts, &d->out);
     for (i = 0; i < msg->nrcpts; i++) {
         struct sched_rcpt *r = &d->rc[i];
@@ -1163,7 +1186,8 @@ static enum sched_pick sched_pick(struct sched *sc, uint64_t id, int room, int64
         return SCHED_PICK_STARTED;
     }
     /* Mail past max_lifetime still gets its round, so that a pause cannot keep it forever. */
-    if (!open && now - msg->arrived < sc->cfg->max_lifetime) {
+    if (!open && sched_age(now, msg->arrived, msg->config_wait, msg->config_since) <
+                     sc->cfg->max_lifetime) {
         *until = soonest;
         spool_msg_free(msg);
         return SCHED_PICK_PARKED;

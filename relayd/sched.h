@@ -97,6 +97,9 @@ struct sched_round_in {
     int64_t now, arrived;
     int attempts;          /* counted so far */
     unsigned rnd;          /* backoff jitter */
+    /* Time the message waited on configuration faults (spool_msg): it does not age. */
+    int64_t config_wait;   /* seconds of waits that ended */
+    int64_t config_since;  /* the wait in progress began then; 0: none */
 };
 
 struct sched_outcome {
@@ -106,13 +109,21 @@ struct sched_outcome {
     int delivered;          /* every recipient sent */
     int expired;            /* some recipient failed now for max_lifetime */
     int noroute;            /* held: what is pending has no route */
+    /* What the spool records for the next round: the wait in progress (if any) ended
+     * now, and a new one begins now when every pending recipient waits on CONFIG. */
+    int64_t config_wait, config_since;
 };
+
+/* The age that counts toward max_lifetime: now - arrived, less the time spent waiting on
+ * configuration faults (config_wait, and the wait in progress since config_since). */
+int64_t sched_age(int64_t now, int64_t arrived, int64_t config_wait, int64_t config_since);
 
 /*
  * The message's new state after a round.  Per recipient: SENT is done, PERMANENT fails,
  * TRANSIENT retries with backoff (and fails once max_lifetime passed), SLOWDOWN waits
  * until wait_until (and ages), CONFIG waits until wait_until without aging (the relay's
- * own fault must not expire mail).  The attempt counts only when an upstream judged the
+ * own fault must not expire mail: the time the message spends waiting with only CONFIG
+ * recipients pending is left out of its age, sched_age(), at every later round too).  The attempt counts only when an upstream judged the
  * message (PERMANENT or TRANSIENT).  Pending recipients the round never reached are due
  * now; pending ones without a route hold the message when nothing else is pending.
  */

@@ -1082,6 +1082,10 @@ int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update 
     }
     if (u->count_attempt)
         m.attempts++;
+    if (u->set_config_wait) {
+        m.config_wait = u->config_wait;
+        m.config_since = u->config_since;
+    }
     if (u->last_error != NULL) {
         free(m.last_error);
         m.last_error = xstrdup(u->last_error);

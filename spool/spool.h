@@ -85,6 +85,10 @@ struct spool_msg {
     int dsn_ret;               /* MAIL RET=: SPOOL_RET_FULL, SPOOL_RET_HDRS; 0: not given */
     struct spool_rcpt *rcpts;
     size_t nrcpts;
+    /* Time spent waiting on a configuration fault of the relay (recipients with a CONFIG
+     * verdict, held for the administrator) does not count toward max_lifetime: */
+    int64_t config_wait;       /* seconds of such waits that ended, accumulated */
+    int64_t config_since;      /* unix seconds the current wait began; 0: not waiting */
     struct spool_attempt *attempts_log; /* filled only with SPOOL_GET_HISTORY */
     size_t nattempts_log;
 };
@@ -154,6 +158,8 @@ struct spool_update {
     const size_t *rcpt_index;
     const enum spool_rcpt_status *rcpt_status;
     const char *const *rcpt_reply;
+    int set_config_wait;     /* 1: config_wait and config_since become the values below */
+    int64_t config_wait, config_since;
     int if_scheduled;        /* 1 (a delivery's outcome): the new state applies only while the
                                 message is still QUEUED or DEFERRED, so a hold or a failure an
                                 operator made meanwhile stays; recipient results and the

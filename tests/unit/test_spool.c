@@ -1294,3 +1294,66 @@ Test(spool, quarantine)
     cr_assert(eq(u64, st.by_state[SPOOL_HELD], 1));
     spool_close(sp);
 }
+
+/* The time a message waited on configuration faults (config_wait, config_since) is set by
+ * a delivery's update, survives a reopen in a version-3 record, and goes back to version
+ * 1 when it is 0 again; an old version-1 record reads as 0 for both. */
+Test(spool, config_wait_round_trip)
+{
+    struct spool *sp = open_rw(NULL);
+    struct spool_msg m, *g;
+    struct spool_rcpt r[2];
+    struct spool_update u;
+    struct v1buf w;
+    uint64_t id = spool_id_new(sp), old;
+    unsigned char *raw;
+    size_t len;
+
+    cr_assert(eq(int, put_one(sp, id, time(NULL), SPOOL_QUEUED, 5), 0));
+    old = spool_id_new(sp);
+    cr_assert(eq(int, put_one(sp, old, time(NULL), SPOOL_QUEUED, 5), 0));
+    memset(&u, 0, sizeof(u));
+    u.id = id;
+    u.state = SPOOL_DEFERRED;
+    u.next_attempt = time(NULL) + 60;
+    u.set_config_wait = 1;
+    u.config_wait = 3600;
+    u.config_since = 1700000000;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    spool_close(sp);
+    fill_msg(&m, r, old, "old@lan");
+    v1_encode(&w, &m);
+    put_raw_record(old, w.b, w.n);
+
+    sp = open_rw(NULL);
+    cr_assert(eq(int, spool_msg_get(sp, id, 0, &g), 0));
+    cr_expect(eq(i64, g->config_wait, 3600));
+    cr_expect(eq(i64, g->config_since, 1700000000));
+    cr_expect(eq(int, (int)g->state, SPOOL_DEFERRED));
+    spool_msg_free(g);
+    cr_assert(eq(int, spool_msg_get(sp, old, 0, &g), 0));
+    cr_expect(eq(i64, g->config_wait, 0));
+    cr_expect(eq(i64, g->config_since, 0));
+    spool_msg_free(g);
+    /* An update without set_config_wait keeps the values. */
+    u.set_config_wait = 0;
+    u.next_attempt = time(NULL) + 120;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    cr_assert(eq(int, spool_msg_get(sp, id, 0, &g), 0));
+    cr_expect(eq(i64, g->config_wait, 3600));
+    spool_msg_free(g);
+    spool_close(sp);
+    raw = raw_record(id, &len);
+    cr_expect(eq(int, raw[0], 3), "a message with config_wait: record version 3");
+    free(raw);
+
+    sp = open_rw(NULL);
+    u.set_config_wait = 1;
+    u.config_wait = 0;
+    u.config_since = 0;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    spool_close(sp);
+    raw = raw_record(id, &len);
+    cr_expect(eq(int, raw[0], 1), "config_wait back to 0: record version 1 again");
+    free(raw);
+}
