@@ -1473,12 +1473,60 @@ static void sched_purge_start(struct sched *sc)
         sc->purging = 1;
 }
 
+/* ---- Upstream state kept in the spool ---- */
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Notes every upstream whose state changed since the last note (once a tick at most, so
+ * at most one record per upstream per second, however much mail goes). */
+static void sched_save_upstreams(struct sched *sc)
+{
+    uint64_t now = uv_now(sc->loop);
+    int64_t wall = wall_ms();
+
+    for (int i = 0; i < sc->cfg->nupstreams; i++) {
+        struct upstream *u = pool_upstream(sc->pool, &sc->cfg->upstreams[i]);
+        struct spool_upstate st;
+
+        if (u == NULL || !upstream_state_dirty(u))
+            continue;
+        upstream_state_save(u, now, wall, &st);
+        spool_upstate_note(sc->sp, &st);
+        spool_upstate_clear(&st);
+    }
+}
+
+/* At start: each upstream's state from before the restart (state of upstreams no longer
+ * configured is ignored).  Unhealthy ones are probed at once by the caller. */
+static void sched_load_upstreams(struct sched *sc)
+{
+    uint64_t now = uv_now(sc->loop);
+    int64_t wall = wall_ms();
+
+    for (int i = 0; i < sc->cfg->nupstreams; i++) {
+        struct upstream *u = pool_upstream(sc->pool, &sc->cfg->upstreams[i]);
+        struct spool_upstate *st;
+
+        if (u == NULL || spool_upstate_get(sc->sp, sc->cfg->upstreams[i].name, &st) != 0)
+            continue;
+        upstream_state_load(u, st, now, wall);
+        spool_upstate_free(st);
+    }
+}
+
 /* ---- Lifecycle ---- */
 
 static void sched_on_tick(uv_timer_t *t)
 {
     struct sched *sc = t->data;
 
+    sched_save_upstreams(sc);
     if (!SLIST_EMPTY(&sc->retry))
         sched_retry_writes(sc, 0);
     sched_run(sc);
@@ -1511,6 +1559,8 @@ int sched_start(struct sched *sc, char *err, size_t errlen)
     pool_set_on_healthy(sc->pool, sched_on_upstream_healthy, sc);
     sc->pool_open = 1;
     sc->started_pool = 1;
+    sched_load_upstreams(sc);
+    pool_reprobe(sc->pool); /* an upstream held before the restart is probed at once */
     if (sc->cfg->nupstreams == 0)
         log_warn("no upstream is configured: mail is accepted and held in the spool");
     /* Nothing is busy at start: that state lives only in sc->active, so mail a crash
@@ -1562,6 +1612,8 @@ static void sched_on_timer_closed(uv_handle_t *h)
 
 void sched_stop(struct sched *sc, void (*done)(void *arg), void *arg)
 {
+    if (sc->started_pool)
+        sched_save_upstreams(sc); /* the writer commits it before it stops */
     sc->stopping = 1;
     sc->stop_done = done;
     sc->stop_arg = arg;

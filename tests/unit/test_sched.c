@@ -263,7 +263,7 @@ Test(sched, round_decide)
     for (size_t i = 0; i < sizeof(round_cases) / sizeof(round_cases[0]); i++) {
         const struct round_case *c = &round_cases[i];
         struct sched_round_rcpt r[3];
-        struct sched_round_in in = {&cfg, NOW, NOW - c->age, c->attempts, 1000};
+        struct sched_round_in in = {&cfg, NOW, NOW - c->age, c->attempts, 1000, 0, 0};
         struct sched_outcome out;
 
         memcpy(r, c->r, sizeof(r));
