@@ -2,7 +2,7 @@
 # t_reload: SIGHUP re-reads the whole configuration under traffic: (a) a listener added
 # takes mail, (b) a changed upstream password file takes effect (a wrong one holds the mail,
 # the right one again delivers it), (c) an invalid file is refused with FILE:LINE and the
-# running configuration keeps serving, (d) a listener removed stops accepting while the
+# running configuration keeps serving, and so does one whose new listener cannot bind, (d) a listener removed stops accepting while the
 # other keeps working.  Every message acknowledged with 250 is delivered exactly once.
 source "$(dirname "$0")/lib.sh"
 
@@ -52,6 +52,18 @@ pid_alive "$RELAYD_PID" || fail "relayd died of an invalid reload"
 make_message "$T/still.eml" "still serving"
 RELAYD_PORT=$EXTRA_PORT relay_send "$T/still.eml" user@example.com ||
     fail "the extra listener went away with an invalid reload"
+cp "$T/relayd.conf.good" "$T/relayd.conf"
+
+say "(c') a new listener on a port in use fails the reload as a whole"
+relayd_conf "$T/relayd.conf" "listener busy" "listen = 127.0.0.1:$PF_PORT" "allow = 127.0.0.0/8"
+relayd_conf "$T/relayd.conf" "upstream provider" "password_file = $T/provider.secret"
+kill -HUP "$RELAYD_PID"
+log_wait "reload: listener busy: listen on 127.0.0.1:$PF_PORT: .*; keeping the running configuration" 10 ||
+    fail "a port in use did not fail the reload"
+sleep 1
+grep -qE 'reload: ok \(generation 4\)' "$T/relayd.log" && fail "the failed reload took a generation"
+grep -q 'upstream provider: healthy again' "$T/relayd.log" &&
+    fail "the failed reload changed the password file anyway"
 cp "$T/relayd.conf.good" "$T/relayd.conf"
 
 say "(d) the listener removed, the right password back"

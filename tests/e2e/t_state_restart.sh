@@ -42,6 +42,11 @@ now=$(grep -cE '^conn [0-9]+ fault=' "$T/fake/conn.log")
 [ "$now" -eq "$conns" ] || fail "relayd connected to the paused fake $((now - conns)) time(s) after the restart"
 [ "$(fake_count "$T/fake")" -eq 0 ] || fail "the fake stored a message it refused"
 [ "$(maildir_count)" -eq 0 ] || fail "delivered with a wrong password"
+relayctl upstreams > "$T/upstreams.txt" || fail "relayctl upstreams failed"
+say "   relayctl upstreams: $(tr '\n' '|' < "$T/upstreams.txt")"
+grep -qE '^fake: healthy; paused for [0-9]+s more' "$T/upstreams.txt" || fail "relayctl upstreams does not show the pause"
+grep -qE '^provider: unhealthy for [0-9]+s: .*(535|uthentication).*; action: ' "$T/upstreams.txt" ||
+    fail "relayctl upstreams does not show provider held with its reason"
 relayctl list > "$T/list.txt" 2>&1 || true
 [ "$(queue_ids | grep -c . || true)" -eq 2 ] || { cat "$T/list.txt" >&2; fail "want both messages still queued"; }
 pass
