@@ -46,7 +46,6 @@ struct relayd {
     int nretired;
     const char *config_path;    /* -c FILE, re-read by a reload; NULL: built-in default */
     const char *spool_override; /* --spool DIR */
-    unsigned long reloads;      /* generation numbers */
     struct spool *sp;
     struct smtpd_server *smtpd;
     struct sched *sched;
@@ -161,7 +160,7 @@ static void relayd_on_sched_reconfigured(void *arg, int swapped)
     r->next_dgen = NULL;
 }
 
-/* "+1 -0 ~2": upstreams (or routes) by name: added, removed, and kept (their settings
+/* "+1 -0 =2": upstreams (or routes) by name: added, removed, and kept (their settings
  * are the new ones either way; the run-time state of a kept upstream carries over). */
 static void relayd_count_names(const char *const *a, int na, const char *const *b, int nb,
                                int *added, int *removed, int *kept)
