@@ -593,6 +593,15 @@ static int cmd_show(struct ctl *c, int argc, char **argv)
         if (m->state == SPOOL_QUEUED || m->state == SPOOL_DEFERRED)
             printf("next attempt: %s\n", fmt_time(m->next_attempt, tb));
         printf("attempts:     %d\n", m->attempts);
+        if (m->config_wait != 0 || m->config_since != 0) {
+            /* Time held on a relay configuration fault: not counted toward max_lifetime. */
+            int64_t w = m->config_wait;
+
+            if (m->config_since > 0 && time(NULL) > m->config_since)
+                w += (int64_t)time(NULL) - m->config_since;
+            printf("config wait:  %llds (not counted toward max_lifetime)%s\n", (long long)w,
+                   m->config_since > 0 ? ", waiting now" : "");
+        }
         printf("size:         %llu\n", (unsigned long long)m->size);
         printf("sender:       <%s>\n", oneline(m->sender));
         printf("client:       %s\n", oneline(m->client));

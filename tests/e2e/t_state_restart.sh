@@ -2,7 +2,8 @@
 # t_state_restart: what relayd knows about its upstreams survives a restart (kept in the
 # spool): an upstream paused by a provider's rate-limit reply stays paused after a stop and
 # start (no delivery attempt before the window ends), and an upstream held on a wrong
-# password stays held with its reason (probed at once at start, which fails again).
+# password stays held with its reason (probed at once at start, which fails again), and its
+# message's wait on that fault is recorded (not counted toward max_lifetime).
 source "$(dirname "$0")/lib.sh"
 
 FAKE_PORT=$(free_port)
@@ -49,4 +50,9 @@ grep -qE '^provider: unhealthy for [0-9]+s: .*(535|uthentication).*; action: ' "
     fail "relayctl upstreams does not show provider held with its reason"
 relayctl list > "$T/list.txt" 2>&1 || true
 [ "$(queue_ids | grep -c . || true)" -eq 2 ] || { cat "$T/list.txt" >&2; fail "want both messages still queued"; }
+# The message held on the wrong password waits on a configuration fault: that time is not
+# counted toward max_lifetime, and relayctl show says so.
+for id in $(queue_ids); do relayctl show "$id"; done > "$T/show.txt"
+grep -qE '^config wait: +[0-9]+s \(not counted toward max_lifetime\), waiting now' "$T/show.txt" ||
+    { cat "$T/show.txt" >&2; fail "relayctl show does not show the configuration wait"; }
 pass
