@@ -990,3 +990,32 @@ int cfg_reload_secrets(struct cfg *cfg, char *err, size_t errlen)
     }
     return failed ? -1 : 0;
 }
+
+/* ---- Generations ---- */
+
+struct cfg_gen *cfg_gen_new(struct cfg *cfg, unsigned long n)
+{
+    struct cfg_gen *g = xcalloc(1, sizeof(*g));
+
+    g->cfg = *cfg;
+    memset(cfg, 0, sizeof(*cfg));
+    g->n = n;
+    g->refs = 1;
+    return g;
+}
+
+struct cfg_gen *cfg_gen_ref(struct cfg_gen *g)
+{
+    if (g != NULL)
+        g->refs++;
+    return g;
+}
+
+struct cfg_gen *cfg_gen_unref(struct cfg_gen *g)
+{
+    if (g != NULL && --g->refs == 0) {
+        cfg_free(&g->cfg);
+        free(g);
+    }
+    return NULL;
+}

@@ -117,7 +117,7 @@ struct cfg_upstream {
     int reuse;                  /* several messages per session; default yes */
     char *tls_pin;              /* "sha256//BASE64[;sha256//BASE64...]"; NULL: no pin */
     int max_messages_per_minute; /* 0 (default): unlimited */
-    int max_recipients_per_day; /* 0 (default): unlimited; rolling 24 hours, in memory */
+    int max_recipients_per_day; /* 0 (default): unlimited; rolling 24 hours (kept in the spool) */
     /* OAuth 2.0 upstream authentication (relayd/oauth2.h).  With auth = xoauth2 or
      * oauthbearer, username is the mailbox and password_file is not used.  Presets from
      * provider are resolved at load: token_endpoint, device_endpoint and scope are set. */
@@ -242,9 +242,28 @@ void cfg_map_free(struct cfg_map *map);
  * relayd rewrites (refresh_token_file) or that are larger than a password. */
 int cfg_secret_read(const char *path, size_t max, char **out, char *why, size_t whylen);
 
-/* SIGHUP: reads every upstream's password_file again (a secret that cannot be read keeps
- * its old value).  0, or -1 with the last problem in err. */
+/* Reads every upstream's password_file again (a secret that cannot be read keeps its old
+ * value).  0, or -1 with the last problem in err.  (SIGHUP now reloads the whole file into
+ * a new generation; this is no longer used by the daemon.) */
 int cfg_reload_secrets(struct cfg *cfg, char *err, size_t errlen);
+
+/* Configuration generations (the full reload, SIGHUP): a loaded struct cfg that is never
+ * changed again, shared by reference.  The daemon holds the current one; every inbound
+ * session and the delivery engine hold the one they started with, so a reload never
+ * changes the settings under a session or a delivery in progress; the last unref frees it.
+ * Single-threaded (the event loop): the count is not atomic. */
+struct cfg_gen {
+    struct cfg cfg;
+    unsigned long n; /* 1 for the configuration loaded at start, +1 per reload */
+    int refs;
+};
+
+/* Takes over the contents of *cfg (which is left zeroed) with one reference. */
+struct cfg_gen *cfg_gen_new(struct cfg *cfg, unsigned long n);
+/* One more reference; returns g (NULL is fine). */
+struct cfg_gen *cfg_gen_ref(struct cfg_gen *g);
+/* Drops one reference, frees g with the last one; returns NULL (NULL is fine). */
+struct cfg_gen *cfg_gen_unref(struct cfg_gen *g);
 
 /* Every key of every section type, in table order: fn(arg, "listener", "tls"), ...  The
  * strings are static (test_cfg_doc checks that each one is documented). */

@@ -6,6 +6,13 @@
  * delivery scheduler (sched).  It runs in the foreground, logs to stderr, and on SIGTERM
  * or SIGINT stops accepting, closes sessions (nothing unacknowledged is kept), interrupts
  * deliveries (they stay queued), finishes the spool's pending writes and exits 0.
+ *
+ * SIGHUP is the full reload (relayd_reload()): the file is read and validated into a new
+ * configuration generation (struct cfg_gen); only if it is valid do the listeners change
+ * (new ones bound before anything else changes) and new sessions get it at once, while the
+ * deliveries take it over as soon as those in progress have finished on the old one
+ * (sched_reconfigure()).  Each session holds the generation it started with; the last one
+ * to finish frees it.  Nothing in the spool is touched by a reload.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -22,6 +29,7 @@
 #include "common/log.h"
 #include "common/sdnotify.h"
 #include "common/tlsio.h"
+#include "common/xalloc.h"
 #include "config/cfg.h"
 #include "relayd/control.h"
 #include "relayd/metrics.h"
@@ -34,14 +42,22 @@
 
 struct relayd {
     uv_loop_t loop;
-    struct cfg cfg;
+    const struct cfg *cfg;      /* &gen->cfg: the current configuration */
+    struct cfg_gen *gen;        /* its generation; new sessions and deliveries get it */
+    struct cfg_gen *dgen;       /* the generation the deliveries use (gen after a swap) */
+    struct cfg_gen *next_dgen;  /* a reload waiting to take over the deliveries, or NULL */
+    struct oauth2 *next_oauth2; /* its token manager */
+    struct oauth2 **retired;    /* token managers of past generations, stopped */
+    int nretired;
+    const char *config_path;    /* -c FILE, re-read by a reload; NULL: built-in default */
+    const char *spool_override; /* --spool DIR */
     struct spool *sp;
     struct smtpd_server *smtpd;
     struct sched *sched;
     struct oauth2 *oauth2;      /* OAuth 2.0 tokens for upstreams with auth = xoauth2 */
     uv_async_t spool_wake;
     uv_signal_t sigterm, sigint;
-    uv_signal_t sighup;         /* reloads listener TLS certificates */
+    uv_signal_t sighup;         /* the full reload (relayd_reload()) */
     int stopping;
     /* Monitoring and the operator's control channel (relayctl reload / drain / resume). */
     struct metrics *metrics;
@@ -130,43 +146,183 @@ static void relayd_on_smtpd_stopped(void *arg)
     sched_stop(r->sched, relayd_on_sched_stopped, r);
 }
 
-/* SIGHUP: new certificates for TLS listeners (renewed by certbot and the like) and new
- * upstream passwords; unhealthy upstreams are probed at once. */
-static void relayd_on_sighup(uv_signal_t *h, int signum)
+/* Stops a token manager of a past generation; it is freed at exit (its done may come
+ * from inside one of its own callbacks). */
+static void relayd_retire_oauth2(struct relayd *r, struct oauth2 *o)
 {
-    struct relayd *r = h->data;
-
-    (void)signum;
-    if (r->stopping)
-        return;
-    sdnotify("RELOADING=1");
-    char err[512];
-
-    log_info("SIGHUP: reloading listener TLS certificates and upstream secrets");
-    smtpd_server_reload_tls(r->smtpd);
-    if (cfg_reload_secrets(&r->cfg, err, sizeof err) != 0)
-        log_warn("SIGHUP: %s; keeping the old secret", err);
-    sched_reload(r->sched);
-    sdnotify("READY=1\nSTATUS=reloaded");
+    oauth2_stop(o, NULL, NULL);
+    r->retired = xrealloc(r->retired, (size_t)(r->nretired + 1) * sizeof(*r->retired));
+    r->retired[r->nretired++] = o;
 }
 
-/* relayctl reload.  XXX: until the full reload (relayd_reload()) lands, what SIGHUP does. */
-static int relayd_ctl_reload(void *arg, char *err, size_t errlen)
+/* sched_reconfigure()'s done: the deliveries took over the new generation (swapped), or
+ * the reload was dropped by a stop. */
+static void relayd_on_sched_reconfigured(void *arg, int swapped)
 {
     struct relayd *r = arg;
+
+    if (swapped) {
+        relayd_retire_oauth2(r, r->oauth2);
+        r->oauth2 = r->next_oauth2;
+        r->msrc.oauth2 = r->oauth2; /* token expiry on /metrics */
+        cfg_gen_unref(r->dgen);
+        r->dgen = r->next_dgen;
+    } else {
+        relayd_retire_oauth2(r, r->next_oauth2);
+        cfg_gen_unref(r->next_dgen);
+    }
+    r->next_oauth2 = NULL;
+    r->next_dgen = NULL;
+}
+
+/* "+1 -0 =2": upstreams (or routes) by name: added, removed, and kept (their settings
+ * are the new ones either way; the run-time state of a kept upstream carries over). */
+static void relayd_count_names(const char *const *a, int na, const char *const *b, int nb,
+                               int *added, int *removed, int *kept)
+{
+    int i, j;
+
+    *added = *removed = *kept = 0;
+    for (i = 0; i < nb; i++) {
+        for (j = 0; j < na && strcmp(a[j], b[i]) != 0; j++)
+            ;
+        if (j < na)
+            (*kept)++;
+        else
+            (*added)++;
+    }
+    *removed = na - *kept;
+}
+
+static void relayd_upstream_counts(const struct cfg *a, const struct cfg *b, int *add, int *rem,
+                                   int *kept)
+{
+    const char **na = xcalloc((size_t)a->nupstreams + 1, sizeof(*na));
+    const char **nb = xcalloc((size_t)b->nupstreams + 1, sizeof(*nb));
+
+    for (int i = 0; i < a->nupstreams; i++)
+        na[i] = a->upstreams[i].name;
+    for (int i = 0; i < b->nupstreams; i++)
+        nb[i] = b->upstreams[i].name;
+    relayd_count_names(na, a->nupstreams, nb, b->nupstreams, add, rem, kept);
+    free(na);
+    free(nb);
+}
+
+/*
+ * The full reload, the one entry point (SIGHUP, and the control socket's reload): 0, or
+ * negative with "FILE:LINE: what" (or why it cannot be done now) in err; on failure the
+ * running configuration stays in force, untouched.  Order: read and validate the file
+ * into a new generation; refuse what a reload cannot change (the spool); prepare the
+ * deliveries' new pool (its TLS credentials); bind the new listeners (a port in use fails
+ * here, and the prepared pool is dropped); then commit: listeners, new sessions, and the
+ * deliveries once those in progress are done.
+ */
+static int relayd_reload(struct relayd *r, char *err, size_t errlen)
+{
+    struct cfg cfg;
+    struct cfg_gen *gen;
+    struct oauth2 *o2;
+    struct smtpd_reconf lst;
+    int rc, ua, ur, uk, ra, rr, rk;
 
     if (r->stopping) {
         snprintf(err, errlen, "relayd is stopping");
         return -1;
     }
-    smtpd_server_reload_tls(r->smtpd);
-    if (cfg_reload_secrets(&r->cfg, err, errlen) != 0) {
-        log_warn("reload: %s; keeping the old secret", err);
+    if (r->next_dgen != NULL) {
+        snprintf(err, errlen, "the previous reload (generation %lu) is still waiting for "
+                              "deliveries in progress to finish",
+                 r->next_dgen->n);
         return -1;
     }
-    sched_reload(r->sched);
-    log_info("reload: listener TLS certificates and upstream secrets reloaded");
+    if (r->config_path == NULL) {
+        snprintf(err, errlen, "no configuration file (-c FILE) to reload");
+        return -1;
+    }
+    if ((rc = cfg_load(r->config_path, &cfg, err, errlen)) != 0)
+        return rc;
+    if (r->spool_override != NULL) {
+        free(cfg.spool_dir);
+        cfg.spool_dir = xstrdup(r->spool_override);
+    }
+    if (strcmp(cfg.spool_dir, r->cfg->spool_dir) != 0) {
+        snprintf(err, errlen, "%s: spool cannot change on reload (%s -> %s); restart relayd",
+                 r->config_path, r->cfg->spool_dir, cfg.spool_dir);
+        cfg_free(&cfg);
+        return -1;
+    }
+    gen = cfg_gen_new(&cfg, r->gen->n + 1);
+    o2 = oauth2_new(&r->loop, &gen->cfg);
+    if ((rc = sched_reconfigure(r->sched, &gen->cfg, o2, relayd_on_sched_reconfigured, r, err,
+                                errlen)) != 0) {
+        oauth2_free(o2); /* never started */
+        cfg_gen_unref(gen);
+        return rc;
+    }
+    r->next_dgen = gen; /* the reference the deliveries will hold */
+    r->next_oauth2 = o2;
+    if ((rc = smtpd_server_reconfigure(r->smtpd, &gen->cfg, gen, &lst, err, errlen)) != 0) {
+        sched_reconfigure_cancel(r->sched); /* relayd_on_sched_reconfigured() drops gen */
+        return rc;
+    }
+    /* Committed. */
+    relayd_upstream_counts(r->cfg, &gen->cfg, &ua, &ur, &uk);
+    {
+        const char **na = xcalloc((size_t)r->cfg->nroutes + 1, sizeof(*na));
+        const char **nb = xcalloc((size_t)gen->cfg.nroutes + 1, sizeof(*nb));
+
+        for (int i = 0; i < r->cfg->nroutes; i++)
+            na[i] = r->cfg->routes[i].name;
+        for (int i = 0; i < gen->cfg.nroutes; i++)
+            nb[i] = gen->cfg.routes[i].name;
+        relayd_count_names(na, r->cfg->nroutes, nb, gen->cfg.nroutes, &ra, &rr, &rk);
+        free(na);
+        free(nb);
+    }
+    cfg_gen_unref(r->gen);
+    r->gen = cfg_gen_ref(gen);
+    r->cfg = &gen->cfg;
+    /* /metrics and /healthz read the running generation (metrics_allow, health_max_age,
+     * the upstreams); main's reference keeps it alive. */
+    r->msrc.cfg = r->cfg;
+    if (r->mhttp != NULL)
+        metrics_http_set_cfg(r->mhttp, r->cfg);
+    oauth2_start(o2);
+    relayd_raise_nofile(r->cfg);
+    log_info("reload: ok (generation %lu): listeners +%d -%d ~%d, upstreams +%d -%d =%d, "
+             "routes +%d -%d =%d",
+             gen->n, lst.added, lst.removed, lst.changed, ua, ur, uk, ra, rr, rk);
     return 0;
+}
+
+/* SIGHUP: the full reload; an invalid file keeps the running configuration. */
+static void relayd_on_sighup(uv_signal_t *h, int signum)
+{
+    struct relayd *r = h->data;
+    char err[1024];
+
+    (void)signum;
+    sdnotify("RELOADING=1");
+    log_info("SIGHUP: reloading %s", r->config_path != NULL ? r->config_path : "(none)");
+    if (relayd_reload(r, err, sizeof err) != 0)
+        log_error("reload: %s; keeping the running configuration", err);
+    sdnotify("READY=1\nSTATUS=accepting mail");
+}
+
+/* relayctl reload: the same full reload as SIGHUP, its outcome told to the operator. */
+static int relayd_ctl_reload(void *arg, char *err, size_t errlen)
+{
+    struct relayd *r = arg;
+    int rc;
+
+    sdnotify("RELOADING=1");
+    log_info("relayctl reload: reloading %s", r->config_path != NULL ? r->config_path : "(none)");
+    rc = relayd_reload(r, err, errlen);
+    if (rc != 0)
+        log_error("reload: %s; keeping the running configuration", err);
+    sdnotify("READY=1\nSTATUS=accepting mail");
+    return rc;
 }
 
 static void relayd_ctl_set_accepting(void *arg, int accepting)
@@ -212,6 +368,7 @@ int main(int argc, char **argv)
     };
     struct relayd r;
     struct privdrop pd;
+    struct cfg cfg0;
     struct spool_opts so;
     const char *config = NULL, *spool_dir = NULL;
     char err[1024];
@@ -248,24 +405,29 @@ int main(int argc, char **argv)
     log_set_verbose(verbose);
 
     if (config != NULL) {
-        if (cfg_load(config, &r.cfg, err, sizeof(err)) != 0) {
+        if (cfg_load(config, &cfg0, err, sizeof(err)) != 0) {
             fprintf(stderr, "relayd: %s\n", err);
             return 1;
         }
         if (spool_dir != NULL) {
-            free(r.cfg.spool_dir);
-            r.cfg.spool_dir = strdup(spool_dir);
+            free(cfg0.spool_dir);
+            cfg0.spool_dir = strdup(spool_dir);
         }
     } else {
-        cfg_default(&r.cfg, spool_dir);
+        cfg_default(&cfg0, spool_dir);
     }
     if (check) {
-        cfg_dump(&r.cfg, stdout);
-        cfg_free(&r.cfg);
+        cfg_dump(&cfg0, stdout);
+        cfg_free(&cfg0);
         return 0;
     }
+    r.config_path = config;
+    r.spool_override = spool_dir;
+    r.gen = cfg_gen_new(&cfg0, 1);
+    r.cfg = &r.gen->cfg;
+    r.dgen = cfg_gen_ref(r.gen);
 
-    if (privdrop_plan(&r.cfg, config == NULL, &pd, err, sizeof err) != 0)
+    if (privdrop_plan(r.cfg, config == NULL, &pd, err, sizeof err) != 0)
         log_fatal("%s", err);
     signal(SIGPIPE, SIG_IGN);
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
@@ -273,20 +435,20 @@ int main(int argc, char **argv)
         log_fatal("%s", err);
 
     memset(&so, 0, sizeof(so));
-    so.max_bytes = (uint64_t)r.cfg.spool_max_size;
-    so.reserve_bytes = (uint64_t)r.cfg.spool_reserve;
-    so.unsafe_nosync = r.cfg.unsafe_no_fsync;
+    so.max_bytes = (uint64_t)r.cfg->spool_max_size;
+    so.reserve_bytes = (uint64_t)r.cfg->spool_reserve;
+    so.unsafe_nosync = r.cfg->unsafe_no_fsync;
     if (so.unsafe_nosync)
         log_warn("UNSAFE: unsafe_no_fsync = yes: the spool is not synced to disk; mail that "
                  "was acknowledged with 250 is LOST on a power failure or kernel crash");
-    if ((rc = spool_open(r.cfg.spool_dir, &so, &r.sp, err, sizeof(err))) != 0)
+    if ((rc = spool_open(r.cfg->spool_dir, &so, &r.sp, err, sizeof(err))) != 0)
         log_fatal("%s", err);
 
     uv_loop_init(&r.loop);
     uv_async_init(&r.loop, &r.spool_wake, relayd_on_spool_wake);
     r.spool_wake.data = &r;
     if ((rc = spool_writer_start(r.sp, relayd_spool_wake, &r.spool_wake)) != 0)
-        log_fatal("spool %s: cannot start the writer: %s", r.cfg.spool_dir, spool_strerror(rc));
+        log_fatal("spool %s: cannot start the writer: %s", r.cfg->spool_dir, spool_strerror(rc));
     if (getenv("RELAYD_TEST_FAIL_UPDATES") != NULL) {
         /* Fault injection for the test suite: the next N delivery results fail to be
          * written, as on a full or failing disk (tests/e2e/t_out_write_fail.sh). */
@@ -295,16 +457,16 @@ int main(int argc, char **argv)
         spool_fault_updates(r.sp, atoi(getenv("RELAYD_TEST_FAIL_UPDATES")));
     }
 
-    r.oauth2 = oauth2_new(&r.loop, &r.cfg);
+    r.oauth2 = oauth2_new(&r.loop, r.cfg);
     oauth2_start(r.oauth2); /* so that the first delivery finds a token */
-    r.sched = sched_new(&r.loop, &r.cfg, r.sp, r.oauth2);
+    r.sched = sched_new(&r.loop, r.cfg, r.sp, r.oauth2);
     if (sched_start(r.sched, err, sizeof(err)) != 0)
         log_fatal("%s", err);
-    relayd_raise_nofile(&r.cfg);
-    r.smtpd = smtpd_server_new(&r.loop, &r.cfg, r.sp, relayd_on_spooled, &r);
+    relayd_raise_nofile(r.cfg);
+    r.smtpd = smtpd_server_new(&r.loop, r.cfg, r.sp, relayd_on_spooled, &r);
     /* One max_memory for both sides: bodies being delivered count with those received. */
     sched_share_memory(r.sched, smtpd_server_memory(r.smtpd));
-    if (smtpd_server_listen(r.smtpd, err, sizeof(err)) != 0)
+    if (smtpd_server_reconfigure(r.smtpd, r.cfg, r.gen, NULL, err, sizeof(err)) != 0)
         log_fatal("%s", err);
     {
         /* Monitoring (/metrics, /healthz) and the control socket.  The registry sees
@@ -316,17 +478,17 @@ int main(int argc, char **argv)
 
         r.metrics = metrics_new();
         metrics_set_global(r.metrics);
-        for (i = 0; i < r.cfg.nupstreams; i++)
-            metrics_on_health(r.cfg.upstreams[i].name, 1, NULL);
-        r.msrc = (struct metrics_sources){&r.cfg, r.sp, r.smtpd, r.oauth2};
-        if (r.cfg.metrics_host != NULL &&
-            metrics_http_start(&r.loop, &r.cfg, r.metrics, &mh, &r.mhttp, err, sizeof err) != 0)
+        for (i = 0; i < r.cfg->nupstreams; i++)
+            metrics_on_health(r.cfg->upstreams[i].name, 1, NULL);
+        r.msrc = (struct metrics_sources){r.cfg, r.sp, r.smtpd, r.oauth2};
+        if (r.cfg->metrics_host != NULL &&
+            metrics_http_start(&r.loop, r.cfg, r.metrics, &mh, &r.mhttp, err, sizeof err) != 0)
             log_fatal("%s", err);
-        if (control_start(&r.loop, r.cfg.spool_dir, &ch, &r.control, err, sizeof err) != 0)
+        if (control_start(&r.loop, r.cfg->spool_dir, &ch, &r.control, err, sizeof err) != 0)
             log_error("%s; relayctl reload, drain and resume will not work", err);
     }
     /* Listening and spool open: no client is served before the loop runs, below. */
-    if (privdrop_apply(&pd, &r.cfg, err, sizeof err) != 0)
+    if (privdrop_apply(&pd, r.cfg, err, sizeof err) != 0)
         log_fatal("%s", err);
 
     uv_signal_init(&r.loop, &r.sigterm);
@@ -338,8 +500,8 @@ int main(int argc, char **argv)
     r.sighup.data = &r;
     uv_signal_start(&r.sighup, relayd_on_sighup, SIGHUP);
 
-    log_info("started: hostname=%s spool=%s config=%s", r.cfg.hostname, r.cfg.spool_dir,
-             r.cfg.path);
+    log_info("started: hostname=%s spool=%s config=%s", r.cfg->hostname, r.cfg->spool_dir,
+             r.cfg->path);
     sdnotify("READY=1\nSTATUS=accepting mail");
     uv_run(&r.loop, UV_RUN_DEFAULT);
 
@@ -360,10 +522,14 @@ int main(int argc, char **argv)
     smtpd_server_free(r.smtpd);
     sched_free(r.sched);
     oauth2_free(r.oauth2);
+    for (int i = 0; i < r.nretired; i++)
+        oauth2_free(r.retired[i]);
+    free(r.retired);
     rc = uv_loop_close(&r.loop);
     if (rc != 0)
         log_warn("event loop closed with handles still open: %s", uv_strerror(rc));
-    cfg_free(&r.cfg);
+    cfg_gen_unref(r.dgen);
+    cfg_gen_unref(r.gen);
     log_info("stopped");
     return 0;
 }

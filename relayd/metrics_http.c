@@ -339,3 +339,8 @@ void metrics_http_stop(struct metrics_http *h)
     mh_conn_close(c);
     uv_close((uv_handle_t *)&h->listener, mh_on_listener_closed);
 }
+
+void metrics_http_set_cfg(struct metrics_http *h, const struct cfg *cfg)
+{
+    h->cfg = cfg;
+}

@@ -38,10 +38,14 @@ struct metrics_http_hooks {
     void *arg;
 };
 
-/* Listens on cfg->metrics_host:metrics_port; cfg, m and hooks must outlive the server. */
+/* Listens on cfg->metrics_host:metrics_port; m and hooks must outlive the server; cfg
+ * must until metrics_http_set_cfg() gives another one. */
 int metrics_http_start(uv_loop_t *loop, const struct cfg *cfg, struct metrics *m,
                        const struct metrics_http_hooks *hooks, struct metrics_http **out, char *err,
                        size_t errlen);
+/* A reload's new configuration: metrics_allow from it applies to the next request (the
+ * address stays: a new metrics address takes a restart). */
+void metrics_http_set_cfg(struct metrics_http *h, const struct cfg *cfg);
 /* Closes the listener and every connection; NULL is fine. */
 void metrics_http_stop(struct metrics_http *h);
 

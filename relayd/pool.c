@@ -934,6 +934,17 @@ void pool_free(struct pool *p)
     free(p);
 }
 
+void pool_carry(struct pool *p, const struct pool *from)
+{
+    for (int i = 0; i < p->nups; i++)
+        for (int j = 0; j < from->nups; j++)
+            if (strcmp(p->ups[i].cfg->name, from->ups[j].cfg->name) == 0) {
+                upstream_carry(p->ups[i].u, from->ups[j].u);
+                p->ups[i].reopen_at = from->ups[j].reopen_at;
+                break;
+            }
+}
+
 struct upstream *pool_upstream(struct pool *p, const struct cfg_upstream *up)
 {
     struct pool_up *pu = pool_up_of(p, up);

@@ -92,6 +92,10 @@ void pool_set_on_healthy(struct pool *p, void (*fn)(void *arg, const struct cfg_
 void pool_reprobe(struct pool *p);
 
 /* The run-time state of up (health, rates), for logs and relayctl; NULL if unknown. */
+/* The full reload: every upstream of p takes the run-time state of the upstream of the
+ * same name in from (health, pauses, rate windows: upstream_carry()); upstreams renamed or
+ * removed leave theirs behind.  Call before p gets its first request. */
+void pool_carry(struct pool *p, const struct pool *from);
 struct upstream *pool_upstream(struct pool *p, const struct cfg_upstream *up);
 /* Counters for tests and stats. */
 struct pool_stats {

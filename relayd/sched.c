@@ -148,7 +148,15 @@ struct sched {
     struct spool *sp;
     uv_timer_t timer;
     struct pool *pool; /* sessions to the upstreams (relayd/pool.h) */
-    int pool_open;     /* pool_stop() has not finished yet */
+    int pool_open;     /* pools whose pool_stop() has not finished yet */
+    int started_pool;  /* sc->pool was started and not yet stopped */
+    /* A reload waiting to take over (sched_reconfigure()): the started pool of the new
+     * configuration, the configuration, and who to tell once the old one is gone. */
+    struct pool *next_pool;
+    const struct cfg *next_cfg;
+    struct pool *old_pool; /* being stopped after a reload took over */
+    void (*reconf_done)(void *arg, int swapped);
+    void *reconf_arg;
     LIST_HEAD(, sched_delivery) active; /* busy: picked, results not yet durable */
     int nactive;
     size_t own_bytes;             /* the counter when no budget is shared */
@@ -197,16 +205,30 @@ int64_t sched_backoff(int attempts, int first, int max, unsigned rnd)
     return sched_backoff_factor(attempts, first, 2, max, rnd);
 }
 
+int64_t sched_age(int64_t now, int64_t arrived, int64_t config_wait, int64_t config_since)
+{
+    int64_t age = now - arrived - config_wait;
+
+    if (config_since > 0 && now > config_since)
+        age -= now - config_since;
+    return age;
+}
+
 void sched_round_decide(const struct sched_round_in *in, struct sched_round_rcpt *r, size_t n,
                         struct sched_outcome *out)
 {
     const struct cfg *cfg = in->cfg;
-    int expired = in->now - in->arrived >= cfg->max_lifetime;
+    int expired =
+        sched_age(in->now, in->arrived, in->config_wait, in->config_since) >= cfg->max_lifetime;
     size_t i, pending_normal = 0, pending_wait = 0, pending_later = 0, pending_noroute = 0;
-    size_t failed = 0, failed_now = 0;
+    size_t failed = 0, failed_now = 0, pending_config = 0;
     int64_t next = INT64_MAX;
 
     memset(out, 0, sizeof(*out));
+    /* The wait in progress, if any, ends with this round. */
+    out->config_wait = in->config_wait;
+    if (in->config_since > 0 && in->now > in->config_since)
+        out->config_wait += in->now - in->config_since;
     for (i = 0; i < n; i++) {
         struct sched_round_rcpt *x = &r[i];
 
@@ -240,6 +262,7 @@ void sched_round_decide(const struct sched_round_in *in, struct sched_round_rcpt
             break;
         case VERDICT_CONFIG:
             x->after = SPOOL_RCPT_PENDING;
+            pending_config++;
             break;
         }
         if (x->after == SPOOL_RCPT_FAILED) {
@@ -276,6 +299,9 @@ void sched_round_decide(const struct sched_round_in *in, struct sched_round_rcpt
     }
     if (pending_wait > 0 && next == INT64_MAX)
         next = in->now + cfg->retry_first;
+    /* Only the relay's own fault holds it: the clock stops until the next round. */
+    if (pending_config > 0 && pending_config == pending_normal + pending_wait + pending_later)
+        out->config_since = in->now;
     if (pending_later > 0)
         next = in->now;
     out->state = SPOOL_DEFERRED;
@@ -640,6 +666,9 @@ static void sched_write(struct sched_delivery *d)
         u.state = d->out.state;
         u.next_attempt = d->out.next_attempt;
         u.count_attempt = d->out.count_attempt;
+        u.set_config_wait = 1;
+        u.config_wait = d->out.config_wait;
+        u.config_since = d->out.config_since;
         u.upstream = d->result_up;
         u.result = d->result[0] != '\0' ? d->result : NULL;
         u.last_error = d->last_error[0] != '\0' ? d->last_error : NULL;
@@ -706,7 +735,7 @@ static void sched_dsn_add(struct sched_delivery *d, enum bounce_kind kind,
     bi.to = sc->cfg->bounce_to != NULL ? sc->cfg->bounce_to : msg->sender;
     bi.arrived = msg->arrived;
     bi.now = now;
-    bi.retry_until = msg->arrived + sc->cfg->max_lifetime;
+    bi.retry_until = msg->arrived + msg->config_wait + sc->cfg->max_lifetime;
     bi.rcpts = rcpts;
     bi.nrcpts = n;
     bi.orig = d->body;
@@ -860,6 +889,8 @@ static void sched_round_finish(struct sched_delivery *d)
     in.arrived = msg->arrived;
     in.attempts = msg->attempts;
     in.rnd = (unsigned)rand();
+    in.config_wait = msg->config_wait;
+    in.config_since = msg->config_since;
     sched_round_decide(&in, x, msg->nrcpts, &d->out);
     for (i = 0; i < msg->nrcpts; i++) {
         struct sched_rcpt *r = &d->rc[i];
@@ -1159,7 +1190,8 @@ static enum sched_pick sched_pick(struct sched *sc, uint64_t id, int room, int64
         return SCHED_PICK_STARTED;
     }
     /* Mail past max_lifetime still gets its round, so that a pause cannot keep it forever. */
-    if (!open && now - msg->arrived < sc->cfg->max_lifetime) {
+    if (!open && sched_age(now, msg->arrived, msg->config_wait, msg->config_since) <
+                     sc->cfg->max_lifetime) {
         *until = soonest;
         spool_msg_free(msg);
         return SCHED_PICK_PARKED;
@@ -1184,6 +1216,116 @@ static enum sched_pick sched_pick(struct sched *sc, uint64_t id, int room, int64
     return SCHED_PICK_STARTED;
 }
 
+/* ---- Reload ---- */
+
+static void sched_on_old_pool_stopped(void *arg)
+{
+    struct sched *sc = arg;
+    void (*done)(void *, int) = sc->reconf_done;
+
+    pool_free(sc->old_pool);
+    sc->old_pool = NULL;
+    sc->pool_open--;
+    sc->reconf_done = NULL;
+    if (done != NULL)
+        done(sc->reconf_arg, 1);
+    sched_maybe_stopped(sc);
+}
+
+static void sched_on_next_pool_stopped(void *arg)
+{
+    struct sched *sc = arg;
+    void (*done)(void *, int) = sc->reconf_done;
+
+    pool_free(sc->next_pool);
+    sc->next_pool = NULL;
+    sc->next_cfg = NULL;
+    sc->pool_open--;
+    sc->reconf_done = NULL;
+    if (done != NULL)
+        done(sc->reconf_arg, 0);
+    sched_maybe_stopped(sc);
+}
+
+/*
+ * The reload takes over the delivery side once nothing is in delivery: every delivery in
+ * progress finished on the configuration it started with (its routes, upstreams, sessions
+ * and credentials), and its results are durable.  The new pool gets the upstreams' state
+ * by name, the parked mail stays parked on the route of the same name, unhealthy
+ * upstreams are probed at once, and the old pool closes its idle sessions.  1 when done.
+ */
+static int sched_swap(struct sched *sc)
+{
+    const struct cfg *old = sc->cfg, *cfg = sc->next_cfg;
+    struct sched_park *parks;
+
+    if (sc->nactive > 0 || sc->parking || sc->old_pool != NULL)
+        return 0;
+    parks = xcalloc((size_t)cfg->nroutes + 1, sizeof(*parks));
+    for (int i = 0; i < old->nroutes; i++) {
+        int j;
+
+        for (j = 0; j < cfg->nroutes; j++)
+            if (strcmp(old->routes[i].name, cfg->routes[j].name) == 0)
+                break;
+        if (j < cfg->nroutes)
+            parks[j] = sc->parks[i]; /* the ids move */
+        else
+            free(sc->parks[i].ids); /* next_attempt (at most SCHED_PARK_SECONDS) wakes them */
+    }
+    free(sc->parks);
+    sc->parks = parks;
+    if ((size_t)cfg->workers + SCHED_SCAN_MAX > sc->nscan) {
+        sc->nscan = (size_t)cfg->workers + SCHED_SCAN_MAX;
+        free(sc->scan);
+        sc->scan = xcalloc(sc->nscan, sizeof(*sc->scan));
+    }
+    pool_carry(sc->next_pool, sc->pool);
+    pool_set_on_healthy(sc->next_pool, sched_on_upstream_healthy, sc);
+    sc->old_pool = sc->pool;
+    sc->pool = sc->next_pool;
+    sc->cfg = cfg;
+    sc->next_pool = NULL;
+    sc->next_cfg = NULL;
+    log_info("reload: deliveries now use the new configuration");
+    pool_reprobe(sc->pool);
+    pool_stop(sc->old_pool, sched_on_old_pool_stopped, sc); /* may call back now */
+    return 1;
+}
+
+int sched_reconfigure(struct sched *sc, const struct cfg *cfg, struct oauth2 *oauth2,
+                      void (*done)(void *arg, int swapped), void *arg, char *err, size_t errlen)
+{
+    struct pool *p;
+    int rc;
+
+    if (sc->stopping || sc->next_cfg != NULL || sc->old_pool != NULL) {
+        snprintf(err, errlen, "the previous reload is still taking over deliveries");
+        return -1;
+    }
+    p = pool_new(sc->loop, cfg, oauth2);
+    if ((rc = pool_start(p, err, errlen)) != 0) {
+        pool_free(p); /* pool_start() fails before it initialises any handle */
+        return rc;
+    }
+    sc->pool_open++;
+    sc->next_pool = p;
+    sc->next_cfg = cfg;
+    sc->reconf_done = done;
+    sc->reconf_arg = arg;
+    if (sc->nactive > 0)
+        log_info("reload: %d deliver%s in progress finish on the old configuration first",
+                 sc->nactive, sc->nactive == 1 ? "y" : "ies");
+    sched_kick(sc);
+    return 0;
+}
+
+void sched_reconfigure_cancel(struct sched *sc)
+{
+    if (sc->next_pool != NULL)
+        pool_stop(sc->next_pool, sched_on_next_pool_stopped, sc);
+}
+
 static void sched_run(struct sched *sc)
 {
     uint64_t *ids = sc->scan, *pids = NULL;
@@ -1191,7 +1333,11 @@ static void sched_run(struct sched *sc)
     size_t n = 0, i, npark = 0, want = sc->nscan;
     int rc, blocked;
 
-    if (sc->stopping || sc->parking || sc->write_faults > 0 || sc->nactive >= sc->cfg->workers)
+    if (sc->stopping || sc->parking || sc->write_faults > 0)
+        return;
+    if (sc->next_cfg != NULL && !sched_swap(sc))
+        return; /* no new delivery until the reload takes over */
+    if (sc->nactive >= sc->cfg->workers)
         return;
     if ((blocked = sched_blocked_routes(sc)) == sc->cfg->nroutes && blocked > 0)
         return;
@@ -1331,12 +1477,60 @@ static void sched_purge_start(struct sched *sc)
         sc->purging = 1;
 }
 
+/* ---- Upstream state kept in the spool ---- */
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Notes every upstream whose state changed since the last note (once a tick at most, so
+ * at most one record per upstream per second, however much mail goes). */
+static void sched_save_upstreams(struct sched *sc)
+{
+    uint64_t now = uv_now(sc->loop);
+    int64_t wall = wall_ms();
+
+    for (int i = 0; i < sc->cfg->nupstreams; i++) {
+        struct upstream *u = pool_upstream(sc->pool, &sc->cfg->upstreams[i]);
+        struct spool_upstate st;
+
+        if (u == NULL || !upstream_state_dirty(u))
+            continue;
+        upstream_state_save(u, now, wall, &st);
+        spool_upstate_note(sc->sp, &st);
+        spool_upstate_clear(&st);
+    }
+}
+
+/* At start: each upstream's state from before the restart (state of upstreams no longer
+ * configured is ignored).  Unhealthy ones are probed at once by the caller. */
+static void sched_load_upstreams(struct sched *sc)
+{
+    uint64_t now = uv_now(sc->loop);
+    int64_t wall = wall_ms();
+
+    for (int i = 0; i < sc->cfg->nupstreams; i++) {
+        struct upstream *u = pool_upstream(sc->pool, &sc->cfg->upstreams[i]);
+        struct spool_upstate *st;
+
+        if (u == NULL || spool_upstate_get(sc->sp, sc->cfg->upstreams[i].name, &st) != 0)
+            continue;
+        upstream_state_load(u, st, now, wall);
+        spool_upstate_free(st);
+    }
+}
+
 /* ---- Lifecycle ---- */
 
 static void sched_on_tick(uv_timer_t *t)
 {
     struct sched *sc = t->data;
 
+    sched_save_upstreams(sc);
     if (!SLIST_EMPTY(&sc->retry))
         sched_retry_writes(sc, 0);
     sched_run(sc);
@@ -1368,6 +1562,9 @@ int sched_start(struct sched *sc, char *err, size_t errlen)
         return rc;
     pool_set_on_healthy(sc->pool, sched_on_upstream_healthy, sc);
     sc->pool_open = 1;
+    sc->started_pool = 1;
+    sched_load_upstreams(sc);
+    pool_reprobe(sc->pool); /* an upstream held before the restart is probed at once */
     if (sc->cfg->nupstreams == 0)
         log_warn("no upstream is configured: mail is accepted and held in the spool");
     /* Nothing is busy at start: that state lives only in sc->active, so mail a crash
@@ -1405,7 +1602,7 @@ static void sched_on_pool_stopped(void *arg)
 {
     struct sched *sc = arg;
 
-    sc->pool_open = 0;
+    sc->pool_open--;
     sched_maybe_stopped(sc);
 }
 
@@ -1419,6 +1616,8 @@ static void sched_on_timer_closed(uv_handle_t *h)
 
 void sched_stop(struct sched *sc, void (*done)(void *arg), void *arg)
 {
+    if (sc->started_pool)
+        sched_save_upstreams(sc); /* the writer commits it before it stops */
     sc->stopping = 1;
     sc->stop_done = done;
     sc->stop_arg = arg;
@@ -1427,8 +1626,11 @@ void sched_stop(struct sched *sc, void (*done)(void *arg), void *arg)
     sched_retry_writes(sc, 1);
     /* Deliveries in the pool end now (or after stop_grace for those waiting on the reply
      * to their final dot); their results are written before done runs. */
-    if (sc->pool_open)
+    if (sc->pool != NULL && sc->started_pool) {
+        sc->started_pool = 0;
         pool_stop(sc->pool, sched_on_pool_stopped, sc);
+    }
+    sched_reconfigure_cancel(sc); /* a reload not yet in force is dropped */
     if (sc->timer_open)
         uv_close((uv_handle_t *)&sc->timer, sched_on_timer_closed);
     else

@@ -54,6 +54,19 @@ void sched_kick(struct sched *sc);
 /* After SIGHUP re-read the upstream secrets: probe unhealthy upstreams now; mail waiting
  * for one becomes due as soon as its probe succeeds. */
 void sched_reload(struct sched *sc);
+/*
+ * The full reload (SIGHUP): cfg (with oauth2, the token manager made for it) takes over the
+ * deliveries once none is in progress: those in progress finish on the configuration they
+ * started with, and no new one starts meanwhile.  Upstream state carries over by name
+ * (pool_carry()).  The new pool is started now, so its failure (a CA file) is returned
+ * here, negative with text in err, and changes nothing; so is a reload while another is
+ * still taking over.  done(arg, 1) runs once the old pool is gone (the old cfg and oauth2
+ * may go then), done(arg, 0) when the reload was dropped (sched_reconfigure_cancel() or a
+ * stop: cfg and oauth2 may go).
+ */
+int sched_reconfigure(struct sched *sc, const struct cfg *cfg, struct oauth2 *oauth2,
+                      void (*done)(void *arg, int swapped), void *arg, char *err, size_t errlen);
+void sched_reconfigure_cancel(struct sched *sc);
 /* Aborts deliveries in progress (they stay queued) and stops; done(arg) when idle. */
 void sched_stop(struct sched *sc, void (*done)(void *arg), void *arg);
 void sched_free(struct sched *sc);
@@ -84,6 +97,9 @@ struct sched_round_in {
     int64_t now, arrived;
     int attempts;          /* counted so far */
     unsigned rnd;          /* backoff jitter */
+    /* Time the message waited on configuration faults (spool_msg): it does not age. */
+    int64_t config_wait;   /* seconds of waits that ended */
+    int64_t config_since;  /* the wait in progress began then; 0: none */
 };
 
 struct sched_outcome {
@@ -93,13 +109,21 @@ struct sched_outcome {
     int delivered;          /* every recipient sent */
     int expired;            /* some recipient failed now for max_lifetime */
     int noroute;            /* held: what is pending has no route */
+    /* What the spool records for the next round: the wait in progress (if any) ended
+     * now, and a new one begins now when every pending recipient waits on CONFIG. */
+    int64_t config_wait, config_since;
 };
+
+/* The age that counts toward max_lifetime: now - arrived, less the time spent waiting on
+ * configuration faults (config_wait, and the wait in progress since config_since). */
+int64_t sched_age(int64_t now, int64_t arrived, int64_t config_wait, int64_t config_since);
 
 /*
  * The message's new state after a round.  Per recipient: SENT is done, PERMANENT fails,
  * TRANSIENT retries with backoff (and fails once max_lifetime passed), SLOWDOWN waits
  * until wait_until (and ages), CONFIG waits until wait_until without aging (the relay's
- * own fault must not expire mail).  The attempt counts only when an upstream judged the
+ * own fault must not expire mail: the time the message spends waiting with only CONFIG
+ * recipients pending is left out of its age, sched_age(), at every later round too).  The attempt counts only when an upstream judged the
  * message (PERMANENT or TRANSIENT).  Pending recipients the round never reached are due
  * now; pending ones without a route hold the message when nothing else is pending.
  */

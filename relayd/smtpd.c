@@ -279,6 +279,8 @@ void smtpd__session_unref(struct smtpd_session *s)
     s->cork = buf_free(s->cork);
     /* The tlsio (and its GnuTLS session) is gone by now: the credentials may go too. */
     s->cred = smtpd_cred_unref(s->cred);
+    s->lcred = smtpd_cred_unref(s->lcred);
+    s->gen = cfg_gen_unref(s->gen); /* the last session of an old generation frees it */
     if (s->prev != NULL)
         s->prev->next = s->next;
     else
@@ -432,7 +434,7 @@ int smtpd__error(struct smtpd_session *s)
 {
     if (++s->errors < s->lcfg->max_errors)
         return 0;
-    smtpd__reply(s, "421 4.7.0 %s Error: too many errors", s->srv->cfg->hostname);
+    smtpd__reply(s, "421 4.7.0 %s Error: too many errors", s->cfg->hostname);
     smtpd__refuse_log(s, SMTPD_R_TOO_MANY_ERRORS, "%d protocol errors (max_errors %d)", s->errors,
                      s->lcfg->max_errors);
     smtpd__reject_close(s, "too many errors");
@@ -737,20 +739,18 @@ static void smtpd_greet(struct smtpd_session *s)
 {
     s->flags |= SMTPD_F_GREETED;
     smtpd__enter_state(s, SMTPD_S_CMD);
-    smtpd__reply(s, "220 %s ESMTP relayd", s->srv->cfg->hostname);
+    smtpd__reply(s, "220 %s ESMTP relayd", s->cfg->hostname);
 }
 
 /* After the PROXY header (or right after accept): admission, then TLS first on implicit
  * listeners, under handshake_timeout. */
 static void smtpd_session_begin(struct smtpd_session *s)
 {
-    struct smtpd_listener *l = s->l;
-
     tlsio_read_start(s->io);
     if (smtpd_admit(s) != 0)
         return;
     if (s->lcfg->tls == CFG_TLS_IMPLICIT) {
-        s->cred = smtpd__cred_ref(l->cred);
+        s->cred = smtpd__cred_ref(s->lcred);
         /* Whatever is in the input now followed a PROXY header in the same segment: it is
          * the client's ClientHello, so keep it (nothing else can precede implicit TLS). */
         if (tlsio_starttls_keep(s->io, s->cred->cred, 1, NULL) != 0) {
@@ -845,7 +845,7 @@ static void smtpd_on_timeout(uv_timer_t *t)
     smtpd__refuse_log(s, SMTPD_R_TIMEOUT, "no %s within %d s",
                      s->state == SMTPD_S_DATA ? "DATA input" : "command",
                      s->state == SMTPD_S_DATA ? s->lcfg->data_timeout : s->lcfg->command_timeout);
-    smtpd__reply(s, "421 4.4.2 %s Error: timeout exceeded", s->srv->cfg->hostname);
+    smtpd__reply(s, "421 4.4.2 %s Error: timeout exceeded", s->cfg->hostname);
     smtpd__session_close(s, s->state == SMTPD_S_DATA ? "timeout during DATA" : "timeout");
 }
 
@@ -864,8 +864,10 @@ static void smtpd_on_connection(uv_stream_t *server, int status)
     s = xcalloc(1, sizeof(*s));
     s->id = ++srv->next_session_id;
     s->srv = srv;
-    s->l = l;
+    s->cfg = srv->cfg;
+    s->gen = cfg_gen_ref(srv->gen);
     s->lcfg = l->cfg;
+    s->lcred = smtpd__cred_ref(l->cred);
     s->refs = 1;
     s->state = SMTPD_S_CMD;
     s->io = tlsio_new(srv->loop, smtpd_on_io, s);
@@ -934,54 +936,189 @@ static int smtpd_cred_load(const struct cfg_listener *lc, struct smtpd_cred **ou
     return 0;
 }
 
+/* Whether a reload changes anything of a listener kept on its socket (for the log line). */
+static int smtpd_listener_changed(const struct cfg_listener *a, const struct cfg_listener *b)
+{
+#define STR_DIFF(f) ((a->f == NULL) != (b->f == NULL) || (a->f != NULL && strcmp(a->f, b->f) != 0))
+#define NET_DIFF(f)                                                                                \
+    (a->f.n != b->f.n || (a->f.n > 0 && memcmp(a->f.nets, b->f.nets, a->f.n * sizeof(*a->f.nets))))
+    return STR_DIFF(name) || STR_DIFF(cert) || STR_DIFF(key) || STR_DIFF(tls_priority) ||
+           STR_DIFF(sasldb) || STR_DIFF(auth_mechanisms) || STR_DIFF(sender_domains) ||
+           STR_DIFF(recipient_domains) || STR_DIFF(bare_lf) || NET_DIFF(allow) ||
+           NET_DIFF(debug_peers) || NET_DIFF(proxy_trusted) || NET_DIFF(bare_lf_accept) ||
+           a->tls != b->tls || a->auth != b->auth || a->auth_plaintext != b->auth_plaintext ||
+           a->proxy_protocol != b->proxy_protocol || a->add_date != b->add_date ||
+           a->add_message_id != b->add_message_id || a->add_from != b->add_from ||
+           a->add_received != b->add_received || a->command_timeout != b->command_timeout ||
+           a->data_timeout != b->data_timeout || a->max_line_length != b->max_line_length ||
+           a->max_errors != b->max_errors || a->glued_dot != b->glued_dot ||
+           a->handshake_timeout != b->handshake_timeout || a->write_timeout != b->write_timeout;
+#undef STR_DIFF
+#undef NET_DIFF
+}
+
+static void smtpd_on_listener_closed(uv_handle_t *h)
+{
+    struct smtpd_listener *l = h->data;
+    struct smtpd_server *srv = l->srv;
+
+    smtpd_cred_unref(l->cred);
+    free(l);
+    srv->open--;
+    smtpd_server_maybe_done(srv);
+}
+
+/* Stops accepting on l; its sessions go on.  l is freed by the close callback. */
+static void smtpd_listener_close(struct smtpd_listener *l)
+{
+    if (l->bound) {
+        l->bound = 0;
+        uv_close((uv_handle_t *)&l->tcp, smtpd_on_listener_closed);
+    } else {
+        smtpd_cred_unref(l->cred);
+        free(l);
+    }
+}
+
+/* A new listener for lc, bound and listening; NULL with text in err. */
+static struct smtpd_listener *smtpd_listener_open(struct smtpd_server *srv,
+                                                  const struct cfg_listener *lc, char *err,
+                                                  size_t errlen)
+{
+    struct smtpd_listener *l = xcalloc(1, sizeof(*l));
+    struct sockaddr_storage ss;
+    int rc;
+
+    l->srv = srv;
+    l->cfg = lc;
+    if (lc->tls != CFG_TLS_NONE && smtpd_cred_load(lc, &l->cred, err, errlen) != 0)
+        goto fail;
+    if (strchr(lc->host, ':') != NULL)
+        rc = uv_ip6_addr(lc->host, lc->port, (struct sockaddr_in6 *)&ss);
+    else
+        rc = uv_ip4_addr(lc->host, lc->port, (struct sockaddr_in *)&ss);
+    if (rc != 0) {
+        snprintf(err, errlen, "listener %s: bad address %s: %s", lc->name, lc->host,
+                 uv_strerror(rc));
+        goto fail;
+    }
+    uv_tcp_init(srv->loop, &l->tcp);
+    l->tcp.data = l;
+    l->bound = 1;
+    srv->open++;
+    if ((rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0)) != 0 ||
+        (rc = uv_listen((uv_stream_t *)&l->tcp, lc->listen_backlog, smtpd_on_connection)) != 0) {
+        snprintf(err, errlen, "listener %s: listen on %s:%d: %s", lc->name, lc->host, lc->port,
+                 uv_strerror(rc));
+        goto fail;
+    }
+    log_info("listener %s: listening on %s:%d tls=%s auth=%s%s", lc->name, lc->host, lc->port,
+             cfg_tls_name(lc->tls), cfg_auth_name(lc->auth),
+             lc->proxy_protocol != CFG_PROXY_NO ? " proxy_protocol=yes" : "");
+    return l;
+fail:
+    smtpd_listener_close(l);
+    return NULL;
+}
+
 int smtpd_server_listen(struct smtpd_server *srv, char *err, size_t errlen)
 {
-    const struct cfg *cfg = srv->cfg;
-    struct sockaddr_storage ss;
-    int i, rc;
+    return smtpd_server_reconfigure(srv, srv->cfg, NULL, NULL, err, errlen);
+}
 
-    srv->listeners = xcalloc((size_t)cfg->nlisteners, sizeof(*srv->listeners));
-    srv->nlisteners = cfg->nlisteners;
-    for (i = 0; i < cfg->nlisteners; i++) {
+/*
+ * Listeners are matched by address (host and port): a kept one stays on its socket (no
+ * connection refused during a reload) and takes the new settings and freshly loaded TLS
+ * credentials; the others are opened, and old ones left over closed.  Everything that can
+ * fail (certificates, bind) is done before anything changes, so a failure leaves the
+ * server as it was.
+ */
+int smtpd_server_reconfigure(struct smtpd_server *srv, const struct cfg *cfg, struct cfg_gen *gen,
+                             struct smtpd_reconf *st, char *err, size_t errlen)
+{
+    int n = cfg->nlisteners, i, j, rc = 0;
+    struct smtpd_listener **next = xcalloc((size_t)n + 1, sizeof(*next));
+    struct smtpd_cred **creds = xcalloc((size_t)n + 1, sizeof(*creds));
+    int *kept = xcalloc((size_t)srv->nlisteners + 1, sizeof(*kept));
+    struct smtpd_reconf counts = {0, 0, 0};
+
+    for (i = 0; i < n; i++) {
         const struct cfg_listener *lc = &cfg->listeners[i];
 
         if ((lc->auth == CFG_AUTH_OPTIONAL || lc->auth == CFG_AUTH_REQUIRED) &&
-            authsasl_server_init(err, errlen) != 0)
-            return -1;
+            (rc = authsasl_server_init(err, errlen)) != 0)
+            goto undo;
     }
-    for (i = 0; i < cfg->nlisteners; i++) {
-        struct smtpd_listener *l = &srv->listeners[i];
+    /* Prepare: match, load credentials, bind what is new. */
+    for (i = 0; i < n; i++) {
         const struct cfg_listener *lc = &cfg->listeners[i];
 
-        l->srv = srv;
-        l->cfg = lc;
-        if (lc->tls != CFG_TLS_NONE && (rc = smtpd_cred_load(lc, &l->cred, err, errlen)) != 0)
-            return rc;
-        if (strchr(lc->host, ':') != NULL)
-            rc = uv_ip6_addr(lc->host, lc->port, (struct sockaddr_in6 *)&ss);
-        else
-            rc = uv_ip4_addr(lc->host, lc->port, (struct sockaddr_in *)&ss);
-        if (rc != 0) {
-            snprintf(err, errlen, "listener %s: bad address %s: %s", lc->name, lc->host,
-                     uv_strerror(rc));
-            return rc;
+        for (j = 0; j < srv->nlisteners; j++) {
+            const struct cfg_listener *oc = srv->listeners[j]->cfg;
+
+            if (!kept[j] && oc->port == lc->port && strcmp(oc->host, lc->host) == 0)
+                break;
         }
-        uv_tcp_init(srv->loop, &l->tcp);
-        l->tcp.data = l;
-        l->bound = 1;
-        srv->open++;
-        if ((rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0)) != 0 ||
-            (rc = uv_listen((uv_stream_t *)&l->tcp, lc->listen_backlog, smtpd_on_connection)) !=
-                0) {
-            snprintf(err, errlen, "listener %s: listen on %s:%d: %s", lc->name, lc->host,
-                     lc->port, uv_strerror(rc));
-            return rc;
+        if (j < srv->nlisteners) {
+            kept[j] = 1;
+            next[i] = srv->listeners[j];
+            if (lc->tls != CFG_TLS_NONE && (rc = smtpd_cred_load(lc, &creds[i], err, errlen)) != 0)
+                goto undo;
+            continue;
         }
-        log_info("listener %s: listening on %s:%d tls=%s auth=%s%s", lc->name, lc->host,
-                 lc->port, cfg_tls_name(lc->tls), cfg_auth_name(lc->auth),
-                 lc->proxy_protocol != CFG_PROXY_NO ? " proxy_protocol=yes" : "");
+        if ((next[i] = smtpd_listener_open(srv, lc, err, errlen)) == NULL) {
+            rc = -1;
+            goto undo;
+        }
+        counts.added++;
     }
+    /* Commit: nothing below fails. */
+    for (i = 0; i < n; i++) {
+        struct smtpd_listener *l = next[i];
+        const struct cfg_listener *lc = &cfg->listeners[i];
+
+        if (l->cfg == lc)
+            continue; /* opened above */
+        if (smtpd_listener_changed(l->cfg, lc)) {
+            counts.changed++;
+            log_info("listener %s: new settings on %s:%d tls=%s auth=%s", lc->name, lc->host,
+                     lc->port, cfg_tls_name(lc->tls), cfg_auth_name(lc->auth));
+        }
+        /* Sessions already using the old credentials keep their reference. */
+        smtpd_cred_unref(l->cred);
+        l->cred = creds[i];
+        l->cfg = lc;
+    }
+    for (j = 0; j < srv->nlisteners; j++) {
+        if (kept[j])
+            continue;
+        counts.removed++;
+        log_info("listener %s: closed (%s:%d); its sessions finish", srv->listeners[j]->cfg->name,
+                 srv->listeners[j]->cfg->host, srv->listeners[j]->cfg->port);
+        smtpd_listener_close(srv->listeners[j]);
+    }
+    free(srv->listeners);
+    srv->listeners = next;
+    srv->nlisteners = n;
+    srv->cfg = cfg;
+    cfg_gen_ref(gen);
+    cfg_gen_unref(srv->gen);
+    srv->gen = gen;
+    if (st != NULL)
+        *st = counts;
+    free(creds);
+    free(kept);
     return 0;
+undo:
+    for (i = 0; i < n; i++) {
+        smtpd_cred_unref(creds[i]);
+        if (next[i] != NULL && next[i]->cfg == &cfg->listeners[i])
+            smtpd_listener_close(next[i]);
+    }
+    free(next);
+    free(creds);
+    free(kept);
+    return rc != 0 ? rc : -1;
 }
 
 int smtpd_server_reload_tls(struct smtpd_server *srv)
@@ -990,7 +1127,7 @@ int smtpd_server_reload_tls(struct smtpd_server *srv)
     int i, failed = 0;
 
     for (i = 0; i < srv->nlisteners; i++) {
-        struct smtpd_listener *l = &srv->listeners[i];
+        struct smtpd_listener *l = srv->listeners[i];
         struct smtpd_cred *fresh;
 
         if (l->cfg->tls == CFG_TLS_NONE || l->cred == NULL)
@@ -1008,14 +1145,6 @@ int smtpd_server_reload_tls(struct smtpd_server *srv)
     return failed ? -1 : 0;
 }
 
-static void smtpd_on_listener_closed(uv_handle_t *h)
-{
-    struct smtpd_listener *l = h->data;
-
-    l->srv->open--;
-    smtpd_server_maybe_done(l->srv);
-}
-
 void smtpd_server_stop(struct smtpd_server *srv, void (*done)(void *arg), void *arg)
 {
     struct smtpd_session *s, *next;
@@ -1025,12 +1154,9 @@ void smtpd_server_stop(struct smtpd_server *srv, void (*done)(void *arg), void *
     srv->stop_done = done;
     srv->stop_arg = arg;
     srv->open++; /* hold off completion until every close below has been started */
-    for (i = 0; i < srv->nlisteners; i++) {
-        if (srv->listeners[i].bound) {
-            srv->listeners[i].bound = 0;
-            uv_close((uv_handle_t *)&srv->listeners[i].tcp, smtpd_on_listener_closed);
-        }
-    }
+    for (i = 0; i < srv->nlisteners; i++)
+        smtpd_listener_close(srv->listeners[i]); /* freed by its close callback */
+    srv->nlisteners = 0;
     for (s = srv->sessions; s != NULL; s = next) {
         next = s->next;
         if (s->state == SMTPD_S_COMMIT_WAIT) {
@@ -1055,7 +1181,8 @@ void smtpd_server_free(struct smtpd_server *srv)
     if (srv == NULL)
         return;
     for (i = 0; i < srv->nlisteners; i++)
-        srv->listeners[i].cred = smtpd_cred_unref(srv->listeners[i].cred);
+        smtpd_listener_close(srv->listeners[i]); /* never bound (listen failed): freed now */
+    srv->gen = cfg_gen_unref(srv->gen);
     for (i = 0; i < SMTPD_CLIENT_BUCKETS; i++) {
         while (srv->clients[i] != NULL) {
             struct smtpd_client *c = srv->clients[i];

@@ -29,6 +29,18 @@ struct smtpd_server *smtpd_server_new(uv_loop_t *loop, const struct cfg *cfg, st
                                       void (*on_spooled)(void *arg, uint64_t id), void *arg);
 /* Binds and listens on every configured listener; 0 or negative with text in err. */
 int smtpd_server_listen(struct smtpd_server *srv, char *err, size_t errlen);
+/* The full reload: the listeners become cfg's.  Listeners are matched by host and port: a
+ * kept one stays on its socket and takes the new settings and freshly read certificate;
+ * new ones are bound first, so a failure (a port in use, a certificate that does not load)
+ * changes nothing and returns negative with text in err.  Sessions in progress finish on
+ * the generation they started with (each holds a reference to gen, which may be NULL
+ * when cfg is the caller's to keep alive); new sessions get cfg, and the server holds a
+ * reference to gen.  *st (may be NULL) gets what changed. */
+struct smtpd_reconf {
+    int added, removed, changed;
+};
+int smtpd_server_reconfigure(struct smtpd_server *srv, const struct cfg *cfg, struct cfg_gen *gen,
+                             struct smtpd_reconf *st, char *err, size_t errlen);
 /* Re-reads every TLS listener's certificate and key (SIGHUP).  Sessions in progress keep
  * the credentials they started with.  A listener whose files fail to load keeps its old
  * ones (logged).  0, or -1 when any listener failed. */

@@ -45,7 +45,7 @@ static struct authsasl_server *smtpd_sasl(struct smtpd_session *s)
     if (s->sasl != NULL)
         return s->sasl;
     memset(&o, 0, sizeof(o));
-    o.hostname = s->srv->cfg->hostname;
+    o.hostname = s->cfg->hostname;
     o.sasldb = lc->sasldb;
     o.mechs = lc->auth_mechanisms;
     o.secure = tlsio_is_tls(s->io);
@@ -77,7 +77,7 @@ static const char *smtpd_skip_keyword(const char *arg, const char *kw)
 
 static void smtpd_cmd_helo(struct smtpd_session *s, const char *arg, int ehlo)
 {
-    const struct cfg *cfg = s->srv->cfg;
+    const struct cfg *cfg = s->cfg;
     const struct cfg_listener *lc = s->lcfg;
     struct authsasl_server *sasl;
 
@@ -160,11 +160,11 @@ static int smtpd_mail_param(struct smtpd_session *s, struct smtpd_tx *tx, const 
         /* RFC 1870: refuse early when the client announces a size we will not take. */
         unsigned long long size = strtoull(v, NULL, 10);
 
-        if (size > (unsigned long long)s->srv->cfg->max_message_size) {
+        if (size > (unsigned long long)s->cfg->max_message_size) {
             smtpd__refuse_log(s, SMTPD_R_TOO_BIG, "MAIL SIZE=%llu over max_message_size %ld", size,
-                             s->srv->cfg->max_message_size);
+                             s->cfg->max_message_size);
             smtpd__reply(s, "552 5.3.4 Message size exceeds fixed limit of %ld bytes",
-                        s->srv->cfg->max_message_size);
+                        s->cfg->max_message_size);
             return -1;
         }
         return 0;
@@ -373,9 +373,9 @@ static void smtpd_cmd_rcpt(struct smtpd_session *s, const char *arg)
         smtpd__error(s);
         return;
     }
-    if (tx->nrcpts >= (size_t)s->srv->cfg->max_recipients) {
+    if (tx->nrcpts >= (size_t)s->cfg->max_recipients) {
         smtpd__refuse_log(s, SMTPD_R_TOO_MANY_RCPTS, "RCPT TO:<%s>: more than max_recipients "
-                         "(%d)", addr, s->srv->cfg->max_recipients);
+                         "(%d)", addr, s->cfg->max_recipients);
         free(addr);
         free(orcpt);
         smtpd__reply(s, "452 4.5.3 Error: too many recipients");
@@ -415,7 +415,7 @@ static void smtpd_cmd_data(struct smtpd_session *s, const char *arg)
         return;
     }
     /* The limit is enforced while streaming; the excess is never held in memory. */
-    s->tx->data = buf_new((size_t)srv->cfg->max_message_size);
+    s->tx->data = buf_new((size_t)s->cfg->max_message_size);
     s->tx->prev_crlf = s->cmd_crlf;
     smtpd__mem_sync(s);
     smtpd__reply(s, "354 End data with <CR><LF>.<CR><LF>");
@@ -458,11 +458,9 @@ static void smtpd_cmd_quit(struct smtpd_session *s, const char *arg)
 
 static void smtpd_cmd_starttls(struct smtpd_session *s, const char *arg)
 {
-    struct smtpd_listener *l = s->l;
-
     while (*arg == ' ')
         arg++;
-    if (s->lcfg->tls != CFG_TLS_STARTTLS || l->cred == NULL) {
+    if (s->lcfg->tls != CFG_TLS_STARTTLS || s->lcred == NULL) {
         smtpd__reply(s, "502 5.5.1 Error: command not implemented");
         smtpd__error(s);
         return;
@@ -479,7 +477,7 @@ static void smtpd_cmd_starttls(struct smtpd_session *s, const char *arg)
     }
     smtpd__reply(s, "220 2.0.0 Ready to start TLS");
     smtpd__flush(s); /* in cleartext, before the handshake starts */
-    s->cred = smtpd__cred_ref(l->cred);
+    s->cred = smtpd__cred_ref(s->lcred);
     /* tlsio drops any plaintext pipelined after STARTTLS (RFC 3207 4). */
     if (tlsio_starttls(s->io, s->cred->cred, 1, NULL) != 0) {
         smtpd__session_close(s, tlsio_errstr(s->io));

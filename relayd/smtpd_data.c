@@ -58,7 +58,7 @@ static void smtpd_commit_done(void *arg, int rc);
 
 static void smtpd_received(struct smtpd_session *s, const char *qid, struct buf *out)
 {
-    const struct cfg *cfg = s->srv->cfg;
+    const struct cfg *cfg = s->cfg;
     char date[64], tls[128];
     const char *proto = (s->flags & SMTPD_F_EHLO) ? "ESMTP" : "SMTP";
 
@@ -96,9 +96,9 @@ void smtpd__data_end(struct smtpd_session *s)
 
     if (tx->too_big) {
         smtpd__refuse_log(s, SMTPD_R_TOO_BIG, "message from <%s> over max_message_size %ld",
-                         tx->sender, srv->cfg->max_message_size);
+                         tx->sender, s->cfg->max_message_size);
         smtpd__reply(s, "552 5.3.4 Error: message exceeds fixed limit of %ld bytes",
-                    srv->cfg->max_message_size);
+                    s->cfg->max_message_size);
         smtpd__tx_reset(s);
         smtpd__enter_state(s, SMTPD_S_CMD);
         return;
@@ -119,7 +119,7 @@ void smtpd__data_end(struct smtpd_session *s)
     received = buf_new(0);
     smtpd_received(s, qid, received);
     memset(&fix, 0, sizeof(fix));
-    fix.hostname = srv->cfg->hostname;
+    fix.hostname = s->cfg->hostname;
     fix.received = lc->add_received ? received->data : NULL;
     fix.sender = tx->sender;
     fix.queue_id = qid;
@@ -136,7 +136,7 @@ void smtpd__data_end(struct smtpd_session *s)
         rcpts[i].addr = tx->rcpts[i];
         rcpts[i].dsn_notify = tx->notify[i];
         rcpts[i].dsn_orcpt = tx->orcpt[i];
-        if (route_match(srv->cfg, tx->sender, tx->rcpts[i], s->peer, lc->name) == NULL)
+        if (route_match(s->cfg, tx->sender, tx->rcpts[i], s->peer, lc->name) == NULL)
             held = 1;
     }
     msg.state = held ? SPOOL_HELD : SPOOL_QUEUED;
@@ -227,7 +227,7 @@ static void smtpd_commit_done(void *arg, int rc)
     smtpd__session_unref(s); /* still held by "alive" */
     if (s->srv->stopping) {
         /* The stop waited for this commit so that the client got its 250 (no duplicate). */
-        smtpd__reply(s, "421 4.3.2 %s Service shutting down", s->srv->cfg->hostname);
+        smtpd__reply(s, "421 4.3.2 %s Service shutting down", s->cfg->hostname);
         smtpd__session_close(s, "shutdown");
         return;
     }

@@ -78,9 +78,11 @@ struct smtpd_cred {
     int refs;
 };
 
+/* Allocated one by one: a reload keeps, adds and closes listeners (smtpd_server_reconfigure);
+ * a closed one is freed by its close callback.  Sessions never point at their listener. */
 struct smtpd_listener {
     struct smtpd_server *srv;
-    const struct cfg_listener *cfg;
+    const struct cfg_listener *cfg; /* in srv->cfg, the current generation */
     uv_tcp_t tcp;
     int bound;
     struct smtpd_cred *cred; /* tls != none */
@@ -89,8 +91,10 @@ struct smtpd_listener {
 struct smtpd_session {
     uint64_t id;
     struct smtpd_server *srv;
-    struct smtpd_listener *l;
-    const struct cfg_listener *lcfg;
+    const struct cfg *cfg;            /* the generation it started with (a reload waits) */
+    struct cfg_gen *gen;              /* its reference to it; NULL without generations */
+    const struct cfg_listener *lcfg;  /* its listener, in cfg */
+    struct smtpd_cred *lcred;         /* the listener's TLS credentials at accept, or NULL */
     enum smtpd_state state;
     unsigned flags;
     struct tlsio *io;
@@ -137,7 +141,8 @@ struct smtpd_server {
     struct spool *sp;
     void (*on_spooled)(void *arg, uint64_t id);
     void *on_spooled_arg;
-    struct smtpd_listener *listeners;
+    struct cfg_gen *gen; /* the reference to cfg's generation, or NULL (cfg is the caller's) */
+    struct smtpd_listener **listeners;
     int nlisteners;
     struct smtpd_session *sessions;
     uint64_t next_session_id;

@@ -13,8 +13,9 @@
  * max_recipients_per_day: a rolling 24 h window in one-minute buckets) and pauses (a
  * session-level SLOWDOWN verdict, relayd/verdict.h, or a failed cohort of sessions pauses
  * the whole upstream for 60 s, doubling up to an hour; a session that works ends it and
- * resets the doubling) are kept in memory only: after a restart the windows start empty.
- * XXX: a restart inside a provider's 24 h window may exceed its daily quota.
+ * resets the doubling) are kept in memory and, through the scheduler, in the spool
+ * (upstream_state_save() / upstream_state_load(), struct spool_upstate), so a restart
+ * keeps the health, the pause and the windows.
  *
  * Every function that depends on time takes now_ms (a monotonic clock in milliseconds,
  * uv_now() in the daemon) so tests control the clock.
@@ -30,6 +31,7 @@
 #include <stdint.h>
 
 #include "config/cfg.h"
+#include "spool/spool.h"
 
 /* First pause after a throttling reply, and the cap of its doubling. */
 #define UPSTREAM_THROTTLE_FIRST_MS (60 * 1000)
@@ -79,6 +81,26 @@ void upstream_rate_take(struct upstream *u, size_t nrcpts, uint64_t now_ms);
 /* Messages in the last minute and recipients in the last 24 hours. */
 void upstream_rate_usage(const struct upstream *u, uint64_t now_ms, int *msgs_minute,
                          long *rcpts_day);
+
+/* ---- Kept across restarts ---- */
+/* 1 when u changed since the last upstream_state_save() (or load). */
+int upstream_state_dirty(const struct upstream *u);
+/* Fills *st (members allocated: spool_upstate_clear()) with u's state, monotonic times
+ * turned into wall-clock ones (wall_ms is the wall clock at now_ms); marks u saved. */
+void upstream_state_save(struct upstream *u, uint64_t now_ms, int64_t wall_ms,
+                         struct spool_upstate *st);
+/* Restores a state saved before a restart into u (fresh): health, a pause still running,
+ * the doubling, the rate windows (what is still inside them); logs one line saying what
+ * it restored. */
+void upstream_state_load(struct upstream *u, const struct spool_upstate *st, uint64_t now_ms,
+                         int64_t wall_ms);
+
+/* ---- Reload ---- */
+/* A reload made a new struct upstream for an upstream of the same name: u takes from's
+ * run-time state: health (reason, action, since; a probe decides whether a changed
+ * password or host fixed it), the pause and its doubling, the session cohort, and the
+ * rate windows (as far as u's limits keep them). */
+void upstream_carry(struct upstream *u, const struct upstream *from);
 
 /* ---- Summary ---- */
 /* One line for logs and relayctl: "healthy", "healthy, paused for 60s after throttling",

@@ -391,6 +391,8 @@ static int open_dbs(struct spool *sp, char *err, size_t errlen)
     }
     if ((rc = spool__devices_open(sp, txn, dflags)) != 0)
         goto mdb_fail;
+    if ((rc = spool__state_open(sp, txn, dflags)) != 0)
+        goto mdb_fail;
     if ((rc = get_u64(sp, txn, "last_id", &last)) != 0)
         goto mdb_fail;
     if ((rc = mdb_cursor_open(txn, sp->msg, &cur)) != 0)
@@ -434,6 +436,7 @@ static void spool_free(struct spool *sp)
     pthread_mutex_destroy(&sp->qlock);
     pthread_cond_destroy(&sp->qcond);
     spool__devices_free(sp->devpend);
+    spool__state_free(sp->statepend);
     pthread_mutex_destroy(&sp->devlock);
     free(sp->dir);
     free(sp);
@@ -1082,6 +1085,10 @@ int spool__txn_update(struct spool *sp, MDB_txn *txn, const struct spool_update 
     }
     if (u->count_attempt)
         m.attempts++;
+    if (u->set_config_wait) {
+        m.config_wait = u->config_wait;
+        m.config_since = u->config_since;
+    }
     if (u->last_error != NULL) {
         free(m.last_error);
         m.last_error = xstrdup(u->last_error);

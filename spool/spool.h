@@ -85,6 +85,10 @@ struct spool_msg {
     int dsn_ret;               /* MAIL RET=: SPOOL_RET_FULL, SPOOL_RET_HDRS; 0: not given */
     struct spool_rcpt *rcpts;
     size_t nrcpts;
+    /* Time spent waiting on a configuration fault of the relay (recipients with a CONFIG
+     * verdict, held for the administrator) does not count toward max_lifetime: */
+    int64_t config_wait;       /* seconds of such waits that ended, accumulated */
+    int64_t config_since;      /* unix seconds the current wait began; 0: not waiting */
     struct spool_attempt *attempts_log; /* filled only with SPOOL_GET_HISTORY */
     size_t nattempts_log;
 };
@@ -154,6 +158,8 @@ struct spool_update {
     const size_t *rcpt_index;
     const enum spool_rcpt_status *rcpt_status;
     const char *const *rcpt_reply;
+    int set_config_wait;     /* 1: config_wait and config_since become the values below */
+    int64_t config_wait, config_since;
     int if_scheduled;        /* 1 (a delivery's outcome): the new state applies only while the
                                 message is still QUEUED or DEFERRED, so a hold or a failure an
                                 operator made meanwhile stays; recipient results and the
@@ -286,5 +292,56 @@ struct spool_device {
  * with spool_devices_free().  A spool that never had a device gives 0 records. */
 int spool_devices_list(struct spool *sp, struct spool_device **out, size_t *n);
 void spool_devices_free(struct spool_device *d, size_t n);
+
+/* ---- Upstream state: kept across restarts (spool_state.c) ----
+ *
+ * What the daemon knows about each upstream at run time (relayd/upstream.h: health, the
+ * throttle pause, the rate windows), one record per upstream name in the "state"
+ * sub-database, so a restart inside a provider's rate-limit window, or while an upstream
+ * is held on a configuration fault, does not start afresh.  Like the device history it
+ * is noted in memory (spool_upstate_note(): the latest state per name replaces the one
+ * pending) and rides along with the next mail commit, or gets a transaction of its own
+ * within SPOOL_STATE_FLUSH seconds (and at stop): never an fsync per message.  All times
+ * are wall-clock unix milliseconds. */
+
+#define SPOOL_STATE_FLUSH 1  /* seconds a state change may wait for a commit */
+#define SPOOL_STATE_SENT_MAX 100000 /* send times and buckets kept per record, at most */
+
+struct spool_upstate_bucket {
+    int64_t minute; /* unix minutes */
+    uint32_t count; /* recipients sent in it */
+};
+
+struct spool_upstate {
+    char *name;              /* the upstream's name: the key */
+    int64_t saved;           /* when noted */
+    int unhealthy;
+    int64_t since;           /* unhealthy since; 0 when healthy */
+    char *reason, *action;   /* NULL when none */
+    int64_t paused_until;    /* 0: not paused */
+    int64_t next_pause;      /* ms: the next throttle pause (its doubling); 0: the first */
+    int failed_sessions;     /* the failed-session cohort so far */
+    int64_t next_cohort_pause; /* ms; 0: the first */
+    int64_t *sent;           /* send times in the last minute, oldest first */
+    size_t nsent;
+    struct spool_upstate_bucket *buckets; /* recipients per minute, last 24 hours */
+    size_t nbuckets;
+};
+
+/* Deep-copies st into the pending set (replacing a pending one of the same name). */
+void spool_upstate_note(struct spool *sp, const struct spool_upstate *st);
+/* The record of upstream name: 0 with *out (spool_upstate_free()), SPOOL_ENOTFOUND, or an
+ * error.  A record that does not decode is SPOOL_ENOTFOUND (it is simply not restored). */
+int spool_upstate_get(struct spool *sp, const char *name, struct spool_upstate **out);
+/* Every record, by name (relayctl upstreams); free with spool_upstate_list_free(). */
+int spool_upstate_list(struct spool *sp, struct spool_upstate **out, size_t *n);
+void spool_upstate_list_free(struct spool_upstate *list, size_t n);
+/* Frees the members (not st itself). */
+void spool_upstate_clear(struct spool_upstate *st);
+struct spool_upstate *spool_upstate_free(struct spool_upstate *st); /* returns NULL */
+/* The record format (tests): encode into a malloc'd buffer; decode 0 or SPOOL_ECORRUPT
+ * (then *st holds nothing to free). */
+void *spool_upstate_encode(const struct spool_upstate *st, size_t *len);
+int spool_upstate_decode(const void *p, size_t len, const char *name, struct spool_upstate *st);
 
 #endif

@@ -10,7 +10,9 @@
  * DSN parameters).  Both decode; a version-1 record reads as "no DSN parameters given".
  * The encoder writes version 1 whenever the message carries no DSN parameter, so a spool
  * of ordinary mail stays readable by a relayd that predates version 2.  Attempt records
- * are version 1 only.
+ * are version 1 only.  Version 3 is version 2 with, at the end, the time the message waited
+ * on configuration faults (i64 config_wait, i64 config_since); it is written only when one
+ * of them is not 0, and versions 1 and 2 read as 0 for both.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +22,7 @@
 
 #define MSG_V1 1 /* = SPOOL_REC_VERSION: no DSN fields */
 #define MSG_V2 2 /* + u8 dsn_ret, str dsn_envid; per recipient + u8 notify, str orcpt */
+#define MSG_V3 3 /* version 2 + i64 config_wait, i64 config_since after the recipients */
 
 void spool__be64(unsigned char *p, uint64_t v)
 {
@@ -123,7 +126,9 @@ static int has_dsn(const struct spool_msg *m)
 
 void spool__encode_msg(const struct spool_msg *m, struct buf *out)
 {
-    unsigned v = has_dsn(m) ? MSG_V2 : MSG_V1;
+    unsigned v = m->config_wait != 0 || m->config_since != 0 ? MSG_V3
+                 : has_dsn(m)                               ? MSG_V2
+                                                            : MSG_V1;
 
     spool__rec_start(out, v);
     spool__put_u8(out, (unsigned)m->state);
@@ -149,6 +154,10 @@ void spool__encode_msg(const struct spool_msg *m, struct buf *out)
             spool__put_u8(out, m->rcpts[i].dsn_notify & 0xff);
             spool__put_str(out, m->rcpts[i].dsn_orcpt);
         }
+    }
+    if (v >= MSG_V3) {
+        spool__put_u64(out, (uint64_t)m->config_wait);
+        spool__put_u64(out, (uint64_t)m->config_since);
     }
     spool__rec_finish(out);
 }
@@ -241,7 +250,7 @@ int spool__decode_msg(const void *p, size_t n, uint64_t id, struct spool_msg *m)
     size_t min_rcpt;
 
     memset(m, 0, sizeof(*m));
-    if (spool__rec_header(&r, p, n, MSG_V1, MSG_V2, &v) != 0)
+    if (spool__rec_header(&r, p, n, MSG_V1, MSG_V3, &v) != 0)
         return SPOOL_ECORRUPT;
     m->id = id;
     m->state = (enum spool_state)spool__get_u8(&r);
@@ -275,6 +284,10 @@ int spool__decode_msg(const void *p, size_t n, uint64_t id, struct spool_msg *m)
         }
         if (m->rcpts[i].addr == NULL)
             r.bad = 1;
+    }
+    if (v >= MSG_V3) {
+        m->config_wait = (int64_t)spool__get_u64(&r);
+        m->config_since = (int64_t)spool__get_u64(&r);
     }
     if (r.bad || r.off != r.n || m->sender == NULL || m->state < SPOOL_QUEUED ||
         m->state > SPOOL_FAILED || m->dsn_ret < 0 || m->dsn_ret > SPOOL_RET_HDRS)

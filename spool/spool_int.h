@@ -57,6 +57,12 @@ struct spool {
     struct spool__devpend *devpend;  /* pending events merged per client */
     size_t ndevpend;
     int64_t devpend_since;           /* when the oldest pending event was noted */
+    /* Upstream state (spool_state.c): the sub-database and records not yet committed
+     * (guarded by devlock too). */
+    MDB_dbi state;
+    int have_state;
+    struct spool__statepend *statepend;
+    int64_t statepend_since;
 };
 
 /* ---- spool.c ---- */
@@ -130,6 +136,14 @@ int64_t spool__devices_due(struct spool *sp);
 /* Folds a taken list into the records, inside the writer's transaction; 0 or MDB_* code. */
 int spool__devices_apply(struct spool *sp, MDB_txn *txn, const struct spool__devpend *list);
 void spool__devices_free(struct spool__devpend *list);
+
+/* ---- spool_state.c ---- */
+struct spool__statepend;
+int spool__state_open(struct spool *sp, MDB_txn *txn, unsigned dflags);
+struct spool__statepend *spool__state_take(struct spool *sp);
+int64_t spool__state_due(struct spool *sp);
+int spool__state_apply(struct spool *sp, MDB_txn *txn, const struct spool__statepend *list);
+void spool__state_free(struct spool__statepend *list);
 
 /* ---- spool_writer.c ---- */
 void spool__writer_stop(struct spool *sp);

@@ -243,7 +243,7 @@ static int job_apply(struct spool *sp, MDB_txn *txn, struct spool_job *j)
 /* Applies and commits one batch (devs: device events riding along, see spool_devices.c;
  * batch may be NULL when only they are due); sets each job's rc.  1 when it committed. */
 static int batch_commit(struct spool *sp, struct spool_job *batch,
-                        const struct spool__devpend *devs)
+                        const struct spool__devpend *devs, const struct spool__statepend *ups)
 {
     struct spool_job *j;
     MDB_txn *txn, *child;
@@ -273,6 +273,17 @@ static int batch_commit(struct spool *sp, struct spool_job *batch,
                 mdb_txn_abort(child);
             if (rc != 0 && rc != MDB_MAP_FULL) {
                 log_warn("spool: device history not updated: %s", mdb_strerror(rc));
+                rc = 0;
+            }
+        }
+        if (rc == 0 && ups != NULL && (rc = mdb_txn_begin(sp->env, txn, 0, &child)) == 0) {
+            /* Upstream state never costs mail either (spool_state.c). */
+            if ((rc = spool__state_apply(sp, child, ups)) == 0)
+                rc = mdb_txn_commit(child);
+            else
+                mdb_txn_abort(child);
+            if (rc != 0 && rc != MDB_MAP_FULL) {
+                log_warn("spool: upstream state not updated: %s", mdb_strerror(rc));
                 rc = 0;
             }
         }
@@ -319,14 +330,19 @@ static void *writer_main(void *arg)
     for (;;) {
         struct spool_job *batch, **last;
         struct spool__devpend *devs;
+        struct spool__statepend *ups;
         uint64_t ok = 0;
-        int64_t due;
+        int64_t due, sdue;
         int committed, stopping;
 
         pthread_mutex_lock(&sp->qlock);
         while (sp->queue == NULL && !sp->stopping) {
             /* Device events wait for mail's commit, or SPOOL_DEVICES_FLUSH at most. */
-            if ((due = spool__devices_due(sp)) == 0) {
+            due = spool__devices_due(sp);
+            sdue = spool__state_due(sp);
+            if (sdue != 0 && (due == 0 || sdue < due))
+                due = sdue;
+            if (due == 0) {
                 pthread_cond_wait(&sp->qcond, &sp->qlock);
             } else {
                 struct timespec ts = {(time_t)due, 0};
@@ -340,14 +356,16 @@ static void *writer_main(void *arg)
         stopping = sp->stopping;
         pthread_mutex_unlock(&sp->qlock);
         devs = spool__devices_take(sp);
-        if (batch == NULL && devs == NULL) {
+        ups = spool__state_take(sp);
+        if (batch == NULL && devs == NULL && ups == NULL) {
             if (stopping)
                 break; /* stopping, and every queued job is done */
             continue;
         }
 
-        committed = batch_commit(sp, batch, devs);
+        committed = batch_commit(sp, batch, devs, ups);
         spool__devices_free(devs);
+        spool__state_free(ups);
         if (batch == NULL) {
             pthread_mutex_lock(&sp->qlock);
             sp->commits += committed;

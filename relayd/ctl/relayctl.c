@@ -74,6 +74,8 @@ static void usage(FILE *out)
             "  devices [--json] [ADDR]    every client seen: listener, HELO name, first/last\n"
             "                             seen, messages accepted, refusals by reason with\n"
             "                             the last one's time and text\n"
+            "  upstreams                  each upstream's state as relayd last saved it:\n"
+            "                             health and reason, pause, rate window usage\n"
             "  oauth2 authorize NAME      OAuth 2.0 device-code sign-in for upstream NAME;\n"
             "                             stores the refresh token in refresh_token_file\n"
             "  oauth2 token NAME          obtain a token as relayd would (never printed)\n"
@@ -598,6 +600,15 @@ static int cmd_show(struct ctl *c, int argc, char **argv)
         if (m->state == SPOOL_QUEUED || m->state == SPOOL_DEFERRED)
             printf("next attempt: %s\n", fmt_time(m->next_attempt, tb));
         printf("attempts:     %d\n", m->attempts);
+        if (m->config_wait != 0 || m->config_since != 0) {
+            /* Time held on a relay configuration fault: not counted toward max_lifetime. */
+            int64_t w = m->config_wait;
+
+            if (m->config_since > 0 && time(NULL) > m->config_since)
+                w += (int64_t)time(NULL) - m->config_since;
+            printf("config wait:  %llds (not counted toward max_lifetime)%s\n", (long long)w,
+                   m->config_since > 0 ? ", waiting now" : "");
+        }
         printf("size:         %llu\n", (unsigned long long)m->size);
         printf("sender:       <%s>\n", oneline(m->sender));
         printf("client:       %s\n", oneline(m->client));
@@ -1043,6 +1054,57 @@ static int cmd_devices(struct ctl *c, int argc, char **argv)
     return sp != NULL ? ctl_devices(sp, argc, argv) : CTL_EXIT_FAIL;
 }
 
+/* relayctl upstreams: the upstream state relayd keeps in the spool (spool_upstate_list();
+ * written at most a second after each change), one line per upstream. */
+static int cmd_upstreams(struct ctl *c, int argc, char **argv)
+{
+    struct spool *sp = ctl_spool(c);
+    struct spool_upstate *list = NULL;
+    struct timespec ts;
+    int64_t now;
+    size_t n = 0;
+    int rc;
+
+    (void)argv;
+    if (argc != 0) {
+        fprintf(stderr, "%s: upstreams: no arguments expected\n", c->prog);
+        return CTL_EXIT_USAGE;
+    }
+    if (sp == NULL)
+        return CTL_EXIT_FAIL;
+    if ((rc = spool_upstate_list(sp, &list, &n)) != 0) {
+        fprintf(stderr, "%s: upstreams: %s\n", c->prog, spool_strerror(rc));
+        return CTL_EXIT_FAIL;
+    }
+    clock_gettime(CLOCK_REALTIME, &ts);
+    now = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    for (size_t i = 0; i < n; i++) {
+        const struct spool_upstate *u = &list[i];
+        int64_t rcpts = 0;
+        size_t msgs = 0;
+
+        for (size_t k = 0; k < u->nsent; k++)
+            msgs += u->sent[k] + 60000 > now;
+        for (size_t k = 0; k < u->nbuckets; k++)
+            if ((u->buckets[k].minute + 1440) * 60000 > now)
+                rcpts += u->buckets[k].count;
+        printf("%s: ", u->name);
+        if (u->unhealthy)
+            printf("unhealthy for %llds: %s%s%s", (long long)((now - u->since) / 1000),
+                   u->reason != NULL ? u->reason : "", u->action != NULL ? "; action: " : "",
+                   u->action != NULL ? u->action : "");
+        else
+            printf("healthy");
+        if (u->paused_until > now)
+            printf("; paused for %llds more", (long long)((u->paused_until - now + 999) / 1000));
+        printf("; %zu message%s in the last minute, %lld recipient%s in 24 h (as of %llds ago)\n",
+               msgs, msgs == 1 ? "" : "s", (long long)rcpts, rcpts == 1 ? "" : "s",
+               (long long)((now - u->saved) / 1000));
+    }
+    spool_upstate_list_free(list, n);
+    return CTL_EXIT_OK;
+}
+
 /* Every command, once: its name, its handler and what it does to the spool. */
 static const struct ctl_cmd {
     const char *name;
@@ -1059,6 +1121,7 @@ static const struct ctl_cmd {
     {"purge", cmd_purge, CTL_SPOOL_WRITE},
     {"stats", cmd_stats, CTL_SPOOL_READ},
     {"devices", cmd_devices, CTL_SPOOL_READ},
+    {"upstreams", cmd_upstreams, CTL_SPOOL_READ},
     {"test-upstream", ctl_diag_test_upstream_cmd, CTL_SPOOL_NONE},
     {"send-test", ctl_diag_send_test_cmd, CTL_SPOOL_NONE},
     {"oauth2", ctl_oauth2_cmd, CTL_SPOOL_NONE},

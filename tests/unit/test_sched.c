@@ -199,6 +199,56 @@ static const struct round_case round_cases[] = {
      SPOOL_DEFERRED, 0, 1, 0, NOW + 5, {P, P}},
 };
 
+/* max_lifetime (100 here) counts the age less the time spent waiting on configuration
+ * faults: the waits that ended (config_wait) and the one in progress (config_since). */
+struct config_wait_case {
+    const char *label;
+    int64_t age, config_wait, config_since; /* since: seconds before NOW, 0: none */
+    enum verdict_cause cause;
+    int want_expired;
+    int64_t want_config_wait;
+    int want_config_since_now; /* out.config_since == NOW (else 0) */
+};
+
+static const struct config_wait_case config_wait_cases[] = {
+    {"old, never waited on config: expires", 150, 0, 0, VERDICT_TRANSIENT, 1, 0, 0},
+    {"old, but 60 s of it waited on config: lives", 150, 60, 0, VERDICT_TRANSIENT, 0, 60, 0},
+    {"the wait in progress counts too", 150, 0, 70, VERDICT_TRANSIENT, 0, 70, 0},
+    {"ended waits and the one in progress add up", 150, 20, 20, VERDICT_TRANSIENT, 1, 40, 0},
+    {"a slow-down after a config wait: the wait still counts", 150, 60, 0, VERDICT_SLOWDOWN, 0,
+     60, 0},
+    {"config again: the clock stays stopped from now", 150, 0, 100, VERDICT_CONFIG, 0, 100, 1},
+    {"config for the first time: the wait begins now", 10, 0, 0, VERDICT_CONFIG, 0, 0, 1},
+    {"sent after a wait: nothing expires", 500, 0, 450, VERDICT_SENT, 0, 450, 0},
+};
+
+/* Waiting on a configuration fault does not age a message (table). */
+Test(sched, round_decide_config_wait)
+{
+    struct cfg cfg;
+
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.max_lifetime = 100;
+    cfg.retry_first = 60;
+    cfg.retry_factor = 2;
+    cfg.retry_max = 3600;
+    for (size_t i = 0; i < sizeof(config_wait_cases) / sizeof(config_wait_cases[0]); i++) {
+        const struct config_wait_case *c = &config_wait_cases[i];
+        struct sched_round_rcpt r[1] = {{P, 1, c->cause, 1, WAIT, P, 0}};
+        struct sched_round_in in = {&cfg, NOW, NOW - c->age, 1, 1000, c->config_wait,
+                                    c->config_since > 0 ? NOW - c->config_since : 0};
+        struct sched_outcome out;
+
+        sched_round_decide(&in, r, 1, &out);
+        cr_expect(eq(int, out.expired, c->want_expired), "%s: expired", c->label);
+        cr_expect(eq(i64, out.config_wait, c->want_config_wait), "%s: config_wait", c->label);
+        cr_expect(eq(i64, out.config_since, c->want_config_since_now ? NOW : 0),
+                  "%s: config_since", c->label);
+    }
+    cr_expect(eq(i64, sched_age(NOW, NOW - 500, 100, NOW - 50), 350));
+    cr_expect(eq(i64, sched_age(NOW, NOW - 500, 0, 0), 500));
+}
+
 /* Each recipient's verdict gives the message's state, next attempt and whether the
  * attempt counts (table). */
 Test(sched, round_decide)
@@ -213,7 +263,7 @@ Test(sched, round_decide)
     for (size_t i = 0; i < sizeof(round_cases) / sizeof(round_cases[0]); i++) {
         const struct round_case *c = &round_cases[i];
         struct sched_round_rcpt r[3];
-        struct sched_round_in in = {&cfg, NOW, NOW - c->age, c->attempts, 1000};
+        struct sched_round_in in = {&cfg, NOW, NOW - c->age, c->attempts, 1000, 0, 0};
         struct sched_outcome out;
 
         memcpy(r, c->r, sizeof(r));

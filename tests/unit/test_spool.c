@@ -1294,3 +1294,131 @@ Test(spool, quarantine)
     cr_assert(eq(u64, st.by_state[SPOOL_HELD], 1));
     spool_close(sp);
 }
+
+/* The time a message waited on configuration faults (config_wait, config_since) is set by
+ * a delivery's update, survives a reopen in a version-3 record, and goes back to version
+ * 1 when it is 0 again; an old version-1 record reads as 0 for both. */
+Test(spool, config_wait_round_trip)
+{
+    struct spool *sp = open_rw(NULL);
+    struct spool_msg m, *g;
+    struct spool_rcpt r[2];
+    struct spool_update u;
+    struct v1buf w;
+    uint64_t id = spool_id_new(sp), old;
+    unsigned char *raw;
+    size_t len;
+
+    cr_assert(eq(int, put_one(sp, id, time(NULL), SPOOL_QUEUED, 5), 0));
+    old = spool_id_new(sp);
+    cr_assert(eq(int, put_one(sp, old, time(NULL), SPOOL_QUEUED, 5), 0));
+    memset(&u, 0, sizeof(u));
+    u.id = id;
+    u.state = SPOOL_DEFERRED;
+    u.next_attempt = time(NULL) + 60;
+    u.set_config_wait = 1;
+    u.config_wait = 3600;
+    u.config_since = 1700000000;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    spool_close(sp);
+    fill_msg(&m, r, old, "old@lan");
+    v1_encode(&w, &m);
+    put_raw_record(old, w.b, w.n);
+
+    sp = open_rw(NULL);
+    cr_assert(eq(int, spool_msg_get(sp, id, 0, &g), 0));
+    cr_expect(eq(i64, g->config_wait, 3600));
+    cr_expect(eq(i64, g->config_since, 1700000000));
+    cr_expect(eq(int, (int)g->state, SPOOL_DEFERRED));
+    spool_msg_free(g);
+    cr_assert(eq(int, spool_msg_get(sp, old, 0, &g), 0));
+    cr_expect(eq(i64, g->config_wait, 0));
+    cr_expect(eq(i64, g->config_since, 0));
+    spool_msg_free(g);
+    /* An update without set_config_wait keeps the values. */
+    u.set_config_wait = 0;
+    u.next_attempt = time(NULL) + 120;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    cr_assert(eq(int, spool_msg_get(sp, id, 0, &g), 0));
+    cr_expect(eq(i64, g->config_wait, 3600));
+    spool_msg_free(g);
+    spool_close(sp);
+    raw = raw_record(id, &len);
+    cr_expect(eq(int, raw[0], 3), "a message with config_wait: record version 3");
+    free(raw);
+
+    sp = open_rw(NULL);
+    u.set_config_wait = 1;
+    u.config_wait = 0;
+    u.config_since = 0;
+    cr_assert(eq(int, update_one(sp, &u), 0));
+    spool_close(sp);
+    raw = raw_record(id, &len);
+    cr_expect(eq(int, raw[0], 1), "config_wait back to 0: record version 1 again");
+    free(raw);
+}
+
+/* ---- Upstream state records ---- */
+
+/* A state record encodes and decodes to the same values; a truncated one is corrupt. */
+Test(spool, upstate_record_round_trip)
+{
+    int64_t sent[2] = {1700000001000, 1700000002000};
+    struct spool_upstate_bucket b[1] = {{28333333, 17}};
+    struct spool_upstate st = {"m365", 1700000003000, 1, 1700000000000, "AUTH: 535", NULL,
+                               1700000060000, 120000, 2, 0, sent, 2, b, 1};
+    struct spool_upstate got;
+    size_t len;
+    unsigned char *p = spool_upstate_encode(&st, &len);
+
+    cr_assert(eq(int, spool_upstate_decode(p, len, "m365", &got), 0));
+    cr_expect(eq(str, got.name, "m365"));
+    cr_expect(eq(int, got.unhealthy, 1));
+    cr_expect(eq(i64, got.since, 1700000000000));
+    cr_expect(eq(str, got.reason, "AUTH: 535"));
+    cr_expect(got.action == NULL);
+    cr_expect(eq(i64, got.paused_until, 1700000060000));
+    cr_expect(eq(i64, got.next_pause, 120000));
+    cr_expect(eq(int, got.failed_sessions, 2));
+    cr_assert(eq(sz, got.nsent, 2));
+    cr_expect(eq(i64, got.sent[1], 1700000002000));
+    cr_assert(eq(sz, got.nbuckets, 1));
+    cr_expect(eq(i64, got.buckets[0].minute, 28333333));
+    cr_expect(eq(u32, got.buckets[0].count, 17));
+    spool_upstate_clear(&got);
+    p[1] = p[2] = p[3] = 0;
+    p[4] = (unsigned char)(len - 1);
+    cr_expect(eq(int, spool_upstate_decode(p, len - 1, "m365", &got), SPOOL_ECORRUPT));
+    free(p);
+}
+
+/* Noted state is written by the writer (no mail needed) and read back after a reopen;
+ * the latest note per name wins; an unknown name is SPOOL_ENOTFOUND. */
+Test(spool, upstate_note_and_get)
+{
+    struct spool *sp = open_rw(NULL);
+    struct spool_upstate st, *got = NULL, *list = NULL;
+    size_t n = 0;
+
+    memset(&st, 0, sizeof(st));
+    st.name = "m365";
+    st.paused_until = 1;
+    spool_upstate_note(sp, &st);
+    st.paused_until = 1700000060000;
+    st.reason = "throttled";
+    spool_upstate_note(sp, &st);
+    st.name = "gmail";
+    spool_upstate_note(sp, &st);
+    spool_close(sp); /* the writer's stop writes what is pending */
+
+    sp = open_rw(NULL);
+    cr_assert(eq(int, spool_upstate_get(sp, "m365", &got), 0));
+    cr_expect(eq(i64, got->paused_until, 1700000060000));
+    cr_expect(eq(str, got->reason, "throttled"));
+    got = spool_upstate_free(got);
+    cr_expect(eq(int, spool_upstate_get(sp, "nonesuch", &got), SPOOL_ENOTFOUND));
+    cr_assert(eq(int, spool_upstate_list(sp, &list, &n), 0));
+    cr_expect(eq(sz, n, 2));
+    spool_upstate_list_free(list, n);
+    spool_close(sp);
+}

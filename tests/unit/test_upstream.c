@@ -168,3 +168,70 @@ Test(upstream, health_and_status)
     cr_assert(eq(str, line, "heal"));
     u = upstream_free(u);
 }
+
+/* What survives a restart: saved on one monotonic clock, loaded on another (a new
+ * process), health with its reason, the pause still running and the rate windows come
+ * back; what left its window meanwhile does not. */
+Test(upstream, state_save_load_across_restart)
+{
+    struct cfg_upstream c = cfg_with(3, 10);
+    struct upstream *u = upstream_new(&c), *v;
+    struct spool_upstate st;
+    uint64_t t0 = 5000000, t1 = 900000;          /* the two processes' monotonic clocks */
+    int64_t wall0 = 1700000000000, wall1 = wall0 + 20000; /* restarted 20 s later */
+    uint64_t wait = 0;
+    int msgs;
+    long rcpts;
+
+    cr_assert(eq(int, upstream_state_dirty(u), 0));
+    upstream_rate_take(u, 4, t0 - 70000); /* out of the minute window by the restart */
+    upstream_rate_take(u, 2, t0 - 30000);
+    upstream_rate_take(u, 1, t0 - 10000);
+    upstream_throttle(u, t0);             /* paused 60 s */
+    upstream_set_unhealthy(u, "AUTH PLAIN: 535 5.7.8 bad credentials", "fix password_file", t0);
+    cr_assert(eq(int, upstream_state_dirty(u), 1));
+    upstream_state_save(u, t0, wall0, &st);
+    cr_assert(eq(int, upstream_state_dirty(u), 0), "saving marks it clean");
+    cr_expect(eq(str, st.name, "m365"));
+    cr_expect(eq(i64, st.paused_until, wall0 + 60000));
+    cr_expect(eq(int, (int)st.nsent, 2), "send times still inside the minute");
+    u = upstream_free(u);
+
+    v = upstream_new(&c);
+    upstream_state_load(v, &st, t1, wall1);
+    spool_upstate_clear(&st);
+    cr_expect(eq(int, upstream_is_healthy(v), 0));
+    cr_expect(eq(str, (char *)upstream_reason(v), "AUTH PLAIN: 535 5.7.8 bad credentials"));
+    cr_expect(eq(str, (char *)upstream_action(v), "fix password_file"));
+    cr_expect(eq(u64, upstream_paused_until(v, t1), t1 + 40000), "40 s of the pause are left");
+    upstream_rate_usage(v, t1, &msgs, &rcpts);
+    cr_expect(eq(int, msgs, 2), "the sends 50 s and 30 s old are still in the minute");
+    cr_expect(eq(long, rcpts, 7), "the day's recipients all come back");
+    cr_expect(eq(int, upstream_rate_wait(v, 4, t1 + 50000, &wait), 1), "7 + 4 > 10 a day");
+    cr_expect(eq(int, upstream_state_dirty(v), 0), "a loaded state is not saved again");
+    v = upstream_free(v);
+}
+
+/* A reload carries the state to the new upstream of the same name (upstream_carry()),
+ * within the new limits. */
+Test(upstream, state_carried_by_reload)
+{
+    struct cfg_upstream c = cfg_with(3, 0), c2 = cfg_with(2, 0);
+    struct upstream *u = upstream_new(&c), *v = upstream_new(&c2);
+    uint64_t t0 = 1000000, wait = 0;
+    int msgs;
+    long rcpts;
+
+    upstream_rate_take(u, 1, t0);
+    upstream_rate_take(u, 1, t0 + 1000);
+    upstream_rate_take(u, 1, t0 + 2000);
+    upstream_throttle(u, t0 + 2000);
+    upstream_carry(v, u);
+    upstream_rate_usage(v, t0 + 3000, &msgs, &rcpts);
+    cr_expect(eq(int, msgs, 2), "the new limit keeps the newest two send times");
+    cr_expect(eq(u64, upstream_paused_until(v, t0 + 3000), t0 + 62000));
+    cr_expect(eq(int, upstream_rate_wait(v, 1, t0 + 3000, &wait), 1));
+    cr_expect(eq(int, upstream_state_dirty(v), 1), "unsaved news stay unsaved");
+    u = upstream_free(u);
+    v = upstream_free(v);
+}
