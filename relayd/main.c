@@ -296,6 +296,26 @@ static int relayd_reload(struct relayd *r, char *err, size_t errlen)
     return 0;
 }
 
+/* The reload as systemd and the log see it, whoever asked (SIGHUP or relayctl reload):
+ * RELOADING=1, the reload, one outcome line, READY=1 with the outcome as STATUS=. */
+static int relayd_reload_told(struct relayd *r, const char *who, char *err, size_t errlen)
+{
+    char status[1200];
+    int rc;
+
+    sdnotify("RELOADING=1");
+    log_info("%s: reloading %s", who, r->config_path != NULL ? r->config_path : "(none)");
+    rc = relayd_reload(r, err, errlen);
+    if (rc != 0) {
+        log_error("reload: %s; keeping the running configuration", err);
+        snprintf(status, sizeof status, "READY=1\nSTATUS=reload failed: %s", err);
+    } else {
+        snprintf(status, sizeof status, "READY=1\nSTATUS=reloaded");
+    }
+    sdnotify(status);
+    return rc;
+}
+
 /* SIGHUP: the full reload; an invalid file keeps the running configuration. */
 static void relayd_on_sighup(uv_signal_t *h, int signum)
 {
@@ -303,26 +323,13 @@ static void relayd_on_sighup(uv_signal_t *h, int signum)
     char err[1024];
 
     (void)signum;
-    sdnotify("RELOADING=1");
-    log_info("SIGHUP: reloading %s", r->config_path != NULL ? r->config_path : "(none)");
-    if (relayd_reload(r, err, sizeof err) != 0)
-        log_error("reload: %s; keeping the running configuration", err);
-    sdnotify("READY=1\nSTATUS=accepting mail");
+    relayd_reload_told(r, "SIGHUP", err, sizeof err);
 }
 
-/* relayctl reload: the same full reload as SIGHUP, its outcome told to the operator. */
+/* relayctl reload (the control socket): the same reload, its outcome told to the operator. */
 static int relayd_ctl_reload(void *arg, char *err, size_t errlen)
 {
-    struct relayd *r = arg;
-    int rc;
-
-    sdnotify("RELOADING=1");
-    log_info("relayctl reload: reloading %s", r->config_path != NULL ? r->config_path : "(none)");
-    rc = relayd_reload(r, err, errlen);
-    if (rc != 0)
-        log_error("reload: %s; keeping the running configuration", err);
-    sdnotify("READY=1\nSTATUS=accepting mail");
-    return rc;
+    return relayd_reload_told(arg, "relayctl reload", err, errlen);
 }
 
 static void relayd_ctl_set_accepting(void *arg, int accepting)
