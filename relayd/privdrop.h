@@ -7,8 +7,9 @@
  * privdrop_plan() makes it at start (before anything is opened, so a refusal leaves
  * nothing behind); privdrop_apply() carries it out once the listeners listen and the spool
  * is open, before the loop runs: the spool is chowned to the user (a spool that root
- * created earlier keeps working; privdrop_chown_decide() says which entries), then initgroups/setgid/setuid; after setuid from root
- * every capability is gone (no SECBIT_KEEP_CAPS), and setuid(0) must fail or we die.
+ * created earlier keeps working; privdrop_chown_decide() says which entries), then
+ * initgroups/setgid/setuid; after setuid from root every capability is gone (no
+ * SECBIT_KEEP_CAPS), and setuid(0) must fail or we die.
  *
  * Errors: a refusal or a failed drop is the caller's log_fatal() with the text in err;
  * files the run user will not be able to read again (SIGHUP) are warnings naming the exact
