@@ -61,9 +61,9 @@ grep -q 'fatal: started as root, but user relayd-e2e-no-such-user does not exist
 : > "$T/journal.log"
 JOURNAL_STREAM=$(stat -c '%d:%i' "$T/journal.log") "$DEST/usr/sbin/relayd" -c "$T/refuse.conf" \
     2>> "$T/journal.log" && fail "relayd ran as root with a user that does not exist"
-grep -q '^<3>relayd\[[0-9]*\]: fatal: started as root' "$T/journal.log" ||
+grep -q '^<3>fatal: started as root' "$T/journal.log" ||
     { cat "$T/journal.log" >&2; fail "no <3> priority prefix with stderr as the journal"; }
-grep -qv '^<[0-7]>relayd\[' "$T/journal.log" && fail "a line without a priority prefix"
+grep -qv '^<[0-7]>' "$T/journal.log" && fail "a line without a priority prefix"
 
 say "4: started as root, relayd becomes nobody before serving"
 FAKE_PORT=$(free_port)
