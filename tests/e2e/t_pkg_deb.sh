@@ -136,6 +136,7 @@ grep -q 'relayd: /var/spool/relayd kept: it holds queued mail' "$T/purge1.log" |
 [ -e /usr/sbin/relayd ] && fail "/usr/sbin/relayd still there after purge"
 [ -e /etc/relayd ] && fail "/etc/relayd still there after purge"
 [ -e /var/lib/relayd ] && fail "/var/lib/relayd (refresh tokens) still there after purge"
+[ -e /etc/systemd/system/relayd.service ] && fail "purge left the unit masked"
 getent passwd relayd > /dev/null || fail "purge removed the relayd user (Debian keeps it)"
 
 say "5: reinstall, delete the message, dpkg --purge removes the empty spool"
