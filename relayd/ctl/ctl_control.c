@@ -61,12 +61,19 @@ int ctl_control_request(const char *spool_dir, const char *request, char *reply,
     }
     reply[len] = '\0';
     if (n < 0 || len == 0) {
-        snprintf(err, errlen, "%s: %s", sa.sun_path,
-                 n < 0 ? (errno == EAGAIN ? "no reply within 30 s" : strerror(errno))
-                       : "relayd closed the connection without a reply");
+        if (n < 0 && errno == EAGAIN)
+            snprintf(err, errlen, "%s: no reply within %d s", sa.sun_path, CTL_CONTROL_TIMEOUT);
+        else
+            snprintf(err, errlen, "%s: %s", sa.sun_path,
+                     n < 0 ? strerror(errno) : "relayd closed the connection without a reply");
         goto close_fd;
     }
     reply[strcspn(reply, "\r\n")] = '\0';
+    /* The reply goes to the operator's terminal, often root's: no escape sequences from
+     * whatever answers on a socket in a directory the run user owns. */
+    for (char *p = reply; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7F)
+            *p = ' ';
     rc = 0;
 close_fd:
     close(fd);
