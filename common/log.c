@@ -55,8 +55,10 @@ size_t log_format(char *line, size_t len, int prio, const char *tag, const char 
 
     if (len < 2)
         return 0;
+    /* journald records the program and the pid itself (SYSLOG_IDENTIFIER, _PID) and shows
+     * them before the message: ours would appear twice in journalctl's output. */
     if (log_journal)
-        n = snprintf(line, len, "<%d>%s[%ld]: %s", prio, log_prog, (long)getpid(), tag);
+        n = snprintf(line, len, "<%d>%s", prio, tag);
     else
         n = snprintf(line, len, "%s[%ld]: %s", log_prog, (long)getpid(), tag);
     if (n < 0 || (size_t)n >= len - 1)

@@ -7,8 +7,9 @@
  *
  * Under systemd, when stderr is the journal ($JOURNAL_STREAM names stderr's device and
  * inode), each line starts with its syslog priority as journald reads it: "<3>" error and
- * fatal, "<2>" panic, "<4>" warning, "<6>" info, "<7>" debug; the text after it is the same
- * (relayd prints no time stamp: journald and a terminal's user have their own).  On a
+ * fatal, "<2>" panic, "<4>" warning, "<6>" info, "<7>" debug, and the "relayd[PID]: " is
+ * left out (journald records and shows both itself); the rest is the same (relayd prints
+ * no time stamp: journald and a terminal's user have their own).  On a
  * terminal, a pipe or a file lines stay plain.
  *
  * log_fatal() exits(1) (configuration or start-up problems); log_panic() aborts (bugs).

@@ -220,9 +220,11 @@ static int ctl_socket_live(const char *path)
     memset(&sa, 0, sizeof sa);
     sa.sun_family = AF_UNIX;
     snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
-    if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+    /* Non-blocking: a live daemon with a full backlog answers EAGAIN at once, where a
+     * blocking connect() would hold this start until it accepted. */
+    if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
         return 0;
-    live = connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
+    live = connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EAGAIN;
     close(fd);
     return live;
 }

@@ -7,9 +7,12 @@
  * messages (kept failed_retention for inspection) are older than it: those are stepped
  * over in arrival order.  Everything else is O(number of upstreams).
  */
+#include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "relayd/metrics_http.h"
 #include "relayd/oauth2.h"
@@ -74,6 +77,7 @@ int metrics_healthz(void *arg, char *why, size_t whylen)
     const struct metrics_sources *src = arg;
     struct metrics_health_in in;
     struct spool_stats st;
+    char dirwhy[300];
     int rc;
 
     memset(&in, 0, sizeof in);
@@ -90,6 +94,14 @@ int metrics_healthz(void *arg, char *why, size_t whylen)
     if (!in.spool_fault && spool_room(src->sp, 0) == SPOOL_EFULL) {
         in.spool_fault = 1;
         in.spool_why = "full (spool_max_size or spool_reserve reached)";
+    }
+    /* A spool nobody has written to lately is checked too: a file system remounted
+     * read-only, a directory removed or renamed would otherwise show only at the next
+     * message, which a client would then be refused. */
+    if (!in.spool_fault && access(src->cfg->spool_dir, W_OK) != 0) {
+        snprintf(dirwhy, sizeof dirwhy, "%s: %s", src->cfg->spool_dir, strerror(errno));
+        in.spool_fault = 1;
+        in.spool_why = dirwhy;
     }
     return metrics_health(&in, why, whylen);
 }

@@ -94,6 +94,15 @@ int privdrop_plan(const struct cfg *cfg, int builtin_config, struct privdrop *pd
     return 0;
 }
 
+enum privdrop_chown privdrop_chown_decide(const struct stat *st, uid_t uid)
+{
+    if (st->st_uid == uid)
+        return PRIVDROP_CHOWN_SKIP;
+    if (S_ISREG(st->st_mode) && st->st_nlink > 1)
+        return PRIVDROP_CHOWN_REFUSE;
+    return PRIVDROP_CHOWN_DO;
+}
+
 /* nftw() has no user argument: the owner the spool's files get. */
 static uid_t chown_uid;
 static gid_t chown_gid;
@@ -104,8 +113,16 @@ static int chown_one(const char *path, const struct stat *st, int flag, struct F
 {
     (void)flag;
     (void)ftw;
-    if (st->st_uid == chown_uid && st->st_gid == chown_gid)
+    switch (privdrop_chown_decide(st, chown_uid)) {
+    case PRIVDROP_CHOWN_SKIP:
         return 0;
+    case PRIVDROP_CHOWN_REFUSE:
+        chown_errno = EMLINK;
+        snprintf(chown_path, sizeof chown_path, "%s (a hard link; remove it)", path);
+        return 1;
+    case PRIVDROP_CHOWN_DO:
+        break;
+    }
     /* lchown: a symbolic link in the spool is followed by nobody, least of all root. */
     if (lchown(path, chown_uid, chown_gid) != 0) {
         chown_errno = errno;
@@ -180,11 +197,13 @@ int privdrop_apply(const struct privdrop *pd, const struct cfg *cfg, char *err, 
     }
 
     /* The spool first: LMDB's files, opened by root now, are opened again by relayctl and
-     * by the next start as the run user. */
+     * by the next start as the run user; the control socket, bound by root just before, is
+     * for relayctl run as that user too.  Entries it owns already keep their group (an
+     * operator group set by hand); the walk stays on the spool's file system. */
     chown_uid = pd->uid;
     chown_gid = pd->gid;
     chown_errno = 0;
-    if (nftw(cfg->spool_dir, chown_one, 16, FTW_PHYS) != 0) {
+    if (nftw(cfg->spool_dir, chown_one, 16, FTW_PHYS | FTW_MOUNT) != 0) {
         snprintf(err, errlen, "spool %s: cannot give %s to user %s: %s", cfg->spool_dir,
                  chown_errno != 0 ? chown_path : cfg->spool_dir, pd->user,
                  strerror(chown_errno != 0 ? chown_errno : errno));

@@ -7,8 +7,9 @@
  * privdrop_plan() makes it at start (before anything is opened, so a refusal leaves
  * nothing behind); privdrop_apply() carries it out once the listeners listen and the spool
  * is open, before the loop runs: the spool is chowned to the user (a spool that root
- * created earlier keeps working), then initgroups/setgid/setuid; after setuid from root
- * every capability is gone (no SECBIT_KEEP_CAPS), and setuid(0) must fail or we die.
+ * created earlier keeps working; privdrop_chown_decide() says which entries), then
+ * initgroups/setgid/setuid; after setuid from root every capability is gone (no
+ * SECBIT_KEEP_CAPS), and setuid(0) must fail or we die.
  *
  * Errors: a refusal or a failed drop is the caller's log_fatal() with the text in err;
  * files the run user will not be able to read again (SIGHUP) are warnings naming the exact
@@ -18,6 +19,7 @@
 #define RELAYD_PRIVDROP_H
 
 #include <stddef.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include "config/cfg.h"
@@ -56,6 +58,13 @@ struct privdrop {
 /* Looks the user and group up and decides; -1 with err for REFUSE (the caller exits). */
 int privdrop_plan(const struct cfg *cfg, int builtin_config, struct privdrop *pd, char *err,
                   size_t errlen);
+/* What privdrop_apply() does with one entry of the spool (pure, table-tested): an entry the
+ * run user owns already is left alone (its group too: README's operator group), and so is a
+ * symbolic link's target; a regular file with more than one hard link is refused (a link
+ * planted in the spool to a file elsewhere must not be given away by root); anything else is
+ * chowned to uid:gid. */
+enum privdrop_chown { PRIVDROP_CHOWN_SKIP, PRIVDROP_CHOWN_DO, PRIVDROP_CHOWN_REFUSE };
+enum privdrop_chown privdrop_chown_decide(const struct stat *st, uid_t uid);
 /* Carries the plan out (see above); 0, or -1 with err.  Logs one line saying what it did. */
 int privdrop_apply(const struct privdrop *pd, const struct cfg *cfg, char *err, size_t errlen);
 

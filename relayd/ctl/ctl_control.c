@@ -50,23 +50,39 @@ int ctl_control_request(const char *spool_dir, const char *request, char *reply,
         goto close_fd;
     }
     snprintf(line, sizeof line, "%s\n", request);
-    if (write(fd, line, strlen(line)) != (ssize_t)strlen(line)) {
-        snprintf(err, errlen, "%s: write: %s", sa.sun_path, strerror(errno));
+    /* EINTR: a socket with SO_RCVTIMEO/SO_SNDTIMEO is not restarted after a stop signal
+     * and SIGCONT (Ctrl-Z, fg while a reload runs); try again rather than fail. */
+    while ((n = write(fd, line, strlen(line))) < 0 && errno == EINTR)
+        ;
+    if (n != (ssize_t)strlen(line)) {
+        snprintf(err, errlen, "%s: write: %s", sa.sun_path, n < 0 ? strerror(errno) : "short");
         goto close_fd;
     }
-    while (len + 1 < replylen && (n = read(fd, reply + len, replylen - 1 - len)) > 0) {
+    while (len + 1 < replylen) {
+        n = read(fd, reply + len, replylen - 1 - len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
         len += (size_t)n;
         if (memchr(reply, '\n', len) != NULL)
             break;
     }
     reply[len] = '\0';
     if (n < 0 || len == 0) {
-        snprintf(err, errlen, "%s: %s", sa.sun_path,
-                 n < 0 ? (errno == EAGAIN ? "no reply within 30 s" : strerror(errno))
-                       : "relayd closed the connection without a reply");
+        if (n < 0 && errno == EAGAIN)
+            snprintf(err, errlen, "%s: no reply within %d s", sa.sun_path, CTL_CONTROL_TIMEOUT);
+        else
+            snprintf(err, errlen, "%s: %s", sa.sun_path,
+                     n < 0 ? strerror(errno) : "relayd closed the connection without a reply");
         goto close_fd;
     }
     reply[strcspn(reply, "\r\n")] = '\0';
+    /* The reply goes to the operator's terminal, often root's: no escape sequences from
+     * whatever answers on a socket in a directory the run user owns. */
+    for (char *p = reply; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7F)
+            *p = ' ';
     rc = 0;
 close_fd:
     close(fd);

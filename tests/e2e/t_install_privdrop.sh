@@ -6,7 +6,8 @@
 # before serving, tells $NOTIFY_SOCKET READY=1 / RELOADING=1 / STOPPING=1, and relays a
 # message; a secret it could not read again is named with the chown that fixes it.  As root
 # with user = root or a user that does not exist, and no run_as_root, it refuses to start;
-# with stderr as the journal ($JOURNAL_STREAM) its lines carry <N> priorities.
+# with stderr as the journal ($JOURNAL_STREAM) its lines carry <N> priorities.  A hard link
+# planted in the spool makes a root start refuse; an operator's group on a spool file stays.
 source "$(dirname "$0")/lib.sh"
 
 BUILD=${RELAYD_BUILD_DIR:-$(dirname "$RELAYD_BIN")}
@@ -61,9 +62,9 @@ grep -q 'fatal: started as root, but user relayd-e2e-no-such-user does not exist
 : > "$T/journal.log"
 JOURNAL_STREAM=$(stat -c '%d:%i' "$T/journal.log") "$DEST/usr/sbin/relayd" -c "$T/refuse.conf" \
     2>> "$T/journal.log" && fail "relayd ran as root with a user that does not exist"
-grep -q '^<3>relayd\[[0-9]*\]: fatal: started as root' "$T/journal.log" ||
+grep -q '^<3>fatal: started as root' "$T/journal.log" ||
     { cat "$T/journal.log" >&2; fail "no <3> priority prefix with stderr as the journal"; }
-grep -qv '^<[0-7]>relayd\[' "$T/journal.log" && fail "a line without a priority prefix"
+grep -qv '^<[0-7]>' "$T/journal.log" && fail "a line without a priority prefix"
 
 say "4: started as root, relayd becomes nobody before serving"
 FAKE_PORT=$(free_port)
@@ -132,4 +133,24 @@ stop_relayd
 [ "$RELAYD_EXIT" = 0 ] || fail "relayd exited $RELAYD_EXIT on SIGTERM"
 grep -q '^STOPPING=1' "$T/notify.log" || fail "no STOPPING=1 on SIGTERM"
 grep -qE '^<[0-9]>' "$T/relayd.log" && fail "priority prefixes on a file (no journal)"
+
+say "5: the drop gives away only what the user does not own, and never a hard link"
+# A hard link planted in the spool (by a compromised relayd) to a file root owns elsewhere:
+# root must not chown it at the next start.
+echo secret > "$T/victim" && chmod 600 "$T/victim"
+ln "$T/victim" "$T/spool/planted"
+chgrp users "$T/spool/data.mdb" # an operator group (README, relayctl Permissions)
+if "$RELAYD_BIN" -c "$T/relayd.conf" > "$T/hardlink.log" 2>&1; then
+    fail "relayd started with a hard link in its spool"
+fi
+grep -q 'fatal: spool .*planted (a hard link; remove it)' "$T/hardlink.log" ||
+    { cat "$T/hardlink.log" >&2; fail "no clear refusal naming the hard link"; }
+[ "$(stat -c %U "$T/victim")" = root ] || fail "root gave the hard-linked file to $(stat -c %U "$T/victim")"
+rm -f "$T/spool/planted"
+start_relayd "$T/relayd.conf"
+for ((i = 0; i < 150; i++)); do grep -q ': started: ' "$T/relayd.log" && break; sleep 0.1; done
+grep -q 'privileges dropped: user=nobody' "$T/relayd.log" || fail "relayd did not drop again"
+stop_relayd
+[ "$(stat -c %G "$T/spool/data.mdb")" = users ] ||
+    fail "the drop reset data.mdb's group to $(stat -c %G "$T/spool/data.mdb")"
 pass

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # t_metrics (issue #11 item 5): /metrics counts known mail exactly (3 delivered, 1 bounced
 # by the upstream, 1 refused inbound) and passes promtool; /healthz is 200 "ok", 503 while
-# drained and 503 naming an unhealthy upstream; a client outside metrics_allow gets 403;
-# other paths 404, other methods 405.
+# drained, 503 naming an unhealthy upstream and 503 when the spool directory is gone; a
+# client outside metrics_allow gets 403; other paths 404, other methods 405.
 source "$(dirname "$0")/lib.sh"
 
 UP=$(free_port)
@@ -96,4 +96,11 @@ expect_metric 'relayd_smtpd_rejected_total{listener="lan",reason="draining"}' 1
 expect_metric 'relayd_smtpd_sessions' 0
 expect_metric 'relayd_tls_failures_total{direction="outbound",peer="strict",reason="config"}' 1
 say "healthz: ok, draining, unhealthy upstream as expected"
+
+# A spool directory that is gone (or read-only) fails /healthz before any mail finds out.
+mv "$T/spool" "$T/spool.away"
+code=$(healthz)
+mv "$T/spool.away" "$T/spool"
+[ "$code" = 503 ] && grep -q "^spool unwritable: $T/spool: No such file or directory" "$T/health.txt" ||
+    fail "/healthz without its spool directory: $code $(cat "$T/health.txt")"
 pass

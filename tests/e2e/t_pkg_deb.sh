@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # t_pkg_deb: contrib/package.sh builds the .deb from this build tree; dpkg -i installs it
 # (binaries, unit, man pages, /etc/relayd/relayd.conf 0640 root:relayd as a conffile,
-# /etc/relayd 0750 root:relayd, /var/spool/relayd 0700 relayd:relayd, the relayd system
-# user) with Depends from dpkg-shlibdeps, and the installed unit passes systemd-analyze
-# verify.  The installed relayd, started as root, drops to relayd and holds a message in
+# /etc/relayd 0750 root:relayd, /var/spool/relayd 0700 relayd:relayd, /var/lib/relayd 0750
+# relayd:relayd, the relayd system user) with Depends from dpkg-shlibdeps, and the installed unit passes systemd-analyze
+# verify.  dpkg -i over the installed package (the upgrade path) keeps an edited conffile,
+# the modes and the spool.  The installed relayd, started as root, drops to relayd and holds a message in
 # /var/spool/relayd.  dpkg --purge keeps a spool that holds mail (and says so) and removes
-# one whose queue is empty; the relayd user stays, as Debian keeps system users.
+# one whose queue is empty, and removes /var/lib/relayd (refresh tokens); the relayd user stays, as Debian keeps system users.
 # It changes the system (a package, a user): serialized with the other such tests by
 # /tmp/relayd-system-tests.lock, skipped when relayd is installed already, and everything
 # it created is removed on exit.  Sanitizer builds are not packaged: skipped there.
@@ -25,6 +26,7 @@ if dpkg-query -W -f='${Status}' relayd 2> /dev/null | grep -q 'installed'; then
 fi
 [ -e /etc/relayd ] && skip "/etc/relayd exists (a source install?); not touching it"
 [ -e /var/spool/relayd ] && skip "/var/spool/relayd exists; not touching it"
+[ -e /var/lib/relayd ] && skip "/var/lib/relayd exists; not touching it"
 USER_EXISTED=0
 getent passwd relayd > /dev/null && USER_EXISTED=1
 
@@ -34,7 +36,7 @@ pkg_cleanup() {
     if dpkg-query -W -f='${Status}' relayd 2> /dev/null | grep -q 'installed\|config-files'; then
         dpkg --purge relayd > "$T/cleanup-purge.log" 2>&1
     fi
-    rm -rf /var/spool/relayd /etc/relayd
+    rm -rf /var/spool/relayd /etc/relayd /var/lib/relayd
     if [ "$USER_EXISTED" = 0 ] && getent passwd relayd > /dev/null; then
         userdel relayd 2> /dev/null
         getent group relayd > /dev/null && groupdel relayd 2> /dev/null
@@ -81,6 +83,7 @@ want_mode() {
     [ "$got" = "$2" ] || fail "$1 is $got, want $2"
 }
 want_mode /var/spool/relayd "700 relayd:relayd"
+want_mode /var/lib/relayd "750 relayd:relayd"
 want_mode /etc/relayd "750 root:relayd"
 want_mode /etc/relayd/relayd.conf "640 root:relayd"
 want_mode /usr/sbin/relayd "755 root:root"
@@ -88,6 +91,15 @@ systemd-analyze verify /usr/lib/systemd/system/relayd.service > "$T/verify.log" 
     { cat "$T/verify.log" >&2; fail "systemd-analyze verify of the installed unit failed"; }
 /usr/sbin/relayd --check -c /etc/relayd/relayd.conf > /dev/null 2>&1 &&
     say "   note: the example configuration passes --check as shipped"
+
+say "2b: dpkg -i again (the upgrade path) keeps an edited conffile and the modes"
+echo "# e2e: an administrator's edit" >> /etc/relayd/relayd.conf
+dpkg -i "$deb" > "$T/dpkg-i-again.log" 2>&1 ||
+    { cat "$T/dpkg-i-again.log" >&2; fail "dpkg -i over the installed package failed"; }
+grep -q '^# e2e: an administrator' /etc/relayd/relayd.conf || fail "reinstall lost the conffile edit"
+want_mode /etc/relayd/relayd.conf "640 root:relayd"
+want_mode /var/spool/relayd "700 relayd:relayd"
+want_mode /var/lib/relayd "750 relayd:relayd"
 
 say "3: the installed relayd as root drops to relayd and holds a message"
 RELAYD_PORT=$(free_port)
@@ -123,6 +135,8 @@ grep -q 'relayd: /var/spool/relayd kept: it holds queued mail' "$T/purge1.log" |
 [ -f /var/spool/relayd/data.mdb ] || fail "purge deleted a spool holding mail"
 [ -e /usr/sbin/relayd ] && fail "/usr/sbin/relayd still there after purge"
 [ -e /etc/relayd ] && fail "/etc/relayd still there after purge"
+[ -e /var/lib/relayd ] && fail "/var/lib/relayd (refresh tokens) still there after purge"
+[ -e /etc/systemd/system/relayd.service ] && fail "purge left the unit masked"
 getent passwd relayd > /dev/null || fail "purge removed the relayd user (Debian keeps it)"
 
 say "5: reinstall, delete the message, dpkg --purge removes the empty spool"

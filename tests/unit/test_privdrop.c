@@ -4,6 +4,7 @@
 #include <criterion/new/assert.h>
 
 #include <string.h>
+#include <sys/stat.h>
 
 #include "relayd/privdrop.h"
 
@@ -57,5 +58,36 @@ Test(privdrop, decide)
         if (cases[i].want_why != NULL)
             cr_expect(strstr(why, cases[i].want_why) != NULL, "%s: why \"%s\" lacks \"%s\"",
                       cases[i].label, why, cases[i].want_why);
+    }
+}
+
+/* Which spool entries root gives to the run user (uid 105) before the drop. */
+Test(privdrop, chown_decide)
+{
+    static const struct {
+        const char *label;
+        uid_t uid;
+        mode_t mode;
+        nlink_t nlink;
+        enum privdrop_chown want;
+    } cases[] = {
+        {"root's data.mdb", 0, S_IFREG | 0600, 1, PRIVDROP_CHOWN_DO},
+        {"root's spool directory", 0, S_IFDIR | 0700, 2, PRIVDROP_CHOWN_DO},
+        {"root's control socket", 0, S_IFSOCK | 0600, 1, PRIVDROP_CHOWN_DO},
+        {"another user's file", 1000, S_IFREG | 0600, 1, PRIVDROP_CHOWN_DO},
+        {"the run user's file (group kept)", 105, S_IFREG | 0640, 1, PRIVDROP_CHOWN_SKIP},
+        {"the run user's hard link", 105, S_IFREG | 0600, 2, PRIVDROP_CHOWN_SKIP},
+        {"a hard link to root's file", 0, S_IFREG | 0640, 2, PRIVDROP_CHOWN_REFUSE},
+        {"a symbolic link (lchown)", 0, S_IFLNK | 0777, 1, PRIVDROP_CHOWN_DO},
+    };
+
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct stat st;
+
+        memset(&st, 0, sizeof st);
+        st.st_uid = cases[i].uid;
+        st.st_mode = cases[i].mode;
+        st.st_nlink = cases[i].nlink;
+        cr_expect(privdrop_chown_decide(&st, 105) == cases[i].want, "%s", cases[i].label);
     }
 }
