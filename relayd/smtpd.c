@@ -405,11 +405,17 @@ void smtpd__session_close(struct smtpd_session *s, const char *why)
     if (s->state == SMTPD_S_CLOSING)
         return;
     smtpd_uncork(s); /* a last reply (221, 421) goes out before the close */
-    if (strcmp(s->peer, "unknown") != 0)
+    if (strcmp(s->peer, "unknown") != 0 && !(s->flags & SMTPD_F_PROBE))
         smtpd_device_note(s, NULL, NULL, (uint32_t)s->counts.ok[SMTPD_V_DATA]);
-    /* Postfix style: every command the client gave, "ok/total" where some failed. */
-    log_info("disconnect from %s session=%llu%s (%s)", s->peer, (unsigned long long)s->id,
-             smtpd_policy_summary(&s->counts, summary, sizeof(summary)), why);
+    /* Postfix style: every command the client gave, "ok/total" where some failed.  A load
+     * balancer's health check (every few seconds) is not an event worth a line. */
+    smtpd_policy_summary(&s->counts, summary, sizeof(summary));
+    if (s->flags & SMTPD_F_PROBE)
+        log_debug(1, "disconnect from %s session=%llu%s (%s) (PROXY LOCAL: health check)",
+                  s->peer, (unsigned long long)s->id, summary, why);
+    else
+        log_info("disconnect from %s session=%llu%s (%s)", s->peer, (unsigned long long)s->id,
+                 summary, why);
     smtpd__enter_state(s, SMTPD_S_CLOSING);
     smtpd_uncount(s);
     /* A transaction in COMMIT_WAIT belongs to the spool writer now; see smtpd_commit_done (smtpd_data.c). */
@@ -720,8 +726,12 @@ static int smtpd_admit(struct smtpd_session *s)
     s->bare_lf = smtpd_policy_bare_lf_mode(
         lc->bare_lf_mode, lc->bare_lf_accept.n > 0 &&
                               netaddr_list_match(&lc->bare_lf_accept, (struct sockaddr *)&s->addr));
-    log_info("connect from %s listener=%s session=%llu%s", s->peer, lc->name,
-             (unsigned long long)s->id, s->debug ? " debug=yes" : "");
+    if (s->flags & SMTPD_F_PROBE)
+        log_debug(1, "connect from %s listener=%s session=%llu (PROXY LOCAL: health check)",
+                  s->peer, lc->name, (unsigned long long)s->id);
+    else
+        log_info("connect from %s listener=%s session=%llu%s", s->peer, lc->name,
+                 (unsigned long long)s->id, s->debug ? " debug=yes" : "");
     return 0;
 refused:
     s->flags |= SMTPD_F_GREETED;
@@ -794,7 +804,9 @@ static void smtpd_proxy_input(struct smtpd_session *s)
         return;
     }
     buf_consume(in, (size_t)rc);
-    if (!res.local) {
+    if (res.local) {
+        s->flags |= SMTPD_F_PROBE; /* HAProxy's check-send-proxy: no client behind it */
+    } else {
         char proxy[64];
 
         snprintf(proxy, sizeof(proxy), "%s", s->peer);

@@ -51,6 +51,7 @@ enum smtpd_state {
 #define SMTPD_F_GREETED 0x20  /* the 220 (or a reject) was sent */
 #define SMTPD_F_COUNTED 0x40  /* counted in srv->nsessions */
 #define SMTPD_F_MASK 0x80     /* after a refused or aborted AUTH: unknown lines are masked */
+#define SMTPD_F_PROBE 0x100   /* PROXY LOCAL: the load balancer's own health check */
 
 struct smtpd_tx {
     char *sender;

@@ -170,6 +170,11 @@ node_ctl 1 resume > /dev/null || fail "relayctl resume failed"
 haproxy_says 'relay1 is UP' || fail "haproxy did not bring the resumed relayd back"
 say "3: drained relayd 1 left haproxy, relayd 2 took 5 messages, resume brought relayd 1 back"
 
+# HAProxy's health checks (PROXY v2 LOCAL, every 2 s) are not devices and log no lines.
+node_ctl 1 devices > "$T/devices1.out" 2>&1 || fail "relayctl devices failed"
+grep -q 'haproxy.local' "$T/devices1.out" && fail "a health check was recorded as a device"
+grep -q 'helo=haproxy.local' "$T"/relayd1.log* && fail "a health check was logged as a session"
+
 kill -TERM "$HAPROXY_PID"
 wait_pid_gone "$HAPROXY_PID" 10 || fail "haproxy did not stop"
 stop_node 1
