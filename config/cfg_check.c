@@ -451,8 +451,16 @@ static void check_upstream_api(struct cfg_parse *p, const struct cfg_sec *s)
         u->api_url = xstrdup(graph ? CFG_GRAPH_URL : CFG_GMAIL_URL);
     if (https_url_ok(p, s, "api_url", u->api_url) != 0)
         return;
-    if (u->host == NULL)
-        u->host = xstrdup(u->api_url + 8);
+    /* host and port for the logs (relay=NAME[host]:port): the API's. */
+    if (u->host == NULL) {
+        const char *h = u->api_url + 8, *colon;
+        size_t n = strcspn(h, "/?#");
+
+        colon = memchr(h, ':', n);
+        u->host = xasprintf("%.*s", (int)(colon != NULL ? (size_t)(colon - h) : n), h);
+        if (s->seen[cfg__key_index(s->def, "port")] == 0)
+            u->port = colon != NULL ? atoi(colon + 1) : 443;
+    }
     check_upstream_oauth2(p, s);
 }
 

@@ -128,6 +128,17 @@ void upstream_throttle(struct upstream *u, uint64_t now_ms)
              u->cfg->name, (unsigned long long)(pause / 1000));
 }
 
+void upstream_pause_for(struct upstream *u, uint64_t ms, uint64_t now_ms)
+{
+    if (ms < 1000)
+        ms = 1000;
+    if (u->paused_until >= now_ms + ms)
+        return;
+    u->paused_until = now_ms + ms;
+    log_warn("upstream %s: pausing all deliveries to it for %llus (Retry-After)", u->cfg->name,
+             (unsigned long long)(ms / 1000));
+}
+
 int upstream_session_failed(struct upstream *u, int cohort, uint64_t first_ms, uint64_t max_ms,
                             uint64_t now_ms)
 {
