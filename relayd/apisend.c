@@ -310,9 +310,8 @@ static void as_finish(struct apisend *a, enum verdict_cause cause, enum verdict_
         r.nrcpts = n;
     }
     if (a->msg != NULL)
-        log_info("%012llX: upstream %s: %s %s as %s (mailbox %s): %s%s%s%s",
-                 (unsigned long long)a->msg->id, a->up->name, as_api(a), a->call, a->mailbox,
-                 a->how, r.reply, a->note[0] != '\0' ? " (" : "", a->note,
+        log_info("%012llX: upstream %s: %s (mailbox %s)%s%s%s", (unsigned long long)a->msg->id,
+                 a->up->name, r.reply, a->how, a->note[0] != '\0' ? " (" : "", a->note,
                  a->note[0] != '\0' ? ")" : "");
     a->msg = NULL;
     a->done = NULL;

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# t_api_graph: transport = graph.  relayctl test-upstream takes a token and reads the mailbox;
+# a legacy device's message (TNCS style: HELO, no Date, no Message-ID) goes out through
+# Graph sendMail as base64 MIME with relayd's repairs, under the bearer token the token
+# endpoint issued; a recipient only in the envelope is added as Bcc for the API call only,
+# and the rest of the message is byte for byte what SMTP would have carried.
+source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/oauth2_lib.sh"
+source "$(dirname "$0")/api_lib.sh"
+
+start_token_server
+start_api
+CONF=$T/relayd.conf
+write_api_conf "$CONF" graph "mailbox = fax@contoso.example"
+
+say "--check: graph upstream"
+"$RELAYD_BIN" -c "$CONF" --check > "$T/check.out" 2>&1 || { cat "$T/check.out"; fail "--check failed"; }
+grep -qx 'transport = graph' "$T/check.out" || fail "transport not shown"
+
+say "relayctl test-upstream: token, then the mailbox"
+timeout 60 "$RELAYCTL_BIN" -c "$CONF" test-upstream provider > "$T/probe.out" 2>&1 ||
+    { cat "$T/probe.out"; fail "test-upstream failed"; }
+cat "$T/probe.out"
+grep -q '^\[ ok \] token (client_credentials): ok' "$T/probe.out" || fail "no token step"
+grep -q '^\[ ok \] GET fax@contoso.example: HTTP 200' "$T/probe.out" || fail "no mailbox step"
+grep -q '^verdict: upstream provider works: Microsoft Graph API' "$T/probe.out" || fail "no verdict"
+
+start_relayd "$CONF"
+say "1: TNCS-style message through Graph sendMail"
+{ tncs_prelude; cat <<'S'; } | smtp_dialogue || fail "TNCS dialogue failed"
+> To: user@example.net
+> From: alarm@example.net
+> Subject: TNCS alarm 0042
+>
+> ALARM 0042 zone 3 door open
+> .
+<~ ^250 2\.0\.0 Ok: queued as [0-9A-F]+$
+> QUIT
+< 221
+eof 5
+S
+wait_for_api 1 30 || { cat "$T/relayd.log"; fail "not delivered through Graph"; }
+[ "$(api_json 1 api)" = graph-sendmail ] || fail "not sendMail"
+[ "$(api_json 1 mailbox)" = fax@contoso.example ] || fail "wrong mailbox: $(api_json 1 mailbox)"
+[ "$(api_json 1 recipients)" = user@example.net ] || fail "recipients: $(api_json 1 recipients)"
+grep -q '^Date: ' "$API_DIR/0001.eml" || fail "no Date: added"
+grep -q '^Message-ID: <' "$API_DIR/0001.eml" || fail "no Message-ID: added"
+grep -q '^Bcc:' "$API_DIR/0001.eml" && fail "a Bcc: for a recipient already in To:"
+grep -q 'ALARM 0042 zone 3 door open' "$API_DIR/0001.eml" || fail "body lost"
+grep -qE 'upstream provider: graph sendMail as fax@contoso.example: HTTP 202 \(mailbox fixed\)' \
+    "$T/relayd.log" || fail "no delivery log line"
+grep -qE 'to=<user@example.net> relay=provider.*status=sent' "$T/relayd.log" || fail "not logged as sent"
+
+say "2: an envelope-only recipient gets a Bcc: in the API's copy only"
+make_message "$T/m2.eml" "graph bcc"
+relay_send "$T/m2.eml" user@example.com,hidden@example.org || fail "not accepted"
+wait_for_api 2 30 || fail "second message not delivered"
+[ "$(api_json 2 bcc)" = hidden@example.org ] || fail "bcc: $(api_json 2 bcc)"
+[ "$(api_json 2 recipients)" = "user@example.com hidden@example.org" ] ||
+    fail "recipients: $(api_json 2 recipients)"
+head -n 1 "$API_DIR/0002.eml" | grep -q '^Bcc: hidden@example.org' || fail "Bcc: not first"
+body_of "$API_DIR/0002.eml" > "$T/got2.body"
+cmp "$T/got2.body" "$T/m2.eml.body" || fail "the body changed on the way"
+grep -qF '(bcc +1)' "$T/relayd.log" || fail "the log does not note the added Bcc"
+assert_no_token_in_logs
+pass
