@@ -170,6 +170,8 @@ def main():
     ARGS = ap.parse_args()
     os.makedirs(ARGS.state_dir, exist_ok=True)
     FAULTS.extend(parse_fault(s) for s in ARGS.fault)
+    # A restart (new faults) goes on numbering after the messages already recorded.
+    SEQ[0] = len([f for f in os.listdir(ARGS.state_dir) if f.endswith(".eml")])
     srv = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
     srv.daemon_threads = True
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -7,7 +7,8 @@ API_PORT=
 API_PID=
 API_DIR=$T/api
 
-# start_api [--fault SPEC]...: (re)starts the emulation with the given faults.
+# start_api [--fault SPEC]...: (re)starts the emulation with the given faults; requests.log
+# starts empty, message numbers go on.
 start_api() {
     make_ca
     if [ -n "$API_PID" ]; then
@@ -15,6 +16,7 @@ start_api() {
         wait_for_port_closed "$API_PORT" 10 || fail "API emulation still listening"
     fi
     mkdir -p "$API_DIR"
+    : > "$API_DIR/requests.log" # the requests of this run only
     API_PORT=${API_PORT:-$(free_port)}
     "$PY" "$E2E_SRC/tests/e2e/api_fake.py" --port "$API_PORT" --cert "$T/ca/server.pem" \
         --key "$T/ca/server.key" --state-dir "$API_DIR" --tokens-file "$OA_STATE/tokens" "$@" \

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# t_api_gmail: transport = gmail.  A small message goes as {"raw": base64url} to
+# messages/send, a 6 MB scan through the media upload endpoint (message/rfc822), each
+# byte-identical apart from the Bcc: relayd adds for an envelope-only recipient.
+source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/oauth2_lib.sh"
+source "$(dirname "$0")/api_lib.sh"
+
+start_token_server
+start_api
+CONF=$T/relayd.conf
+write_api_conf "$CONF" gmail
+
+say "relayctl test-upstream"
+timeout 60 "$RELAYCTL_BIN" -c "$CONF" test-upstream provider > "$T/probe.out" 2>&1 ||
+    { cat "$T/probe.out"; fail "test-upstream failed"; }
+grep -q '^verdict: upstream provider works: Gmail API' "$T/probe.out" || { cat "$T/probe.out"; fail "no verdict"; }
+
+start_relayd "$CONF"
+say "1: raw"
+make_message "$T/m1.eml" "gmail raw"
+relay_send "$T/m1.eml" user@example.com || fail "not accepted"
+wait_for_api 1 30 || { cat "$T/relayd.log"; fail "not delivered"; }
+[ "$(api_json 1 api)" = gmail-raw ] || fail "not raw: $(api_json 1 api)"
+[ "$(api_json 1 mailbox)" = "$MAILBOX" ] || fail "mailbox: $(api_json 1 mailbox)"
+body_of "$API_DIR/0001.eml" > "$T/got1.body"
+cmp "$T/got1.body" "$T/m1.eml.body" || fail "raw body changed"
+grep -qE "upstream provider: gmail raw as $MAILBOX: HTTP 200 \(mailbox fixed\)" "$T/relayd.log" ||
+    fail "no raw log line"
+
+say "2: a 6 MB scan through the media upload"
+python3 - "$T/m2.eml" <<'PY'
+import base64, os, sys
+pdf = b"%PDF-1.4\n" + os.urandom(4_500_000)
+b64 = base64.encodebytes(pdf).decode().replace("\n", "\r\n")
+msg = ("From: <scanner@lan.test>\r\nTo: <user@example.com>\r\nSubject: gmail media\r\n"
+       "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+       "--b1\r\nContent-Type: text/plain\r\n\r\nscan attached\r\n"
+       "--b1\r\nContent-Type: application/pdf; name=\"scan.pdf\"\r\n"
+       "Content-Transfer-Encoding: base64\r\n"
+       "Content-Disposition: attachment; filename=\"scan.pdf\"\r\n\r\n" + b64 + "--b1--")
+open(sys.argv[1], "w", newline="").write(msg)
+PY
+relay_send "$T/m2.eml" user@example.com,archive@example.org || fail "large message not accepted"
+wait_for_api 2 60 || { cat "$T/relayd.log"; fail "large message not delivered"; }
+[ "$(api_json 2 api)" = gmail-upload ] || fail "not media upload: $(api_json 2 api)"
+[ "$(api_json 2 bcc)" = archive@example.org ] || fail "bcc: $(api_json 2 bcc)"
+python3 - "$API_DIR/0002.eml" "$T/m2.eml" <<'PY' || fail "the scan changed on the way"
+import sys
+got = open(sys.argv[1], "rb").read()
+want = open(sys.argv[2], "rb").read()
+i, j = got.find(b"\r\n\r\n"), want.find(b"\r\n\r\n")
+sys.exit(0 if got[i:] == want[j:] + b"\r\n" or got[i:] == want[j:] else 1)
+PY
+grep -qE "gmail media as $MAILBOX: HTTP 200 \(mailbox fixed\) \(bcc \+1\)" "$T/relayd.log" ||
+    fail "no media log line"
+assert_no_token_in_logs
+pass
