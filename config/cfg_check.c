@@ -430,7 +430,8 @@ static void check_upstream_api(struct cfg_parse *p, const struct cfg_sec *s)
     if (u->username == NULL)
         u->username =
             xstrdup(u->mailbox != NULL && strchr(u->mailbox, '@') != NULL ? u->mailbox : "-");
-    if (u->grant == CFG_GRANT_JWT_BEARER &&
+    if ((u->grant == CFG_GRANT_JWT_BEARER ||
+         (u->grant == CFG_GRANT_NONE && u->service_account_file != NULL)) &&
         (u->mailbox_map_file != NULL ||
          (u->mailbox != NULL && strcmp(u->mailbox, u->username) != 0))) {
         cfg__perr(p, key_line(s, "mailbox"), s, "mailbox",
