@@ -20,6 +20,7 @@
 #include "common/buf.h"
 #include "common/log.h"
 #include "common/xalloc.h"
+#include "relayd/apimime.h"
 #include "relayd/http.h"
 #include "relayd/oauth2.h"
 #include "relayd/verdict.h"
@@ -88,41 +89,6 @@ static void as_enter(struct apisend *a, enum as_state st)
 
 /* ---- pure pieces ---- */
 
-char *apisend_base64(const void *in, size_t len, int url, size_t *outlen)
-{
-    static const char std[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    static const char urls[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    const char *al = url ? urls : std;
-    const unsigned char *p = in;
-    char *out = xmalloc(len / 3 * 4 + 5), *o = out;
-    size_t i;
-
-    for (i = 0; i + 2 < len; i += 3) {
-        *o++ = al[p[i] >> 2];
-        *o++ = al[((p[i] & 3) << 4) | (p[i + 1] >> 4)];
-        *o++ = al[((p[i + 1] & 15) << 2) | (p[i + 2] >> 6)];
-        *o++ = al[p[i + 2] & 63];
-    }
-    if (len - i == 1) {
-        *o++ = al[p[i] >> 2];
-        *o++ = al[(p[i] & 3) << 4];
-        if (!url) {
-            *o++ = '=';
-            *o++ = '=';
-        }
-    } else if (len - i == 2) {
-        *o++ = al[p[i] >> 2];
-        *o++ = al[((p[i] & 3) << 4) | (p[i + 1] >> 4)];
-        *o++ = al[(p[i + 1] & 15) << 2];
-        if (!url)
-            *o++ = '=';
-    }
-    *o = '\0';
-    if (outlen != NULL)
-        *outlen = (size_t)(o - out);
-    return out;
-}
-
 int apisend_mailbox(const struct cfg_upstream *up, const char *sender, char *out, size_t outlen,
                     const char **how)
 {
@@ -170,8 +136,10 @@ static int has_addr(const char *hay, const char *addr)
     return 0;
 }
 
-void apisend_prepare(const char *msg, size_t len, const char *const *rcpts, size_t nrcpts,
-                     char **out, size_t *outlen, char *note, size_t notelen)
+/* The fallback when apimime cannot read the message: envelope-only recipients as Bcc: in
+ * front, nothing left out. */
+static void prepare_bcc_only(const char *msg, size_t len, const char *const *rcpts, size_t nrcpts,
+                             char **out, size_t *outlen, char *note, size_t notelen)
 {
     struct buf *hay = buf_new(len + 1), *bcc = buf_new(len + 64 * nrcpts + 64);
     size_t i = 0, nadd = 0;
@@ -222,6 +190,18 @@ void apisend_prepare(const char *msg, size_t len, const char *const *rcpts, size
     (*out)[*outlen] = '\0';
     buf_free(hay);
     buf_free(bcc);
+}
+
+void apisend_prepare(const char *msg, size_t len, const char *const *rcpts, size_t nrcpts,
+                     char **out, size_t *outlen, char *note, size_t notelen)
+{
+    char err[200], bnote[64];
+
+    if (apimime_for_api(msg, len, rcpts, nrcpts, out, outlen, note, notelen, err, sizeof err) == 0)
+        return;
+    prepare_bcc_only(msg, len, rcpts, nrcpts, out, outlen, bnote, sizeof bnote);
+    snprintf(note, notelen, "%s%sheader recipients not filtered: %s", bnote,
+             bnote[0] != '\0' ? ", " : "", err);
 }
 
 /* The first string value of "key" in body (escapes kept as the next character); 1 if found. */
@@ -441,7 +421,7 @@ static void as_request(struct apisend *a, const char *token)
                         a->note, sizeof a->note);
         if (graph) {
             a->call = "sendMail";
-            a->body = apisend_base64(copy, copylen, 0, &a->bodylen);
+            a->body = apimime_base64(copy, copylen, &a->bodylen);
             if (a->bodylen > (size_t)APISEND_GRAPH_MAX) {
                 free(copy);
                 free(m);
@@ -454,7 +434,7 @@ static void as_request(struct apisend *a, const char *token)
             a->url = xasprintf("%s/v1.0/users/%s/sendMail", a->up->api_url, m);
             hdrs[2] = "Content-Type: text/plain";
         } else if (copylen <= (size_t)APISEND_GMAIL_RAW_MAX) {
-            char *b64 = apisend_base64(copy, copylen, 1, &b64len);
+            char *b64 = apimime_base64url(copy, copylen, &b64len);
 
             a->call = "raw";
             a->body = xasprintf("{\"raw\":\"%s\"}", b64);

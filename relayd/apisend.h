@@ -15,8 +15,9 @@
  *                           not read the mailbox (relayd needs Mail.Send / gmail.send only)
  *
  * Envelope semantics: Graph and Gmail deliver to the addresses in To/Cc/Bcc, not to an
- * envelope.  Envelope recipients not named there are added in a Bcc: header of the API's
- * copy only (apisend_prepare()).
+ * envelope.  The API's copy (apimime_for_api(), relayd/apimime.h) names exactly the envelope
+ * recipients: envelope-only ones in a Bcc: header, header recipients outside the envelope
+ * left out.
  *
  * Every answer goes through verdict_http() (relayd/verdict.h): 401/403 are CONFIG
  * (config_fault: the upstream turns unhealthy, the action says what to grant), 429/503/504
@@ -72,8 +73,10 @@ long apisend_retry_after(const struct apisend *a);
  * "fixed".  0, or -1 when there is none (the null sender with mailbox = sender). */
 int apisend_mailbox(const struct cfg_upstream *up, const char *sender, char *out, size_t outlen,
                     const char **how);
-/* The API's copy of msg: envelope recipients not named in To:, Cc: or Bcc: are added in a
- * Bcc: header in front (malloc'd into *out).  note says so for the log ("bcc +2", or ""). */
+/* The API's copy of msg (malloc'd into *out): apimime_for_api() (relayd/apimime.h:
+ * envelope-only recipients added in Bcc:, header recipients outside the envelope left out),
+ * or, for a message apimime cannot read, the envelope-only recipients in a Bcc: in front and
+ * nothing left out.  note says what changed for the log ("bcc +2", or ""). */
 void apisend_prepare(const char *msg, size_t len, const char *const *rcpts, size_t nrcpts,
                      char **out, size_t *outlen, char *note, size_t notelen);
 /* The provider's error code and message from an error answer: Graph's
@@ -82,7 +85,5 @@ void apisend_prepare(const char *msg, size_t len, const char *const *rcpts, size
  * becomes the reason, else the status).  Empty strings when absent. */
 void apisend_error_parse(const char *body, size_t len, char *code, size_t codelen, char *msg,
                          size_t msglen);
-/* RFC 4648 base64 (url: the URL alphabet without padding); malloc'd, NUL-terminated. */
-char *apisend_base64(const void *in, size_t len, int url, size_t *outlen);
 
 #endif

@@ -1,14 +1,13 @@
 # tests/e2e/api_lib.sh - helpers for the HTTP API transport tests (t_api_*.sh); source it
-# after lib.sh and oauth2_lib.sh.  Runs the API emulation (api_fake.py) on API_PORT (kept
-# across restarts), its bearer check tied to the tokens oauth2_server.py issued; stopped by
-# pid.
+# after lib.sh and oauth2_lib.sh.  Runs the API emulation (api_server.py) on API_PORT (kept
+# across restarts); stopped by pid.
 
 API_PORT=
 API_PID=
 API_DIR=$T/api
 
-# start_api [--fault SPEC]...: (re)starts the emulation with the given faults; requests.log
-# starts empty, message numbers go on.
+# start_api [--token T] [--fault SPEC]...: (re)starts the emulation with the given options;
+# requests.log starts empty, message numbers go on.
 start_api() {
     make_ca
     if [ -n "$API_PID" ]; then
@@ -18,18 +17,17 @@ start_api() {
     mkdir -p "$API_DIR"
     : > "$API_DIR/requests.log" # the requests of this run only
     API_PORT=${API_PORT:-$(free_port)}
-    "$PY" "$E2E_SRC/tests/e2e/api_fake.py" --port "$API_PORT" --cert "$T/ca/server.pem" \
-        --key "$T/ca/server.key" --state-dir "$API_DIR" --tokens-file "$OA_STATE/tokens" "$@" \
-        >> "$T/api_fake.log" 2>&1 &
+    "$PY" "$E2E_SRC/tests/e2e/api_server.py" --port "$API_PORT" --cert "$T/ca/server.pem" \
+        --key "$T/ca/server.key" --state-dir "$API_DIR" "$@" >> "$T/api_server.log" 2>&1 &
     API_PID=$!
     E2E_PIDS+=("$API_PID")
-    wait_for_port "$API_PORT" 15 || { cat "$T/api_fake.log" >&2; fail "API emulation did not start"; }
+    wait_for_port "$API_PORT" 15 || { cat "$T/api_server.log" >&2; fail "API emulation did not start"; }
     say "API emulation on https://127.0.0.1:$API_PORT (pid $API_PID${*:+, $*})"
 }
 
 # write_api_conf FILE TRANSPORT [LINES]: relayd with [upstream provider] on the API emulation,
-# app-only token from oauth2_server.py (its client-credentials grant wants the Exchange scope:
-# the emulation accepts whatever token it issued).
+# app-only token from oauth2_server.py (its client-credentials grant wants the Exchange scope;
+# the emulation, started without --token, takes any bearer token).
 write_api_conf() {
     mkdir -p "$T/secrets" && chmod 0700 "$T/secrets"
     secret "$T/secrets/client_secret" "$OA_CLIENT_SECRET"
@@ -46,8 +44,8 @@ api_url = https://127.0.0.1:$API_PORT
 ${3:-}"
 }
 
-# api_count: messages the emulation recorded.
-api_count() { ls "$API_DIR" 2>/dev/null | grep -c '^[0-9]*\.eml$' || true; }
+# api_count: messages the emulation recorded (NNNN.json is written last).
+api_count() { ls "$API_DIR" 2>/dev/null | grep -c '^[0-9]*\.json$' || true; }
 
 # wait_for_api N SECONDS
 wait_for_api() {

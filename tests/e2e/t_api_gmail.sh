@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# t_api_gmail: transport = gmail.  A small message goes as {"raw": base64url} to
-# messages/send, a 6 MB scan through the media upload endpoint (message/rfc822), each
-# byte-identical apart from the Bcc: relayd adds for an envelope-only recipient.
+# t_api_gmail: transport = gmail, the token from oauth2_token_command (the emulation checks
+# that exact bearer token).  A small message goes as {"raw": base64url} to messages/send, a
+# 6 MB scan through the media upload endpoint (message/rfc822), each byte-identical apart
+# from the Bcc: relayd adds for an envelope-only recipient.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/oauth2_lib.sh"
 source "$(dirname "$0")/api_lib.sh"
 
-start_token_server
-start_api
+TOKEN=ya29.e2e-gmail-token
+start_api --token "$TOKEN"
 CONF=$T/relayd.conf
-write_api_conf "$CONF" gmail
+write_oauth2_conf "$CONF" "auth = xoauth2
+oauth2_token_command = printf '%s\\n' $TOKEN
+transport = gmail
+api_url = https://127.0.0.1:$API_PORT"
 
 say "relayctl test-upstream"
 timeout 60 "$RELAYCTL_BIN" -c "$CONF" test-upstream provider > "$T/probe.out" 2>&1 ||
@@ -25,6 +29,8 @@ wait_for_api 1 30 || { cat "$T/relayd.log"; fail "not delivered"; }
 [ "$(api_json 1 mailbox)" = "$MAILBOX" ] || fail "mailbox: $(api_json 1 mailbox)"
 body_of "$API_DIR/0001.eml" > "$T/got1.body"
 cmp "$T/got1.body" "$T/m1.eml.body" || fail "raw body changed"
+grep -q ' 200$' "$API_DIR/requests.log" || fail "no request was accepted"
+grep -q ' 401$' "$API_DIR/requests.log" && fail "a request had the wrong bearer token"
 grep -qE "upstream provider: gmail raw as $MAILBOX: HTTP 200 \(mailbox fixed\)" "$T/relayd.log" ||
     fail "no raw log line"
 
@@ -54,5 +60,5 @@ sys.exit(0 if got[i:] == want[j:] + b"\r\n" or got[i:] == want[j:] else 1)
 PY
 grep -qE "gmail media as $MAILBOX: HTTP 200 \(mailbox fixed\) \(bcc \+1\)" "$T/relayd.log" ||
     fail "no media log line"
-assert_no_token_in_logs
+grep -qF "$TOKEN" "$T/relayd.log" "$T/probe.out" && fail "a token appears in a log"
 pass

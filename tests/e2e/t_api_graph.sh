@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # t_api_graph: transport = graph.  relayctl test-upstream takes a token and reads the mailbox;
 # a legacy device's message (TNCS style: HELO, no Date, no Message-ID) goes out through
-# Graph sendMail as base64 MIME with relayd's repairs, under the bearer token the token
-# endpoint issued; a recipient only in the envelope is added as Bcc for the API call only,
-# and the rest of the message is byte for byte what SMTP would have carried.
+# Graph sendMail as base64 MIME with relayd's repairs, under the app-only token of the token
+# endpoint; of one message split between Graph and an SMTP route, a recipient only in the
+# envelope is added as Bcc for the API call only, a Cc: address outside the envelope gets no
+# copy, and the rest is byte for byte what the SMTP upstream got.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/oauth2_lib.sh"
 source "$(dirname "$0")/api_lib.sh"
 
 start_token_server
 start_api
+FAKE_PORT=$(free_port)
+start_fake_upstream "$FAKE_PORT" "$T/fake"
 CONF=$T/relayd.conf
 write_api_conf "$CONF" graph "mailbox = fax@contoso.example"
+relayd_conf "$CONF" "upstream fake" "host = 127.0.0.1" "port = $FAKE_PORT" "tls = none"
+relayd_conf "$CONF" "route smtp" "recipient_domain = smtp.example" "upstream = fake"
 
 say "--check: graph upstream"
 "$RELAYD_BIN" -c "$CONF" --check > "$T/check.out" 2>&1 || { cat "$T/check.out"; fail "--check failed"; }
@@ -51,16 +56,20 @@ grep -qE 'upstream provider: graph sendMail as fax@contoso.example: HTTP 202 \(m
     "$T/relayd.log" || fail "no delivery log line"
 grep -qE 'to=<user@example.net> relay=provider.*status=sent' "$T/relayd.log" || fail "not logged as sent"
 
-say "2: an envelope-only recipient gets a Bcc: in the API's copy only"
+say "2: one message, Graph and SMTP: Bcc for the envelope-only, no copy for a Cc: outside it"
 make_message "$T/m2.eml" "graph bcc"
-relay_send "$T/m2.eml" user@example.com,hidden@example.org || fail "not accepted"
-wait_for_api 2 30 || fail "second message not delivered"
+sed -i 's/^To: <user@example.com>$/To: <user@example.com>\nCc: Member <member@example.net>/' "$T/m2.eml"
+relay_send "$T/m2.eml" user@example.com,hidden@example.org,archive@smtp.example || fail "not accepted"
+wait_for_api 2 30 || fail "second message not delivered through Graph"
+wait_for_fake_count "$T/fake" 1 30 || fail "second message not delivered through SMTP"
 [ "$(api_json 2 bcc)" = hidden@example.org ] || fail "bcc: $(api_json 2 bcc)"
 [ "$(api_json 2 recipients)" = "user@example.com hidden@example.org" ] ||
     fail "recipients: $(api_json 2 recipients)"
-head -n 1 "$API_DIR/0002.eml" | grep -q '^Bcc: hidden@example.org' || fail "Bcc: not first"
-body_of "$API_DIR/0002.eml" > "$T/got2.body"
-cmp "$T/got2.body" "$T/m2.eml.body" || fail "the body changed on the way"
-grep -qF '(bcc +1)' "$T/relayd.log" || fail "the log does not note the added Bcc"
+grep -q '^Cc:' "$API_DIR/0002.eml" && fail "the Cc: outside the envelope reached Graph"
+"$PY" "$E2E_SRC/tests/e2e/api_server.py" --compare "$T"/fake/msg-*.eml "$API_DIR/0002.eml" ||
+    fail "the API copy differs from the SMTP copy beyond To/Cc/Bcc"
+grep -qE '\(mailbox fixed\) \(.*bcc \+1' "$T/relayd.log" || fail "the log does not note the added Bcc"
+grep -qE '\(mailbox fixed\) \(.*member@example.net' "$T/relayd.log" ||
+    fail "the log does not note the Cc: left out"
 assert_no_token_in_logs
 pass

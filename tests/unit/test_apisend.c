@@ -1,7 +1,7 @@
 /*
  * test_apisend - the pure pieces of the HTTP API transports: which mailbox sends, the API's
  * copy of a message (envelope-only recipients as Bcc:), the provider's error code and text
- * from Graph's and Gmail's error bodies, base64 and base64url.  No loop, no network (the
+ * from Graph's and Gmail's error bodies.  No loop, no network (the
  * requests themselves are covered by tests/e2e/t_api_*.sh).
  */
 #include <criterion/criterion.h>
@@ -64,58 +64,42 @@ struct prepare_case {
     const char *label;
     const char *msg;
     const char *rcpts[4];
-    const char *want_prefix; /* what goes in front of the message */
-    const char *want_note;
+    const char *want; /* the API's copy */
+    const char *want_note_part;
 };
 
 static const struct prepare_case prepare_cases[] = {
     {"every recipient in To/Cc",
-     "To: a@x.example\r\nCc: B@X.example\r\n\r\nbody\r\n",
+     "To: a@x.example\r\nCc: b@x.example\r\n\r\nbody\r\n",
      {"a@x.example", "b@x.example"},
-     "",
+     "To: a@x.example\r\nCc: b@x.example\r\n\r\nbody\r\n",
      ""},
     {"one only in the envelope",
      "To: a@x.example\r\n\r\nbody\r\n",
      {"a@x.example", "hidden@y.example"},
-     "Bcc: hidden@y.example\r\n",
+     "To: a@x.example\r\nBcc: hidden@y.example\r\n\r\nbody\r\n",
      "bcc +1"},
-    {"two, one header folded",
-     "To: Someone\r\n <a@x.example>\r\nSubject: s\r\n\r\nb\r\n",
-     {"a@x.example", "c@y.example", "d@y.example"},
-     "Bcc: c@y.example,\r\n d@y.example\r\n",
-     "bcc +2"},
-    {"a longer address is not a match",
-     "To: xa@x.example\r\n\r\nb\r\n",
+    {"a header recipient outside the envelope is left out",
+     "To: a@x.example, b@x.example\r\n\r\nbody\r\n",
      {"a@x.example"},
-     "Bcc: a@x.example\r\n",
-     "bcc +1"},
-    {"an address in the body is not a recipient",
-     "Subject: s\r\n\r\nTo: a@x.example\r\n",
-     {"a@x.example"},
-     "Bcc: a@x.example\r\n",
-     "bcc +1"},
-    {"an existing Bcc: counts",
-     "To: a@x.example\r\nBcc: b@x.example\r\n\r\nb\r\n",
-     {"a@x.example", "b@x.example"},
-     "",
-     ""},
+     "To: a@x.example\r\n\r\nbody\r\n",
+     "b@x.example"},
 };
 
-/* Envelope recipients missing from To/Cc/Bcc go in a Bcc: in front; the rest is unchanged. */
+/* The API's copy names exactly the envelope recipients (apimime), the body unchanged. */
 Test(apisend, prepare)
 {
     for (size_t i = 0; i < sizeof(prepare_cases) / sizeof(prepare_cases[0]); i++) {
         const struct prepare_case *c = &prepare_cases[i];
-        size_t n = 0, outlen, plen = strlen(c->want_prefix);
-        char *out, note[64];
+        size_t n = 0, outlen;
+        char *out, note[200];
 
         while (n < 4 && c->rcpts[n] != NULL)
             n++;
         apisend_prepare(c->msg, strlen(c->msg), c->rcpts, n, &out, &outlen, note, sizeof note);
-        cr_expect(eq(sz, outlen, plen + strlen(c->msg)), "%s: length", c->label);
-        cr_expect(eq(int, memcmp(out, c->want_prefix, plen), 0), "%s: prefix %s", c->label, out);
-        cr_expect(eq(str, out + plen, (char *)c->msg), "%s: message changed", c->label);
-        cr_expect(eq(str, note, (char *)c->want_note), "%s: note", c->label);
+        cr_expect(eq(sz, outlen, strlen(c->want)), "%s: length", c->label);
+        cr_expect(eq(str, out, (char *)c->want), "%s: copy", c->label);
+        cr_expect(strstr(note, c->want_note_part) != NULL, "%s: note %s", c->label, note);
         free(out);
     }
 }
@@ -158,32 +142,4 @@ Test(apisend, error_parse)
         cr_expect(eq(str, code, (char *)c->want_code), "%s: code", c->label);
         cr_expect(eq(str, msg, (char *)c->want_msg), "%s: message", c->label);
     }
-}
-
-/* RFC 4648 test vectors, standard and URL alphabets. */
-Test(apisend, base64)
-{
-    static const char *const in[] = {"", "f", "fo", "foo", "foob", "fooba", "foobar"};
-    static const char *const std[] = {"",         "Zg==",     "Zm8=",    "Zm9v",
-                                      "Zm9vYg==", "Zm9vYmE=", "Zm9vYmFy"};
-    static const char *const url[] = {"", "Zg", "Zm8", "Zm9v", "Zm9vYg", "Zm9vYmE", "Zm9vYmFy"};
-    const unsigned char hi[] = {0xfb, 0xff, 0xbf};
-    size_t n;
-    char *s;
-
-    for (size_t i = 0; i < 7; i++) {
-        s = apisend_base64(in[i], strlen(in[i]), 0, &n);
-        cr_expect(eq(str, s, (char *)std[i]));
-        cr_expect(eq(sz, n, strlen(std[i])));
-        free(s);
-        s = apisend_base64(in[i], strlen(in[i]), 1, NULL);
-        cr_expect(eq(str, s, (char *)url[i]));
-        free(s);
-    }
-    s = apisend_base64(hi, 3, 0, NULL);
-    cr_expect(eq(str, s, "+/+/"));
-    free(s);
-    s = apisend_base64(hi, 3, 1, NULL);
-    cr_expect(eq(str, s, "-_-_"));
-    free(s);
 }
