@@ -18,6 +18,7 @@
 #include <strings.h>
 
 #include "common/buf.h"
+#include "common/json.h"
 #include "common/log.h"
 #include "common/xalloc.h"
 #include "relayd/apimime.h"
@@ -34,6 +35,30 @@ enum as_state {
 };
 
 static const char *const as_state_names[] = {"opening", "idle", "token", "sending", "closing"};
+
+/* Graph's large-message path: the steps after the token (as_large_*()). */
+enum as_lstep {
+    L_LIST,         /* GET drafts tagged with this queue id (left by a crash) */
+    L_DELETE_STALE, /* DELETE each of them */
+    L_DRAFT,        /* POST messages: the draft, base64 MIME without the attachments */
+    L_ATTACH,       /* POST attachments: a fileAttachment under 3 MB */
+    L_SESSION,      /* POST attachments/createUploadSession */
+    L_PUT,          /* PUT a chunk to the upload URL (no Authorization) */
+    L_SEND,         /* POST messages/{id}/send: the only step that may deliver */
+    L_CLEANUP,      /* DELETE the draft after a failure, then report the failure */
+};
+
+static const char *const as_lstep_names[] = {"list drafts", "delete stale draft",  "create draft",
+                                             "attachment",  "createUploadSession", "upload",
+                                             "send",        "delete draft"};
+
+/* Graph takes a fileAttachment of up to 3 MB in one POST; larger ones go through an upload
+ * session in chunks that are multiples of 320 KiB. */
+#define AS_GRAPH_ATTACH_MAX (3L * 1024 * 1024)
+#define AS_GRAPH_CHUNK (10 * 320 * 1024)
+#define AS_MAX_STALE 16
+/* The MAPI property of an internet header: the draft's X-Relayd-Queue-Id: header. */
+#define AS_QID_PROP "String {00020386-0000-0000-C000-000000000046} Name X-Relayd-Queue-Id"
 
 /* oauth2_token_get() cannot be cancelled: its callback finds a NULL a after an abort. */
 struct as_ticket {
@@ -71,9 +96,27 @@ struct apisend {
     char *url;
     char *authz;
     long retry_after;
+    /* Graph's large-message path */
+    int large;
+    enum as_lstep lstep;
+    struct apimime_split split;
+    size_t att_i, put_off, put_len;
+    char draft_id[512];
+    char *upload_url;
+    char *stale[AS_MAX_STALE];
+    size_t nstale, stale_i;
+    char range[96];
+    /* the failure a cleanup reports once the draft is deleted */
+    enum verdict_cause lf_cause;
+    enum verdict_scope lf_scope;
+    const char *lf_action;
+    char lf_reply[1024];
 };
 
 static void as_timer_fire(uv_timer_t *t);
+static void as_on_answer(void *arg, const struct http_response *res);
+static void as_large_answer(struct apisend *a, const struct http_response *res);
+static void as_large_start(struct apisend *a, const char *copy, size_t copylen);
 
 static const char *as_api(const struct apisend *a)
 {
@@ -303,6 +346,14 @@ static void as_finish(struct apisend *a, enum verdict_cause cause, enum verdict_
         free(a->authz);
     }
     a->body = a->url = a->authz = NULL;
+    apimime_split_free(&a->split);
+    free(a->upload_url);
+    a->upload_url = NULL;
+    for (i = 0; i < a->nstale; i++)
+        free(a->stale[i]);
+    a->nstale = a->stale_i = a->att_i = 0;
+    a->draft_id[0] = '\0';
+    a->large = 0;
     if (a->state != AS_CLOSING)
         as_enter(a, AS_IDLE);
     if (done != NULL)
@@ -356,6 +407,10 @@ static void as_on_answer(void *arg, const struct http_response *res)
         as_finish(a, VERDICT_TRANSIENT, VERDICT_SCOPE_MESSAGE, NULL, "%s", SMTPC_ABORTED);
         return;
     }
+    if (a->large) {
+        as_large_answer(a, res);
+        return;
+    }
     if (res->status == 0) {
         as_finish(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL, "%s %s as %s: %s", as_api(a),
                   a->call, a->mailbox, res->error);
@@ -399,6 +454,297 @@ static void as_on_answer(void *arg, const struct http_response *res)
                   a->retry_after > 0 ? " (Retry-After honoured)" : "");
 }
 
+/* ---- Graph's large-message path ---- */
+
+/* Starts one request of the large path; url and body (may be NULL) are taken over. */
+static void as_large_http(struct apisend *a, enum as_lstep step, const char *method, char *url,
+                          char *body, const void *data, size_t len, const char *ctype)
+{
+    const char *hdrs[5];
+    char ct[96];
+    struct http_request rq;
+    int n = 0;
+
+    free(a->url);
+    free(a->body);
+    a->url = url;
+    a->body = body;
+    a->lstep = step;
+    if (step != L_PUT)
+        hdrs[n++] = a->authz; /* an upload URL refuses one */
+    hdrs[n++] = "Accept: application/json";
+    if (ctype != NULL) {
+        snprintf(ct, sizeof ct, "Content-Type: %s", ctype);
+        hdrs[n++] = ct;
+    }
+    if (step == L_PUT)
+        hdrs[n++] = a->range;
+    hdrs[n] = NULL;
+    memset(&rq, 0, sizeof rq);
+    rq.method = method;
+    rq.url = a->url;
+    rq.headers = hdrs;
+    rq.body = body != NULL ? body : data;
+    rq.bodylen = body != NULL ? strlen(body) : len;
+    rq.ca_file = a->up->ca_file;
+    rq.connect_timeout = a->up->connect_timeout;
+    rq.timeout = a->up->data_timeout;
+    rq.max_answer = 256 * 1024;
+    log_debug(1, "%012llX: graph %s: %s %s", (unsigned long long)a->msg->id, as_lstep_names[step],
+              method, a->url);
+    if (http_request(a->http, &rq, as_on_answer, a, &a->req) != 0)
+        as_finish(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL,
+                  "graph draft+upload as %s: libcurl refused the request", a->mailbox);
+}
+
+/* .../users/{m}/messages[/{draft id}]REST */
+static char *as_msg_url(struct apisend *a, const char *rest)
+{
+    char *m = as_path_escape(a->mailbox), *id = as_path_escape(a->draft_id);
+    char *url = xasprintf("%s/v1.0/users/%s/messages%s%s%s", a->up->api_url, m,
+                          a->draft_id[0] != '\0' ? "/" : "", id, rest);
+
+    free(m);
+    free(id);
+    return url;
+}
+
+/* A failure: the draft (if any) is deleted first, then the failure is reported. */
+static void as_large_fail(struct apisend *a, enum verdict_cause cause, enum verdict_scope scope,
+                          const char *action, const char *reply)
+{
+    if (a->draft_id[0] == '\0' || a->lstep == L_CLEANUP) {
+        as_finish(a, cause, scope, action, "%s", reply);
+        return;
+    }
+    a->lf_cause = cause;
+    a->lf_scope = scope;
+    a->lf_action = action;
+    snprintf(a->lf_reply, sizeof a->lf_reply, "%s", reply);
+    as_large_http(a, L_CLEANUP, "DELETE", as_msg_url(a, ""), NULL, NULL, 0, NULL);
+}
+
+/* Appends ,"isInline":...,"contentId":... for att. */
+static void as_att_common(struct buf *b, const struct apimime_attachment *att)
+{
+    buf_append(b, "\"name\":", 7);
+    json_quote(b, att->name);
+    buf_append(b, ",\"contentType\":", 15);
+    json_quote(b, att->content_type);
+    if (att->is_inline)
+        buf_append(b, ",\"isInline\":true", 16);
+    else
+        buf_append(b, ",\"isInline\":false", 17);
+    if (att->content_id != NULL) {
+        buf_append(b, ",\"contentId\":", 13);
+        json_quote(b, att->content_id);
+    }
+}
+
+static void as_large_attachment(struct apisend *a)
+{
+    const struct apimime_attachment *att = &a->split.att[a->att_i];
+    struct buf *b = buf_new(att->len / 3 * 4 + 4096);
+    char *json, size[32];
+
+    if (att->len < (size_t)AS_GRAPH_ATTACH_MAX) {
+        char *b64 = apimime_base64(att->data, att->len, NULL);
+
+        buf_append(b, "{\"@odata.type\":\"#microsoft.graph.fileAttachment\",", 49);
+        as_att_common(b, att);
+        buf_append(b, ",\"contentBytes\":\"", 17);
+        buf_append(b, b64, strlen(b64));
+        buf_append(b, "\"}", 3);
+        free(b64);
+        json = xstrdup(b->data);
+        buf_free(b);
+        as_large_http(a, L_ATTACH, "POST", as_msg_url(a, "/attachments"), json, NULL, 0,
+                      "application/json");
+        return;
+    }
+    snprintf(size, sizeof size, "%zu", att->len);
+    buf_append(b, "{\"AttachmentItem\":{\"attachmentType\":\"file\",", 43);
+    as_att_common(b, att);
+    buf_append(b, ",\"size\":", 8);
+    buf_append(b, size, strlen(size));
+    buf_append(b, "}}", 3);
+    json = xstrdup(b->data);
+    buf_free(b);
+    as_large_http(a, L_SESSION, "POST", as_msg_url(a, "/attachments/createUploadSession"), json,
+                  NULL, 0, "application/json");
+}
+
+static void as_large_chunk(struct apisend *a)
+{
+    const struct apimime_attachment *att = &a->split.att[a->att_i];
+    size_t n = att->len - a->put_off;
+
+    if (n > AS_GRAPH_CHUNK)
+        n = AS_GRAPH_CHUNK;
+    a->put_len = n;
+    snprintf(a->range, sizeof a->range, "Content-Range: bytes %zu-%zu/%zu", a->put_off,
+             a->put_off + n - 1, att->len);
+    as_large_http(a, L_PUT, "PUT", xstrdup(a->upload_url), NULL, att->data + a->put_off, n,
+                  "application/octet-stream");
+}
+
+/* The step after a successful one. */
+static void as_large_next(struct apisend *a)
+{
+    if (a->stale_i < a->nstale) {
+        /* A draft an earlier attempt left (relayd was stopped mid-upload): deleted first. */
+        snprintf(a->draft_id, sizeof a->draft_id, "%s", a->stale[a->stale_i++]);
+        log_info("%012llX: upstream %s: deleting draft %s left by an earlier attempt",
+                 (unsigned long long)a->msg->id, a->up->name, a->draft_id);
+        as_large_http(a, L_DELETE_STALE, "DELETE", as_msg_url(a, ""), NULL, NULL, 0, NULL);
+        a->draft_id[0] = '\0';
+        return;
+    }
+    if (a->draft_id[0] == '\0') {
+        char *mime = xasprintf("X-Relayd-Queue-Id: %012llX\r\n%.*s", (unsigned long long)a->msg->id,
+                               (int)a->split.draft_len, a->split.draft);
+        char *b64 = apimime_base64(mime, strlen(mime), NULL);
+
+        free(mime);
+        as_large_http(a, L_DRAFT, "POST", as_msg_url(a, ""), b64, NULL, 0, "text/plain");
+        return;
+    }
+    if (a->att_i < a->split.natt) {
+        as_large_attachment(a);
+        return;
+    }
+    as_large_http(a, L_SEND, "POST", as_msg_url(a, "/send"), NULL, "", 0, "text/plain");
+}
+
+static void as_large_answer(struct apisend *a, const struct http_response *res)
+{
+    char code[128], text[300], reply[1024], id[512];
+    struct verdict v;
+
+    if (res->status == 0 || res->status >= 300) {
+        if (a->lstep == L_CLEANUP) {
+            as_finish(a, a->lf_cause, a->lf_scope, a->lf_action, "%s", a->lf_reply);
+            return;
+        }
+        if (a->lstep == L_DELETE_STALE && res->status == 404) {
+            as_large_next(a); /* gone already */
+            return;
+        }
+        if (res->status == 0) {
+            snprintf(reply, sizeof reply, "graph draft+upload (%s) as %s: %s",
+                     as_lstep_names[a->lstep], a->mailbox, res->error);
+            as_large_fail(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL, reply);
+            return;
+        }
+        apisend_error_parse(res->body, res->len, code, sizeof code, text, sizeof text);
+        verdict_http(1, res->status, code, text, &v);
+        a->retry_after = v.cause == VERDICT_SLOWDOWN && res->retry_after > 0 ? res->retry_after : 0;
+        if (res->status == 401 && a->oauth2 != NULL)
+            oauth2_invalidate(a->oauth2, a->up);
+        snprintf(reply, sizeof reply, "graph draft+upload (%s) as %s: HTTP %ld%s%s%s%s",
+                 as_lstep_names[a->lstep], a->mailbox, res->status, code[0] != '\0' ? " " : "",
+                 code, text[0] != '\0' ? ": " : "", text);
+        as_large_fail(a, v.cause, v.scope, v.action, reply);
+        return;
+    }
+    switch (a->lstep) {
+    case L_LIST: {
+        /* {"value":[{"id":"..."},...]}: every "id" member is a draft left by this message. */
+        const char *p = res->body, *end = res->body + res->len;
+
+        while (a->nstale < AS_MAX_STALE && p < end && (p = strstr(p, "\"id\"")) != NULL &&
+               json_str_after(p, (size_t)(end - p), "id", id, sizeof id)) {
+            a->stale[a->nstale++] = xstrdup(id);
+            p += 4;
+        }
+        break;
+    }
+    case L_DELETE_STALE:
+        break;
+    case L_DRAFT:
+        if (!json_str_after(res->body, res->len, "id", a->draft_id, sizeof a->draft_id) ||
+            a->draft_id[0] == '\0') {
+            snprintf(reply, sizeof reply,
+                     "graph draft+upload (create draft) as %s: HTTP %ld without a draft id",
+                     a->mailbox, res->status);
+            as_large_fail(a, VERDICT_TRANSIENT, VERDICT_SCOPE_MESSAGE, NULL, reply);
+            return;
+        }
+        break;
+    case L_ATTACH:
+        a->att_i++;
+        break;
+    case L_SESSION: {
+        char url[2048];
+
+        if (!json_str_after(res->body, res->len, "uploadUrl", url, sizeof url) ||
+            strncmp(url, "https://", 8) != 0) {
+            snprintf(reply, sizeof reply,
+                     "graph draft+upload (createUploadSession) as %s: no https uploadUrl",
+                     a->mailbox);
+            as_large_fail(a, VERDICT_TRANSIENT, VERDICT_SCOPE_MESSAGE, NULL, reply);
+            return;
+        }
+        free(a->upload_url);
+        a->upload_url = xstrdup(url);
+        a->put_off = 0;
+        as_large_chunk(a);
+        return;
+    }
+    case L_PUT:
+        a->put_off += a->put_len;
+        if (a->put_off < a->split.att[a->att_i].len) {
+            as_large_chunk(a);
+            return;
+        }
+        a->att_i++;
+        break;
+    case L_SEND: {
+        size_t total = 0, i;
+
+        for (i = 0; i < a->split.natt; i++)
+            total += a->split.att[i].len;
+        as_finish(a, VERDICT_SENT, VERDICT_SCOPE_MESSAGE, NULL,
+                  "graph draft+upload as %s: HTTP %ld (%zu attachment%s, %zu bytes)", a->mailbox,
+                  res->status, a->split.natt, a->split.natt == 1 ? "" : "s", total);
+        return;
+    }
+    case L_CLEANUP:
+        as_finish(a, a->lf_cause, a->lf_scope, a->lf_action, "%s", a->lf_reply);
+        return;
+    }
+    as_large_next(a);
+}
+
+static void as_large_start(struct apisend *a, const char *copy, size_t copylen)
+{
+    char err[300], *m, *url, *flt, *q;
+
+    a->large = 1;
+    a->call = "draft+upload";
+    a->draft_id[0] = '\0';
+    if (apimime_graph_split(copy, copylen, &a->split, err, sizeof err) != 0) {
+        as_finish(a, VERDICT_PERMANENT, VERDICT_SCOPE_MESSAGE, NULL,
+                  "graph draft+upload as %s: cannot split the message into a draft and "
+                  "attachments: %s",
+                  a->mailbox, err);
+        return;
+    }
+    as_enter(a, AS_SENDING);
+    /* First the drafts an earlier attempt of this message may have left. */
+    flt = xasprintf("singleValueExtendedProperties/Any(ep: ep/id eq '" AS_QID_PROP
+                    "' and ep/value eq '%012llX')",
+                    (unsigned long long)a->msg->id);
+    q = as_path_escape(flt);
+    m = as_path_escape(a->mailbox);
+    url = xasprintf("%s/v1.0/users/%s/mailFolders/drafts/messages?%%24filter=%s&%%24select=id",
+                    a->up->api_url, m, q);
+    free(flt);
+    free(q);
+    free(m);
+    as_large_http(a, L_LIST, "GET", url, NULL, NULL, 0, NULL);
+}
+
 /* Builds the request for the message (or the probe's GET) and starts it. */
 static void as_request(struct apisend *a, const char *token)
 {
@@ -423,12 +769,12 @@ static void as_request(struct apisend *a, const char *token)
             a->call = "sendMail";
             a->body = apimime_base64(copy, copylen, &a->bodylen);
             if (a->bodylen > (size_t)APISEND_GRAPH_MAX) {
-                free(copy);
+                /* Over sendMail's 4 MB: a draft, its attachments uploaded, then send. */
+                free(a->body);
+                a->body = NULL;
                 free(m);
-                as_finish(a, VERDICT_PERMANENT, VERDICT_SCOPE_MESSAGE, NULL,
-                          "graph sendMail as %s: message too large for the Graph API (%zu bytes, "
-                          "%zu in base64; sendMail takes 4 MB)",
-                          a->mailbox, copylen, a->bodylen);
+                as_large_start(a, copy, copylen);
+                free(copy);
                 return;
             }
             a->url = xasprintf("%s/v1.0/users/%s/sendMail", a->up->api_url, m);
@@ -712,7 +1058,7 @@ void apisend_session_abort(struct apisend *a)
 
 int apisend_session_offered(const struct apisend *a)
 {
-    return a->state == AS_SENDING;
+    return a->state == AS_SENDING && (!a->large || a->lstep == L_SEND);
 }
 
 long apisend_retry_after(const struct apisend *a)
