@@ -9,7 +9,11 @@
  *                           are kept alive between messages; READY from the loop at once
  *   apisend_session_send()  one message: the sending mailbox (mailbox_map, then mailbox:
  *                           an address or "sender", else username), an OAuth 2.0 token
- *                           (oauth2_token_get()), the API's copy of the message, one request
+ *                           (oauth2_token_get()), the API's copy of the message, one request;
+ *                           for Graph over 4 MB the large-message path: stale drafts of this
+ *                           queue id deleted, a draft, attachments (fileAttachment < 3 MB,
+ *                           else an upload session), send; a failure deletes the draft
+ *                           (only the final send can duplicate, as SMTP's final dot)
  *   apisend_probe()         token, then GET the mailbox (Graph /v1.0/users/{m}, Gmail
  *                           /gmail/v1/users/{m}/profile); a 403 there only says the app may
  *                           not read the mailbox (relayd needs Mail.Send / gmail.send only)
