@@ -418,6 +418,9 @@ static int connect_listener(const struct cfg_listener *l, char *why, size_t whyl
  * insist on it), else postmaster@ our hostname. */
 static char *default_sender(const struct cfg *cfg, const struct cfg_upstream *up)
 {
+    /* An API upstream's fixed mailbox is the one that sends. */
+    if (up->transport != CFG_TRANSPORT_SMTP && up->mailbox != NULL && strchr(up->mailbox, '@'))
+        return xstrdup(up->mailbox);
     if (up->username != NULL && strchr(up->username, '@') != NULL)
         return xstrdup(up->username);
     return xasprintf("postmaster@%s", cfg->hostname);

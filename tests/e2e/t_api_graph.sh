@@ -71,5 +71,15 @@ grep -q '^Cc:' "$API_DIR/0002.eml" && fail "the Cc: outside the envelope reached
 grep -qE '\(mailbox fixed\) \(.*bcc \+1' "$T/relayd.log" || fail "the log does not note the added Bcc"
 grep -qE '\(mailbox fixed\) \(.*member@example.net' "$T/relayd.log" ||
     fail "the log does not note the Cc: left out"
+
+say "3: relayctl send-test through the daemon"
+rc=0
+relayctl send-test provider --to ops@example.com --wait 30 > "$T/st.out" 2>&1 || rc=$?
+sed 's/^/   | /' "$T/st.out"
+[ "$rc" -eq 0 ] || fail "send-test exited $rc"
+grep -q '^result: delivered' "$T/st.out" || fail "send-test: not delivered"
+wait_for_api 3 10 || fail "the test message was not recorded"
+[ "$(api_json 3 recipients)" = ops@example.com ] || fail "test message to $(api_json 3 recipients)"
+grep -q '^From: .*fax@contoso.example' "$API_DIR/0003.eml" || fail "test message not from the mailbox"
 assert_no_token_in_logs
 pass
