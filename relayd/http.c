@@ -84,6 +84,8 @@ static void req_free(struct http_req *r)
 {
     curl_easy_cleanup(r->easy);
     curl_slist_free_all(r->hdrs);
+    /* Answers may hold secrets (access tokens): wiped before they are freed. */
+    explicit_bzero(r->answer->data, r->answer->len);
     buf_free(r->answer);
     free(r);
 }
