@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # t_api_gmail: transport = gmail, the token from oauth2_token_command (the emulation checks
 # that exact bearer token).  A small message goes as {"raw": base64url} to messages/send, a
-# 6 MB scan through the media upload endpoint (message/rfc822), each byte-identical apart
-# from the Bcc: relayd adds for an envelope-only recipient.
+# legacy device's message (TNCS style: HELO, no Date, no Message-ID) arrives with relayd's
+# repairs, a 10 MB scan goes through the media upload endpoint (message/rfc822), each
+# byte-identical apart from the Bcc: relayd adds for an envelope-only recipient.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/oauth2_lib.sh"
 source "$(dirname "$0")/api_lib.sh"
@@ -34,10 +35,29 @@ grep -q ' 401$' "$API_DIR/requests.log" && fail "a request had the wrong bearer 
 grep -qE "upstream provider: gmail raw as $MAILBOX: HTTP 200 \(mailbox fixed\)" "$T/relayd.log" ||
     fail "no raw log line"
 
-say "2: a 6 MB scan through the media upload"
+say "2: TNCS-style message (HELO, no Date, no Message-ID)"
+{ tncs_prelude; cat <<'S'; } | smtp_dialogue || fail "TNCS dialogue failed"
+> To: user@example.net
+> From: alarm@example.net
+> Subject: TNCS alarm 0043
+>
+> ALARM 0043 zone 1 power restored
+> .
+<~ ^250 2\.0\.0 Ok: queued as [0-9A-F]+$
+> QUIT
+< 221
+eof 5
+S
+wait_for_api 2 30 || { cat "$T/relayd.log"; fail "TNCS message not delivered"; }
+[ "$(api_json 2 api)" = gmail-raw ] || fail "not raw"
+[ "$(api_json 2 recipients)" = user@example.net ] || fail "recipients: $(api_json 2 recipients)"
+grep -q '^Date: ' "$API_DIR/0002.eml" || fail "no Date: added"
+grep -q '^Message-ID: <' "$API_DIR/0002.eml" || fail "no Message-ID: added"
+
+say "3: a 10 MB scan through the media upload"
 python3 - "$T/m2.eml" <<'PY'
 import base64, os, sys
-pdf = b"%PDF-1.4\n" + os.urandom(4_500_000)
+pdf = b"%PDF-1.4\n" + os.urandom(7_500_000)
 b64 = base64.encodebytes(pdf).decode().replace("\n", "\r\n")
 msg = ("From: <scanner@lan.test>\r\nTo: <user@example.com>\r\nSubject: gmail media\r\n"
        "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
@@ -48,10 +68,10 @@ msg = ("From: <scanner@lan.test>\r\nTo: <user@example.com>\r\nSubject: gmail med
 open(sys.argv[1], "w", newline="").write(msg)
 PY
 relay_send "$T/m2.eml" user@example.com,archive@example.org || fail "large message not accepted"
-wait_for_api 2 60 || { cat "$T/relayd.log"; fail "large message not delivered"; }
-[ "$(api_json 2 api)" = gmail-upload ] || fail "not media upload: $(api_json 2 api)"
-[ "$(api_json 2 bcc)" = archive@example.org ] || fail "bcc: $(api_json 2 bcc)"
-python3 - "$API_DIR/0002.eml" "$T/m2.eml" <<'PY' || fail "the scan changed on the way"
+wait_for_api 3 60 || { cat "$T/relayd.log"; fail "large message not delivered"; }
+[ "$(api_json 3 api)" = gmail-upload ] || fail "not media upload: $(api_json 3 api)"
+[ "$(api_json 3 bcc)" = archive@example.org ] || fail "bcc: $(api_json 3 bcc)"
+python3 - "$API_DIR/0003.eml" "$T/m2.eml" <<'PY' || fail "the scan changed on the way"
 import sys
 got = open(sys.argv[1], "rb").read()
 want = open(sys.argv[2], "rb").read()
