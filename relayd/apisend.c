@@ -111,6 +111,7 @@ struct apisend {
     enum verdict_scope lf_scope;
     const char *lf_action;
     char lf_reply[1024];
+    int can_failover; /* the route has an upstream after this one (apisend_set_failover()) */
 };
 
 static void as_timer_fire(uv_timer_t *t);
@@ -369,6 +370,26 @@ static void as_finish(struct apisend *a, enum verdict_cause cause, enum verdict_
                        (uint64_t)(a->up->idle_timeout > 0 ? a->up->idle_timeout : 30) * 1000, 0);
         a->ev(a->ev_arg, NULL, SMTPC_EV_IDLE, NULL);
     }
+}
+
+/* A message over the API's hard limit: the route's next upstream takes it (a CONFIG verdict
+ * about this message, which the pool fails over), else it fails for good. */
+static void as_too_large(struct apisend *a, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void as_too_large(struct apisend *a, const char *fmt, ...)
+{
+    char reply[600];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(reply, sizeof reply, fmt, ap);
+    va_end(ap);
+    if (a->can_failover)
+        as_finish(a, VERDICT_CONFIG, VERDICT_SCOPE_MESSAGE,
+                  "the message is too large for this API: the route's next upstream takes it", "%s",
+                  reply);
+    else
+        as_finish(a, VERDICT_PERMANENT, VERDICT_SCOPE_MESSAGE, NULL, "%s", reply);
 }
 
 /* ---- the request ---- */
@@ -730,6 +751,15 @@ static void as_large_start(struct apisend *a, const char *copy, size_t copylen)
                   a->mailbox, err);
         return;
     }
+    for (size_t i = 0; i < a->split.natt; i++) {
+        if (a->split.att[i].len > (size_t)APISEND_GRAPH_ATTACH_MAX) {
+            as_too_large(a,
+                         "graph draft+upload as %s: attachment %s too large for the Graph API "
+                         "(%zu bytes; it takes 150 MB)",
+                         a->mailbox, a->split.att[i].name, a->split.att[i].len);
+            return;
+        }
+    }
     as_enter(a, AS_SENDING);
     /* First the drafts an earlier attempt of this message may have left. */
     flt = xasprintf("singleValueExtendedProperties/Any(ep: ep/id eq '" AS_QID_PROP
@@ -800,10 +830,10 @@ static void as_request(struct apisend *a, const char *token)
             free(copy);
             free(m);
             a->call = "media";
-            as_finish(a, VERDICT_PERMANENT, VERDICT_SCOPE_MESSAGE, NULL,
-                      "gmail media as %s: message too large for the Gmail API (%zu bytes; it "
-                      "takes 35 MB)",
-                      a->mailbox, copylen);
+            as_too_large(a,
+                         "gmail media as %s: message too large for the Gmail API (%zu bytes; "
+                         "it takes 35 MB)",
+                         a->mailbox, copylen);
             return;
         }
         free(copy);
@@ -1059,6 +1089,11 @@ void apisend_session_abort(struct apisend *a)
 int apisend_session_offered(const struct apisend *a)
 {
     return a->state == AS_SENDING && (!a->large || a->lstep == L_SEND);
+}
+
+void apisend_set_failover(struct apisend *a, int has_next)
+{
+    a->can_failover = has_next;
 }
 
 long apisend_retry_after(const struct apisend *a)

@@ -50,6 +50,8 @@ struct oauth2;
 #define APISEND_GRAPH_MAX (4L * 1024 * 1024)
 #define APISEND_GMAIL_RAW_MAX (5L * 1024 * 1024)
 #define APISEND_GMAIL_MAX (35L * 1024 * 1024)
+/* An attachment through a Graph upload session. */
+#define APISEND_GRAPH_ATTACH_MAX (150L * 1024 * 1024)
 
 /* As smtpc_probe(); c in the done/step callbacks is not used. */
 int apisend_probe(uv_loop_t *loop, const struct cfg_upstream *up, struct oauth2 *oauth2,
@@ -67,6 +69,11 @@ void apisend_session_quit(struct apisend *a);
 void apisend_session_abort(struct apisend *a);
 /* 1 while the final request (the one that sends) is in flight. */
 int apisend_session_offered(const struct apisend *a);
+/* has_next: the route has an upstream after this one for the next message.  A message over
+ * the API's hard limit (Gmail 35 MB, a Graph attachment over 150 MB) then gets a CONFIG
+ * verdict about that message, so that the pool hands it to that upstream (an SMTP one, say);
+ * without one it fails (PERMANENT, with the reason in the DSN). */
+void apisend_set_failover(struct apisend *a, int has_next);
 /* Seconds of the last Retry-After the API sent (429, 503), or 0. */
 long apisend_retry_after(const struct apisend *a);
 

@@ -710,6 +710,8 @@ static void pool_dispatch_up(struct pool_up *pu)
             conn->req = req;
             upstream_rate_take(pu->u, req->sub.nrcpts, now);
             p->transactions++;
+            if (conn->api != NULL)
+                apisend_set_failover(conn->api, cand_up(req->route, req->cand + 1) != NULL);
             rc = conn->api != NULL ? apisend_session_send(conn->api, &req->sub, tx_done, conn)
                                    : smtpc_session_send(conn->c, &req->sub, tx_done, conn);
             if (rc < 0) {
