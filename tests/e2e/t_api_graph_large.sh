@@ -2,14 +2,16 @@
 # t_api_graph_large: a 10 MB fax scan (a PDF attachment, over sendMail's 4 MB) goes through
 # Graph's large-message path: a draft with the text body (tagged X-Relayd-Queue-Id), the PDF
 # through an upload session in 320 KiB-multiple chunks (no Authorization on the upload URL), a
-# small second attachment as a fileAttachment, then send.  The attachments arrive with their
-# sha256, the Bcc for an envelope-only recipient stays, and no draft is left behind.
+# small second attachment as a fileAttachment, then send.  The first attempt fails at
+# createUploadSession (500): its draft is deleted and the retry delivers.  The attachments
+# arrive with their sha256, the Bcc for an envelope-only recipient stays, and no draft is
+# left behind.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/oauth2_lib.sh"
 source "$(dirname "$0")/api_lib.sh"
 
 start_token_server
-start_api
+start_api --fault 'createUploadSession=500:1:code=InternalServerError:message=try later'
 CONF=$T/relayd.conf
 write_api_conf "$CONF" graph "mailbox = fax@contoso.example"
 start_relayd "$CONF"
@@ -51,6 +53,12 @@ grep -q 'PUT /upload/' "$API_DIR/requests.log" || fail "no upload session"
 grep -c 'PUT /upload/.* 200$' "$API_DIR/requests.log" | grep -qx 3 || fail "not 4 chunks: $(grep PUT "$API_DIR/requests.log")"
 grep -q 'attachments 201$' "$API_DIR/requests.log" || fail "the small attachment was not a fileAttachment"
 grep -q '/send 202$' "$API_DIR/requests.log" || fail "no send"
+grep -q 'createUploadSession 500$' "$API_DIR/requests.log" || fail "the fault did not fire"
+grep -qE '^DELETE /v1.0/users/fax@contoso.example/messages/[^/ ]+ 204$' "$API_DIR/requests.log" ||
+    fail "the failed attempt's draft was not deleted"
+[ "$(grep -c '/send 202$' "$API_DIR/requests.log")" = 1 ] || fail "sent more than once"
+grep -qE 'status=deferred \(graph draft\+upload \(createUploadSession\) as fax@contoso.example: HTTP 500 InternalServerError: try later\)' \
+    "$T/relayd.log" || fail "the failed attempt is not logged as deferred with its step"
 grep -q 'A fax from 555-0100' "$API_DIR/0001.eml" || fail "the text body is not in the draft"
 [ "$(cat "$API_DIR/drafts.json")" = "[]" ] || fail "drafts left: $(cat "$API_DIR/drafts.json")"
 grep -qE 'graph draft\+upload as fax@contoso.example: HTTP 202 \(2 attachments, [0-9]+ bytes\) \(mailbox fixed\)' \
