@@ -3,13 +3,15 @@
 # that exact bearer token).  A small message goes as {"raw": base64url} to messages/send, a
 # legacy device's message (TNCS style: HELO, no Date, no Message-ID) arrives with relayd's
 # repairs, a 10 MB scan goes through the media upload endpoint (message/rfc822), each
-# byte-identical apart from the Bcc: relayd adds for an envelope-only recipient.
+# byte-identical apart from the Bcc: relayd adds for an envelope-only recipient.  The first
+# send gets 403 insufficientPermissions: held (no bounce), the log says what to grant.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/oauth2_lib.sh"
 source "$(dirname "$0")/api_lib.sh"
 
 TOKEN=ya29.e2e-gmail-token
-start_api --token "$TOKEN"
+start_api --token "$TOKEN" \
+    --fault 'messages/send=403:1:code=insufficientPermissions:message=Request had insufficient authentication scopes.'
 CONF=$T/relayd.conf
 write_oauth2_conf "$CONF" "auth = xoauth2
 oauth2_token_command = printf '%s\\n' $TOKEN
@@ -32,8 +34,12 @@ body_of "$API_DIR/0001.eml" > "$T/got1.body"
 cmp "$T/got1.body" "$T/m1.eml.body" || fail "raw body changed"
 grep -q ' 200$' "$API_DIR/requests.log" || fail "no request was accepted"
 grep -q ' 401$' "$API_DIR/requests.log" && fail "a request had the wrong bearer token"
+grep -q 'messages/send 403$' "$API_DIR/requests.log" || fail "the 403 fault did not fire"
 grep -qE "upstream provider: gmail raw as $MAILBOX: HTTP 200 \(mailbox fixed\)" "$T/relayd.log" ||
     fail "no raw log line"
+grep -qE 'upstream provider: unhealthy.*HTTP 403 insufficientPermissions.*domain-wide delegation.*gmail.send' \
+    "$T/relayd.log" || fail "the 403 did not hold with what to grant"
+grep -q 'bounced' "$T/relayd.log" && fail "the 403 bounced"
 
 say "2: TNCS-style message (HELO, no Date, no Message-ID)"
 { tncs_prelude; cat <<'S'; } | smtp_dialogue || fail "TNCS dialogue failed"
