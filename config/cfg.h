@@ -48,6 +48,13 @@ enum cfg_grant {
     CFG_GRANT_COMMAND,          /* oauth2_token_command */
 };
 
+/* [upstream] transport: how an upstream is spoken to. */
+enum cfg_transport {
+    CFG_TRANSPORT_SMTP,
+    CFG_TRANSPORT_GRAPH, /* Microsoft Graph: POST /v1.0/users/{mailbox}/sendMail */
+    CFG_TRANSPORT_GMAIL, /* Gmail API: POST /gmail/v1/users/{mailbox}/messages/send */
+};
+
 enum cfg_proxy {
     CFG_PROXY_NO,
     CFG_PROXY_V1,
@@ -95,6 +102,17 @@ struct cfg_listener {
     int line;                   /* where the section starts, for messages */
 };
 
+/* A two-column map file ("device@lan  account@corp.example", '#' comments), loaded and
+ * validated at cfg_load().  Keys are full addresses or "@domain"; values full addresses. */
+struct cfg_map_entry {
+    char *from;
+    char *to;
+};
+struct cfg_map {
+    struct cfg_map_entry *e;
+    int n;
+};
+
 struct cfg_upstream {
     char *name;                 /* from [upstream NAME] */
     char *host;
@@ -138,18 +156,18 @@ struct cfg_upstream {
     char *oauth2_ca_file;       /* NULL: system trust store */
     char *oauth2_token_command; /* /bin/sh -c; prints a token (or a JSON token response) */
     int oauth2_refresh_margin;  /* seconds before expiry to refresh; default 600 */
+    /* HTTP API transports (relayd/apisend.h): transport = graph | gmail delivers through
+     * Microsoft Graph sendMail or the Gmail API instead of SMTP; host, port and the TLS
+     * keys other than ca_file are not used then. */
+    char *transport_name;       /* transport = smtp (default) | graph | gmail */
+    enum cfg_transport transport; /* from transport_name, set by cfg_check.c */
+    char *mailbox;              /* the sending mailbox: an address, or "sender" (the rewritten
+                                   envelope sender); NULL: username */
+    char *mailbox_map_file;     /* envelope sender -> mailbox, tried before mailbox */
+    struct cfg_map mailbox_map;
+    int save_to_sent_items;     /* Graph saveToSentItems; default no */
+    char *api_url;              /* base URL; NULL: the provider's (set by cfg_check.c) */
     int line;
-};
-
-/* A two-column map file ("device@lan  account@corp.example", '#' comments), loaded and
- * validated at cfg_load().  Keys are full addresses or "@domain"; values full addresses. */
-struct cfg_map_entry {
-    char *from;
-    char *to;
-};
-struct cfg_map {
-    struct cfg_map_entry *e;
-    int n;
 };
 
 struct cfg_route {

@@ -392,11 +392,111 @@ static void check_upstream_oauth2(struct cfg_parse *p, const struct cfg_sec *s)
     }
 }
 
+#define CFG_GRAPH_URL "https://graph.microsoft.com"
+#define CFG_GRAPH_SCOPE_APP "https://graph.microsoft.com/.default"
+#define CFG_GRAPH_SCOPE_DELEGATED "https://graph.microsoft.com/Mail.Send offline_access"
+#define CFG_GMAIL_URL "https://gmail.googleapis.com"
+#define CFG_GMAIL_SCOPE "https://www.googleapis.com/auth/gmail.send"
+
+/* transport = graph | gmail: an OAuth 2.0 token source, a sending mailbox, an https base URL.
+ * host and port are not used (the base URL says where); scope defaults to the API's. */
+static void check_upstream_api(struct cfg_parse *p, const struct cfg_sec *s)
+{
+    struct cfg_upstream *u = &p->cfg->upstreams[s->index];
+    int graph = u->transport == CFG_TRANSPORT_GRAPH;
+    const char *tname = graph ? "graph" : "gmail";
+
+    if (u->upauth == CFG_UPAUTH_PASSWORD) {
+        cfg__perr(p, key_line(s, "transport"), s, "auth",
+                  "transport = %s needs an OAuth 2.0 token: set auth = xoauth2 with provider, "
+                  "oauth2_grant and its keys",
+                  tname);
+        return;
+    }
+    if (u->mailbox != NULL && strcmp(u->mailbox, "sender") != 0 &&
+        strchr(u->mailbox, '@') == NULL) {
+        cfg__perr(p, key_line(s, "mailbox"), s, "mailbox",
+                  "'%.*s' is neither an address nor 'sender'", VAL(u->mailbox));
+        return;
+    }
+    if (u->mailbox == NULL && u->username == NULL && u->mailbox_map_file == NULL) {
+        cfg__perr(p, s->line, s, "mailbox",
+                  "required with transport = %s (the mailbox to send as: an address, or "
+                  "'sender' for the envelope sender)",
+                  tname);
+        return;
+    }
+    /* The token manager wants a username (the mailbox; Google's JWT subject). */
+    if (u->username == NULL)
+        u->username =
+            xstrdup(u->mailbox != NULL && strchr(u->mailbox, '@') != NULL ? u->mailbox : "-");
+    if ((u->grant == CFG_GRANT_JWT_BEARER ||
+         (u->grant == CFG_GRANT_NONE && u->service_account_file != NULL)) &&
+        (u->mailbox_map_file != NULL ||
+         (u->mailbox != NULL && strcmp(u->mailbox, u->username) != 0))) {
+        cfg__perr(p, key_line(s, "mailbox"), s, "mailbox",
+                  "with oauth2_grant = jwt_bearer the token is for one mailbox (the JWT "
+                  "subject, username): use a fixed mailbox equal to username");
+        return;
+    }
+    if (u->scope == NULL) {
+        if (graph)
+            u->scope = xstrdup(u->grant == CFG_GRANT_REFRESH_TOKEN ||
+                                       (u->grant == CFG_GRANT_NONE && u->refresh_token_file != NULL)
+                                   ? CFG_GRAPH_SCOPE_DELEGATED
+                                   : CFG_GRAPH_SCOPE_APP);
+        else
+            u->scope = xstrdup(CFG_GMAIL_SCOPE);
+    }
+    if (u->api_url == NULL)
+        u->api_url = xstrdup(graph ? CFG_GRAPH_URL : CFG_GMAIL_URL);
+    if (https_url_ok(p, s, "api_url", u->api_url) != 0)
+        return;
+    /* host and port for the logs (relay=NAME[host]:port): the API's. */
+    if (u->host == NULL) {
+        const char *h = u->api_url + 8, *colon;
+        size_t n = strcspn(h, "/?#");
+
+        colon = memchr(h, ':', n);
+        u->host = xasprintf("%.*s", (int)(colon != NULL ? (size_t)(colon - h) : n), h);
+        if (s->seen[cfg__key_index(s->def, "port")] == 0)
+            u->port = colon != NULL ? atoi(colon + 1) : 443;
+    }
+    check_upstream_oauth2(p, s);
+}
+
 static void check_upstream(struct cfg_parse *p, const struct cfg_sec *s)
 {
     struct cfg_upstream *u = &p->cfg->upstreams[s->index];
     char why[160];
 
+    if (u->transport_name == NULL || strcmp(u->transport_name, "smtp") == 0) {
+        u->transport = CFG_TRANSPORT_SMTP;
+    } else if (strcmp(u->transport_name, "graph") == 0) {
+        u->transport = CFG_TRANSPORT_GRAPH;
+    } else if (strcmp(u->transport_name, "gmail") == 0) {
+        u->transport = CFG_TRANSPORT_GMAIL;
+    } else {
+        cfg__perr(p, key_line(s, "transport"), s, "transport",
+                  "'%.*s' is not one of smtp, graph, gmail", VAL(u->transport_name));
+        return;
+    }
+    if (u->transport != CFG_TRANSPORT_SMTP) {
+        check_upstream_api(p, s);
+        return;
+    }
+    if (u->mailbox != NULL || u->mailbox_map_file != NULL || u->api_url != NULL) {
+        cfg__perr(p,
+                  key_line(s, u->mailbox != NULL   ? "mailbox"
+                              : u->api_url != NULL ? "api_url"
+                                                   : "mailbox_map"),
+                  s,
+                  u->mailbox != NULL   ? "mailbox"
+                  : u->api_url != NULL ? "api_url"
+                                       : "mailbox_map",
+                  "only for transport = graph | gmail");
+        return;
+    }
     if (u->host == NULL) {
         cfg__perr(p, s->line, s, "host", "required (e.g. host = smtp.example.com)");
         return;

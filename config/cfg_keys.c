@@ -140,6 +140,12 @@ static const struct cfg_key upstream_keys[] = {
     {"oauth2_ca_file", CFG_T_FILE, O(oauth2_ca_file), 0, 0, NULL, 0},
     {"oauth2_token_command", CFG_T_STRING, O(oauth2_token_command), 0, 0, NULL, 0},
     {"oauth2_refresh_margin", CFG_T_DURATION, O(oauth2_refresh_margin), 0, DAY, "10m", 0},
+    /* HTTP API transports (relayd/apisend.h); checked in check_upstream_api(). */
+    {"transport", CFG_T_STRING, O(transport_name), 0, 0, "smtp", 0},
+    {"mailbox", CFG_T_STRING, O(mailbox), 0, 0, NULL, 0},
+    {"mailbox_map", CFG_T_MAP, O(mailbox_map_file), 0, 0, NULL, O(mailbox_map)},
+    {"save_to_sent_items", CFG_T_BOOL, O(save_to_sent_items), 0, 1, "no", 0},
+    {"api_url", CFG_T_STRING, O(api_url), 0, 0, NULL, 0},
 };
 #undef O
 

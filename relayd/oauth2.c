@@ -2,9 +2,9 @@
  * oauth2 - OAuth 2.0 token manager; see oauth2.h.
  *
  * Happy path: oauth2_start() kicks every account; a kick builds the grant's POST (or
- * spawns oauth2_token_command) and adds it to one libcurl multi handle driven by libuv
- * (CURLMOPT_SOCKETFUNCTION -> one uv_poll_t per socket, CURLMOPT_TIMERFUNCTION -> one
- * uv_timer_t: curl's "multi-uv" pattern).  The answer is parsed by a small JSON reader;
+ * spawns oauth2_token_command) and puts it on the manager's asynchronous HTTP client
+ * (relayd/http.h: libcurl's multi interface on the loop).  The answer is parsed by a small
+ * JSON reader;
  * the token is stored with refresh_at (expiry - margin) and stale_at (expiry - margin/2),
  * and the account's timer is armed for refresh_at.  Deliveries peek synchronously.
  *
@@ -30,6 +30,7 @@
 
 #include "common/log.h"
 #include "common/xalloc.h"
+#include "relayd/http.h"
 
 static void acct_kick(struct o2_acct *a);
 
@@ -250,13 +251,7 @@ static void ensure_started(struct oauth2 *o)
         return;
     o->started = 1;
     curl_global_init(CURL_GLOBAL_DEFAULT);
-    o->multi = curl_multi_init();
-    curl_multi_setopt(o->multi, CURLMOPT_SOCKETFUNCTION, oauth2__on_curl_socket);
-    curl_multi_setopt(o->multi, CURLMOPT_SOCKETDATA, o);
-    curl_multi_setopt(o->multi, CURLMOPT_TIMERFUNCTION, oauth2__on_curl_timer);
-    curl_multi_setopt(o->multi, CURLMOPT_TIMERDATA, o);
-    uv_timer_init(o->loop, &o->curl_timer);
-    o->curl_timer.data = o;
+    o->http = http_new(o->loop);
     uv_timer_init(o->loop, &o->defer);
     o->defer.data = o;
     o->open_handles += 2;
@@ -265,6 +260,27 @@ static void ensure_started(struct oauth2 *o)
         o->accts[i].timer.data = &o->accts[i];
         o->open_handles++;
     }
+}
+
+/* One handle (a timer, the HTTP client) is closed; the last one ends oauth2_stop(). */
+static void one_closed(struct oauth2 *o)
+{
+    if (--o->open_handles == 0 && o->stopping && o->stopped != NULL) {
+        void (*fn)(void *) = o->stopped;
+
+        o->stopped = NULL;
+        fn(o->stopped_arg);
+    }
+}
+
+void oauth2__handle_closed(uv_handle_t *h)
+{
+    one_closed(h->data);
+}
+
+static void http_closed(void *arg)
+{
+    one_closed(arg);
 }
 
 void oauth2_start(struct oauth2 *o)
@@ -296,9 +312,10 @@ void oauth2_stop(struct oauth2 *o, void (*done)(void *arg), void *arg)
         struct o2_acct *a = &o->accts[i];
 
         if (a->req != NULL) {
-            curl_multi_remove_handle(o->multi, a->req->easy);
-            oauth2__req_free(a->req);
+            struct o2_req *r = a->req;
+
             a->req = NULL;
+            oauth2__req_abandon(r);
         }
         if (a->cmd != NULL) {
             a->cmd->a = NULL;
@@ -311,9 +328,8 @@ void oauth2_stop(struct oauth2 *o, void (*done)(void *arg), void *arg)
         a->timer.data = o;
         uv_close((uv_handle_t *)&a->timer, oauth2__handle_closed);
     }
-    curl_multi_cleanup(o->multi); /* removes its sockets through oauth2__on_curl_socket */
-    o->multi = NULL;
-    uv_close((uv_handle_t *)&o->curl_timer, oauth2__handle_closed);
+    http_close(o->http, http_closed, o);
+    o->http = NULL;
     uv_close((uv_handle_t *)&o->defer, oauth2__handle_closed);
     if (--o->open_handles == 0 && o->stopped != NULL) {
         o->stopped = NULL;

@@ -6,7 +6,7 @@
  *   oauth2.c        accounts: token cache, refresh timers, backoff, waiters; the public API
  *   oauth2_grant.c  the grant's POST, the JWT assertion, the token-response parser, the
  *                   atomic refresh-token write
- *   oauth2_http.c   libcurl on libuv (the multi handle), and the blocking POST for relayctl
+ *   oauth2_http.c   the token request on relayd/http.h, and the blocking POST for relayctl
  *   oauth2_cmd.c    oauth2_token_command (uv_spawn)
  *
  * An account has at most one request (a->req) or command (a->cmd) in flight; its end calls
@@ -50,15 +50,12 @@ struct o2_waiter {
 };
 SLIST_HEAD(o2_waiters, o2_waiter);
 
-/* One HTTP request in flight (curl easy handle in the multi). */
+/* One token request in flight on the manager's HTTP client (relayd/http.h). */
 struct o2_req {
-    struct o2_acct *a;
-    CURL *easy;
-    struct curl_slist *hdrs;
+    struct o2_acct *a; /* NULL once abandoned (stop) */
+    struct http_req *hr;
     char *post;
     size_t postlen;
-    struct buf *body;
-    char errbuf[CURL_ERROR_SIZE];
     char host[128];
 };
 
@@ -93,20 +90,13 @@ struct o2_acct {
     struct o2_waiters waiters; /* oauth2_token_get() callers; zeroed = empty */
 };
 
-struct o2_sock {
-    uv_poll_t poll;
-    curl_socket_t fd;
-    struct oauth2 *o;
-};
-
 struct oauth2 {
     uv_loop_t *loop;
     const struct cfg *cfg;
     struct o2_acct *accts;
     int naccts;
-    CURLM *multi;
-    uv_timer_t curl_timer;
-    uv_timer_t defer; /* runs waiters of oauth2_token_get() that need not wait */
+    struct http *http; /* the token requests (relayd/http.h) */
+    uv_timer_t defer;  /* runs waiters of oauth2_token_get() that need not wait */
     oauth2_clock_fn clock;
     void *clock_arg;
     int started, stopping;
@@ -134,9 +124,11 @@ int oauth2__token_request(struct o2_acct *a, CURL *e, char **url, char **post, c
 /* oauth2_http.c */
 void oauth2__http_start(struct o2_acct *a);
 void oauth2__req_free(struct o2_req *r);
+/* Forgets r (the account is stopping): its end frees it without a word to the account. */
+void oauth2__req_abandon(struct o2_req *r);
+
+/* oauth2.c */
 void oauth2__handle_closed(uv_handle_t *h);
-int oauth2__on_curl_socket(CURL *e, curl_socket_t fd, int what, void *userp, void *socketp);
-int oauth2__on_curl_timer(CURLM *m, long timeout_ms, void *userp);
 
 /* oauth2_cmd.c */
 void oauth2__cmd_start(struct o2_acct *a);

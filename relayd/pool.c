@@ -29,6 +29,7 @@
 #include "common/log.h"
 #include "common/tlsio.h"
 #include "common/xalloc.h"
+#include "relayd/apisend.h"
 #include "relayd/metrics.h"
 #include "relayd/upstream.h"
 
@@ -73,6 +74,7 @@ struct pool_req {
 struct pool_conn {
     struct pool_up *pu;
     struct smtpc *c;
+    struct apisend *api; /* instead of c for transport = graph | gmail (relayd/apisend.h) */
     int ready;            /* set-up done */
     int failed;           /* set-up failed: closing */
     struct pool_req *req; /* in transit */
@@ -92,7 +94,38 @@ struct pool_up {
     uv_timer_t wake;
     uv_timer_t probe_timer;
     struct smtpc *probe;
+    struct apisend *api_probe; /* the probe of a transport = graph | gmail upstream */
 };
+
+/* The session calls, for SMTP (smtpc) and the HTTP APIs (apisend) alike. */
+static int conn_idle(const struct pool_conn *conn)
+{
+    return conn->api != NULL ? apisend_session_idle(conn->api) : smtpc_session_idle(conn->c);
+}
+
+static int conn_offered(const struct pool_conn *conn)
+{
+    return conn->api != NULL ? apisend_session_offered(conn->api)
+                             : smtpc_session_offered(conn->c);
+}
+
+static void conn_quit(struct pool_conn *conn)
+{
+    if (conn->api != NULL)
+        apisend_session_quit(conn->api);
+    else
+        smtpc_session_quit(conn->c);
+}
+
+static void conn_abort(struct pool_conn *conn)
+{
+    if (conn->api != NULL)
+        apisend_session_abort(conn->api);
+    else
+        smtpc_session_abort(conn->c);
+}
+
+#define PROBING(pu) ((pu)->probe != NULL || (pu)->api_probe != NULL)
 
 struct pool {
     uv_loop_t *loop;
@@ -381,7 +414,7 @@ static void probe_arm(struct pool_up *pu)
     int every = pu->p->cfg->upstream_probe_interval;
     uint64_t until = upstream_paused_until(pu->u, pool_now(pu->p));
 
-    if (pu->p->stopping || pu->probe != NULL)
+    if (pu->p->stopping || PROBING(pu))
         return;
     if (every <= 0)
         every = POOL_PROBE_INTERVAL_DEFAULT;
@@ -396,6 +429,7 @@ static void probe_done(void *arg, const struct smtpc_result *res)
     struct pool_up *pu = arg;
 
     pu->probe = NULL;
+    pu->api_probe = NULL;
     if (pu->p->stopping)
         return;
     if (res->status == SMTPC_SENT) {
@@ -422,10 +456,15 @@ static void probe_fire(uv_timer_t *t)
         (upstream_is_healthy(pu->u) && upstream_paused_until(pu->u, pool_now(pu->p)) == 0))
         return;
     log_debug(1, "upstream %s: probing", pu->cfg->name);
-    rc = smtpc_probe(pu->p->loop, pu->cfg, pu->cred, pu->p->oauth2, pu->p->cfg->hostname, NULL, probe_done, pu,
+    if (pu->cfg->transport != CFG_TRANSPORT_SMTP)
+        rc = apisend_probe(pu->p->loop, pu->cfg, pu->p->oauth2, NULL, probe_done, pu,
+                           &pu->api_probe);
+    else
+        rc = smtpc_probe(pu->p->loop, pu->cfg, pu->cred, pu->p->oauth2, pu->p->cfg->hostname, NULL, probe_done, pu,
                      &pu->probe);
     if (rc < 0) {
         pu->probe = NULL;
+        pu->api_probe = NULL;
         log_warn("upstream %s: cannot start a probe: %s", pu->cfg->name, uv_strerror(rc));
         probe_arm(pu);
     }
@@ -464,7 +503,7 @@ static void pool_maybe_stopped(struct pool *p)
     if (!p->stopping || p->stop_done == NULL)
         return;
     for (i = 0; i < p->nups; i++)
-        if (p->ups[i].nconns > 0 || p->ups[i].probe != NULL)
+        if (p->ups[i].nconns > 0 || PROBING(&p->ups[i]))
             return;
     pool_grace_close(p);
     if (p->open_handles > 0)
@@ -514,6 +553,8 @@ static void tx_done(void *arg, const struct smtpc_result *res)
         pool_kick(p);
         return;
     }
+    if (conn->api != NULL && res->throttled && apisend_retry_after(conn->api) > 0)
+        upstream_pause_for(pu->u, (uint64_t)apisend_retry_after(conn->api) * 1000, pool_now(p));
     up_learn(pu, res);
     if (res->config_fault && !p->stopping)
         up_fault(pu, res); /* unhealthy; the rest of its queue moves on */
@@ -593,7 +634,7 @@ static void conn_event(void *arg, struct smtpc *c, enum smtpc_event ev,
         break;
     case SMTPC_EV_IDLE:
         if (!pu->cfg->reuse || p->stopping)
-            smtpc_session_quit(conn->c);
+            conn_quit(conn);
         else
             pool_kick(p);
         break;
@@ -614,7 +655,11 @@ static int conn_open(struct pool_up *pu)
     int rc;
 
     conn->pu = pu;
-    rc = smtpc_session_open(pu->p->loop, pu->cfg, pu->cred, pu->p->oauth2, pu->p->cfg->hostname, conn_event, conn,
+    if (pu->cfg->transport != CFG_TRANSPORT_SMTP)
+        rc = apisend_session_open(pu->p->loop, pu->cfg, pu->p->oauth2, conn_event, conn,
+                                  &conn->api);
+    else
+        rc = smtpc_session_open(pu->p->loop, pu->cfg, pu->cred, pu->p->oauth2, pu->p->cfg->hostname, conn_event, conn,
                             &conn->c);
     if (rc < 0) {
         free(conn);
@@ -647,6 +692,10 @@ static void pool_dispatch_up(struct pool_up *pu)
     struct pool_conn *conn;
     int rc, maxc = pu->cfg->max_connections > 0 ? pu->cfg->max_connections : 4;
 
+    /* Graph allows 4 concurrent requests per mailbox. */
+    if (pu->cfg->transport == CFG_TRANSPORT_GRAPH && maxc > 4)
+        maxc = 4;
+
     if (!upstream_is_healthy(pu->u)) {
         while ((req = queue_pop(pu)) != NULL)
             req_failover(req, NULL);
@@ -658,14 +707,17 @@ static void pool_dispatch_up(struct pool_up *pu)
             return;
         }
         LIST_FOREACH(conn, &pu->conns, link)
-            if (conn->ready && !conn->failed && conn->req == NULL && smtpc_session_idle(conn->c))
+            if (conn->ready && !conn->failed && conn->req == NULL && conn_idle(conn))
                 break;
         if (conn != NULL) {
             queue_pop(pu);
             conn->req = req;
             upstream_rate_take(pu->u, req->sub.nrcpts, now);
             p->transactions++;
-            rc = smtpc_session_send(conn->c, &req->sub, tx_done, conn);
+            if (conn->api != NULL)
+                apisend_set_failover(conn->api, cand_up(req->route, req->cand + 1) != NULL);
+            rc = conn->api != NULL ? apisend_session_send(conn->api, &req->sub, tx_done, conn)
+                                   : smtpc_session_send(conn->c, &req->sub, tx_done, conn);
             if (rc < 0) {
                 conn->req = NULL;
                 queue_push(pu, req, 1);
@@ -857,14 +909,14 @@ static void pool_close_sessions(struct pool *p, int offered_wait)
     for (i = 0; i < p->nups; i++) {
         for (conn = LIST_FIRST(&p->ups[i].conns); conn != NULL; conn = next) {
             next = LIST_NEXT(conn, link);
-            if (conn->req != NULL && offered_wait && smtpc_session_offered(conn->c)) {
+            if (conn->req != NULL && offered_wait && conn_offered(conn)) {
                 waiting++;
                 continue;
             }
             if (conn->req != NULL || !conn->ready)
-                smtpc_session_abort(conn->c); /* tx_done runs now */
+                conn_abort(conn); /* tx_done runs now */
             else
-                smtpc_session_quit(conn->c);
+                conn_quit(conn);
         }
     }
     if (waiting > 0)
@@ -903,6 +955,8 @@ void pool_stop(struct pool *p, void (*done)(void *arg), void *arg)
         struct pool_up *pu = &p->ups[i];
         if (pu->probe != NULL)
             smtpc_abort(pu->probe); /* probe_done runs now */
+        if (pu->api_probe != NULL)
+            apisend_probe_abort(pu->api_probe);
         if (p->started) {
             uv_close((uv_handle_t *)&pu->wake, up_timer_closed);
             uv_close((uv_handle_t *)&pu->probe_timer, up_timer_closed);
@@ -962,7 +1016,7 @@ void pool_get_stats(const struct pool *p, struct pool_stats *st)
         st->sessions += p->ups[i].nconns;
         st->queued += p->ups[i].nqueued;
         LIST_FOREACH(conn, &p->ups[i].conns, link)
-            st->idle += conn->ready && conn->req == NULL && smtpc_session_idle(conn->c);
+            st->idle += conn->ready && conn->req == NULL && conn_idle(conn);
     }
     st->opened = p->opened;
     st->transactions = p->transactions;
@@ -986,7 +1040,7 @@ void pool_reprobe(struct pool *p)
 
         /* An unhealthy upstream is probed now rather than at the end of its interval: the
          * administrator has just fixed something (a reload).  Healthy ones are left be. */
-        if (!upstream_is_healthy(pu->u) && pu->probe == NULL)
+        if (!upstream_is_healthy(pu->u) && !PROBING(pu))
             uv_timer_start(&pu->probe_timer, probe_fire, 0, 0);
     }
 }

@@ -28,6 +28,7 @@ struct upstream {
     char reason[512];
     char action[512];
     uint64_t paused_until;
+    uint64_t told_until; /* the upstream's own Retry-After: not ended by a working session */
     uint64_t next_pause; /* 0: UPSTREAM_THROTTLE_FIRST_MS */
     int failed_sessions; /* temporary session-level failures since the last success */
     uint64_t next_cohort_pause; /* 0: the first one */
@@ -171,6 +172,17 @@ void upstream_throttle(struct upstream *u, uint64_t now_ms)
              u->cfg->name, (unsigned long long)(pause / 1000));
 }
 
+void upstream_pause_for(struct upstream *u, uint64_t ms, uint64_t now_ms)
+{
+    if (ms < 1000)
+        ms = 1000;
+    if (u->paused_until >= now_ms + ms)
+        return;
+    u->paused_until = u->told_until = now_ms + ms;
+    log_warn("upstream %s: pausing all deliveries to it for %llus (Retry-After)", u->cfg->name,
+             (unsigned long long)(ms / 1000));
+}
+
 int upstream_session_failed(struct upstream *u, int cohort, uint64_t first_ms, uint64_t max_ms,
                             uint64_t now_ms)
 {
@@ -204,6 +216,11 @@ void upstream_session_ok(struct upstream *u, uint64_t now_ms)
     u->failed_sessions = 0;
     u->next_pause = 0;
     u->next_cohort_pause = 0;
+    if (u->paused_until > now_ms && u->told_until > now_ms) {
+        /* A probe that works says nothing against the Retry-After the API gave. */
+        u->paused_until = u->told_until;
+        return;
+    }
     if (u->paused_until > now_ms) {
         log_info("upstream %s: a session worked; the pause ends now", u->cfg->name);
         u->paused_until = 0;

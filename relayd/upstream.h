@@ -58,6 +58,10 @@ const char *upstream_action(const struct upstream *u); /* "" when none */
 /* The upstream asked us to slow down: pause it (first 60 s, doubling up to 1 h).  Several
  * sessions hearing it at once count as one. */
 void upstream_throttle(struct upstream *u, uint64_t now_ms);
+/* The upstream said how long to wait (an HTTP API's Retry-After): pause exactly ms (at least
+ * one second) unless a longer pause is in force; the doubling is left as it is, and a
+ * session or probe that works (upstream_session_ok()) does not end this pause early. */
+void upstream_pause_for(struct upstream *u, uint64_t ms, uint64_t now_ms);
 /* A session failed temporarily at session level (421, refused, lost before it was ready).
  * When cohort of them (the pool passes max_connections) failed in a row with no success in
  * between, the upstream is paused: first_ms, doubling up to max_ms (the pool passes

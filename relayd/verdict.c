@@ -232,6 +232,106 @@ void verdict_reply(enum verdict_stage stage, int code, const char *reply, struct
     v->cause = stage <= VERDICT_AT_AUTH ? VERDICT_CONFIG : VERDICT_PERMANENT;
 }
 
+/* ---- HTTP APIs ---- */
+
+#define ACT_GRAPH_GRANT                                                                            \
+    "grant the app registration the Microsoft Graph application permission Mail.Send with admin "  \
+    "consent (Entra admin center > App registrations > API permissions), and make sure the "       \
+    "application access policy (New-ApplicationAccessPolicy / RBAC for Applications) includes "    \
+    "this mailbox"
+#define ACT_GRAPH_TOKEN                                                                            \
+    "Microsoft Graph refused the access token: check tenant, client_id and the secret or "         \
+    "certificate, and that scope is https://graph.microsoft.com/.default (app-only)"
+#define ACT_GMAIL_GRANT                                                                            \
+    "grant the service account's client id domain-wide delegation with the scope "                 \
+    "https://www.googleapis.com/auth/gmail.send (Google Admin console > Security > API "           \
+    "controls), "                                                                                  \
+    "or authorize the account with that scope; the mailbox must be a Workspace user with Gmail on"
+#define ACT_GMAIL_TOKEN                                                                            \
+    "the Gmail API refused the access token: check the service account key or the refresh token"
+#define ACT_MAILBOX                                                                                \
+    "the sending mailbox does not exist, has no Exchange Online / Gmail licence or is not "        \
+    "enabled for the API: check mailbox (or mailbox_map, or the envelope sender with "             \
+    "mailbox = sender)"
+#define ACT_API_SEND_AS                                                                            \
+    "the mailbox may not send as this From: address: grant it \"Send As\" for that address, or "   \
+    "set rewrite_from = yes on the route"
+
+struct http_row {
+    long status;      /* 0: any */
+    const char *code; /* case-insensitive substring of code or message, NULL: any */
+    enum verdict_cause cause;
+    enum verdict_scope scope;
+    int graph; /* -1: either API, 1: Graph, 0: Gmail */
+    const char *action;
+};
+
+static const struct http_row http_table[] = {
+    {0, "ErrorSendAsDenied", VERDICT_CONFIG, VERDICT_SCOPE_MESSAGE, -1, ACT_API_SEND_AS},
+    {0, "ErrorInvalidUser", VERDICT_CONFIG, VERDICT_SCOPE_MESSAGE, -1, ACT_MAILBOX},
+    {0, "MailboxNotEnabledForRESTAPI", VERDICT_CONFIG, VERDICT_SCOPE_MESSAGE, -1, ACT_MAILBOX},
+    {0, "MailboxNotFound", VERDICT_CONFIG, VERDICT_SCOPE_MESSAGE, -1, ACT_MAILBOX},
+    {0, "failedPrecondition", VERDICT_CONFIG, VERDICT_SCOPE_MESSAGE, 0, ACT_MAILBOX},
+    {0, "ApplicationThrottled", VERDICT_SLOWDOWN, VERDICT_SCOPE_SESSION, -1, NULL},
+    {0, "MailboxConcurrency", VERDICT_SLOWDOWN, VERDICT_SCOPE_SESSION, -1, NULL},
+    {0, "rateLimitExceeded", VERDICT_SLOWDOWN, VERDICT_SCOPE_SESSION, -1, NULL},
+    {0, "userRateLimitExceeded", VERDICT_SLOWDOWN, VERDICT_SCOPE_SESSION, -1, NULL},
+    {0, "ErrorQuotaExceeded", VERDICT_SLOWDOWN, VERDICT_SCOPE_SESSION, -1, ACT_QUOTA},
+    {401, NULL, VERDICT_CONFIG, VERDICT_SCOPE_SESSION, 1, ACT_GRAPH_TOKEN},
+    {401, NULL, VERDICT_CONFIG, VERDICT_SCOPE_SESSION, 0, ACT_GMAIL_TOKEN},
+    {403, NULL, VERDICT_CONFIG, VERDICT_SCOPE_SESSION, 1, ACT_GRAPH_GRANT},
+    {403, NULL, VERDICT_CONFIG, VERDICT_SCOPE_SESSION, 0, ACT_GMAIL_GRANT},
+    {404, NULL, VERDICT_CONFIG, VERDICT_SCOPE_MESSAGE, -1, ACT_MAILBOX},
+    {408, NULL, VERDICT_TRANSIENT, VERDICT_SCOPE_MESSAGE, -1, NULL},
+    {413, NULL, VERDICT_PERMANENT, VERDICT_SCOPE_MESSAGE, -1, NULL},
+    {429, NULL, VERDICT_SLOWDOWN, VERDICT_SCOPE_SESSION, -1, NULL},
+    {503, NULL, VERDICT_SLOWDOWN, VERDICT_SCOPE_SESSION, -1, NULL},
+    {504, NULL, VERDICT_SLOWDOWN, VERDICT_SCOPE_SESSION, -1, NULL},
+};
+
+static int icontains(const char *s, const char *needle)
+{
+    size_t n = strlen(needle);
+
+    for (; s != NULL && *s != '\0'; s++)
+        if (strncasecmp(s, needle, n) == 0)
+            return 1;
+    return 0;
+}
+
+void verdict_http(int graph, long status, const char *code, const char *message, struct verdict *v)
+{
+    size_t i;
+
+    v->action = NULL;
+    if (status >= 200 && status < 300) {
+        v->cause = VERDICT_SENT;
+        v->scope = VERDICT_SCOPE_MESSAGE;
+        return;
+    }
+    if (status == 0) {
+        v->cause = VERDICT_TRANSIENT;
+        v->scope = VERDICT_SCOPE_SESSION;
+        return;
+    }
+    for (i = 0; i < sizeof(http_table) / sizeof(http_table[0]); i++) {
+        const struct http_row *r = &http_table[i];
+
+        if (r->status != 0 && r->status != status)
+            continue;
+        if (r->graph >= 0 && r->graph != (graph != 0))
+            continue;
+        if (r->code != NULL && !icontains(code, r->code) && !icontains(message, r->code))
+            continue;
+        v->cause = r->cause;
+        v->scope = r->scope;
+        v->action = r->action;
+        return;
+    }
+    v->scope = VERDICT_SCOPE_MESSAGE;
+    v->cause = status >= 400 && status < 500 ? VERDICT_PERMANENT : VERDICT_TRANSIENT;
+}
+
 const char *verdict_action(const char *reply)
 {
     const struct reply_row *row = table_find(verdict_reply_code(reply), reply);

@@ -68,6 +68,26 @@ struct verdict {
  */
 void verdict_reply(enum verdict_stage stage, int code, const char *reply, struct verdict *v);
 
+/*
+ * The verdict on an HTTP API's answer (Microsoft Graph, Gmail API; relayd/apisend.h).
+ * status is the HTTP status (0: no answer: connection refused or lost, timeout, TLS
+ * failure), code the provider's error code from the JSON body ("ErrorAccessDenied",
+ * "ErrorInvalidRecipients", Gmail's "insufficientPermissions" reason or status
+ * "PERMISSION_DENIED"; NULL or "" when none), message its text (NULL: none).
+ *   2xx                      SENT
+ *   401, 403                 CONFIG (session: the token, the app's permission or the
+ *                            application access policy), action says what to grant
+ *   404 ErrorInvalidUser...  CONFIG (message: this sending mailbox does not exist or has
+ *                            no mailbox licence: the mapping or the sender is wrong)
+ *   408, 500, 502, 0         TRANSIENT (retry with backoff)
+ *   429, 503, 504            SLOWDOWN (session: pause the upstream for Retry-After)
+ *   413                      PERMANENT (too large for this API)
+ *   other 4xx                PERMANENT (the provider's text goes into the DSN)
+ *   other 5xx                TRANSIENT
+ * graph: 1 for Microsoft Graph, 0 for Gmail (the actions name their consoles).
+ */
+void verdict_http(int graph, long status, const char *code, const char *message, struct verdict *v);
+
 /* The first SMTP reply code in text (three digits at the start or after a space, then a
  * space, '-' or the end), or 0. */
 int verdict_reply_code(const char *text);

@@ -30,6 +30,7 @@
 #include "common/buf.h"
 #include "common/tlsio.h"
 #include "common/xalloc.h"
+#include "relayd/apisend.h"
 #include "relayd/ctl/ctl.h"
 #include "relayd/ctl/ctl_oauth2.h"
 #include "relayd/oauth2.h"
@@ -176,9 +177,14 @@ int ctl_diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
         no_such_upstream(cfg, name, out);
         return CTL_EXIT_FAIL;
     }
-    fprintf(out, "testing upstream %s: %s:%d, tls = %s%s%s\n", up->name, up->host, up->port,
-            cfg_tls_name(up->tls), up->username ? ", user " : ", no authentication",
-            up->username ? up->username : "");
+    if (up->transport != CFG_TRANSPORT_SMTP)
+        fprintf(out, "testing upstream %s: transport = %s, %s, mailbox %s\n", up->name,
+                up->transport == CFG_TRANSPORT_GRAPH ? "graph" : "gmail", up->api_url,
+                up->mailbox != NULL ? up->mailbox : up->username);
+    else
+        fprintf(out, "testing upstream %s: %s:%d, tls = %s%s%s\n", up->name, up->host, up->port,
+                cfg_tls_name(up->tls), up->username ? ", user " : ", no authentication",
+                up->username ? up->username : "");
     fflush(out);
     if (tlsio_global_init(err, sizeof err) != 0 || authsasl_client_init(err, sizeof err) != 0) {
         fprintf(out, "[FAIL] %s\nverdict: FAILED: %s\n", err, err);
@@ -204,7 +210,15 @@ int ctl_diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
         fprintf(out, "[%s] %s\n", rc == 0 ? " ok " : "FAIL", text);
         fflush(out);
     }
-    rc = smtpc_probe(&loop, up, cred, oauth, cfg->hostname, probe_step, probe_done, &ps, &client);
+    if (up->transport != CFG_TRANSPORT_SMTP) {
+        /* Graph / Gmail API: the token, then GET the mailbox (relayd/apisend.h). */
+        struct apisend *api = NULL;
+
+        rc = apisend_probe(&loop, up, oauth, probe_step, probe_done, &ps, &api);
+    } else {
+        rc = smtpc_probe(&loop, up, cred, oauth, cfg->hostname, probe_step, probe_done, &ps,
+                         &client);
+    }
     if (rc != 0) {
         ps.done = 1;
         ps.status = SMTPC_DEFER;
@@ -230,6 +244,12 @@ int ctl_diag_test_upstream(const struct cfg *cfg, const char *name, FILE *out)
     if (!ps.done) {
         fprintf(out, "verdict: FAILED: the probe ended without a result\n");
         return CTL_EXIT_FAIL;
+    }
+    if (ps.status == SMTPC_SENT && up->transport != CFG_TRANSPORT_SMTP) {
+        fprintf(out,
+                "verdict: upstream %s works: %s API over HTTPS (TLS verified), token accepted\n",
+                up->name, up->transport == CFG_TRANSPORT_GRAPH ? "Microsoft Graph" : "Gmail");
+        return CTL_EXIT_OK;
     }
     if (ps.status == SMTPC_SENT) {
         fprintf(out, "verdict: upstream %s works: %s%s%s%s, %s%s\n", up->name,
@@ -398,6 +418,9 @@ static int connect_listener(const struct cfg_listener *l, char *why, size_t whyl
  * insist on it), else postmaster@ our hostname. */
 static char *default_sender(const struct cfg *cfg, const struct cfg_upstream *up)
 {
+    /* An API upstream's fixed mailbox is the one that sends. */
+    if (up->transport != CFG_TRANSPORT_SMTP && up->mailbox != NULL && strchr(up->mailbox, '@'))
+        return xstrdup(up->mailbox);
     if (up->username != NULL && strchr(up->username, '@') != NULL)
         return xstrdup(up->username);
     return xasprintf("postmaster@%s", cfg->hostname);

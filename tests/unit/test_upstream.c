@@ -114,6 +114,31 @@ Test(upstream, throttle_backoff)
     u = upstream_free(u);
 }
 
+/* An HTTP API's Retry-After: that long exactly (at least 1 s), not shortened by a working
+ * probe, not lengthening a longer pause, and the throttle doubling left alone. */
+Test(upstream, pause_for_retry_after)
+{
+    struct cfg_upstream c = cfg_with(0, 0);
+    struct upstream *u = upstream_new(&c);
+    uint64_t t = 1000000;
+
+    cr_redirect_stderr();
+    upstream_pause_for(u, 3000, t);
+    cr_assert(eq(u64, upstream_paused_until(u, t), t + 3000));
+    upstream_session_ok(u, t + 1000); /* the health probe worked */
+    cr_assert(eq(u64, upstream_paused_until(u, t + 1000), t + 3000));
+    upstream_pause_for(u, 1000, t + 1000); /* shorter: the longer pause stays */
+    cr_assert(eq(u64, upstream_paused_until(u, t + 1000), t + 3000));
+    cr_assert(eq(u64, upstream_paused_until(u, t + 3000), 0));
+    upstream_pause_for(u, 10, t + 5000); /* at least a second */
+    cr_assert(eq(u64, upstream_paused_until(u, t + 5000), t + 6000));
+    upstream_throttle(u, t + 7000); /* the doubling starts at its first step */
+    cr_assert(eq(u64, upstream_paused_until(u, t + 7000), t + 67000));
+    upstream_session_ok(u, t + 8000); /* a throttle pause ends with a working session */
+    cr_assert(eq(u64, upstream_paused_until(u, t + 8000), 0));
+    u = upstream_free(u);
+}
+
 /* Postfix's dead-destination rule: one 421 among working sessions pauses nothing; a whole
  * cohort failing in a row does; a session that works ends the pause and the doubling. */
 Test(upstream, failed_cohort)

@@ -150,6 +150,74 @@ Test(verdict, provider_replies)
     }
 }
 
+struct http_case {
+    const char *label;
+    int graph;
+    long status;
+    const char *code, *message;
+    enum verdict_cause want_cause;
+    enum verdict_scope want_scope;
+    const char *want_action_part; /* NULL: no action */
+};
+
+static const struct http_case http_cases[] = {
+    {"graph accepted", 1, 202, NULL, NULL, VERDICT_SENT, M, NULL},
+    {"gmail sent", 0, 200, NULL, NULL, VERDICT_SENT, M, NULL},
+    {"network failure", 1, 0, NULL, "connection refused", VERDICT_TRANSIENT, S, NULL},
+    {"graph token refused", 1, 401, "InvalidAuthenticationToken", "Access token is empty.",
+     VERDICT_CONFIG, S, "client_id"},
+    {"graph access denied (no Mail.Send)", 1, 403, "ErrorAccessDenied",
+     "Access is denied. Check credentials and try again.", VERDICT_CONFIG, S, "Mail.Send"},
+    {"graph outside the application access policy", 1, 403, "ErrorAccessDenied",
+     "Access to OData is disabled: Blocked by tenant configured AppOnly AccessPolicy settings.",
+     VERDICT_CONFIG, S, "application access policy"},
+    {"gmail insufficient permissions", 0, 403, "insufficientPermissions",
+     "Request had insufficient authentication scopes.", VERDICT_CONFIG, S, "gmail.send"},
+    {"gmail token refused", 0, 401, "UNAUTHENTICATED", NULL, VERDICT_CONFIG, S, "refresh token"},
+    {"graph send as denied: this message", 1, 403, "ErrorSendAsDenied",
+     "The user account which was used to submit this request does not have the right to send "
+     "mail on behalf of the specified sending account.",
+     VERDICT_CONFIG, M, "Send As"},
+    {"graph no such mailbox", 1, 404, "ErrorInvalidUser",
+     "The requested user 'fax@corp.example' is invalid.", VERDICT_CONFIG, M, "mailbox"},
+    {"graph mailbox not licensed", 1, 404, "MailboxNotEnabledForRESTAPI",
+     "The mailbox is either inactive, soft-deleted, or is hosted on-premise.", VERDICT_CONFIG, M,
+     "licence"},
+    {"graph throttled", 1, 429, "ApplicationThrottled",
+     "Application is over its MailboxConcurrency limit.", VERDICT_SLOWDOWN, S, NULL},
+    {"gmail rate limit", 0, 429, "rateLimitExceeded", NULL, VERDICT_SLOWDOWN, S, NULL},
+    {"service unavailable", 1, 503, NULL, NULL, VERDICT_SLOWDOWN, S, NULL},
+    {"gateway timeout", 0, 504, NULL, NULL, VERDICT_SLOWDOWN, S, NULL},
+    {"graph invalid recipients", 1, 400, "ErrorInvalidRecipients",
+     "At least one recipient is not valid.", VERDICT_PERMANENT, M, NULL},
+    {"gmail invalid argument", 0, 400, "INVALID_ARGUMENT", "Invalid To header", VERDICT_PERMANENT,
+     M, NULL},
+    {"too large", 1, 413, "ErrorRequestEntityTooLarge", NULL, VERDICT_PERMANENT, M, NULL},
+    {"internal server error", 1, 500, "InternalServerError", NULL, VERDICT_TRANSIENT, M, NULL},
+    {"bad gateway", 0, 502, NULL, NULL, VERDICT_TRANSIENT, M, NULL},
+    {"request timeout", 1, 408, NULL, NULL, VERDICT_TRANSIENT, M, NULL},
+};
+
+/* Each HTTP API answer gets its cause, scope and action. */
+Test(verdict, http_answers)
+{
+    for (size_t i = 0; i < sizeof(http_cases) / sizeof(http_cases[0]); i++) {
+        const struct http_case *c = &http_cases[i];
+        struct verdict v;
+
+        verdict_http(c->graph, c->status, c->code, c->message, &v);
+        cr_expect(eq(int, (int)v.cause, (int)c->want_cause), "%s: cause %s", c->label,
+                  verdict_cause_name(v.cause));
+        cr_expect(eq(int, (int)v.scope, (int)c->want_scope), "%s: scope %d", c->label,
+                  (int)v.scope);
+        if (c->want_action_part == NULL)
+            cr_expect_null(v.action, "%s: %s", c->label, v.action);
+        else
+            cr_expect_not_null(v.action != NULL ? strstr(v.action, c->want_action_part) : NULL,
+                               "%s: action %s", c->label, v.action);
+    }
+}
+
 /* Reply codes are found after a prefix, and only as whole codes. */
 Test(verdict, reply_code)
 {

@@ -1,0 +1,66 @@
+# tests/e2e/api_lib.sh - helpers for the HTTP API transport tests (t_api_*.sh); source it
+# after lib.sh and oauth2_lib.sh.  Runs the API emulation (api_server.py) on API_PORT (kept
+# across restarts); stopped by pid.
+
+API_PORT=
+API_PID=
+API_DIR=$T/api
+
+# start_api [--token T] [--fault SPEC]...: (re)starts the emulation with the given options;
+# requests.log starts empty, message numbers go on.
+start_api() {
+    make_ca
+    if [ -n "$API_PID" ]; then
+        stop_pid "$API_PID" 5
+        wait_for_port_closed "$API_PORT" 10 || fail "API emulation still listening"
+    fi
+    mkdir -p "$API_DIR"
+    : > "$API_DIR/requests.log" # the requests of this run only
+    API_PORT=${API_PORT:-$(free_port)}
+    "$PY" "$E2E_SRC/tests/e2e/api_server.py" --port "$API_PORT" --cert "$T/ca/server.pem" \
+        --key "$T/ca/server.key" --state-dir "$API_DIR" "$@" >> "$T/api_server.log" 2>&1 &
+    API_PID=$!
+    E2E_PIDS+=("$API_PID")
+    wait_for_port "$API_PORT" 15 || { cat "$T/api_server.log" >&2; fail "API emulation did not start"; }
+    say "API emulation on https://127.0.0.1:$API_PORT (pid $API_PID${*:+, $*})"
+}
+
+# write_api_conf FILE TRANSPORT [LINES]: relayd with [upstream provider] on the API emulation,
+# app-only token from oauth2_server.py (its client-credentials grant wants the Exchange scope;
+# the emulation, started without --token, takes any bearer token).
+write_api_conf() {
+    mkdir -p "$T/secrets" && chmod 0700 "$T/secrets"
+    secret "$T/secrets/client_secret" "$OA_CLIENT_SECRET"
+    write_oauth2_conf "$1" "auth = xoauth2
+provider = microsoft
+tenant = $OA_TENANT
+token_endpoint = https://127.0.0.1:$OA_PORT/$OA_TENANT/oauth2/v2.0/token
+oauth2_grant = client_credentials
+client_id = $OA_CLIENT_ID
+client_secret_file = $T/secrets/client_secret
+scope = https://outlook.office365.com/.default
+transport = $2
+api_url = https://127.0.0.1:$API_PORT
+${3:-}"
+}
+
+# api_count: messages the emulation recorded (NNNN.json is written last).
+api_count() { ls "$API_DIR" 2>/dev/null | grep -c '^[0-9]*\.json$' || true; }
+
+# wait_for_api N SECONDS
+wait_for_api() {
+    local i
+    for ((i = 0; i < ${2:-30} * 4; i++)); do
+        relayd_must_run
+        [ "$(api_count)" -ge "$1" ] && return 0
+        sleep 0.25
+    done
+    return 1
+}
+
+# api_json N FIELD: a field of the Nth recorded message's JSON (lists joined by spaces).
+api_json() {
+    "$PY" -c 'import json,sys
+v = json.load(open(sys.argv[1]))[sys.argv[2]]
+print(" ".join(v) if isinstance(v, list) else v)' "$API_DIR/$(printf %04d "$1").json" "$2"
+}
