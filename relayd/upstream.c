@@ -85,6 +85,7 @@ void upstream_carry(struct upstream *u, const struct upstream *from)
     memcpy(u->reason, from->reason, sizeof(u->reason));
     memcpy(u->action, from->action, sizeof(u->action));
     u->paused_until = from->paused_until;
+    u->told_until = from->told_until; /* a Retry-After outlives a reload */
     u->next_pause = from->next_pause;
     u->failed_sessions = from->failed_sessions;
     u->next_cohort_pause = from->next_cohort_pause;

@@ -260,3 +260,20 @@ Test(upstream, state_carried_by_reload)
     u = upstream_free(u);
     v = upstream_free(v);
 }
+
+/* A provider's Retry-After pause survives a reload: a working session on the new
+ * generation's upstream does not end it early. */
+Test(upstream, retry_after_carried_by_reload)
+{
+    struct cfg_upstream c = cfg_with(0, 0);
+    struct upstream *u = upstream_new(&c), *v = upstream_new(&c);
+    uint64_t t0 = 1000000;
+
+    upstream_pause_for(u, 30000, t0);
+    upstream_carry(v, u);
+    upstream_session_ok(v, t0 + 1000);
+    cr_expect(eq(u64, upstream_paused_until(v, t0 + 1000), t0 + 30000),
+              "the Retry-After still holds after the reload");
+    u = upstream_free(u);
+    v = upstream_free(v);
+}
