@@ -17,8 +17,12 @@ start_api() {
     mkdir -p "$API_DIR"
     : > "$API_DIR/requests.log" # the requests of this run only
     API_PORT=${API_PORT:-$(free_port)}
+    # With the token endpoint emulation running, only the tokens it issued for this API's
+    # audience open the API (an Exchange token does not open Graph).
+    local tokens=()
+    [ -n "${OA_PORT:-}" ] && tokens=(--tokens-dir "$OA_STATE")
     "$PY" "$E2E_SRC/tests/e2e/api_server.py" --port "$API_PORT" --cert "$T/ca/server.pem" \
-        --key "$T/ca/server.key" --state-dir "$API_DIR" "$@" >> "$T/api_server.log" 2>&1 &
+        --key "$T/ca/server.key" --state-dir "$API_DIR" "${tokens[@]}" "$@" >> "$T/api_server.log" 2>&1 &
     API_PID=$!
     E2E_PIDS+=("$API_PID")
     wait_for_port "$API_PORT" 15 || { cat "$T/api_server.log" >&2; fail "API emulation did not start"; }
@@ -26,8 +30,8 @@ start_api() {
 }
 
 # write_api_conf FILE TRANSPORT [LINES]: relayd with [upstream provider] on the API emulation,
-# app-only token from oauth2_server.py (its client-credentials grant wants the Exchange scope;
-# the emulation, started without --token, takes any bearer token).
+# app-only token from oauth2_server.py for Graph's audience (scope defaults to
+# https://graph.microsoft.com/.default with transport = graph); the emulation checks it.
 write_api_conf() {
     mkdir -p "$T/secrets" && chmod 0700 "$T/secrets"
     secret "$T/secrets/client_secret" "$OA_CLIENT_SECRET"
@@ -38,7 +42,6 @@ token_endpoint = https://127.0.0.1:$OA_PORT/$OA_TENANT/oauth2/v2.0/token
 oauth2_grant = client_credentials
 client_id = $OA_CLIENT_ID
 client_secret_file = $T/secrets/client_secret
-scope = https://outlook.office365.com/.default
 transport = $2
 api_url = https://127.0.0.1:$API_PORT
 ${3:-}"

@@ -146,6 +146,40 @@ class Fault:
         return False
 
 
+GRAPH_AUDIENCE = ("https://graph.microsoft.com/.default", "Mail.Send")
+GMAIL_AUDIENCE = ("https://www.googleapis.com/auth/gmail.send", "https://mail.google.com/")
+
+
+def token_refused(token, gmail):
+    """With --tokens-dir (oauth2_server.py's state): the reason a bearer token is refused, as
+    the real service words it, or None.  The token must have been issued, be unexpired and be
+    meant for this API (a token for outlook.office365.com does not open Graph)."""
+    try:
+        with open(os.path.join(ARGS.tokens_dir, "tokens")) as f:
+            issued = {l.split()[0]: int(l.split()[1]) for l in f if len(l.split()) >= 2}
+    except OSError:
+        issued = {}
+    if token not in issued:
+        return "Access token validation failure. Invalid signature."
+    if issued[token] < time.time():
+        return "Lifetime validation failed, the token is expired."
+    scopes = {}
+    try:
+        with open(os.path.join(ARGS.tokens_dir, "scopes")) as f:
+            for l in f:
+                if " " in l.strip():
+                    t, sc = l.strip().split(" ", 1)
+                    scopes[t] = sc.split()
+    except OSError:
+        pass
+    want = GMAIL_AUDIENCE if gmail else GRAPH_AUDIENCE
+    if not any(w in sc or sc.endswith("/" + w) for sc in scopes.get(token, []) for w in want):
+        return "Access token validation failure. Invalid audience (scopes %s)." % (
+            " ".join(scopes.get(token, [])) or "none")
+    return None
+
+
+
 def parse_delay(spec):
     regex, eq, secs = spec.rpartition("=")
     if not eq:
@@ -357,6 +391,10 @@ class Handler(BaseHTTPRequestHandler):
                 if ARGS.token is not None and auth[7:] != ARGS.token:
                     return self.error(401, "InvalidAuthenticationToken",
                                       "Access token validation failure. Invalid audience.")
+                if ARGS.tokens_dir is not None:
+                    why = token_refused(auth[7:], self.gmail)
+                    if why:
+                        return self.error(401, "InvalidAuthenticationToken", why)
             self.route(mailbox)
         except Exception as e:  # the emulator's own bug: say so, as a 500
             sys.stderr.write("api_server: %s %s: %r\n" % (self.command, self.path, e))
@@ -705,6 +743,8 @@ def main():
     ap.add_argument("--key", required=True)
     ap.add_argument("--state-dir", required=True)
     ap.add_argument("--token")
+    ap.add_argument("--tokens-dir", help="oauth2_server.py's state dir: accept only the tokens "
+                    "it issued, unexpired, for this API's audience")
     ap.add_argument("--fault", action="append", default=[])
     ap.add_argument("--delay", action="append", default=[])
     ap.add_argument("--max-concurrent-per-mailbox", type=int, default=4)

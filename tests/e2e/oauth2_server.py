@@ -40,6 +40,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MS_APP_SCOPE = "https://outlook.office365.com/.default"
+MS_GRAPH_SCOPE = "https://graph.microsoft.com/.default"  # transport = graph
 MS_SMTP_SCOPE = "https://outlook.office.com/SMTP.Send"
 GOOGLE_SCOPE = "https://mail.google.com/"
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -131,6 +132,8 @@ class Handler(BaseHTTPRequestHandler):
         token = "at-" + secrets.token_urlsafe(24)
         life = int(state("expires_in", "3599"))
         append_state("tokens", "%s %d %s %s" % (token, int(time.time()) + life, grant, subject))
+        # The audience, for a resource server that checks it (api_server.py --tokens-dir).
+        append_state("scopes", "%s %s" % (token, scope))
         out = {"token_type": "Bearer", "scope": scope, "expires_in": life,
                "ext_expires_in": life, "access_token": token}
         if with_refresh:
@@ -188,11 +191,11 @@ class Handler(BaseHTTPRequestHandler):
                 return self.error(401, "invalid_client", "AADSTS7000215: Invalid client secret "
                                   "provided. Ensure the secret being sent in the request is the "
                                   "client secret value, not the client secret ID.")
-            if p.get("scope") != MS_APP_SCOPE:
+            if p.get("scope") not in (MS_APP_SCOPE, MS_GRAPH_SCOPE):
                 return self.error(400, "invalid_scope", "AADSTS1002012: The provided value for "
                                   "scope %s is not valid. Client credential flows must have a "
                                   "scope value with /.default." % p.get("scope", ""))
-            return self.issue("client_credentials", "app", MS_APP_SCOPE, False)
+            return self.issue("client_credentials", "app", p.get("scope"), False)
         if grant == "refresh_token":
             if not ms and p.get("client_secret") != ARGS.client_secret:
                 return self.error(401, "invalid_client", "Unauthorized")

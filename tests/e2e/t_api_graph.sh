@@ -82,4 +82,9 @@ wait_for_api 3 10 || fail "the test message was not recorded"
 [ "$(api_json 3 recipients)" = ops@example.com ] || fail "test message to $(api_json 3 recipients)"
 grep -q '^From: .*fax@contoso.example' "$API_DIR/0003.eml" || fail "test message not from the mailbox"
 assert_no_token_in_logs
+# The emulation took only the tokens the token endpoint issued for Graph's audience: a
+# token it never issued is refused as Graph refuses it.
+code=$(curl -sS --max-time 10 --cacert "$T/ca/ca.pem" -o /dev/null -w '%{http_code}' \
+    -H 'Authorization: Bearer at-never-issued' "https://127.0.0.1:$API_PORT/v1.0/users/fax@contoso.example")
+[ "$code" = 401 ] || fail "a token never issued got HTTP $code from the Graph emulation, want 401"
 pass
