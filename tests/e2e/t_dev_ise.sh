@@ -26,7 +26,8 @@ smtp_dialogue <<'S' || fail "Test Connection dialogue failed"
 eof 5
 S
 sleep 0.5
-if grep -iE 'error|warn|fail' "$T/relayd.log"; then
+# (The tests run relayd as root on purpose: lib.sh says run_as_root = yes, which warns.)
+if grep -iE 'error|warn|fail' "$T/relayd.log" | grep -v 'running as root: run_as_root = yes'; then
     fail "relayd logged a problem for a plain connect/EHLO/QUIT"
 fi
 [ "$(spool_count)" -eq 0 ] || fail "Test Connection left something in the spool"
