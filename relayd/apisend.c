@@ -40,7 +40,8 @@ static const char *const as_state_names[] = {"opening", "idle", "token", "sendin
 enum as_lstep {
     L_LIST,         /* GET drafts tagged with this queue id (left by a crash) */
     L_DELETE_STALE, /* DELETE each of them */
-    L_DRAFT,        /* POST messages: the draft, base64 MIME without the attachments */
+    L_DRAFT,        /* POST messages: the draft, base64 MIME (without the attachments) */
+    L_PATCH,        /* PATCH the draft: PR_DELETE_AFTER_SUBMIT (save_to_sent_items = no) */
     L_ATTACH,       /* POST attachments: a fileAttachment under 3 MB */
     L_SESSION,      /* POST attachments/createUploadSession */
     L_PUT,          /* PUT a chunk to the upload URL (no Authorization) */
@@ -48,9 +49,10 @@ enum as_lstep {
     L_CLEANUP,      /* DELETE the draft after a failure, then report the failure */
 };
 
-static const char *const as_lstep_names[] = {"list drafts", "delete stale draft",  "create draft",
-                                             "attachment",  "createUploadSession", "upload",
-                                             "send",        "delete draft"};
+static const char *const as_lstep_names[] = {
+    "list drafts", "delete stale draft",  "create draft", "set delete-after-submit",
+    "attachment",  "createUploadSession", "upload",       "send",
+    "delete draft"};
 
 /* Graph takes a fileAttachment of up to 3 MB in one POST; larger ones go through an upload
  * session in chunks that are multiples of 320 KiB. */
@@ -59,6 +61,10 @@ static const char *const as_lstep_names[] = {"list drafts", "delete stale draft"
 #define AS_MAX_STALE 16
 /* The MAPI property of an internet header: the draft's X-Relayd-Queue-Id: header. */
 #define AS_QID_PROP "String {00020386-0000-0000-C000-000000000046} Name X-Relayd-Queue-Id"
+/* PR_DELETE_AFTER_SUBMIT: Exchange deletes the draft once it is sent instead of moving it to
+ * Sent Items; Graph's MIME calls have no other way to keep Sent Items clean. */
+#define AS_NO_SENT_ITEMS                                                                           \
+    "{\"singleValueExtendedProperties\":[{\"id\":\"Boolean 0x0E01\",\"value\":\"true\"}]}"
 
 /* oauth2_token_get() cannot be cancelled: its callback finds a NULL a after an abort. */
 struct as_ticket {
@@ -96,8 +102,9 @@ struct apisend {
     char *url;
     char *authz;
     long retry_after;
-    /* Graph's large-message path */
-    int large;
+    /* Graph's draft path (save_to_sent_items = no, or over sendMail's 4 MB) */
+    int large;   /* 1 on the draft path */
+    int patched; /* PR_DELETE_AFTER_SUBMIT set on the draft */
     enum as_lstep lstep;
     struct apimime_split split;
     size_t att_i, put_off, put_len;
@@ -117,7 +124,7 @@ struct apisend {
 static void as_timer_fire(uv_timer_t *t);
 static void as_on_answer(void *arg, const struct http_response *res);
 static void as_large_answer(struct apisend *a, const struct http_response *res);
-static void as_large_start(struct apisend *a, const char *copy, size_t copylen);
+static void as_large_start(struct apisend *a, const char *copy, size_t copylen, int split);
 
 static const char *as_api(const struct apisend *a)
 {
@@ -292,6 +299,25 @@ void apisend_error_parse(const char *body, size_t len, char *code, size_t codele
     json_str_after(body, len, "message", msg, msglen);
 }
 
+const char *apisend_graph_action(const char *step, long status, const struct verdict *v)
+{
+    /* The calls on drafts (Microsoft's permission tables for "Create message", "Update
+     * message", "Create attachment", "Create uploadSession", "List messages", "Delete
+     * message"): Mail.ReadWrite.  sendMail and sending a draft need Mail.Send only. */
+    static const char *const draft_steps[] = {
+        "list drafts", "delete stale draft",  "create draft", "set delete-after-submit",
+        "attachment",  "createUploadSession", "delete draft",
+    };
+
+    if (status != 403 || step == NULL || v->cause != VERDICT_CONFIG ||
+        v->scope != VERDICT_SCOPE_SESSION)
+        return v->action;
+    for (size_t i = 0; i < sizeof(draft_steps) / sizeof(draft_steps[0]); i++)
+        if (strcmp(step, draft_steps[i]) == 0)
+            return APISEND_ACT_READWRITE;
+    return v->action;
+}
+
 /* ---- results ---- */
 
 /* Calls done with one verdict for every recipient; then the session is idle again (or the
@@ -354,7 +380,7 @@ static void as_finish(struct apisend *a, enum verdict_cause cause, enum verdict_
         free(a->stale[i]);
     a->nstale = a->stale_i = a->att_i = 0;
     a->draft_id[0] = '\0';
-    a->large = 0;
+    a->large = a->patched = 0;
     if (a->state != AS_CLOSING)
         as_enter(a, AS_IDLE);
     if (done != NULL)
@@ -466,8 +492,8 @@ static void as_on_answer(void *arg, const struct http_response *res)
         return;
     }
     if (v.cause == VERDICT_SENT)
-        as_finish(a, v.cause, v.scope, NULL, "%s %s as %s: HTTP %ld", as_api(a), a->call,
-                  a->mailbox, res->status);
+        as_finish(a, v.cause, v.scope, NULL, "%s %s as %s: HTTP %ld%s", as_api(a), a->call,
+                  a->mailbox, res->status, graph ? " (saved to Sent Items)" : "");
     else
         as_finish(a, v.cause, v.scope, v.action, "%s %s as %s: HTTP %ld%s%s%s%s%s", as_api(a),
                   a->call, a->mailbox, res->status, code[0] != '\0' ? " " : "", code,
@@ -515,7 +541,7 @@ static void as_large_http(struct apisend *a, enum as_lstep step, const char *met
               method, a->url);
     if (http_request(a->http, &rq, as_on_answer, a, &a->req) != 0)
         as_finish(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL,
-                  "graph draft+upload as %s: libcurl refused the request", a->mailbox);
+                  "graph %s as %s: libcurl refused the request", a->call, a->mailbox);
 }
 
 /* .../users/{m}/messages[/{draft id}]REST */
@@ -630,6 +656,11 @@ static void as_large_next(struct apisend *a)
         as_large_http(a, L_DRAFT, "POST", as_msg_url(a, ""), b64, NULL, 0, "text/plain");
         return;
     }
+    if (!a->up->save_to_sent_items && !a->patched) {
+        as_large_http(a, L_PATCH, "PATCH", as_msg_url(a, ""), xstrdup(AS_NO_SENT_ITEMS), NULL, 0,
+                      "application/json");
+        return;
+    }
     if (a->att_i < a->split.natt) {
         as_large_attachment(a);
         return;
@@ -652,7 +683,7 @@ static void as_large_answer(struct apisend *a, const struct http_response *res)
             return;
         }
         if (res->status == 0) {
-            snprintf(reply, sizeof reply, "graph draft+upload (%s) as %s: %s",
+            snprintf(reply, sizeof reply, "graph %s (%s) as %s: %s", a->call,
                      as_lstep_names[a->lstep], a->mailbox, res->error);
             as_large_fail(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL, reply);
             return;
@@ -662,10 +693,11 @@ static void as_large_answer(struct apisend *a, const struct http_response *res)
         a->retry_after = v.cause == VERDICT_SLOWDOWN && res->retry_after > 0 ? res->retry_after : 0;
         if (res->status == 401 && a->oauth2 != NULL)
             oauth2_invalidate(a->oauth2, a->up);
-        snprintf(reply, sizeof reply, "graph draft+upload (%s) as %s: HTTP %ld%s%s%s%s",
+        snprintf(reply, sizeof reply, "graph %s (%s) as %s: HTTP %ld%s%s%s%s", a->call,
                  as_lstep_names[a->lstep], a->mailbox, res->status, code[0] != '\0' ? " " : "",
                  code, text[0] != '\0' ? ": " : "", text);
-        as_large_fail(a, v.cause, v.scope, v.action, reply);
+        as_large_fail(a, v.cause, v.scope,
+                      apisend_graph_action(as_lstep_names[a->lstep], res->status, &v), reply);
         return;
     }
     switch (a->lstep) {
@@ -686,11 +718,14 @@ static void as_large_answer(struct apisend *a, const struct http_response *res)
         if (!json_str_after(res->body, res->len, "id", a->draft_id, sizeof a->draft_id) ||
             a->draft_id[0] == '\0') {
             snprintf(reply, sizeof reply,
-                     "graph draft+upload (create draft) as %s: HTTP %ld without a draft id",
+                     "graph %s (create draft) as %s: HTTP %ld without a draft id", a->call,
                      a->mailbox, res->status);
             as_large_fail(a, VERDICT_TRANSIENT, VERDICT_SCOPE_MESSAGE, NULL, reply);
             return;
         }
+        break;
+    case L_PATCH:
+        a->patched = 1;
         break;
     case L_ATTACH:
         a->att_i++;
@@ -725,9 +760,15 @@ static void as_large_answer(struct apisend *a, const struct http_response *res)
 
         for (i = 0; i < a->split.natt; i++)
             total += a->split.att[i].len;
-        as_finish(a, VERDICT_SENT, VERDICT_SCOPE_MESSAGE, NULL,
-                  "graph draft+upload as %s: HTTP %ld (%zu attachment%s, %zu bytes)", a->mailbox,
-                  res->status, a->split.natt, a->split.natt == 1 ? "" : "s", total);
+        if (a->split.natt > 0)
+            as_finish(a, VERDICT_SENT, VERDICT_SCOPE_MESSAGE, NULL,
+                      "graph %s as %s: HTTP %ld (%zu attachment%s, %zu bytes; %s)", a->call,
+                      a->mailbox, res->status, a->split.natt, a->split.natt == 1 ? "" : "s", total,
+                      a->patched ? "not saved to Sent Items" : "saved to Sent Items");
+        else
+            as_finish(a, VERDICT_SENT, VERDICT_SCOPE_MESSAGE, NULL, "graph %s as %s: HTTP %ld (%s)",
+                      a->call, a->mailbox, res->status,
+                      a->patched ? "not saved to Sent Items" : "saved to Sent Items");
         return;
     }
     case L_CLEANUP:
@@ -737,14 +778,21 @@ static void as_large_answer(struct apisend *a, const struct http_response *res)
     as_large_next(a);
 }
 
-static void as_large_start(struct apisend *a, const char *copy, size_t copylen)
+static void as_large_start(struct apisend *a, const char *copy, size_t copylen, int split)
 {
     char err[300], *m, *url, *flt, *q;
 
     a->large = 1;
-    a->call = "draft+upload";
+    a->patched = 0;
+    a->call = split ? "draft+upload" : "draft";
     a->draft_id[0] = '\0';
-    if (apimime_graph_split(copy, copylen, &a->split, err, sizeof err) != 0) {
+    if (!split) {
+        /* Under sendMail's 4 MB: the whole copy is the draft, no attachments to add. */
+        a->split.draft = xmalloc(copylen + 1);
+        memcpy(a->split.draft, copy, copylen);
+        a->split.draft[copylen] = '\0';
+        a->split.draft_len = copylen;
+    } else if (apimime_graph_split(copy, copylen, &a->split, err, sizeof err) != 0) {
         as_finish(a, VERDICT_PERMANENT, VERDICT_SCOPE_MESSAGE, NULL,
                   "graph draft+upload as %s: cannot split the message into a draft and "
                   "attachments: %s",
@@ -798,12 +846,15 @@ static void as_request(struct apisend *a, const char *token)
         if (graph) {
             a->call = "sendMail";
             a->body = apimime_base64(copy, copylen, &a->bodylen);
-            if (a->bodylen > (size_t)APISEND_GRAPH_MAX) {
-                /* Over sendMail's 4 MB: a draft, its attachments uploaded, then send. */
+            if (a->bodylen > (size_t)APISEND_GRAPH_MAX || !a->up->save_to_sent_items) {
+                /* A draft (marked to be deleted after submission unless Sent Items keeps a
+                 * copy), over sendMail's 4 MB with its attachments uploaded, then send. */
+                int split = a->bodylen > (size_t)APISEND_GRAPH_MAX;
+
                 free(a->body);
                 a->body = NULL;
                 free(m);
-                as_large_start(a, copy, copylen);
+                as_large_start(a, copy, copylen, split);
                 free(copy);
                 return;
             }
