@@ -7,7 +7,8 @@
  *   TOKEN     waiting for oauth2_token_get() (a ticket, since that wait cannot be cancelled)
  *   SENDING   the request is in flight (offered: the API may have the message)
  *   CLOSING   the HTTP client and the timer are closing; CLOSED follows, then free
- * A probe runs TOKEN -> SENDING (the GET) -> done -> CLOSING, without events.
+ * A probe runs TOKEN -> SENDING (the GET, for Graph then the GET of Drafts) -> done ->
+ * CLOSING, without events.
  */
 #include "relayd/apisend.h"
 
@@ -79,7 +80,8 @@ struct apisend {
     uv_timer_t timer;
     enum as_state state;
     int is_probe;
-    int nopen; /* the timer and the HTTP client, until closed */
+    int probe_drafts; /* the probe's second GET (Graph's Drafts folder) is in flight */
+    int nopen;        /* the timer and the HTTP client, until closed */
     int aborting;
     /* session */
     smtpc_event_fn ev;
@@ -442,6 +444,70 @@ static char *as_path_escape(const char *s)
     return out;
 }
 
+/* A Graph probe's second GET: one message id of the Drafts folder.  Creating a draft cannot
+ * be tried without leaving one behind, but reading drafts needs a Mail.Read* permission,
+ * which Mail.Send alone lacks: a 403 here means the draft path (save_to_sent_items = no, or
+ * a message over ~3 MB) will be refused for want of Mail.ReadWrite. */
+static void as_probe_drafts(struct apisend *a)
+{
+    char *m = as_path_escape(a->mailbox);
+    const char *hdrs[3] = {a->authz, "Accept: application/json", NULL};
+    struct http_request rq;
+
+    a->probe_drafts = 1;
+    free(a->url);
+    a->url = xasprintf("%s/v1.0/users/%s/mailFolders/drafts/messages?%%24top=1&%%24select=id",
+                       a->up->api_url, m);
+    free(m);
+    memset(&rq, 0, sizeof rq);
+    rq.method = "GET";
+    rq.url = a->url;
+    rq.headers = hdrs;
+    rq.ca_file = a->up->ca_file;
+    rq.connect_timeout = a->up->connect_timeout;
+    rq.timeout = a->up->command_timeout;
+    rq.max_answer = 64 * 1024;
+    if (http_request(a->http, &rq, as_on_answer, a, &a->req) != 0)
+        as_finish(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL,
+                  "graph GET drafts of %s: libcurl refused the request", a->mailbox);
+}
+
+static void as_probe_drafts_answer(struct apisend *a, const struct http_response *res,
+                                   const char *code, const char *text, const struct verdict *v)
+{
+    char line[700];
+    int need = !a->up->save_to_sent_items; /* every message takes the draft path */
+
+    if (res->status >= 200 && res->status < 300) {
+        if (a->step != NULL)
+            a->step(a->done_arg, 1,
+                    "drafts: readable (HTTP 200); creating and sending a draft is checked by "
+                    "the first delivery");
+        as_finish(a, VERDICT_SENT, VERDICT_SCOPE_SESSION, NULL,
+                  "graph API reachable, token accepted, drafts readable");
+        return;
+    }
+    snprintf(line, sizeof line, "drafts: GET %s Drafts: HTTP %ld%s%s%s%s", a->mailbox, res->status,
+             code[0] != '\0' ? " " : "", code, text[0] != '\0' ? ": " : "", text);
+    if (res->status == 403 && !need) {
+        if (a->step != NULL) {
+            snprintf(line, sizeof line,
+                     "drafts: not readable (HTTP 403): without Mail.ReadWrite only messages under "
+                     "~3 MB can be sent (save_to_sent_items = yes: sendMail)");
+            a->step(a->done_arg, 1, line);
+        }
+        as_finish(a, VERDICT_SENT, VERDICT_SCOPE_SESSION, NULL,
+                  "graph API reachable, token accepted");
+        return;
+    }
+    if (a->step != NULL)
+        a->step(a->done_arg, 0, line);
+    as_finish(a, v->cause, v->scope, apisend_graph_action("list drafts", res->status, v),
+              "graph GET %s Drafts: HTTP %ld%s%s%s%s%s", a->mailbox, res->status,
+              code[0] != '\0' ? " " : "", code, text[0] != '\0' ? ": " : "", text,
+              res->status == 403 ? " (save_to_sent_items = no delivers through drafts)" : "");
+}
+
 static void as_on_answer(void *arg, const struct http_response *res)
 {
     struct apisend *a = arg;
@@ -468,6 +534,10 @@ static void as_on_answer(void *arg, const struct http_response *res)
     a->retry_after = v.cause == VERDICT_SLOWDOWN && res->retry_after > 0 ? res->retry_after : 0;
     if (res->status == 401 && a->oauth2 != NULL)
         oauth2_invalidate(a->oauth2, a->up); /* the next attempt fetches a new token */
+    if (a->is_probe && a->probe_drafts) {
+        as_probe_drafts_answer(a, res, code, text, &v);
+        return;
+    }
     if (a->is_probe) {
         /* The GET of the mailbox: 403 means the app may not read it, which relayd does not
          * need (Mail.Send / gmail.send cannot read anything): the token itself works. */
@@ -482,7 +552,9 @@ static void as_on_answer(void *arg, const struct http_response *res)
                      code[0] != '\0' ? " " : "", code, text[0] != '\0' ? ": " : "", text);
             a->step(a->done_arg, res->status < 300, line);
         }
-        if (res->status < 300 || res->status == 403)
+        if ((res->status < 300 || res->status == 403) && graph)
+            as_probe_drafts(a); /* then the Drafts folder, which the draft path needs */
+        else if (res->status < 300 || res->status == 403)
             as_finish(a, VERDICT_SENT, VERDICT_SCOPE_SESSION, NULL,
                       "%s API reachable, token accepted", as_api(a));
         else

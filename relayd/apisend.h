@@ -20,7 +20,10 @@
  *   apisend_probe()         token, then GET the mailbox (Graph /v1.0/users/{m}, Gmail
  *                           /gmail/v1/users/{m}/profile); a 403 there only says the app may
  *                           not read the mailbox (relayd needs Mail.Send, plus
- *                           Mail.ReadWrite for the draft path / gmail.send only)
+ *                           Mail.ReadWrite for the draft path / gmail.send only); for Graph
+ *                           then GET one id of the Drafts folder: a 403 there fails the probe
+ *                           with save_to_sent_items = no (Mail.ReadWrite is missing), and is
+ *                           only reported with yes (messages over ~3 MB would be held)
  *
  * Envelope semantics: Graph and Gmail deliver to the addresses in To/Cc/Bcc, not to an
  * envelope.  The API's copy (apimime_for_api(), relayd/apimime.h) names exactly the envelope
@@ -107,8 +110,8 @@ void apisend_error_parse(const char *body, size_t len, char *code, size_t codele
  * a draft only), so APISEND_ACT_READWRITE; otherwise v->action (verdict_http()'s). */
 #define APISEND_ACT_READWRITE                                                                      \
     "grant the app registration the Microsoft Graph application permission Mail.ReadWrite (as "    \
-    "well as Mail.Send) with admin consent: relayd delivers this message through a draft "         \
-    "(save_to_sent_items = no, or a message over about 3 MB); make sure the application access "   \
+    "well as Mail.Send) with admin consent: relayd sends through drafts with "                     \
+    "save_to_sent_items = no and for messages over about 3 MB; make sure the application access "  \
     "policy includes this mailbox; or set save_to_sent_items = yes, which needs Mail.Send only "   \
     "for messages under about 3 MB"
 struct verdict;

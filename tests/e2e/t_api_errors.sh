@@ -87,7 +87,16 @@ done
 say "5: save_to_sent_items = no, 403 on the draft creation: held, the action names Mail.ReadWrite"
 stop_relayd
 sed -i '/^save_to_sent_items = yes$/d' "$CONF"
-start_api --fault 'users/fax@contoso\.example/messages$=403:1:code=ErrorAccessDenied:message=Access is denied. Check credentials and try again.'
+start_api --fault 'users/fax@contoso\.example/messages$=403:1:code=ErrorAccessDenied:message=Access is denied. Check credentials and try again.' \
+    --fault 'drafts/messages\?.*top=1=403:1:code=ErrorAccessDenied:message=Access is denied.'
+# test-upstream reads the Drafts folder: a 403 there fails it with Mail.ReadWrite to grant.
+rc=0
+timeout 60 "$RELAYCTL_BIN" -c "$CONF" test-upstream provider > "$T/probe5.out" 2>&1 || rc=$?
+sed 's/^/   | /' "$T/probe5.out"
+[ "$rc" -ne 0 ] || fail "test-upstream passed without access to the drafts"
+grep -q '^\[FAIL\] drafts: GET fax@contoso.example Drafts: HTTP 403' "$T/probe5.out" ||
+    fail "no failed drafts step"
+grep -q '^what to do: .*Mail\.ReadWrite' "$T/probe5.out" || fail "test-upstream does not name Mail.ReadWrite"
 start_relayd "$CONF"
 make_message "$T/m5.eml" "api draft hold"
 relay_send "$T/m5.eml" user@example.com || fail "not accepted"

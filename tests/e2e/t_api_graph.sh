@@ -30,6 +30,7 @@ timeout 60 "$RELAYCTL_BIN" -c "$CONF" test-upstream provider > "$T/probe.out" 2>
 cat "$T/probe.out"
 grep -q '^\[ ok \] token (client_credentials): ok' "$T/probe.out" || fail "no token step"
 grep -q '^\[ ok \] GET fax@contoso.example: HTTP 200' "$T/probe.out" || fail "no mailbox step"
+grep -q '^\[ ok \] drafts: readable (HTTP 200)' "$T/probe.out" || fail "no drafts step"
 grep -q '^verdict: upstream provider works: Microsoft Graph API' "$T/probe.out" || fail "no verdict"
 
 start_relayd "$CONF"
