@@ -920,8 +920,9 @@ static void as_request(struct apisend *a, const char *token)
             a->body = apimime_base64(copy, copylen, &a->bodylen);
             if (a->bodylen > (size_t)APISEND_GRAPH_MAX || !a->up->save_to_sent_items) {
                 /* A draft (marked to be deleted after submission unless Sent Items keeps a
-                 * copy), over sendMail's 4 MB with its attachments uploaded, then send. */
-                int split = a->bodylen > (size_t)APISEND_GRAPH_MAX;
+                 * copy), over the 4 MB request limit with its attachments uploaded, then
+                 * send.  64: the draft's X-Relayd-Queue-Id: line, base64-encoded. */
+                int split = a->bodylen + 64 > (size_t)APISEND_GRAPH_MAX;
 
                 free(a->body);
                 a->body = NULL;
