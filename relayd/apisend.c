@@ -7,7 +7,8 @@
  *   TOKEN     waiting for oauth2_token_get() (a ticket, since that wait cannot be cancelled)
  *   SENDING   the request is in flight (offered: the API may have the message)
  *   CLOSING   the HTTP client and the timer are closing; CLOSED follows, then free
- * A probe runs TOKEN -> SENDING (the GET) -> done -> CLOSING, without events.
+ * A probe runs TOKEN -> SENDING (the GET, for Graph then the GET of Drafts) -> done ->
+ * CLOSING, without events.
  */
 #include "relayd/apisend.h"
 
@@ -40,7 +41,8 @@ static const char *const as_state_names[] = {"opening", "idle", "token", "sendin
 enum as_lstep {
     L_LIST,         /* GET drafts tagged with this queue id (left by a crash) */
     L_DELETE_STALE, /* DELETE each of them */
-    L_DRAFT,        /* POST messages: the draft, base64 MIME without the attachments */
+    L_DRAFT,        /* POST messages: the draft, base64 MIME (without the attachments) */
+    L_PATCH,        /* PATCH the draft: PR_DELETE_AFTER_SUBMIT (save_to_sent_items = no) */
     L_ATTACH,       /* POST attachments: a fileAttachment under 3 MB */
     L_SESSION,      /* POST attachments/createUploadSession */
     L_PUT,          /* PUT a chunk to the upload URL (no Authorization) */
@@ -48,9 +50,10 @@ enum as_lstep {
     L_CLEANUP,      /* DELETE the draft after a failure, then report the failure */
 };
 
-static const char *const as_lstep_names[] = {"list drafts", "delete stale draft",  "create draft",
-                                             "attachment",  "createUploadSession", "upload",
-                                             "send",        "delete draft"};
+static const char *const as_lstep_names[] = {
+    "list drafts", "delete stale draft",  "create draft", "set delete-after-submit",
+    "attachment",  "createUploadSession", "upload",       "send",
+    "delete draft"};
 
 /* Graph takes a fileAttachment of up to 3 MB in one POST; larger ones go through an upload
  * session in chunks that are multiples of 320 KiB. */
@@ -59,6 +62,10 @@ static const char *const as_lstep_names[] = {"list drafts", "delete stale draft"
 #define AS_MAX_STALE 16
 /* The MAPI property of an internet header: the draft's X-Relayd-Queue-Id: header. */
 #define AS_QID_PROP "String {00020386-0000-0000-C000-000000000046} Name X-Relayd-Queue-Id"
+/* PR_DELETE_AFTER_SUBMIT: Exchange deletes the draft once it is sent instead of moving it to
+ * Sent Items; Graph's MIME calls have no other way to keep Sent Items clean. */
+#define AS_NO_SENT_ITEMS                                                                           \
+    "{\"singleValueExtendedProperties\":[{\"id\":\"Boolean 0x0E01\",\"value\":\"true\"}]}"
 
 /* oauth2_token_get() cannot be cancelled: its callback finds a NULL a after an abort. */
 struct as_ticket {
@@ -73,7 +80,8 @@ struct apisend {
     uv_timer_t timer;
     enum as_state state;
     int is_probe;
-    int nopen; /* the timer and the HTTP client, until closed */
+    int probe_drafts; /* the probe's second GET (Graph's Drafts folder) is in flight */
+    int nopen;        /* the timer and the HTTP client, until closed */
     int aborting;
     /* session */
     smtpc_event_fn ev;
@@ -96,8 +104,9 @@ struct apisend {
     char *url;
     char *authz;
     long retry_after;
-    /* Graph's large-message path */
-    int large;
+    /* Graph's draft path (save_to_sent_items = no, or over sendMail's 4 MB) */
+    int large;   /* 1 on the draft path */
+    int patched; /* PR_DELETE_AFTER_SUBMIT set on the draft */
     enum as_lstep lstep;
     struct apimime_split split;
     size_t att_i, put_off, put_len;
@@ -117,7 +126,7 @@ struct apisend {
 static void as_timer_fire(uv_timer_t *t);
 static void as_on_answer(void *arg, const struct http_response *res);
 static void as_large_answer(struct apisend *a, const struct http_response *res);
-static void as_large_start(struct apisend *a, const char *copy, size_t copylen);
+static void as_large_start(struct apisend *a, const char *copy, size_t copylen, int split);
 
 static const char *as_api(const struct apisend *a)
 {
@@ -292,6 +301,25 @@ void apisend_error_parse(const char *body, size_t len, char *code, size_t codele
     json_str_after(body, len, "message", msg, msglen);
 }
 
+const char *apisend_graph_action(const char *step, long status, const struct verdict *v)
+{
+    /* The calls on drafts (Microsoft's permission tables for "Create message", "Update
+     * message", "Create attachment", "Create uploadSession", "List messages", "Delete
+     * message"): Mail.ReadWrite.  sendMail and sending a draft need Mail.Send only. */
+    static const char *const draft_steps[] = {
+        "list drafts", "delete stale draft",  "create draft", "set delete-after-submit",
+        "attachment",  "createUploadSession", "delete draft",
+    };
+
+    if (status != 403 || step == NULL || v->cause != VERDICT_CONFIG ||
+        v->scope != VERDICT_SCOPE_SESSION)
+        return v->action;
+    for (size_t i = 0; i < sizeof(draft_steps) / sizeof(draft_steps[0]); i++)
+        if (strcmp(step, draft_steps[i]) == 0)
+            return APISEND_ACT_READWRITE;
+    return v->action;
+}
+
 /* ---- results ---- */
 
 /* Calls done with one verdict for every recipient; then the session is idle again (or the
@@ -354,7 +382,7 @@ static void as_finish(struct apisend *a, enum verdict_cause cause, enum verdict_
         free(a->stale[i]);
     a->nstale = a->stale_i = a->att_i = 0;
     a->draft_id[0] = '\0';
-    a->large = 0;
+    a->large = a->patched = 0;
     if (a->state != AS_CLOSING)
         as_enter(a, AS_IDLE);
     if (done != NULL)
@@ -416,6 +444,70 @@ static char *as_path_escape(const char *s)
     return out;
 }
 
+/* A Graph probe's second GET: one message id of the Drafts folder.  Creating a draft cannot
+ * be tried without leaving one behind, but reading drafts needs a Mail.Read* permission,
+ * which Mail.Send alone lacks: a 403 here means the draft path (save_to_sent_items = no, or
+ * a message over ~3 MB) will be refused for want of Mail.ReadWrite. */
+static void as_probe_drafts(struct apisend *a)
+{
+    char *m = as_path_escape(a->mailbox);
+    const char *hdrs[3] = {a->authz, "Accept: application/json", NULL};
+    struct http_request rq;
+
+    a->probe_drafts = 1;
+    free(a->url);
+    a->url = xasprintf("%s/v1.0/users/%s/mailFolders/drafts/messages?%%24top=1&%%24select=id",
+                       a->up->api_url, m);
+    free(m);
+    memset(&rq, 0, sizeof rq);
+    rq.method = "GET";
+    rq.url = a->url;
+    rq.headers = hdrs;
+    rq.ca_file = a->up->ca_file;
+    rq.connect_timeout = a->up->connect_timeout;
+    rq.timeout = a->up->command_timeout;
+    rq.max_answer = 64 * 1024;
+    if (http_request(a->http, &rq, as_on_answer, a, &a->req) != 0)
+        as_finish(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL,
+                  "graph GET drafts of %s: libcurl refused the request", a->mailbox);
+}
+
+static void as_probe_drafts_answer(struct apisend *a, const struct http_response *res,
+                                   const char *code, const char *text, const struct verdict *v)
+{
+    char line[700];
+    int need = !a->up->save_to_sent_items; /* every message takes the draft path */
+
+    if (res->status >= 200 && res->status < 300) {
+        if (a->step != NULL)
+            a->step(a->done_arg, 1,
+                    "drafts: readable (HTTP 200); creating and sending a draft is checked by "
+                    "the first delivery");
+        as_finish(a, VERDICT_SENT, VERDICT_SCOPE_SESSION, NULL,
+                  "graph API reachable, token accepted, drafts readable");
+        return;
+    }
+    snprintf(line, sizeof line, "drafts: GET %s Drafts: HTTP %ld%s%s%s%s", a->mailbox, res->status,
+             code[0] != '\0' ? " " : "", code, text[0] != '\0' ? ": " : "", text);
+    if (res->status == 403 && !need) {
+        if (a->step != NULL) {
+            snprintf(line, sizeof line,
+                     "drafts: not readable (HTTP 403): without Mail.ReadWrite only messages under "
+                     "~3 MB can be sent (save_to_sent_items = yes: sendMail)");
+            a->step(a->done_arg, 1, line);
+        }
+        as_finish(a, VERDICT_SENT, VERDICT_SCOPE_SESSION, NULL,
+                  "graph API reachable, token accepted");
+        return;
+    }
+    if (a->step != NULL)
+        a->step(a->done_arg, 0, line);
+    as_finish(a, v->cause, v->scope, apisend_graph_action("list drafts", res->status, v),
+              "graph GET %s Drafts: HTTP %ld%s%s%s%s%s", a->mailbox, res->status,
+              code[0] != '\0' ? " " : "", code, text[0] != '\0' ? ": " : "", text,
+              res->status == 403 ? " (save_to_sent_items = no delivers through drafts)" : "");
+}
+
 static void as_on_answer(void *arg, const struct http_response *res)
 {
     struct apisend *a = arg;
@@ -442,6 +534,10 @@ static void as_on_answer(void *arg, const struct http_response *res)
     a->retry_after = v.cause == VERDICT_SLOWDOWN && res->retry_after > 0 ? res->retry_after : 0;
     if (res->status == 401 && a->oauth2 != NULL)
         oauth2_invalidate(a->oauth2, a->up); /* the next attempt fetches a new token */
+    if (a->is_probe && a->probe_drafts) {
+        as_probe_drafts_answer(a, res, code, text, &v);
+        return;
+    }
     if (a->is_probe) {
         /* The GET of the mailbox: 403 means the app may not read it, which relayd does not
          * need (Mail.Send / gmail.send cannot read anything): the token itself works. */
@@ -456,7 +552,9 @@ static void as_on_answer(void *arg, const struct http_response *res)
                      code[0] != '\0' ? " " : "", code, text[0] != '\0' ? ": " : "", text);
             a->step(a->done_arg, res->status < 300, line);
         }
-        if (res->status < 300 || res->status == 403)
+        if ((res->status < 300 || res->status == 403) && graph)
+            as_probe_drafts(a); /* then the Drafts folder, which the draft path needs */
+        else if (res->status < 300 || res->status == 403)
             as_finish(a, VERDICT_SENT, VERDICT_SCOPE_SESSION, NULL,
                       "%s API reachable, token accepted", as_api(a));
         else
@@ -466,8 +564,8 @@ static void as_on_answer(void *arg, const struct http_response *res)
         return;
     }
     if (v.cause == VERDICT_SENT)
-        as_finish(a, v.cause, v.scope, NULL, "%s %s as %s: HTTP %ld", as_api(a), a->call,
-                  a->mailbox, res->status);
+        as_finish(a, v.cause, v.scope, NULL, "%s %s as %s: HTTP %ld%s", as_api(a), a->call,
+                  a->mailbox, res->status, graph ? " (saved to Sent Items)" : "");
     else
         as_finish(a, v.cause, v.scope, v.action, "%s %s as %s: HTTP %ld%s%s%s%s%s", as_api(a),
                   a->call, a->mailbox, res->status, code[0] != '\0' ? " " : "", code,
@@ -515,7 +613,7 @@ static void as_large_http(struct apisend *a, enum as_lstep step, const char *met
               method, a->url);
     if (http_request(a->http, &rq, as_on_answer, a, &a->req) != 0)
         as_finish(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL,
-                  "graph draft+upload as %s: libcurl refused the request", a->mailbox);
+                  "graph %s as %s: libcurl refused the request", a->call, a->mailbox);
 }
 
 /* .../users/{m}/messages[/{draft id}]REST */
@@ -630,6 +728,11 @@ static void as_large_next(struct apisend *a)
         as_large_http(a, L_DRAFT, "POST", as_msg_url(a, ""), b64, NULL, 0, "text/plain");
         return;
     }
+    if (!a->up->save_to_sent_items && !a->patched) {
+        as_large_http(a, L_PATCH, "PATCH", as_msg_url(a, ""), xstrdup(AS_NO_SENT_ITEMS), NULL, 0,
+                      "application/json");
+        return;
+    }
     if (a->att_i < a->split.natt) {
         as_large_attachment(a);
         return;
@@ -652,7 +755,7 @@ static void as_large_answer(struct apisend *a, const struct http_response *res)
             return;
         }
         if (res->status == 0) {
-            snprintf(reply, sizeof reply, "graph draft+upload (%s) as %s: %s",
+            snprintf(reply, sizeof reply, "graph %s (%s) as %s: %s", a->call,
                      as_lstep_names[a->lstep], a->mailbox, res->error);
             as_large_fail(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL, reply);
             return;
@@ -662,10 +765,11 @@ static void as_large_answer(struct apisend *a, const struct http_response *res)
         a->retry_after = v.cause == VERDICT_SLOWDOWN && res->retry_after > 0 ? res->retry_after : 0;
         if (res->status == 401 && a->oauth2 != NULL)
             oauth2_invalidate(a->oauth2, a->up);
-        snprintf(reply, sizeof reply, "graph draft+upload (%s) as %s: HTTP %ld%s%s%s%s",
+        snprintf(reply, sizeof reply, "graph %s (%s) as %s: HTTP %ld%s%s%s%s", a->call,
                  as_lstep_names[a->lstep], a->mailbox, res->status, code[0] != '\0' ? " " : "",
                  code, text[0] != '\0' ? ": " : "", text);
-        as_large_fail(a, v.cause, v.scope, v.action, reply);
+        as_large_fail(a, v.cause, v.scope,
+                      apisend_graph_action(as_lstep_names[a->lstep], res->status, &v), reply);
         return;
     }
     switch (a->lstep) {
@@ -686,11 +790,14 @@ static void as_large_answer(struct apisend *a, const struct http_response *res)
         if (!json_str_after(res->body, res->len, "id", a->draft_id, sizeof a->draft_id) ||
             a->draft_id[0] == '\0') {
             snprintf(reply, sizeof reply,
-                     "graph draft+upload (create draft) as %s: HTTP %ld without a draft id",
+                     "graph %s (create draft) as %s: HTTP %ld without a draft id", a->call,
                      a->mailbox, res->status);
             as_large_fail(a, VERDICT_TRANSIENT, VERDICT_SCOPE_MESSAGE, NULL, reply);
             return;
         }
+        break;
+    case L_PATCH:
+        a->patched = 1;
         break;
     case L_ATTACH:
         a->att_i++;
@@ -725,9 +832,15 @@ static void as_large_answer(struct apisend *a, const struct http_response *res)
 
         for (i = 0; i < a->split.natt; i++)
             total += a->split.att[i].len;
-        as_finish(a, VERDICT_SENT, VERDICT_SCOPE_MESSAGE, NULL,
-                  "graph draft+upload as %s: HTTP %ld (%zu attachment%s, %zu bytes)", a->mailbox,
-                  res->status, a->split.natt, a->split.natt == 1 ? "" : "s", total);
+        if (a->split.natt > 0)
+            as_finish(a, VERDICT_SENT, VERDICT_SCOPE_MESSAGE, NULL,
+                      "graph %s as %s: HTTP %ld (%zu attachment%s, %zu bytes; %s)", a->call,
+                      a->mailbox, res->status, a->split.natt, a->split.natt == 1 ? "" : "s", total,
+                      a->patched ? "not saved to Sent Items" : "saved to Sent Items");
+        else
+            as_finish(a, VERDICT_SENT, VERDICT_SCOPE_MESSAGE, NULL, "graph %s as %s: HTTP %ld (%s)",
+                      a->call, a->mailbox, res->status,
+                      a->patched ? "not saved to Sent Items" : "saved to Sent Items");
         return;
     }
     case L_CLEANUP:
@@ -737,14 +850,21 @@ static void as_large_answer(struct apisend *a, const struct http_response *res)
     as_large_next(a);
 }
 
-static void as_large_start(struct apisend *a, const char *copy, size_t copylen)
+static void as_large_start(struct apisend *a, const char *copy, size_t copylen, int split)
 {
     char err[300], *m, *url, *flt, *q;
 
     a->large = 1;
-    a->call = "draft+upload";
+    a->patched = 0;
+    a->call = split ? "draft+upload" : "draft";
     a->draft_id[0] = '\0';
-    if (apimime_graph_split(copy, copylen, &a->split, err, sizeof err) != 0) {
+    if (!split) {
+        /* Under sendMail's 4 MB: the whole copy is the draft, no attachments to add. */
+        a->split.draft = xmalloc(copylen + 1);
+        memcpy(a->split.draft, copy, copylen);
+        a->split.draft[copylen] = '\0';
+        a->split.draft_len = copylen;
+    } else if (apimime_graph_split(copy, copylen, &a->split, err, sizeof err) != 0) {
         as_finish(a, VERDICT_PERMANENT, VERDICT_SCOPE_MESSAGE, NULL,
                   "graph draft+upload as %s: cannot split the message into a draft and "
                   "attachments: %s",
@@ -798,12 +918,16 @@ static void as_request(struct apisend *a, const char *token)
         if (graph) {
             a->call = "sendMail";
             a->body = apimime_base64(copy, copylen, &a->bodylen);
-            if (a->bodylen > (size_t)APISEND_GRAPH_MAX) {
-                /* Over sendMail's 4 MB: a draft, its attachments uploaded, then send. */
+            if (a->bodylen > (size_t)APISEND_GRAPH_MAX || !a->up->save_to_sent_items) {
+                /* A draft (marked to be deleted after submission unless Sent Items keeps a
+                 * copy), over the 4 MB request limit with its attachments uploaded, then
+                 * send.  64: the draft's X-Relayd-Queue-Id: line, base64-encoded. */
+                int split = a->bodylen + 64 > (size_t)APISEND_GRAPH_MAX;
+
                 free(a->body);
                 a->body = NULL;
                 free(m);
-                as_large_start(a, copy, copylen);
+                as_large_start(a, copy, copylen, split);
                 free(copy);
                 return;
             }

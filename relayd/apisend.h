@@ -10,13 +10,20 @@
  *   apisend_session_send()  one message: the sending mailbox (mailbox_map, then mailbox:
  *                           an address or "sender", else username), an OAuth 2.0 token
  *                           (oauth2_token_get()), the API's copy of the message, one request;
- *                           for Graph over 4 MB the large-message path: stale drafts of this
- *                           queue id deleted, a draft, attachments (fileAttachment < 3 MB,
- *                           else an upload session), send; a failure deletes the draft
- *                           (only the final send can duplicate, as SMTP's final dot)
+ *                           for Graph with save_to_sent_items = yes and under 4 MB sendMail;
+ *                           else the draft path: stale drafts of this queue id deleted, a
+ *                           draft (over 4 MB split: attachments added after, as a
+ *                           fileAttachment < 3 MB, else an upload session), PATCHed with
+ *                           PR_DELETE_AFTER_SUBMIT unless save_to_sent_items, then send; a
+ *                           failure deletes the draft (only the final send can duplicate,
+ *                           as SMTP's final dot)
  *   apisend_probe()         token, then GET the mailbox (Graph /v1.0/users/{m}, Gmail
  *                           /gmail/v1/users/{m}/profile); a 403 there only says the app may
- *                           not read the mailbox (relayd needs Mail.Send / gmail.send only)
+ *                           not read the mailbox (relayd needs Mail.Send, plus
+ *                           Mail.ReadWrite for the draft path / gmail.send only); for Graph
+ *                           then GET one id of the Drafts folder: a 403 there fails the probe
+ *                           with save_to_sent_items = no (Mail.ReadWrite is missing), and is
+ *                           only reported with yes (messages over ~3 MB would be held)
  *
  * Envelope semantics: Graph and Gmail deliver to the addresses in To/Cc/Bcc, not to an
  * envelope.  The API's copy (apimime_for_api(), relayd/apimime.h) names exactly the envelope
@@ -96,5 +103,18 @@ void apisend_prepare(const char *msg, size_t len, const char *const *rcpts, size
  * becomes the reason, else the status).  Empty strings when absent. */
 void apisend_error_parse(const char *body, size_t len, char *code, size_t codelen, char *msg,
                          size_t msglen);
+
+/* The action for a refused Graph request at step (a draft-path step name such as "create
+ * draft", "attachment", "createUploadSession", or "sendMail"/"send"): a 403 on a call that
+ * works on drafts means the app lacks Mail.ReadWrite (Mail.Send covers sendMail and sending
+ * a draft only), so APISEND_ACT_READWRITE; otherwise v->action (verdict_http()'s). */
+#define APISEND_ACT_READWRITE                                                                      \
+    "grant the app registration the Microsoft Graph application permission Mail.ReadWrite (as "    \
+    "well as Mail.Send) with admin consent: relayd sends through drafts with "                     \
+    "save_to_sent_items = no and for messages over about 3 MB; make sure the application access "  \
+    "policy includes this mailbox; or set save_to_sent_items = yes, which needs Mail.Send only "   \
+    "for messages under about 3 MB"
+struct verdict;
+const char *apisend_graph_action(const char *step, long status, const struct verdict *v);
 
 #endif

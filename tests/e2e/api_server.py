@@ -48,7 +48,9 @@ Output (in --state-dir DIR):
               message given as JSON, a MIME rendering of its recipients, subject and body
   NNNN.json   {"api": "graph-sendmail"|"graph-draft"|"gmail-raw"|"gmail-upload", "mailbox",
               "recipients" (To/Cc/Bcc, the addresses the provider delivers to, each once),
-              "bcc", "saveToSentItems" (bool or null), "attachments": [{"name",
+              "bcc", "saveToSentItems" (bool: sendMail as MIME true, JSON as asked, a draft
+              false when it carries PR_DELETE_AFTER_SUBMIT "Boolean 0x0E01" = true, PATCHed
+              or at creation), "attachments": [{"name",
               "contentType", "size", "sha256", "isInline", "contentId"}], "queueId"}
               written after NNNN.eml: a test waits for the .json
   requests.log  one line per request: "POST /v1.0/users/fax@corp.example/sendMail 202"
@@ -490,7 +492,8 @@ class Handler(BaseHTTPRequestHandler):
         mime = self.mime_body(GRAPH_SENDMAIL_MAX)
         if mime is None:
             return
-        record("graph-sendmail", mailbox, mime, None, None, mime_header(mime, "X-Relayd-Queue-Id"))
+        # Graph's MIME sendMail always keeps a copy in Sent Items (no switch for MIME).
+        record("graph-sendmail", mailbox, mime, True, None, mime_header(mime, "X-Relayd-Queue-Id"))
         self.reply(202)
 
     def graph_draft(self, mailbox):
@@ -521,6 +524,15 @@ class Handler(BaseHTTPRequestHandler):
             dump_drafts()
         self.reply(201, {"id": did, "isDraft": True,
                          "createdDateTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    @staticmethod
+    def delete_after_submit(d):
+        """PR_DELETE_AFTER_SUBMIT (Boolean 0x0E01) true: Exchange deletes the draft once sent
+        instead of keeping it in Sent Items."""
+        for k, v in d["props"].items():
+            if re.fullmatch(r"Boolean\s+0x0?E01", k.strip(), re.I):
+                return v is True or str(v).strip().lower() == "true"
+        return False
 
     @staticmethod
     def draft_qid(d):
@@ -607,7 +619,8 @@ class Handler(BaseHTTPRequestHandler):
                     return self.error(404, "ErrorItemNotFound", "The specified object was "
                                       "not found in the store.")
                 dump_drafts()
-            record("graph-draft", mailbox, d["mime"], None, d["attachments"], self.draft_qid(d))
+            record("graph-draft", mailbox, d["mime"], not self.delete_after_submit(d),
+                   d["attachments"], self.draft_qid(d))
             return self.reply(202)
         return self.error(404, "ResourceNotFound", "no such endpoint: %s %s" % (c, self.rpath))
 

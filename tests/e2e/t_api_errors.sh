@@ -2,7 +2,9 @@
 # t_api_errors: the Graph answers mapped to relayd's causes.  401 and 403 ErrorAccessDenied
 # hold the mail (the upstream turns unhealthy with what to grant, no DSN) until a probe works;
 # 429 with Retry-After pauses the upstream that long; 400 ErrorInvalidRecipients fails the
-# message with the provider's text in the DSN; 500 defers and the retry delivers.
+# message with the provider's text in the DSN; 500 defers and the retry delivers.  A 403 on
+# the draft creation (save_to_sent_items = no: the app lacks Mail.ReadWrite) holds the mail
+# with an action naming Mail.ReadWrite.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/oauth2_lib.sh"
 source "$(dirname "$0")/api_lib.sh"
@@ -11,7 +13,9 @@ start_token_server
 start_api --fault 'sendMail=401:1:code=InvalidAuthenticationToken:message=Access token validation failure.' \
     --fault 'sendMail=403:1:code=ErrorAccessDenied:message=Access is denied. Check credentials and try again.'
 CONF=$T/relayd.conf
-write_api_conf "$CONF" graph "mailbox = fax@contoso.example"
+# Cases 1-4 are about sendMail (save_to_sent_items = yes); case 5 the default's draft path.
+write_api_conf "$CONF" graph "mailbox = fax@contoso.example
+save_to_sent_items = yes"
 start_relayd "$CONF"
 
 # sendmail_statuses: the HTTP statuses of the sendMail requests so far, in order.
@@ -79,4 +83,30 @@ for ((i = 0; i < 40; i++)); do
     sleep 0.25
 done
 [ "$(grep -c ': removed$' "$T/relayd.log")" -eq 4 ] || fail "delivered messages still queued"
+
+say "5: save_to_sent_items = no, 403 on the draft creation: held, the action names Mail.ReadWrite"
+stop_relayd
+sed -i '/^save_to_sent_items = yes$/d' "$CONF"
+start_api --fault 'users/fax@contoso\.example/messages$=403:1:code=ErrorAccessDenied:message=Access is denied. Check credentials and try again.' \
+    --fault 'drafts/messages\?.*top=1=403:1:code=ErrorAccessDenied:message=Access is denied.'
+# test-upstream reads the Drafts folder: a 403 there fails it with Mail.ReadWrite to grant.
+rc=0
+timeout 60 "$RELAYCTL_BIN" -c "$CONF" test-upstream provider > "$T/probe5.out" 2>&1 || rc=$?
+sed 's/^/   | /' "$T/probe5.out"
+[ "$rc" -ne 0 ] || fail "test-upstream passed without access to the drafts"
+grep -q '^\[FAIL\] drafts: GET fax@contoso.example Drafts: HTTP 403' "$T/probe5.out" ||
+    fail "no failed drafts step"
+grep -q '^what to do: .*Mail\.ReadWrite' "$T/probe5.out" || fail "test-upstream does not name Mail.ReadWrite"
+start_relayd "$CONF"
+make_message "$T/m5.eml" "api draft hold"
+relay_send "$T/m5.eml" user@example.com || fail "not accepted"
+wait_for_api 5 30 || { cat "$T/relayd.log"; fail "not delivered after the hold"; }
+grep -qE "upstream provider: unhealthy.*HTTP 403 ErrorAccessDenied.*Mail\.ReadWrite" "$T/relayd.log" ||
+    fail "the 403 on the draft does not name Mail.ReadWrite"
+grep -qE 'status=deferred \(graph draft \(create draft\) as fax@contoso.example: HTTP 403.*cause=relay-configuration' \
+    "$T/relayd.log" || fail "the 403 on the draft is not a hold"
+grep -q 'bounced' "$T/relayd.log" && fail "a hold bounced"
+[ "$(api_json 5 api)" = graph-draft ] && [ "$(api_json 5 saveToSentItems)" = False ] ||
+    fail "not the draft path without Sent Items"
+[ "$(grep -c '/send 202$' "$API_DIR/requests.log")" = 1 ] || fail "not sent once"
 pass

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # t_api_graph: transport = graph.  relayctl test-upstream takes a token and reads the mailbox;
 # a legacy device's message (TNCS style: HELO, no Date, no Message-ID) goes out through
-# Graph sendMail as base64 MIME with relayd's repairs, under the app-only token of the token
+# Graph sendMail (save_to_sent_items = yes; the default's draft path is t_api_graph_sent) as
+# base64 MIME with relayd's repairs, under the app-only token of the token
 # endpoint; of one message split between Graph and an SMTP route, a recipient only in the
 # envelope is added as Bcc for the API call only, a Cc: address outside the envelope gets no
 # copy, and the rest is byte for byte what the SMTP upstream got.
@@ -14,7 +15,8 @@ start_api
 FAKE_PORT=$(free_port)
 start_fake_upstream "$FAKE_PORT" "$T/fake"
 CONF=$T/relayd.conf
-write_api_conf "$CONF" graph "mailbox = fax@contoso.example"
+write_api_conf "$CONF" graph "mailbox = fax@contoso.example
+save_to_sent_items = yes"
 relayd_conf "$CONF" "upstream fake" "host = 127.0.0.1" "port = $FAKE_PORT" "tls = none"
 relayd_conf "$CONF" "route smtp" "recipient_domain = smtp.example" "upstream = fake"
 
@@ -28,6 +30,7 @@ timeout 60 "$RELAYCTL_BIN" -c "$CONF" test-upstream provider > "$T/probe.out" 2>
 cat "$T/probe.out"
 grep -q '^\[ ok \] token (client_credentials): ok' "$T/probe.out" || fail "no token step"
 grep -q '^\[ ok \] GET fax@contoso.example: HTTP 200' "$T/probe.out" || fail "no mailbox step"
+grep -q '^\[ ok \] drafts: readable (HTTP 200)' "$T/probe.out" || fail "no drafts step"
 grep -q '^verdict: upstream provider works: Microsoft Graph API' "$T/probe.out" || fail "no verdict"
 
 start_relayd "$CONF"
@@ -46,13 +49,14 @@ eof 5
 S
 wait_for_api 1 30 || { cat "$T/relayd.log"; fail "not delivered through Graph"; }
 [ "$(api_json 1 api)" = graph-sendmail ] || fail "not sendMail"
+[ "$(api_json 1 saveToSentItems)" = True ] || fail "sendMail not saved to Sent Items"
 [ "$(api_json 1 mailbox)" = fax@contoso.example ] || fail "wrong mailbox: $(api_json 1 mailbox)"
 [ "$(api_json 1 recipients)" = user@example.net ] || fail "recipients: $(api_json 1 recipients)"
 grep -q '^Date: ' "$API_DIR/0001.eml" || fail "no Date: added"
 grep -q '^Message-ID: <' "$API_DIR/0001.eml" || fail "no Message-ID: added"
 grep -q '^Bcc:' "$API_DIR/0001.eml" && fail "a Bcc: for a recipient already in To:"
 grep -q 'ALARM 0042 zone 3 door open' "$API_DIR/0001.eml" || fail "body lost"
-grep -qE 'upstream provider: graph sendMail as fax@contoso.example: HTTP 202 \(mailbox fixed\)' \
+grep -qE 'upstream provider: graph sendMail as fax@contoso.example: HTTP 202 \(saved to Sent Items\) \(mailbox fixed\)' \
     "$T/relayd.log" || fail "no delivery log line"
 grep -qE 'to=<user@example.net> relay=provider.*status=sent' "$T/relayd.log" || fail "not logged as sent"
 

@@ -61,6 +61,9 @@ grep -qE 'status=deferred \(graph draft\+upload \(createUploadSession\) as fax@c
     "$T/relayd.log" || fail "the failed attempt is not logged as deferred with its step"
 grep -q 'A fax from 555-0100' "$API_DIR/0001.eml" || fail "the text body is not in the draft"
 [ "$(cat "$API_DIR/drafts.json")" = "[]" ] || fail "drafts left: $(cat "$API_DIR/drafts.json")"
-grep -qE 'graph draft\+upload as fax@contoso.example: HTTP 202 \(2 attachments, [0-9]+ bytes\) \(mailbox fixed\)' \
+[ "$(api_json 1 saveToSentItems)" = False ] || fail "saved to Sent Items (save_to_sent_items = no)"
+grep -qE '^PATCH /v1.0/users/fax@contoso.example/messages/[^/ ]+ 200$' "$API_DIR/requests.log" ||
+    fail "the draft was not marked delete-after-submit"
+grep -qE 'graph draft\+upload as fax@contoso.example: HTTP 202 \(2 attachments, [0-9]+ bytes; not saved to Sent Items\) \(mailbox fixed\)' \
     "$T/relayd.log" || fail "no delivery log line"
 pass

@@ -11,6 +11,7 @@
 
 #include "config/cfg.h"
 #include "relayd/apisend.h"
+#include "relayd/verdict.h"
 
 TestSuite(apisend, .timeout = 10);
 
@@ -141,5 +142,49 @@ Test(apisend, error_parse)
         apisend_error_parse(c->body, strlen(c->body), code, sizeof code, msg, sizeof msg);
         cr_expect(eq(str, code, (char *)c->want_code), "%s: code", c->label);
         cr_expect(eq(str, msg, (char *)c->want_msg), "%s: message", c->label);
+    }
+}
+
+/* The action for a refused Graph request: a 403 on a call on drafts names Mail.ReadWrite
+ * (Mail.Send covers sendMail and the final send only); anything else keeps verdict_http()'s. */
+struct action_case {
+    const char *step;
+    long status;
+    const char *code;
+    int want_readwrite;
+};
+
+static const struct action_case action_cases[] = {
+    {"create draft", 403, "ErrorAccessDenied", 1},
+    {"list drafts", 403, "ErrorAccessDenied", 1},
+    {"set delete-after-submit", 403, "ErrorAccessDenied", 1},
+    {"attachment", 403, "ErrorAccessDenied", 1},
+    {"createUploadSession", 403, "ErrorAccessDenied", 1},
+    {"delete stale draft", 403, "", 1},
+    {"sendMail", 403, "ErrorAccessDenied", 0},
+    {"send", 403, "ErrorAccessDenied", 0},
+    {"upload", 403, "", 0},
+    {"create draft", 401, "InvalidAuthenticationToken", 0},
+    {"create draft", 403, "ErrorSendAsDenied", 0}, /* a message's Send As, not the app */
+    {"create draft", 500, "", 0},
+    {NULL, 403, "ErrorAccessDenied", 0},
+};
+
+Test(apisend, graph_action)
+{
+    for (size_t i = 0; i < sizeof(action_cases) / sizeof(action_cases[0]); i++) {
+        const struct action_case *c = &action_cases[i];
+        struct verdict v;
+        const char *got;
+
+        verdict_http(1, c->status, c->code, "", &v);
+        got = apisend_graph_action(c->step, c->status, &v);
+        if (c->want_readwrite) {
+            cr_expect_str_eq(got, APISEND_ACT_READWRITE, "%s %ld %s", c->step, c->status, c->code);
+            cr_expect(strstr(got, "Mail.ReadWrite") != NULL);
+        } else {
+            cr_expect(got == v.action, "%s %ld %s: want verdict_http's action",
+                      c->step != NULL ? c->step : "(null)", c->status, c->code);
+        }
     }
 }
