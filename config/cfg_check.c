@@ -395,6 +395,10 @@ static void check_upstream_oauth2(struct cfg_parse *p, const struct cfg_sec *s)
 #define CFG_GRAPH_URL "https://graph.microsoft.com"
 #define CFG_GRAPH_SCOPE_APP "https://graph.microsoft.com/.default"
 #define CFG_GRAPH_SCOPE_DELEGATED "https://graph.microsoft.com/Mail.Send offline_access"
+/* save_to_sent_items = no sends through a draft (relayd/apisend.c): drafts need Mail.ReadWrite. */
+#define CFG_GRAPH_SCOPE_DELEGATED_DRAFTS                                                           \
+    "https://graph.microsoft.com/Mail.Send https://graph.microsoft.com/Mail.ReadWrite "            \
+    "offline_access"
 #define CFG_GMAIL_URL "https://gmail.googleapis.com"
 #define CFG_GMAIL_SCOPE "https://www.googleapis.com/auth/gmail.send"
 
@@ -443,7 +447,8 @@ static void check_upstream_api(struct cfg_parse *p, const struct cfg_sec *s)
         if (graph)
             u->scope = xstrdup(u->grant == CFG_GRANT_REFRESH_TOKEN ||
                                        (u->grant == CFG_GRANT_NONE && u->refresh_token_file != NULL)
-                                   ? CFG_GRAPH_SCOPE_DELEGATED
+                                   ? (u->save_to_sent_items ? CFG_GRAPH_SCOPE_DELEGATED
+                                                            : CFG_GRAPH_SCOPE_DELEGATED_DRAFTS)
                                    : CFG_GRAPH_SCOPE_APP);
         else
             u->scope = xstrdup(CFG_GMAIL_SCOPE);
