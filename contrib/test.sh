@@ -8,9 +8,9 @@
 # spool writer thread's ThreadSanitizer drivers (tests/tsan/) in build-tsan/.  Exits
 # non-zero if anything failed; the last line is "summary: N passed, N failed".  The
 # end-to-end tests start real Postfix instances on loopback ports and need root.  Finally the libFuzzer targets are built with
-# clang (build-fuzz/) and each runs for a bounded time (tests/fuzz/run.sh): 60 s for the
+# clang (build-fuzz/) and each runs for a bounded time (tests/fuzz/run.sh): 45 s for the
 # command parser (fuzz_smtpd) and the DATA/header repair (fuzz_msgfix), FUZZ_OTHER_SECONDS
-# (default 20) for the others; each target counts as one test.  FUZZ=0 skips this step.
+# (default 15) for the others; each target counts as one test.  FUZZ=0 skips this step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,11 +71,11 @@ run_ctest build-tsan tsan
 
 # run_fuzz: the fuzz targets, bounded; adds run.sh's counts to the totals.
 run_fuzz() {
-    local log rc=0 line other=${FUZZ_OTHER_SECONDS:-20} targets=() f t
+    local log rc=0 line other=${FUZZ_OTHER_SECONDS:-15} targets=() f t
     for f in tests/fuzz/fuzz_*.c; do
         t=$(basename "$f" .c)
         case "$t" in
-            fuzz_smtpd | fuzz_msgfix) targets+=("$t=${FUZZ_SECONDS:-60}") ;;
+            fuzz_smtpd | fuzz_msgfix) targets+=("$t=${FUZZ_SECONDS:-45}") ;;
             *) targets+=("$t=$other") ;;
         esac
     done
