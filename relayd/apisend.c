@@ -233,9 +233,11 @@ static void prepare_bcc_only(const char *msg, size_t len, const char *const *rcp
         }
         free(lc);
     }
-    if (nadd > 0)
+    note[0] = '\0';
+    if (nadd > 0) {
         buf_append(bcc, "\r\n", 2);
-    snprintf(note, notelen, nadd > 0 ? "bcc +%zu" : "", nadd);
+        snprintf(note, notelen, "bcc +%zu", nadd);
+    }
     *outlen = bcc->len + len;
     *out = xmalloc(*outlen + 1);
     memcpy(*out, bcc->data, bcc->len);
