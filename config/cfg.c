@@ -965,32 +965,6 @@ void cfg_dump(const struct cfg *cfg, FILE *out)
     }
 }
 
-int cfg_reload_secrets(struct cfg *cfg, char *err, size_t errlen)
-{
-    int i, failed = 0;
-
-    err[0] = '\0';
-    for (i = 0; i < cfg->nupstreams; i++) {
-        struct cfg_upstream *up = &cfg->upstreams[i];
-        char *fresh = NULL, why[512];
-
-        if (up->password_file == NULL)
-            continue;
-        if (read_secret(up->password_file, &fresh, why, sizeof why) != 0) {
-            /* Keep the old secret: a half-written file must not stop delivery. */
-            snprintf(err, errlen, "[upstream %s] password_file: %s", up->name, why);
-            failed++;
-            continue;
-        }
-        if (up->password != NULL) {
-            explicit_bzero(up->password, strlen(up->password));
-            free(up->password);
-        }
-        up->password = fresh;
-    }
-    return failed ? -1 : 0;
-}
-
 /* ---- Generations ---- */
 
 struct cfg_gen *cfg_gen_new(struct cfg *cfg, unsigned long n)

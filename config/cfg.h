@@ -260,11 +260,6 @@ void cfg_map_free(struct cfg_map *map);
  * relayd rewrites (refresh_token_file) or that are larger than a password. */
 int cfg_secret_read(const char *path, size_t max, char **out, char *why, size_t whylen);
 
-/* Reads every upstream's password_file again (a secret that cannot be read keeps its old
- * value).  0, or -1 with the last problem in err.  (SIGHUP now reloads the whole file into
- * a new generation; this is no longer used by the daemon.) */
-int cfg_reload_secrets(struct cfg *cfg, char *err, size_t errlen);
-
 /* Configuration generations (the full reload, SIGHUP): a loaded struct cfg that is never
  * changed again, shared by reference.  The daemon holds the current one; every inbound
  * session and the delivery engine hold the one they started with, so a reload never

@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,10 +55,10 @@ struct relayd {
     struct spool *sp;
     struct smtpd_server *smtpd;
     struct sched *sched;
-    struct oauth2 *oauth2;      /* OAuth 2.0 tokens for upstreams with auth = xoauth2 */
+    struct oauth2 *oauth2; /* OAuth 2.0 tokens for upstreams with auth = xoauth2 */
     uv_async_t spool_wake;
     uv_signal_t sigterm, sigint;
-    uv_signal_t sighup;         /* the full reload (relayd_reload()) */
+    uv_signal_t sighup; /* the full reload (relayd_reload()) */
     int stopping;
     /* Monitoring and the operator's control channel (relayctl reload / drain / resume). */
     struct metrics *metrics;
@@ -84,8 +85,7 @@ static void relayd_raise_nofile(const struct cfg *cfg)
         log_warn("open files limit is %llu, but max_connections = %d needs about %llu: "
                  "connections beyond it fail at accept; raise LimitNOFILE= in relayd.service "
                  "(or ulimit -n)",
-                 (unsigned long long)rl.rlim_cur, cfg->max_connections,
-                 (unsigned long long)need);
+                 (unsigned long long)rl.rlim_cur, cfg->max_connections, (unsigned long long)need);
     else
         log_info("open files limit raised to %llu for max_connections = %d",
                  (unsigned long long)rl.rlim_cur, cfg->max_connections);
@@ -176,16 +176,21 @@ static void relayd_on_sched_reconfigured(void *arg, int swapped)
 }
 
 /* "+1 -0 =2": upstreams (or routes) by name: added, removed, and kept (their settings
- * are the new ones either way; the run-time state of a kept upstream carries over). */
-static void relayd_count_names(const char *const *a, int na, const char *const *b, int nb,
+ * are the new ones either way; the run-time state of a kept upstream carries over).  a and
+ * b are arrays of na and nb structs of size bytes whose first member is the name. */
+static void relayd_count_names(const void *a, int na, const void *b, int nb, size_t size,
                                int *added, int *removed, int *kept)
 {
     int i, j;
 
-    *added = *removed = *kept = 0;
+    *added = *kept = 0;
     for (i = 0; i < nb; i++) {
-        for (j = 0; j < na && strcmp(a[j], b[i]) != 0; j++)
-            ;
+        const char *name = *(char *const *)(const void *)((const char *)b + (size_t)i * size);
+
+        for (j = 0; j < na; j++)
+            if (strcmp(*(char *const *)(const void *)((const char *)a + (size_t)j * size), name) ==
+                0)
+                break;
         if (j < na)
             (*kept)++;
         else
@@ -193,21 +198,8 @@ static void relayd_count_names(const char *const *a, int na, const char *const *
     }
     *removed = na - *kept;
 }
-
-static void relayd_upstream_counts(const struct cfg *a, const struct cfg *b, int *add, int *rem,
-                                   int *kept)
-{
-    const char **na = xcalloc((size_t)a->nupstreams + 1, sizeof(*na));
-    const char **nb = xcalloc((size_t)b->nupstreams + 1, sizeof(*nb));
-
-    for (int i = 0; i < a->nupstreams; i++)
-        na[i] = a->upstreams[i].name;
-    for (int i = 0; i < b->nupstreams; i++)
-        nb[i] = b->upstreams[i].name;
-    relayd_count_names(na, a->nupstreams, nb, b->nupstreams, add, rem, kept);
-    free(na);
-    free(nb);
-}
+_Static_assert(offsetof(struct cfg_upstream, name) == 0, "relayd_count_names()");
+_Static_assert(offsetof(struct cfg_route, name) == 0, "relayd_count_names()");
 
 /*
  * The full reload, the one entry point (SIGHUP, and the control socket's reload): 0, or
@@ -231,8 +223,9 @@ static int relayd_reload(struct relayd *r, char *err, size_t errlen)
         return -1;
     }
     if (r->next_dgen != NULL) {
-        snprintf(err, errlen, "the previous reload (generation %lu) is still waiting for "
-                              "deliveries in progress to finish",
+        snprintf(err, errlen,
+                 "the previous reload (generation %lu) is still waiting for "
+                 "deliveries in progress to finish",
                  r->next_dgen->n);
         return -1;
     }
@@ -267,19 +260,10 @@ static int relayd_reload(struct relayd *r, char *err, size_t errlen)
         return rc;
     }
     /* Committed. */
-    relayd_upstream_counts(r->cfg, &gen->cfg, &ua, &ur, &uk);
-    {
-        const char **na = xcalloc((size_t)r->cfg->nroutes + 1, sizeof(*na));
-        const char **nb = xcalloc((size_t)gen->cfg.nroutes + 1, sizeof(*nb));
-
-        for (int i = 0; i < r->cfg->nroutes; i++)
-            na[i] = r->cfg->routes[i].name;
-        for (int i = 0; i < gen->cfg.nroutes; i++)
-            nb[i] = gen->cfg.routes[i].name;
-        relayd_count_names(na, r->cfg->nroutes, nb, gen->cfg.nroutes, &ra, &rr, &rk);
-        free(na);
-        free(nb);
-    }
+    relayd_count_names(r->cfg->upstreams, r->cfg->nupstreams, gen->cfg.upstreams,
+                       gen->cfg.nupstreams, sizeof(struct cfg_upstream), &ua, &ur, &uk);
+    relayd_count_names(r->cfg->routes, r->cfg->nroutes, gen->cfg.routes, gen->cfg.nroutes,
+                       sizeof(struct cfg_route), &ra, &rr, &rk);
     cfg_gen_unref(r->gen);
     r->gen = cfg_gen_ref(gen);
     r->cfg = &gen->cfg;

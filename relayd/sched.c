@@ -1586,12 +1586,6 @@ void sched_share_memory(struct sched *sc, size_t *used)
     }
 }
 
-void sched_reload(struct sched *sc)
-{
-    if (!sc->stopping)
-        pool_reprobe(sc->pool);
-}
-
 void sched_kick(struct sched *sc)
 {
     if (!sc->stopping && sc->timer_open)

@@ -51,9 +51,6 @@ void sched_share_memory(struct sched *sc, size_t *used);
 int sched_start(struct sched *sc, char *err, size_t errlen);
 /* A new message is in the spool: look for due work now. */
 void sched_kick(struct sched *sc);
-/* After SIGHUP re-read the upstream secrets: probe unhealthy upstreams now; mail waiting
- * for one becomes due as soon as its probe succeeds. */
-void sched_reload(struct sched *sc);
 /*
  * The full reload (SIGHUP): cfg (with oauth2, the token manager made for it) takes over the
  * deliveries once none is in progress: those in progress finish on the configuration they

@@ -1133,30 +1133,6 @@ undo:
     return rc != 0 ? rc : -1;
 }
 
-int smtpd_server_reload_tls(struct smtpd_server *srv)
-{
-    char err[512];
-    int i, failed = 0;
-
-    for (i = 0; i < srv->nlisteners; i++) {
-        struct smtpd_listener *l = srv->listeners[i];
-        struct smtpd_cred *fresh;
-
-        if (l->cfg->tls == CFG_TLS_NONE || l->cred == NULL)
-            continue;
-        if (smtpd_cred_load(l->cfg, &fresh, err, sizeof(err)) != 0) {
-            log_error("%s; keeping the certificate loaded before", err);
-            failed++;
-            continue;
-        }
-        /* Sessions already using the old credentials keep their reference. */
-        smtpd_cred_unref(l->cred);
-        l->cred = fresh;
-        log_info("listener %s: TLS certificate reloaded from %s", l->cfg->name, l->cfg->cert);
-    }
-    return failed ? -1 : 0;
-}
-
 void smtpd_server_stop(struct smtpd_server *srv, void (*done)(void *arg), void *arg)
 {
     struct smtpd_session *s, *next;

@@ -41,10 +41,6 @@ struct smtpd_reconf {
 };
 int smtpd_server_reconfigure(struct smtpd_server *srv, const struct cfg *cfg, struct cfg_gen *gen,
                              struct smtpd_reconf *st, char *err, size_t errlen);
-/* Re-reads every TLS listener's certificate and key (SIGHUP).  Sessions in progress keep
- * the credentials they started with.  A listener whose files fail to load keeps its old
- * ones (logged).  0, or -1 when any listener failed. */
-int smtpd_server_reload_tls(struct smtpd_server *srv);
 /* Stops accepting and closes all sessions; done(arg) runs once every handle is closed. */
 void smtpd_server_stop(struct smtpd_server *srv, void (*done)(void *arg), void *arg);
 /* Drain (accepting = 0, relayctl drain): listeners stay open, but every new connection
