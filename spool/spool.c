@@ -48,7 +48,7 @@
 #include "common/xalloc.h"
 #include "spool/spool_int.h"
 
-#define RETRY_MAX 40 /* MAP_FULL/MAP_RESIZED retries: 2^40 times the map is enough */
+#define RETRY_MAX 40       /* MAP_FULL/MAP_RESIZED retries: 2^40 times the map is enough */
 #define READ_AGAIN (-3999) /* internal: an unlocked read overlapped commits; redo it */
 #define READ_TRIES 200
 
@@ -1382,8 +1382,8 @@ txn_end:
 /* Messages per write transaction of a bulk operation: short commits, no long write lock. */
 #define BULK_CHUNK 4096
 
-int spool_purge_ids(struct spool *sp, enum spool_state state, int64_t arrived_before,
-                    uint64_t *ids, size_t max, size_t *removed)
+int spool_purge_ids(struct spool *sp, enum spool_state state, int64_t arrived_before, uint64_t *ids,
+                    size_t max, size_t *removed)
 {
     uint64_t *cand = NULL;
     size_t ncand = 0, done = 0, dummy;
@@ -1401,8 +1401,12 @@ int spool_purge_ids(struct spool *sp, enum spool_state state, int64_t arrived_be
     }
     for (size_t off = 0; off < ncand && rc == 0; off += BULK_CHUNK) {
         size_t chunk = ncand - off < BULK_CHUNK ? ncand - off : BULK_CHUNK, got = 0;
-        struct sync_op op = {.kind = OP_PURGE, .state = state, .before = arrived_before,
-                             .ids = cand + off, .max = chunk, .removed = &got};
+        struct sync_op op = {.kind = OP_PURGE,
+                             .state = state,
+                             .before = arrived_before,
+                             .ids = cand + off,
+                             .max = chunk,
+                             .removed = &got};
 
         if ((rc = sync_write(sp, &op)) == 0) {
             if (ids != NULL)
@@ -1431,8 +1435,8 @@ int spool_retry_all(struct spool *sp, size_t *n)
     }
     for (size_t off = 0; off < ncand && rc == 0; off += BULK_CHUNK) {
         size_t chunk = ncand - off < BULK_CHUNK ? ncand - off : BULK_CHUNK, got = 0;
-        struct sync_op op = {.kind = OP_RETRY_IDS, .ids = cand + off, .max = chunk,
-                             .removed = &got};
+        struct sync_op op = {
+            .kind = OP_RETRY_IDS, .ids = cand + off, .max = chunk, .removed = &got};
 
         if ((rc = sync_write(sp, &op)) == 0)
             done += got;

@@ -127,8 +127,8 @@ static int has_dsn(const struct spool_msg *m)
 void spool__encode_msg(const struct spool_msg *m, struct buf *out)
 {
     unsigned v = m->config_wait != 0 || m->config_since != 0 ? MSG_V3
-                 : has_dsn(m)                               ? MSG_V2
-                                                            : MSG_V1;
+                 : has_dsn(m)                                ? MSG_V2
+                                                             : MSG_V1;
 
     spool__rec_start(out, v);
     spool__put_u8(out, (unsigned)m->state);
@@ -228,7 +228,7 @@ char *spool__get_str(struct spool__rd *r)
 /* Checks the version (min..max) and length; leaves r positioned after the header and
  * the version in *version. */
 int spool__rec_header(struct spool__rd *r, const void *p, size_t n, unsigned min, unsigned max,
-                  unsigned *version)
+                      unsigned *version)
 {
     r->p = p;
     r->n = n;

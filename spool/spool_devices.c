@@ -155,12 +155,8 @@ void spool_device_note(struct spool *sp, const struct spool_device_event *ev)
     if (was_empty)
         sp->devpend_since = (int64_t)time(NULL);
     pthread_mutex_unlock(&sp->devlock);
-    if (was_empty) {
-        /* The writer may sleep without a deadline: give it one. */
-        pthread_mutex_lock(&sp->qlock);
-        pthread_cond_signal(&sp->qcond);
-        pthread_mutex_unlock(&sp->qlock);
-    }
+    if (was_empty)
+        spool__writer_nudge(sp); /* it may sleep without a deadline: give it one */
 }
 
 struct spool__devpend *spool__devices_take(struct spool *sp)
@@ -174,16 +170,6 @@ struct spool__devpend *spool__devices_take(struct spool *sp)
     sp->devpend_since = 0;
     pthread_mutex_unlock(&sp->devlock);
     return list;
-}
-
-int64_t spool__devices_due(struct spool *sp)
-{
-    int64_t since;
-
-    pthread_mutex_lock(&sp->devlock);
-    since = sp->devpend_since;
-    pthread_mutex_unlock(&sp->devlock);
-    return since != 0 ? since + SPOOL_DEVICES_FLUSH : 0;
 }
 
 void spool__devices_free(struct spool__devpend *list)

@@ -28,11 +28,11 @@ struct spool {
     struct spool_opts opts;
     MDB_env *env;
     MDB_dbi meta, msg, body, sched, attempt;
-    MDB_dbi bad;       /* envelopes set aside by spool_quarantine_async() */
-    int have_bad;      /* a read-only open of an older spool may not have it */
-    int have_counts;   /* meta "counts" is kept (always, once opened for writing) */
-    int fail_updates;  /* spool_fault_updates(): updates still to fail (writer thread) */
-    int unlocked; /* read-only without lock.mdb (MDB_NOLOCK): reads are validated */
+    MDB_dbi bad;      /* envelopes set aside by spool_quarantine_async() */
+    int have_bad;     /* a read-only open of an older spool may not have it */
+    int have_counts;  /* meta "counts" is kept (always, once opened for writing) */
+    int fail_updates; /* spool_fault_updates(): updates still to fail (writer thread) */
+    int unlocked;     /* read-only without lock.mdb (MDB_NOLOCK): reads are validated */
 
     pthread_rwlock_t maplock; /* shared around every txn, exclusive to resize the map */
 
@@ -52,11 +52,11 @@ struct spool {
 
     /* Devices (spool_devices.c): the sub-database, and events not yet committed. */
     MDB_dbi devices;
-    int have_devices;                /* 0: a read-only spool without the sub-database */
-    pthread_mutex_t devlock;         /* guards devpend; never held with qlock taken after */
-    struct spool__devpend *devpend;  /* pending events merged per client */
+    int have_devices;               /* 0: a read-only spool without the sub-database */
+    pthread_mutex_t devlock;        /* guards devpend; never held with qlock taken after */
+    struct spool__devpend *devpend; /* pending events merged per client */
     size_t ndevpend;
-    int64_t devpend_since;           /* when the oldest pending event was noted */
+    int64_t devpend_since; /* when the oldest pending event was noted */
     /* Upstream state (spool_state.c): the sub-database and records not yet committed
      * (guarded by devlock too). */
     MDB_dbi state;
@@ -131,8 +131,6 @@ struct spool__devpend;
 int spool__devices_open(struct spool *sp, MDB_txn *txn, unsigned dflags);
 /* Takes every pending event (the caller owns the list; NULL when none). */
 struct spool__devpend *spool__devices_take(struct spool *sp);
-/* 0 with nothing pending, else the absolute time (unix s) by which they should be written. */
-int64_t spool__devices_due(struct spool *sp);
 /* Folds a taken list into the records, inside the writer's transaction; 0 or MDB_* code. */
 int spool__devices_apply(struct spool *sp, MDB_txn *txn, const struct spool__devpend *list);
 void spool__devices_free(struct spool__devpend *list);
@@ -141,11 +139,13 @@ void spool__devices_free(struct spool__devpend *list);
 struct spool__statepend;
 int spool__state_open(struct spool *sp, MDB_txn *txn, unsigned dflags);
 struct spool__statepend *spool__state_take(struct spool *sp);
-int64_t spool__state_due(struct spool *sp);
 int spool__state_apply(struct spool *sp, MDB_txn *txn, const struct spool__statepend *list);
 void spool__state_free(struct spool__statepend *list);
 
 /* ---- spool_writer.c ---- */
+/* A note (device event, upstream state) became pending with nothing pending before: wakes
+ * the writer so that it sleeps no longer than the note's flush deadline.  Without devlock. */
+void spool__writer_nudge(struct spool *sp);
 void spool__writer_stop(struct spool *sp);
 
 #endif

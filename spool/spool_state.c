@@ -180,12 +180,8 @@ void spool_upstate_note(struct spool *sp, const struct spool_upstate *st)
     if (was_empty)
         sp->statepend_since = (int64_t)time(NULL);
     pthread_mutex_unlock(&sp->devlock);
-    if (was_empty) {
-        /* The writer may sleep without a deadline: give it one. */
-        pthread_mutex_lock(&sp->qlock);
-        pthread_cond_signal(&sp->qcond);
-        pthread_mutex_unlock(&sp->qlock);
-    }
+    if (was_empty)
+        spool__writer_nudge(sp); /* it may sleep without a deadline: give it one */
 }
 
 struct spool__statepend *spool__state_take(struct spool *sp)
@@ -198,16 +194,6 @@ struct spool__statepend *spool__state_take(struct spool *sp)
     sp->statepend_since = 0;
     pthread_mutex_unlock(&sp->devlock);
     return list;
-}
-
-int64_t spool__state_due(struct spool *sp)
-{
-    int64_t since;
-
-    pthread_mutex_lock(&sp->devlock);
-    since = sp->statepend_since;
-    pthread_mutex_unlock(&sp->devlock);
-    return since != 0 ? since + SPOOL_STATE_FLUSH : 0;
 }
 
 void spool__state_free(struct spool__statepend *list)

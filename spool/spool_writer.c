@@ -323,6 +323,32 @@ static struct spool_job *take_batch(struct spool *sp)
     return batch;
 }
 
+/* 0 with no note pending, else the absolute time (unix s) by which the notes must be
+ * written: device events within SPOOL_DEVICES_FLUSH, upstream state within
+ * SPOOL_STATE_FLUSH of the first pending one. */
+static int64_t notes_due(struct spool *sp)
+{
+    int64_t due = 0, sdue;
+
+    pthread_mutex_lock(&sp->devlock);
+    if (sp->devpend_since != 0)
+        due = sp->devpend_since + SPOOL_DEVICES_FLUSH;
+    if (sp->statepend_since != 0) {
+        sdue = sp->statepend_since + SPOOL_STATE_FLUSH;
+        if (due == 0 || sdue < due)
+            due = sdue;
+    }
+    pthread_mutex_unlock(&sp->devlock);
+    return due;
+}
+
+void spool__writer_nudge(struct spool *sp)
+{
+    pthread_mutex_lock(&sp->qlock);
+    pthread_cond_signal(&sp->qcond);
+    pthread_mutex_unlock(&sp->qlock);
+}
+
 static void *writer_main(void *arg)
 {
     struct spool *sp = arg;
@@ -332,16 +358,13 @@ static void *writer_main(void *arg)
         struct spool__devpend *devs;
         struct spool__statepend *ups;
         uint64_t ok = 0;
-        int64_t due, sdue;
+        int64_t due;
         int committed, stopping;
 
         pthread_mutex_lock(&sp->qlock);
         while (sp->queue == NULL && !sp->stopping) {
-            /* Device events wait for mail's commit, or SPOOL_DEVICES_FLUSH at most. */
-            due = spool__devices_due(sp);
-            sdue = spool__state_due(sp);
-            if (sdue != 0 && (due == 0 || sdue < due))
-                due = sdue;
+            /* Notes wait for mail's commit, or their flush deadline at most. */
+            due = notes_due(sp);
             if (due == 0) {
                 pthread_cond_wait(&sp->qcond, &sp->qlock);
             } else {
