@@ -1,101 +1,35 @@
 /*
  * metrics_http - the HTTP endpoint for /metrics and /healthz; see metrics_http.h.
  *
- * Happy path: accept -> allow check -> read until the end of the request head -> parse the
- * request line -> render the answer into one buffer -> one write -> close.
+ * Happy path (relayd/reqsrv.c does the I/O): accept -> allow check -> read until the end
+ * of the request head -> parse the request line -> render the answer into one buffer ->
+ * one write -> close.
  *
  * Failure modes: a client outside metrics_allow gets 403; a head over METRICS_HTTP_REQ_MAX
  * 431; a malformed request line 400; a method other than GET or HEAD 405; silence for
  * METRICS_HTTP_TIMEOUT_MS a close.  Past METRICS_HTTP_CONNS connections at once a new one
  * is closed at accept.  Nothing here touches mail.
  *
- * Ownership: the server owns its connections (a list); each connection owns its read
- * buffer and its answer; a connection is freed from the close callback of its last
- * handle, the server once its listener and every connection are closed.
+ * Ownership: struct metrics_http owns its reqsrv (the listener and the connections).
  */
 #include "relayd/metrics_http.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/queue.h>
 
 #include "common/buf.h"
 #include "common/log.h"
 #include "common/netaddr.h"
 #include "common/xalloc.h"
-
-struct mh_conn {
-    LIST_ENTRY(mh_conn) link;
-    struct metrics_http *h;
-    uv_tcp_t tcp;
-    uv_timer_t timer;
-    uv_write_t wr;
-    char in[METRICS_HTTP_REQ_MAX];
-    size_t inlen;
-    struct buf *out;
-    int handles; /* open handles: freed at 0 */
-    int closing;
-};
+#include "relayd/reqsrv.h"
 
 struct metrics_http {
-    uv_loop_t *loop;
     const struct cfg *cfg;
     struct metrics *m;
     struct metrics_http_hooks hooks;
-    uv_tcp_t listener;
-    LIST_HEAD(, mh_conn) conns;
-    int nconns;
-    int open; /* the listener + connections not yet freed */
-    int stopping;
+    struct reqsrv *srv;
 };
-
-static void mh_maybe_free(struct metrics_http *h)
-{
-    if (h->stopping && h->open == 0)
-        free(h);
-}
-
-static void mh_on_listener_closed(uv_handle_t *hd)
-{
-    struct metrics_http *h = hd->data;
-
-    h->open--;
-    mh_maybe_free(h);
-}
-
-static void mh_conn_on_closed(uv_handle_t *hd)
-{
-    struct mh_conn *c = hd->data;
-    struct metrics_http *h = c->h;
-
-    if (--c->handles > 0)
-        return;
-    LIST_REMOVE(c, link);
-    h->nconns--;
-    buf_free(c->out);
-    free(c);
-    h->open--;
-    mh_maybe_free(h);
-}
-
-static void mh_conn_close(struct mh_conn *c)
-{
-    if (c->closing)
-        return;
-    c->closing = 1;
-    uv_timer_stop(&c->timer);
-    uv_close((uv_handle_t *)&c->timer, mh_conn_on_closed);
-    uv_close((uv_handle_t *)&c->tcp, mh_conn_on_closed);
-}
-
-static void mh_on_written(uv_write_t *wr, int status)
-{
-    struct mh_conn *c = wr->data;
-
-    (void)status;
-    mh_conn_close(c);
-}
 
 static const char *mh_reason(int code)
 {
@@ -119,32 +53,24 @@ static const char *mh_reason(int code)
     }
 }
 
-/* The whole answer in c->out, written at once; the connection closes after it. */
-static void mh_reply(struct mh_conn *c, int code, const char *ctype, const char *body,
-                     size_t bodylen, int head_only)
+/* The whole answer, written at once; the connection closes after it. */
+static void mh_reply(struct buf *out, int code, const char *ctype, const char *body, size_t bodylen,
+                     int head_only)
 {
-    uv_buf_t b;
-
-    buf_reset(c->out);
-    buf_printf(c->out,
+    buf_printf(out,
                "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s"
                "Cache-Control: no-store\r\nConnection: close\r\n\r\n",
                code, mh_reason(code), ctype, bodylen, code == 405 ? "Allow: GET, HEAD\r\n" : "");
     if (!head_only)
-        buf_append(c->out, body, bodylen);
-    uv_read_stop((uv_stream_t *)&c->tcp);
-    b = uv_buf_init(c->out->data, (unsigned)c->out->len);
-    c->wr.data = c;
-    if (uv_write(&c->wr, (uv_stream_t *)&c->tcp, &b, 1, mh_on_written) != 0)
-        mh_conn_close(c);
+        buf_append(out, body, bodylen);
 }
 
-static void mh_reply_text(struct mh_conn *c, int code, const char *text, int head_only)
+static void mh_reply_text(struct buf *out, int code, const char *text, int head_only)
 {
     char line[600];
     int n = snprintf(line, sizeof line, "%s\n", text);
 
-    mh_reply(c, code, "text/plain; charset=utf-8", line,
+    mh_reply(out, code, "text/plain; charset=utf-8", line,
              n < 0                     ? 0
              : (size_t)n < sizeof line ? (size_t)n
                                        : sizeof line - 1,
@@ -187,14 +113,31 @@ int metrics_http_parse(const char *req, size_t len, char *path, size_t pathlen)
     return head ? 1 : 0;
 }
 
-static void mh_handle(struct mh_conn *c)
+/* The end of the head: an empty line (CRLF CRLF, or bare LF LF from a hand-typed request).
+ * The body of a GET, if any, is ignored. */
+static int mh_complete(const char *in, size_t len)
 {
-    struct metrics_http *h = c->h;
-    char path[256], why[512];
-    int rc = metrics_http_parse(c->in, c->inlen, path, sizeof path), head = rc == 1;
+    for (size_t i = 0; i + 1 < len; i++)
+        if ((in[i] == '\n' && in[i + 1] == '\n') ||
+            (i + 3 < len && memcmp(in + i, "\r\n\r\n", 4) == 0))
+            return 1;
+    return 0;
+}
 
+static void mh_handle(void *arg, const char *req, size_t len, int too_long, struct buf *out)
+{
+    struct metrics_http *h = arg;
+    char path[256], why[512];
+    int rc, head;
+
+    if (too_long) {
+        mh_reply_text(out, 431, "request too large", 0);
+        return;
+    }
+    rc = metrics_http_parse(req, len, path, sizeof path);
+    head = rc == 1;
     if (rc > 1) {
-        mh_reply_text(c, rc, mh_reason(rc), 0);
+        mh_reply_text(out, rc, mh_reason(rc), 0);
         return;
     }
     if (strcmp(path, "/metrics") == 0) {
@@ -203,90 +146,35 @@ static void mh_handle(struct mh_conn *c)
         if (h->hooks.collect != NULL)
             h->hooks.collect(h->hooks.arg, h->m);
         metrics_render(h->m, b);
-        mh_reply(c, 200, "text/plain; version=0.0.4; charset=utf-8", b->data, b->len, head);
+        mh_reply(out, 200, "text/plain; version=0.0.4; charset=utf-8", b->data, b->len, head);
         buf_free(b);
     } else if (strcmp(path, "/healthz") == 0) {
         int code = h->hooks.health != NULL ? h->hooks.health(h->hooks.arg, why, sizeof why) : 200;
 
         if (h->hooks.health == NULL)
             snprintf(why, sizeof why, "ok");
-        mh_reply_text(c, code, why, head);
+        mh_reply_text(out, code, why, head);
     } else {
-        mh_reply_text(c, 404, "not found: try /metrics or /healthz", head);
+        mh_reply_text(out, 404, "not found: try /metrics or /healthz", head);
     }
 }
 
-static void mh_alloc(uv_handle_t *hd, size_t hint, uv_buf_t *b)
+/* Only metrics_allow may ask; anyone else gets 403 (and one log line). */
+static int mh_admit(void *arg, uv_stream_t *client, struct buf *out)
 {
-    struct mh_conn *c = hd->data;
-
-    (void)hint;
-    *b = uv_buf_init(c->in + c->inlen, (unsigned)(sizeof c->in - c->inlen));
-}
-
-static void mh_on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *b)
-{
-    struct mh_conn *c = st->data;
-
-    (void)b;
-    if (n < 0) {
-        mh_conn_close(c);
-        return;
-    }
-    c->inlen += (size_t)n;
-    /* The end of the head: an empty line (CRLF CRLF, or bare LF LF from a hand-typed
-     * request).  The body of a GET, if any, is ignored. */
-    for (size_t i = 0; i + 1 < c->inlen; i++)
-        if ((c->in[i] == '\n' && c->in[i + 1] == '\n') ||
-            (i + 3 < c->inlen && memcmp(c->in + i, "\r\n\r\n", 4) == 0)) {
-            mh_handle(c);
-            return;
-        }
-    if (c->inlen == sizeof c->in)
-        mh_reply_text(c, 431, "request too large", 0);
-}
-
-static void mh_on_timeout(uv_timer_t *t)
-{
-    mh_conn_close(t->data);
-}
-
-static void mh_on_connection(uv_stream_t *server, int status)
-{
-    struct metrics_http *h = server->data;
+    struct metrics_http *h = arg;
     struct sockaddr_storage ss;
     int sslen = sizeof ss;
-    struct mh_conn *c;
+    char peer[64];
 
-    if (status < 0) {
-        log_warn("metrics: accept: %s", uv_strerror(status));
-        return;
-    }
-    c = xcalloc(1, sizeof(*c));
-    c->h = h;
-    c->out = buf_new(0);
-    uv_tcp_init(h->loop, &c->tcp);
-    uv_timer_init(h->loop, &c->timer);
-    c->tcp.data = c->timer.data = c;
-    c->handles = 2;
-    LIST_INSERT_HEAD(&h->conns, c, link);
-    h->nconns++;
-    h->open++;
-    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0 || h->nconns > METRICS_HTTP_CONNS ||
-        uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sslen) != 0) {
-        mh_conn_close(c);
-        return;
-    }
-    uv_timer_start(&c->timer, mh_on_timeout, METRICS_HTTP_TIMEOUT_MS, 0);
-    if (!netaddr_list_match(&h->cfg->metrics_allow, (struct sockaddr *)&ss)) {
-        char peer[64];
-
-        log_info("metrics: connection from %s refused: not in metrics_allow",
-                 netaddr_sockaddr_str((struct sockaddr *)&ss, peer, sizeof peer));
-        mh_reply_text(c, 403, "forbidden: not in metrics_allow", 0);
-        return;
-    }
-    uv_read_start((uv_stream_t *)&c->tcp, mh_alloc, mh_on_read);
+    if (uv_tcp_getpeername((uv_tcp_t *)client, (struct sockaddr *)&ss, &sslen) != 0)
+        return -1;
+    if (netaddr_list_match(&h->cfg->metrics_allow, (struct sockaddr *)&ss))
+        return 0;
+    log_info("metrics: connection from %s refused: not in metrics_allow",
+             netaddr_sockaddr_str((struct sockaddr *)&ss, peer, sizeof peer));
+    mh_reply_text(out, 403, "forbidden: not in metrics_allow", 0);
+    return 1;
 }
 
 int metrics_http_start(uv_loop_t *loop, const struct cfg *cfg, struct metrics *m,
@@ -305,20 +193,22 @@ int metrics_http_start(uv_loop_t *loop, const struct cfg *cfg, struct metrics *m
         return rc;
     }
     h = xcalloc(1, sizeof(*h));
-    h->loop = loop;
     h->cfg = cfg;
     h->m = m;
     h->hooks = *hooks;
-    LIST_INIT(&h->conns);
-    uv_tcp_init(loop, &h->listener);
-    h->listener.data = h;
-    h->open = 1;
-    if ((rc = uv_tcp_bind(&h->listener, (struct sockaddr *)&ss, 0)) != 0 ||
-        (rc = uv_listen((uv_stream_t *)&h->listener, 16, mh_on_connection)) != 0) {
+    {
+        struct reqsrv_ops ops = {mh_complete, mh_admit, mh_handle, h, "metrics"};
+        struct reqsrv_limits lim = {METRICS_HTTP_REQ_MAX, METRICS_HTTP_TIMEOUT_MS,
+                                    METRICS_HTTP_CONNS};
+
+        h->srv = reqsrv_new(loop, 0, &ops, &lim);
+    }
+    if ((rc = uv_tcp_bind((uv_tcp_t *)reqsrv_listener(h->srv), (struct sockaddr *)&ss, 0)) != 0 ||
+        (rc = reqsrv_listen(h->srv, 16)) != 0) {
         snprintf(err, errlen, "metrics %s:%d: %s", cfg->metrics_host, cfg->metrics_port,
                  uv_strerror(rc));
-        h->stopping = 1;
-        uv_close((uv_handle_t *)&h->listener, mh_on_listener_closed);
+        reqsrv_stop(h->srv);
+        free(h);
         return rc;
     }
     log_info("metrics: serving /metrics and /healthz on %s%s%s:%d",
@@ -330,14 +220,10 @@ int metrics_http_start(uv_loop_t *loop, const struct cfg *cfg, struct metrics *m
 
 void metrics_http_stop(struct metrics_http *h)
 {
-    struct mh_conn *c;
-
-    if (h == NULL || h->stopping)
+    if (h == NULL)
         return;
-    h->stopping = 1;
-    LIST_FOREACH(c, &h->conns, link)
-    mh_conn_close(c);
-    uv_close((uv_handle_t *)&h->listener, mh_on_listener_closed);
+    reqsrv_stop(h->srv); /* freed once its handles are closed */
+    free(h);
 }
 
 void metrics_http_set_cfg(struct metrics_http *h, const struct cfg *cfg)
