@@ -41,14 +41,21 @@
 #include "relayd/smtpd.h"
 #include "spool/spool.h"
 
+/* A token manager a reload replaced: freed once its stop is done (and not from inside its
+ * own callback: at the next reload, or at exit). */
+struct relayd_retired {
+    struct oauth2 *o;
+    int stopped;
+};
+
 struct relayd {
     uv_loop_t loop;
-    const struct cfg *cfg;      /* &gen->cfg: the current configuration */
-    struct cfg_gen *gen;        /* its generation; new sessions and deliveries get it */
-    struct cfg_gen *dgen;       /* the generation the deliveries use (gen after a swap) */
-    struct cfg_gen *next_dgen;  /* a reload waiting to take over the deliveries, or NULL */
-    struct oauth2 *next_oauth2; /* its token manager */
-    struct oauth2 **retired;    /* token managers of past generations, stopped */
+    const struct cfg *cfg;           /* &gen->cfg: the current configuration */
+    struct cfg_gen *gen;             /* its generation; new sessions and deliveries get it */
+    struct cfg_gen *dgen;            /* the generation the deliveries use (gen after a swap) */
+    struct cfg_gen *next_dgen;       /* a reload waiting to take over the deliveries, or NULL */
+    struct oauth2 *next_oauth2;      /* its token manager */
+    struct relayd_retired **retired; /* token managers of past generations, stopping */
     int nretired;
     const char *config_path;    /* -c FILE, re-read by a reload; NULL: built-in default */
     const char *spool_override; /* --spool DIR */
@@ -146,13 +153,31 @@ static void relayd_on_smtpd_stopped(void *arg)
     sched_stop(r->sched, relayd_on_sched_stopped, r);
 }
 
-/* Stops a token manager of a past generation; it is freed at exit (its done may come
- * from inside one of its own callbacks). */
+static void relayd_on_retired_stopped(void *arg)
+{
+    *(int *)arg = 1;
+}
+
+/* Stops a token manager of a past generation.  Those whose stop is done are freed here, so
+ * that reloads over the years keep at most a couple. */
 static void relayd_retire_oauth2(struct relayd *r, struct oauth2 *o)
 {
-    oauth2_stop(o, NULL, NULL);
-    r->retired = xrealloc(r->retired, (size_t)(r->nretired + 1) * sizeof(*r->retired));
-    r->retired[r->nretired++] = o;
+    struct relayd_retired *rt = xcalloc(1, sizeof(*rt));
+    int i, n = 0;
+
+    for (i = 0; i < r->nretired; i++) {
+        if (r->retired[i]->stopped) {
+            oauth2_free(r->retired[i]->o);
+            free(r->retired[i]);
+        } else {
+            r->retired[n++] = r->retired[i];
+        }
+    }
+    r->retired = xrealloc(r->retired, (size_t)(n + 1) * sizeof(*r->retired));
+    r->retired[n] = rt;
+    r->nretired = n + 1;
+    rt->o = o;
+    oauth2_stop(o, relayd_on_retired_stopped, &rt->stopped);
 }
 
 /* sched_reconfigure()'s done: the deliveries took over the new generation (swapped), or
@@ -513,8 +538,10 @@ int main(int argc, char **argv)
     smtpd_server_free(r.smtpd);
     sched_free(r.sched);
     oauth2_free(r.oauth2);
-    for (int i = 0; i < r.nretired; i++)
-        oauth2_free(r.retired[i]);
+    for (int i = 0; i < r.nretired; i++) {
+        oauth2_free(r.retired[i]->o);
+        free(r.retired[i]);
+    }
     free(r.retired);
     rc = uv_loop_close(&r.loop);
     if (rc != 0)
