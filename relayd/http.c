@@ -90,6 +90,26 @@ static void req_free(struct http_req *r)
     free(r);
 }
 
+void http_curl_error(int rc, const char *errbuf, const char *other, char *out, size_t outlen)
+{
+    const char *kind = other;
+
+    switch ((CURLcode)rc) {
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_ISSUER_ERROR:
+        kind = "TLS: ";
+        break;
+    default:
+        break;
+    }
+    snprintf(out, outlen, "%s%s%s%s", kind, curl_easy_strerror((CURLcode)rc),
+             errbuf[0] != '\0' ? ": " : "", errbuf);
+}
+
 /* Takes r out of the multi and calls its done with what the transfer gave. */
 static void req_end(struct http_req *r, CURLcode rc, const char *aborted)
 {
@@ -105,25 +125,10 @@ static void req_end(struct http_req *r, CURLcode rc, const char *aborted)
     if (aborted != NULL) {
         snprintf(res.error, sizeof res.error, "%s", aborted);
     } else if (rc != CURLE_OK) {
-        const char *kind = "network: ";
-
-        switch (rc) {
-        case CURLE_PEER_FAILED_VERIFICATION:
-        case CURLE_SSL_CONNECT_ERROR:
-        case CURLE_SSL_CERTPROBLEM:
-        case CURLE_SSL_CIPHER:
-        case CURLE_SSL_CACERT_BADFILE:
-        case CURLE_SSL_ISSUER_ERROR:
-            kind = "TLS: ";
-            break;
-        default:
-            break;
-        }
         if (r->too_large)
             snprintf(res.error, sizeof res.error, "answer larger than %zu bytes", r->max_answer);
         else
-            snprintf(res.error, sizeof res.error, "%s%s%s%s", kind, curl_easy_strerror(rc),
-                     r->errbuf[0] != '\0' ? ": " : "", r->errbuf);
+            http_curl_error(rc, r->errbuf, "network: ", res.error, sizeof res.error);
     } else {
         curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
         if (curl_easy_getinfo(r->easy, CURLINFO_RETRY_AFTER, &ra) == CURLE_OK && ra > 0)

@@ -58,5 +58,8 @@ int http_pending(const struct http *h);
 /* Aborts every request (their done runs now), closes the handles; closed(arg) runs from the
  * loop when they are, then h is freed.  closed may be NULL. */
 void http_close(struct http *h, void (*closed)(void *arg), void *arg);
+/* A failed transfer (rc: its CURLcode, errbuf: curl's CURLOPT_ERRORBUFFER) in words into out:
+ * "TLS: " for a certificate or handshake failure, else other, then curl's text and detail. */
+void http_curl_error(int rc, const char *errbuf, const char *other, char *out, size_t outlen);
 
 #endif

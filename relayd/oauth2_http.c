@@ -49,26 +49,14 @@ static void easy_common(CURL *e, const struct cfg_upstream *up, char *errbuf)
     errbuf[0] = '\0';
 }
 
-/* "TLS: ..." or "network: ..." for a failed blocking transfer, into out. */
+/* "token endpoint HOST: ..." for a failed blocking transfer, into out. */
 static void curl_failure(CURLcode rc, const char *errbuf, const char *host, char *out,
                          size_t outlen)
 {
-    const char *kind = "";
+    char why[CURL_ERROR_SIZE + 128];
 
-    switch (rc) {
-    case CURLE_PEER_FAILED_VERIFICATION:
-    case CURLE_SSL_CONNECT_ERROR:
-    case CURLE_SSL_CERTPROBLEM:
-    case CURLE_SSL_CIPHER:
-    case CURLE_SSL_CACERT_BADFILE:
-    case CURLE_SSL_ISSUER_ERROR:
-        kind = "TLS: ";
-        break;
-    default:
-        break;
-    }
-    snprintf(out, outlen, "token endpoint %s: %s%s%s%s", host, kind, curl_easy_strerror(rc),
-             errbuf[0] != '\0' ? ": " : "", errbuf);
+    http_curl_error(rc, errbuf, "", why, sizeof why);
+    snprintf(out, outlen, "token endpoint %s: %s", host, why);
     oauth2__sanitize(out, outlen > 400 ? 400 : outlen - 1);
 }
 
