@@ -722,11 +722,13 @@ static void as_large_next(struct apisend *a)
         return;
     }
     if (a->draft_id[0] == '\0') {
-        char *mime = xasprintf("X-Relayd-Queue-Id: %012llX\r\n%.*s", (unsigned long long)a->msg->id,
-                               (int)a->split.draft_len, a->split.draft);
-        char *b64 = apimime_base64(mime, strlen(mime), NULL);
+        struct buf *mime = buf_new(0);
+        char *b64;
 
-        free(mime);
+        buf_printf(mime, "X-Relayd-Queue-Id: %012llX\r\n", (unsigned long long)a->msg->id);
+        buf_append(mime, a->split.draft, a->split.draft_len);
+        b64 = apimime_base64(mime->data, mime->len, NULL);
+        buf_free(mime);
         as_large_http(a, L_DRAFT, "POST", as_msg_url(a, ""), b64, NULL, 0, "text/plain");
         return;
     }
