@@ -611,8 +611,9 @@ static void as_large_http(struct apisend *a, enum as_lstep step, const char *met
     rq.connect_timeout = a->up->connect_timeout;
     rq.timeout = a->up->data_timeout;
     rq.max_answer = 256 * 1024;
-    log_debug(1, "%012llX: graph %s: %s %s", (unsigned long long)a->msg->id, as_lstep_names[step],
-              method, a->url);
+    /* An upload URL carries its own credential in the query: never logged. */
+    log_debug(1, "%012llX: graph %s: %s %.*s", (unsigned long long)a->msg->id, as_lstep_names[step],
+              method, (int)(step == L_PUT ? strcspn(a->url, "?") : strlen(a->url)), a->url);
     if (http_request(a->http, &rq, as_on_answer, a, &a->req) != 0)
         as_finish(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL,
                   "graph %s as %s: libcurl refused the request", a->call, a->mailbox);
