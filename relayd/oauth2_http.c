@@ -124,7 +124,7 @@ void oauth2__http_start(struct o2_acct *a)
     char why[500], *url = NULL;
 
     r->a = a;
-    if (oauth2__token_request(a, NULL, &url, &r->post, why, sizeof why) != 0) {
+    if (oauth2__token_request(a, &url, &r->post, why, sizeof why) != 0) {
         oauth2__req_free(r);
         oauth2__acct_fail(a, "%s", why);
         return;
