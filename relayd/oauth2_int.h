@@ -91,7 +91,6 @@ struct o2_acct {
 
 struct oauth2 {
     uv_loop_t *loop;
-    const struct cfg *cfg;
     struct o2_acct *accts;
     int naccts;
     struct http *http; /* the token requests (relayd/http.h) */
