@@ -1,7 +1,7 @@
 /*
  * http - an asynchronous HTTPS client on the libuv loop; see http.h.
  *
- * The multi-uv pattern, as in oauth2_http.c: CURLMOPT_SOCKETFUNCTION gives each socket a
+ * The multi-uv pattern: CURLMOPT_SOCKETFUNCTION gives each socket a
  * uv_poll_t, CURLMOPT_TIMERFUNCTION drives one uv_timer_t; after every socket action the
  * finished transfers are collected (check_done()) and their done called.  open counts the
  * uv handles not yet closed; http_close() frees the struct when it reaches 0.
@@ -141,6 +141,20 @@ static void req_end(struct http_req *r, CURLcode rc, const char *aborted)
     req_free(r);
 }
 
+void http_easy_secure(void *easy, const char *ca_file)
+{
+    curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "https");
+    curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(easy, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(easy, CURLOPT_SSL_VERIFYHOST, 2L);
+    curl_easy_setopt(easy, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
+    if (ca_file != NULL) {
+        curl_easy_setopt(easy, CURLOPT_CAINFO, ca_file);
+        curl_easy_setopt(easy, CURLOPT_CAPATH, NULL);
+    }
+}
+
 static void check_done(struct http *h)
 {
     CURLMsg *m;
@@ -276,16 +290,7 @@ int http_request(struct http *h, const struct http_request *rq, http_done_fn don
         r->hdrs = curl_slist_append(r->hdrs, rq->headers[i]);
     /* libcurl would add "Expect: 100-continue" to large bodies: one round trip more. */
     r->hdrs = curl_slist_append(r->hdrs, "Expect:");
-    curl_easy_setopt(r->easy, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS_STR, "https");
-    curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
-    curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYHOST, 2L);
-    curl_easy_setopt(r->easy, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
-    if (rq->ca_file != NULL) {
-        curl_easy_setopt(r->easy, CURLOPT_CAINFO, rq->ca_file);
-        curl_easy_setopt(r->easy, CURLOPT_CAPATH, NULL);
-    }
+    http_easy_secure(r->easy, rq->ca_file);
     curl_easy_setopt(r->easy, CURLOPT_CONNECTTIMEOUT,
                      rq->connect_timeout > 0 ? rq->connect_timeout : 30L);
     curl_easy_setopt(r->easy, CURLOPT_TIMEOUT, rq->timeout > 0 ? rq->timeout : 300L);

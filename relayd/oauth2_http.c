@@ -32,16 +32,7 @@ static size_t on_body(char *p, size_t size, size_t n, void *arg)
 /* Applies the options common to every blocking request to the token endpoint. */
 static void easy_common(CURL *e, const struct cfg_upstream *up, char *errbuf)
 {
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "https");
-    curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
-    curl_easy_setopt(e, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
-    if (up->oauth2_ca_file != NULL) {
-        curl_easy_setopt(e, CURLOPT_CAINFO, up->oauth2_ca_file);
-        curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
-    }
+    http_easy_secure(e, up->oauth2_ca_file);
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT, O2_CONNECT_TIMEOUT);
     curl_easy_setopt(e, CURLOPT_TIMEOUT, O2_REQUEST_TIMEOUT);
     curl_easy_setopt(e, CURLOPT_USERAGENT, O2_USER_AGENT);
