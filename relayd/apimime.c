@@ -1069,9 +1069,14 @@ void apimime_split_free(struct apimime_split *s)
 
 /* ---- base64 ----------------------------------------------------------------------- */
 
+size_t apimime_base64_len(size_t len)
+{
+    return (len + 2) / 3 * 4;
+}
+
 static char *b64(const unsigned char *in, size_t len, size_t *outlen, const char *alpha, int pad)
 {
-    size_t n = (len + 2) / 3 * 4;
+    size_t n = apimime_base64_len(len);
     char *o, *p;
     size_t i;
 

@@ -922,20 +922,19 @@ static void as_request(struct apisend *a, const char *token)
                         a->note, sizeof a->note);
         if (graph) {
             a->call = "sendMail";
-            a->body = apimime_base64(copy, copylen, &a->bodylen);
-            if (a->bodylen > (size_t)APISEND_GRAPH_MAX || !a->up->save_to_sent_items) {
+            b64len = apimime_base64_len(copylen);
+            if (b64len > (size_t)APISEND_GRAPH_MAX || !a->up->save_to_sent_items) {
                 /* A draft (marked to be deleted after submission unless Sent Items keeps a
                  * copy), over the 4 MB request limit with its attachments uploaded, then
                  * send.  64: the draft's X-Relayd-Queue-Id: line, base64-encoded. */
-                int split = a->bodylen + 64 > (size_t)APISEND_GRAPH_MAX;
+                int split = b64len + 64 > (size_t)APISEND_GRAPH_MAX;
 
-                free(a->body);
-                a->body = NULL;
                 free(m);
                 as_large_start(a, copy, copylen, split);
                 free(copy);
                 return;
             }
+            a->body = apimime_base64(copy, copylen, &a->bodylen);
             a->url = xasprintf("%s/v1.0/users/%s/sendMail", a->up->api_url, m);
             hdrs[2] = "Content-Type: text/plain";
         } else if (copylen <= (size_t)APISEND_GMAIL_RAW_MAX) {
