@@ -428,6 +428,7 @@ static char *as_path_escape(const char *s)
 {
     struct buf *b = buf_new(strlen(s) * 3 + 1);
     char *out;
+    size_t n;
 
     for (; *s != '\0'; s++) {
         unsigned char c = (unsigned char)*s;
@@ -440,8 +441,7 @@ static char *as_path_escape(const char *s)
             buf_append(b, hex, 3);
         }
     }
-    buf_append(b, "", 1);
-    out = xstrdup(b->data);
+    out = buf_steal(b, &n);
     buf_free(b);
     return out;
 }
@@ -668,6 +668,7 @@ static void as_large_attachment(struct apisend *a)
     const struct apimime_attachment *att = &a->split.att[a->att_i];
     struct buf *b = buf_new(att->len / 3 * 4 + 4096);
     char *json, size[32];
+    size_t n;
 
     if (att->len < (size_t)AS_GRAPH_ATTACH_MAX) {
         char *b64 = apimime_base64(att->data, att->len, NULL);
@@ -678,7 +679,7 @@ static void as_large_attachment(struct apisend *a)
         buf_append(b, b64, strlen(b64));
         buf_append(b, "\"}", 3);
         free(b64);
-        json = xstrdup(b->data);
+        json = buf_steal(b, &n);
         buf_free(b);
         as_large_http(a, L_ATTACH, "POST", as_msg_url(a, "/attachments"), json, NULL, 0,
                       "application/json");
@@ -690,7 +691,7 @@ static void as_large_attachment(struct apisend *a)
     buf_append(b, ",\"size\":", 8);
     buf_append(b, size, strlen(size));
     buf_append(b, "}}", 3);
-    json = xstrdup(b->data);
+    json = buf_steal(b, &n);
     buf_free(b);
     as_large_http(a, L_SESSION, "POST", as_msg_url(a, "/attachments/createUploadSession"), json,
                   NULL, 0, "application/json");
