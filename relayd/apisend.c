@@ -666,12 +666,14 @@ static void as_att_common(struct buf *b, const struct apimime_attachment *att)
 static void as_large_attachment(struct apisend *a)
 {
     const struct apimime_attachment *att = &a->split.att[a->att_i];
-    struct buf *b = buf_new(att->len / 3 * 4 + 4096);
+    struct buf *b = buf_new(0); /* no cap: a long file name must not cut the JSON short */
     char *json, size[32];
     size_t n;
 
     if (att->len < (size_t)AS_GRAPH_ATTACH_MAX) {
         char *b64 = apimime_base64(att->data, att->len, NULL);
+
+        buf_reserve(b, apimime_base64_len(att->len) + 4096);
 
         buf_append(b, "{\"@odata.type\":\"#microsoft.graph.fileAttachment\",", 49);
         as_att_common(b, att);
