@@ -194,7 +194,7 @@ static int has_addr(const char *hay, const char *addr)
 static void prepare_bcc_only(const char *msg, size_t len, const char *const *rcpts, size_t nrcpts,
                              char **out, size_t *outlen, char *note, size_t notelen)
 {
-    struct buf *hay = buf_new(len + 1), *bcc = buf_new(len + 64 * nrcpts + 64);
+    struct buf *hay = buf_new(len + 1), *bcc = buf_new(0); /* no cap: every recipient must fit */
     size_t i = 0, nadd = 0;
     int in_rcpt_field = 0;
 
