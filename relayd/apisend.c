@@ -667,36 +667,31 @@ static void as_large_attachment(struct apisend *a)
 {
     const struct apimime_attachment *att = &a->split.att[a->att_i];
     struct buf *b = buf_new(0); /* no cap: a long file name must not cut the JSON short */
-    char *json, size[32];
+    enum as_lstep step = L_SESSION;
+    const char *rest = "/attachments/createUploadSession";
+    char *json;
     size_t n;
 
     if (att->len < (size_t)AS_GRAPH_ATTACH_MAX) {
-        char *b64 = apimime_base64(att->data, att->len, NULL);
+        char *b64 = apimime_base64(att->data, att->len, &n);
 
-        buf_reserve(b, apimime_base64_len(att->len) + 4096);
-
-        buf_append(b, "{\"@odata.type\":\"#microsoft.graph.fileAttachment\",", 49);
+        buf_reserve(b, n + 4096);
+        buf_puts(b, "{\"@odata.type\":\"#microsoft.graph.fileAttachment\",");
         as_att_common(b, att);
-        buf_append(b, ",\"contentBytes\":\"", 17);
-        buf_append(b, b64, strlen(b64));
-        buf_append(b, "\"}", 3);
+        buf_puts(b, ",\"contentBytes\":\"");
+        buf_append(b, b64, n);
+        buf_puts(b, "\"}");
         free(b64);
-        json = buf_steal(b, &n);
-        buf_free(b);
-        as_large_http(a, L_ATTACH, "POST", as_msg_url(a, "/attachments"), json, NULL, 0,
-                      "application/json");
-        return;
+        step = L_ATTACH;
+        rest = "/attachments";
+    } else {
+        buf_puts(b, "{\"AttachmentItem\":{\"attachmentType\":\"file\",");
+        as_att_common(b, att);
+        buf_printf(b, ",\"size\":%zu}}", att->len);
     }
-    snprintf(size, sizeof size, "%zu", att->len);
-    buf_append(b, "{\"AttachmentItem\":{\"attachmentType\":\"file\",", 43);
-    as_att_common(b, att);
-    buf_append(b, ",\"size\":", 8);
-    buf_append(b, size, strlen(size));
-    buf_append(b, "}}", 3);
     json = buf_steal(b, &n);
     buf_free(b);
-    as_large_http(a, L_SESSION, "POST", as_msg_url(a, "/attachments/createUploadSession"), json,
-                  NULL, 0, "application/json");
+    as_large_http(a, step, "POST", as_msg_url(a, rest), json, NULL, 0, "application/json");
 }
 
 static void as_large_chunk(struct apisend *a)
