@@ -239,6 +239,18 @@ static int is_atext(unsigned char c)
     return c >= 128 || isalnum(c) || strchr("!#$%&'*+-/=?^_`{|}~", c) != NULL;
 }
 
+/* Steps over m[*i] inside a comment (*depth > 0) that ends before e: a quoted-pair is
+ * skipped whole, nested parentheses counted. */
+static void comment_step(const char *m, size_t *i, size_t e, int *depth)
+{
+    if (m[*i] == '\\' && *i + 1 < e)
+        (*i)++;
+    else if (m[*i] == '(')
+        (*depth)++;
+    else if (m[*i] == ')')
+        (*depth)--;
+}
+
 /* [s, e) is a phrase (RFC 5322 3.2.5, obs-phrase; 8-bit text as RFC 6532 allows): words,
  * comments, white space and dots after the first word.  With lenient (a display name), it
  * may also be empty or one bare dot-atom@dot-atom (devices write "fax@corp.example
@@ -272,12 +284,7 @@ static int is_phrase(const char *m, size_t s, size_t e, int lenient)
     for (size_t i = s; i < e; i++) {
         unsigned char c = (unsigned char)m[i];
         if (depth > 0) {
-            if (c == '\\' && i + 1 < e)
-                i++;
-            else if (c == '(')
-                depth++;
-            else if (c == ')')
-                depth--;
+            comment_step(m, &i, e, &depth);
         } else if (c == '(') {
             depth = 1;
         } else if (c == '"') {
@@ -316,12 +323,7 @@ static char *mailbox_addr(const char *m, size_t s, size_t e)
             else if (c == '"')
                 quoted = 0;
         } else if (depth > 0) {
-            if (c == '\\' && i + 1 < e)
-                i++;
-            else if (c == '(')
-                depth++;
-            else if (c == ')')
-                depth--;
+            comment_step(m, &i, e, &depth);
         } else if (c == '"') {
             quoted = 1;
         } else if (c == '(') {
@@ -344,10 +346,7 @@ static char *mailbox_addr(const char *m, size_t s, size_t e)
         depth = 0;
         for (; k < e && !colon; k++) {
             if (depth > 0) {
-                if (m[k] == '\\')
-                    k++;
-                else
-                    depth += m[k] == '(' ? 1 : m[k] == ')' ? -1 : 0;
+                comment_step(m, &k, e, &depth);
             } else if (m[k] == '(') {
                 depth = 1;
             } else if (!is_fws(m[k])) {
@@ -381,12 +380,7 @@ static char *mailbox_addr(const char *m, size_t s, size_t e)
                 quoted = 0;
             }
         } else if (depth > 0) {
-            if (c == '\\' && i + 1 < ae)
-                i++;
-            else if (c == '(')
-                depth++;
-            else if (c == ')')
-                depth--;
+            comment_step(m, &i, ae, &depth);
         } else if (c == '(' || is_fws(c)) {
             depth = c == '(';
             gap = 1;
@@ -437,12 +431,7 @@ static void alist_parse(const char *m, size_t s, size_t e, struct alist *l)
             continue;
         }
         if (depth > 0) {
-            if (c == '\\' && i + 1 < e)
-                i++;
-            else if (c == '(')
-                depth++;
-            else if (c == ')')
-                depth--;
+            comment_step(m, &i, e, &depth);
             continue;
         }
         if (c == '"') {
@@ -1080,9 +1069,14 @@ void apimime_split_free(struct apimime_split *s)
 
 /* ---- base64 ----------------------------------------------------------------------- */
 
+size_t apimime_base64_len(size_t len)
+{
+    return (len + 2) / 3 * 4;
+}
+
 static char *b64(const unsigned char *in, size_t len, size_t *outlen, const char *alpha, int pad)
 {
-    size_t n = (len + 2) / 3 * 4;
+    size_t n = apimime_base64_len(len);
     char *o, *p;
     size_t i;
 

@@ -100,6 +100,8 @@ void apimime_split_free(struct apimime_split *s);
 
 /* RFC 4648 base64 of in (no line breaks), malloc'd, NUL-terminated; *outlen without NUL. */
 char *apimime_base64(const void *in, size_t len, size_t *outlen);
+/* The length apimime_base64() gives for len bytes, without encoding them. */
+size_t apimime_base64_len(size_t len);
 /* RFC 4648 base64url without padding (Gmail "raw"). */
 char *apimime_base64url(const void *in, size_t len, size_t *outlen);
 

@@ -194,7 +194,7 @@ static int has_addr(const char *hay, const char *addr)
 static void prepare_bcc_only(const char *msg, size_t len, const char *const *rcpts, size_t nrcpts,
                              char **out, size_t *outlen, char *note, size_t notelen)
 {
-    struct buf *hay = buf_new(len + 1), *bcc = buf_new(len + 64 * nrcpts + 64);
+    struct buf *hay = buf_new(len + 1), *bcc = buf_new(0); /* no cap: every recipient must fit */
     size_t i = 0, nadd = 0;
     int in_rcpt_field = 0;
 
@@ -428,6 +428,7 @@ static char *as_path_escape(const char *s)
 {
     struct buf *b = buf_new(strlen(s) * 3 + 1);
     char *out;
+    size_t n;
 
     for (; *s != '\0'; s++) {
         unsigned char c = (unsigned char)*s;
@@ -440,8 +441,7 @@ static char *as_path_escape(const char *s)
             buf_append(b, hex, 3);
         }
     }
-    buf_append(b, "", 1);
-    out = xstrdup(b->data);
+    out = buf_steal(b, &n);
     buf_free(b);
     return out;
 }
@@ -611,8 +611,9 @@ static void as_large_http(struct apisend *a, enum as_lstep step, const char *met
     rq.connect_timeout = a->up->connect_timeout;
     rq.timeout = a->up->data_timeout;
     rq.max_answer = 256 * 1024;
-    log_debug(1, "%012llX: graph %s: %s %s", (unsigned long long)a->msg->id, as_lstep_names[step],
-              method, a->url);
+    /* An upload URL carries its own credential in the query: never logged. */
+    log_debug(1, "%012llX: graph %s: %s %.*s", (unsigned long long)a->msg->id, as_lstep_names[step],
+              method, (int)(step == L_PUT ? strcspn(a->url, "?") : strlen(a->url)), a->url);
     if (http_request(a->http, &rq, as_on_answer, a, &a->req) != 0)
         as_finish(a, VERDICT_TRANSIENT, VERDICT_SCOPE_SESSION, NULL,
                   "graph %s as %s: libcurl refused the request", a->call, a->mailbox);
@@ -665,34 +666,32 @@ static void as_att_common(struct buf *b, const struct apimime_attachment *att)
 static void as_large_attachment(struct apisend *a)
 {
     const struct apimime_attachment *att = &a->split.att[a->att_i];
-    struct buf *b = buf_new(att->len / 3 * 4 + 4096);
-    char *json, size[32];
+    struct buf *b = buf_new(0); /* no cap: a long file name must not cut the JSON short */
+    enum as_lstep step = L_SESSION;
+    const char *rest = "/attachments/createUploadSession";
+    char *json;
+    size_t n;
 
     if (att->len < (size_t)AS_GRAPH_ATTACH_MAX) {
-        char *b64 = apimime_base64(att->data, att->len, NULL);
+        char *b64 = apimime_base64(att->data, att->len, &n);
 
-        buf_append(b, "{\"@odata.type\":\"#microsoft.graph.fileAttachment\",", 49);
+        buf_reserve(b, n + 4096);
+        buf_puts(b, "{\"@odata.type\":\"#microsoft.graph.fileAttachment\",");
         as_att_common(b, att);
-        buf_append(b, ",\"contentBytes\":\"", 17);
-        buf_append(b, b64, strlen(b64));
-        buf_append(b, "\"}", 3);
+        buf_puts(b, ",\"contentBytes\":\"");
+        buf_append(b, b64, n);
+        buf_puts(b, "\"}");
         free(b64);
-        json = xstrdup(b->data);
-        buf_free(b);
-        as_large_http(a, L_ATTACH, "POST", as_msg_url(a, "/attachments"), json, NULL, 0,
-                      "application/json");
-        return;
+        step = L_ATTACH;
+        rest = "/attachments";
+    } else {
+        buf_puts(b, "{\"AttachmentItem\":{\"attachmentType\":\"file\",");
+        as_att_common(b, att);
+        buf_printf(b, ",\"size\":%zu}}", att->len);
     }
-    snprintf(size, sizeof size, "%zu", att->len);
-    buf_append(b, "{\"AttachmentItem\":{\"attachmentType\":\"file\",", 43);
-    as_att_common(b, att);
-    buf_append(b, ",\"size\":", 8);
-    buf_append(b, size, strlen(size));
-    buf_append(b, "}}", 3);
-    json = xstrdup(b->data);
+    json = buf_steal(b, &n);
     buf_free(b);
-    as_large_http(a, L_SESSION, "POST", as_msg_url(a, "/attachments/createUploadSession"), json,
-                  NULL, 0, "application/json");
+    as_large_http(a, step, "POST", as_msg_url(a, rest), json, NULL, 0, "application/json");
 }
 
 static void as_large_chunk(struct apisend *a)
@@ -722,11 +721,13 @@ static void as_large_next(struct apisend *a)
         return;
     }
     if (a->draft_id[0] == '\0') {
-        char *mime = xasprintf("X-Relayd-Queue-Id: %012llX\r\n%.*s", (unsigned long long)a->msg->id,
-                               (int)a->split.draft_len, a->split.draft);
-        char *b64 = apimime_base64(mime, strlen(mime), NULL);
+        struct buf *mime = buf_new(0);
+        char *b64;
 
-        free(mime);
+        buf_printf(mime, "X-Relayd-Queue-Id: %012llX\r\n", (unsigned long long)a->msg->id);
+        buf_append(mime, a->split.draft, a->split.draft_len);
+        b64 = apimime_base64(mime->data, mime->len, NULL);
+        buf_free(mime);
         as_large_http(a, L_DRAFT, "POST", as_msg_url(a, ""), b64, NULL, 0, "text/plain");
         return;
     }
@@ -919,20 +920,19 @@ static void as_request(struct apisend *a, const char *token)
                         a->note, sizeof a->note);
         if (graph) {
             a->call = "sendMail";
-            a->body = apimime_base64(copy, copylen, &a->bodylen);
-            if (a->bodylen > (size_t)APISEND_GRAPH_MAX || !a->up->save_to_sent_items) {
+            b64len = apimime_base64_len(copylen);
+            if (b64len > (size_t)APISEND_GRAPH_MAX || !a->up->save_to_sent_items) {
                 /* A draft (marked to be deleted after submission unless Sent Items keeps a
                  * copy), over the 4 MB request limit with its attachments uploaded, then
                  * send.  64: the draft's X-Relayd-Queue-Id: line, base64-encoded. */
-                int split = a->bodylen + 64 > (size_t)APISEND_GRAPH_MAX;
+                int split = b64len + 64 > (size_t)APISEND_GRAPH_MAX;
 
-                free(a->body);
-                a->body = NULL;
                 free(m);
                 as_large_start(a, copy, copylen, split);
                 free(copy);
                 return;
             }
+            a->body = apimime_base64(copy, copylen, &a->bodylen);
             a->url = xasprintf("%s/v1.0/users/%s/sendMail", a->up->api_url, m);
             hdrs[2] = "Content-Type: text/plain";
         } else if (copylen <= (size_t)APISEND_GMAIL_RAW_MAX) {

@@ -1,7 +1,7 @@
 /*
  * http - an asynchronous HTTPS client on the libuv loop; see http.h.
  *
- * The multi-uv pattern, as in oauth2_http.c: CURLMOPT_SOCKETFUNCTION gives each socket a
+ * The multi-uv pattern: CURLMOPT_SOCKETFUNCTION gives each socket a
  * uv_poll_t, CURLMOPT_TIMERFUNCTION drives one uv_timer_t; after every socket action the
  * finished transfers are collected (check_done()) and their done called.  open counts the
  * uv handles not yet closed; http_close() frees the struct when it reaches 0.
@@ -90,6 +90,26 @@ static void req_free(struct http_req *r)
     free(r);
 }
 
+void http_curl_error(int rc, const char *errbuf, const char *other, char *out, size_t outlen)
+{
+    const char *kind = other;
+
+    switch ((CURLcode)rc) {
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_ISSUER_ERROR:
+        kind = "TLS: ";
+        break;
+    default:
+        break;
+    }
+    snprintf(out, outlen, "%s%s%s%s", kind, curl_easy_strerror((CURLcode)rc),
+             errbuf[0] != '\0' ? ": " : "", errbuf);
+}
+
 /* Takes r out of the multi and calls its done with what the transfer gave. */
 static void req_end(struct http_req *r, CURLcode rc, const char *aborted)
 {
@@ -105,25 +125,10 @@ static void req_end(struct http_req *r, CURLcode rc, const char *aborted)
     if (aborted != NULL) {
         snprintf(res.error, sizeof res.error, "%s", aborted);
     } else if (rc != CURLE_OK) {
-        const char *kind = "network: ";
-
-        switch (rc) {
-        case CURLE_PEER_FAILED_VERIFICATION:
-        case CURLE_SSL_CONNECT_ERROR:
-        case CURLE_SSL_CERTPROBLEM:
-        case CURLE_SSL_CIPHER:
-        case CURLE_SSL_CACERT_BADFILE:
-        case CURLE_SSL_ISSUER_ERROR:
-            kind = "TLS: ";
-            break;
-        default:
-            break;
-        }
         if (r->too_large)
             snprintf(res.error, sizeof res.error, "answer larger than %zu bytes", r->max_answer);
         else
-            snprintf(res.error, sizeof res.error, "%s%s%s%s", kind, curl_easy_strerror(rc),
-                     r->errbuf[0] != '\0' ? ": " : "", r->errbuf);
+            http_curl_error(rc, r->errbuf, "network: ", res.error, sizeof res.error);
     } else {
         curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
         if (curl_easy_getinfo(r->easy, CURLINFO_RETRY_AFTER, &ra) == CURLE_OK && ra > 0)
@@ -134,6 +139,20 @@ static void req_end(struct http_req *r, CURLcode rc, const char *aborted)
     res.len = r->answer->len - 1;
     r->done(r->arg, &res);
     req_free(r);
+}
+
+void http_easy_secure(void *easy, const char *ca_file)
+{
+    curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "https");
+    curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(easy, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(easy, CURLOPT_SSL_VERIFYHOST, 2L);
+    curl_easy_setopt(easy, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
+    if (ca_file != NULL) {
+        curl_easy_setopt(easy, CURLOPT_CAINFO, ca_file);
+        curl_easy_setopt(easy, CURLOPT_CAPATH, NULL);
+    }
 }
 
 static void check_done(struct http *h)
@@ -271,16 +290,7 @@ int http_request(struct http *h, const struct http_request *rq, http_done_fn don
         r->hdrs = curl_slist_append(r->hdrs, rq->headers[i]);
     /* libcurl would add "Expect: 100-continue" to large bodies: one round trip more. */
     r->hdrs = curl_slist_append(r->hdrs, "Expect:");
-    curl_easy_setopt(r->easy, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS_STR, "https");
-    curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
-    curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYHOST, 2L);
-    curl_easy_setopt(r->easy, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
-    if (rq->ca_file != NULL) {
-        curl_easy_setopt(r->easy, CURLOPT_CAINFO, rq->ca_file);
-        curl_easy_setopt(r->easy, CURLOPT_CAPATH, NULL);
-    }
+    http_easy_secure(r->easy, rq->ca_file);
     curl_easy_setopt(r->easy, CURLOPT_CONNECTTIMEOUT,
                      rq->connect_timeout > 0 ? rq->connect_timeout : 30L);
     curl_easy_setopt(r->easy, CURLOPT_TIMEOUT, rq->timeout > 0 ? rq->timeout : 300L);

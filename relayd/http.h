@@ -58,5 +58,12 @@ int http_pending(const struct http *h);
 /* Aborts every request (their done runs now), closes the handles; closed(arg) runs from the
  * loop when they are, then h is freed.  closed may be NULL. */
 void http_close(struct http *h, void (*closed)(void *arg), void *arg);
+/* What every request of relayd's asserts, on a libcurl easy handle (a CURL *): https only,
+ * no redirects, the peer and its name verified with ca_file (NULL: the system store), TLS 1.2
+ * or later, no signals.  http_request() applies it; a blocking caller applies it too. */
+void http_easy_secure(void *easy, const char *ca_file);
+/* A failed transfer (rc: its CURLcode, errbuf: curl's CURLOPT_ERRORBUFFER) in words into out:
+ * "TLS: " for a certificate or handshake failure, else other, then curl's text and detail. */
+void http_curl_error(int rc, const char *errbuf, const char *other, char *out, size_t outlen);
 
 #endif

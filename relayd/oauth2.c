@@ -217,7 +217,6 @@ struct oauth2 *oauth2_new(uv_loop_t *loop, const struct cfg *cfg)
     int i, n = 0;
 
     o->loop = loop;
-    o->cfg = cfg;
     o->clock = mono_ms;
     for (i = 0; i < cfg->nupstreams; i++)
         if (cfg->upstreams[i].upauth != CFG_UPAUTH_PASSWORD)

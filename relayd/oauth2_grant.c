@@ -183,9 +183,9 @@ free_names:
 
 /* ---- requests: building the grant's POST ---- */
 
-static void form_add(struct buf *b, CURL *e, const char *k, const char *v)
+void oauth2_form_add(struct buf *b, const char *k, const char *v)
 {
-    char *ev = curl_easy_escape(e, v, 0);
+    char *ev = curl_easy_escape(NULL, v, 0); /* libcurl >= 7.82 escapes without a handle */
 
     if (b->len > 0)
         buf_puts(b, "&");
@@ -194,11 +194,6 @@ static void form_add(struct buf *b, CURL *e, const char *k, const char *v)
         explicit_bzero(ev, strlen(ev));
         curl_free(ev);
     }
-}
-
-void oauth2_form_add(struct buf *b, const char *k, const char *v)
-{
-    form_add(b, NULL, k, v); /* libcurl >= 7.82 escapes without a handle */
 }
 
 const char *oauth2_grant_name(enum cfg_grant g)
@@ -328,8 +323,7 @@ done:
  * The token request for up's grant: *url and *post (form body, secret: wipe it).
  * 0, or -1 with text in err.
  */
-int oauth2__token_request(struct o2_acct *a, CURL *e, char **url, char **post, char *err,
-                          size_t errlen)
+int oauth2__token_request(struct o2_acct *a, char **url, char **post, char *err, size_t errlen)
 {
     const struct cfg_upstream *up = a->up;
     struct buf *b = buf_new(0);
@@ -340,31 +334,31 @@ int oauth2__token_request(struct o2_acct *a, CURL *e, char **url, char **post, c
     switch (up->grant) {
     case CFG_GRANT_CLIENT_CREDENTIALS:
         /* Microsoft identity platform, client credentials with a shared secret. */
-        form_add(b, e, "client_id", up->client_id);
-        form_add(b, e, "scope", up->scope);
-        form_add(b, e, "client_secret", up->client_secret);
-        form_add(b, e, "grant_type", "client_credentials");
+        oauth2_form_add(b, "client_id", up->client_id);
+        oauth2_form_add(b, "scope", up->scope);
+        oauth2_form_add(b, "client_secret", up->client_secret);
+        oauth2_form_add(b, "grant_type", "client_credentials");
         *url = xstrdup(up->token_endpoint);
         break;
     case CFG_GRANT_REFRESH_TOKEN:
         if (oauth2__refresh_token_read(a, &rt, err, errlen) != 0)
             goto fail;
-        form_add(b, e, "client_id", up->client_id);
+        oauth2_form_add(b, "client_id", up->client_id);
         /* Google refreshes without scope; Microsoft wants the scope again (v2.0). */
         if (up->scope != NULL && !is_google(up))
-            form_add(b, e, "scope", up->scope);
-        form_add(b, e, "refresh_token", rt);
-        form_add(b, e, "grant_type", "refresh_token");
+            oauth2_form_add(b, "scope", up->scope);
+        oauth2_form_add(b, "refresh_token", rt);
+        oauth2_form_add(b, "grant_type", "refresh_token");
         if (up->client_secret != NULL)
-            form_add(b, e, "client_secret", up->client_secret);
+            oauth2_form_add(b, "client_secret", up->client_secret);
         oauth2__wipe_free(rt);
         *url = xstrdup(up->token_endpoint);
         break;
     case CFG_GRANT_JWT_BEARER:
         if (jwt_assertion(up, &assertion, &endpoint, err, errlen) != 0)
             goto fail;
-        form_add(b, e, "grant_type", O2_GRANT_JWT);
-        form_add(b, e, "assertion", assertion);
+        oauth2_form_add(b, "grant_type", O2_GRANT_JWT);
+        oauth2_form_add(b, "assertion", assertion);
         oauth2__wipe_free(assertion);
         *url = endpoint;
         break;

@@ -20,58 +20,6 @@
 
 /* ---- the token request, on relayd/http.h ---- */
 
-static size_t on_body(char *p, size_t size, size_t n, void *arg)
-{
-    struct buf *b = arg;
-
-    if (buf_append(b, p, size * n) != 0)
-        return 0; /* too large: curl fails the transfer with CURLE_WRITE_ERROR */
-    return size * n;
-}
-
-/* Applies the options common to every blocking request to the token endpoint. */
-static void easy_common(CURL *e, const struct cfg_upstream *up, char *errbuf)
-{
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "https");
-    curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
-    curl_easy_setopt(e, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
-    if (up->oauth2_ca_file != NULL) {
-        curl_easy_setopt(e, CURLOPT_CAINFO, up->oauth2_ca_file);
-        curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
-    }
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT, O2_CONNECT_TIMEOUT);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT, O2_REQUEST_TIMEOUT);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, O2_USER_AGENT);
-    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, errbuf);
-    errbuf[0] = '\0';
-}
-
-/* "TLS: ..." or "network: ..." for a failed blocking transfer, into out. */
-static void curl_failure(CURLcode rc, const char *errbuf, const char *host, char *out,
-                         size_t outlen)
-{
-    const char *kind = "";
-
-    switch (rc) {
-    case CURLE_PEER_FAILED_VERIFICATION:
-    case CURLE_SSL_CONNECT_ERROR:
-    case CURLE_SSL_CERTPROBLEM:
-    case CURLE_SSL_CIPHER:
-    case CURLE_SSL_CACERT_BADFILE:
-    case CURLE_SSL_ISSUER_ERROR:
-        kind = "TLS: ";
-        break;
-    default:
-        break;
-    }
-    snprintf(out, outlen, "token endpoint %s: %s%s%s%s", host, kind, curl_easy_strerror(rc),
-             errbuf[0] != '\0' ? ": " : "", errbuf);
-    oauth2__sanitize(out, outlen > 400 ? 400 : outlen - 1);
-}
-
 static void url_host(const char *url, char *out, size_t outlen)
 {
     const char *h = strstr(url, "://");
@@ -136,7 +84,7 @@ void oauth2__http_start(struct o2_acct *a)
     char why[500], *url = NULL;
 
     r->a = a;
-    if (oauth2__token_request(a, NULL, &url, &r->post, why, sizeof why) != 0) {
+    if (oauth2__token_request(a, &url, &r->post, why, sizeof why) != 0) {
         oauth2__req_free(r);
         oauth2__acct_fail(a, "%s", why);
         return;
@@ -164,6 +112,39 @@ void oauth2__http_start(struct o2_acct *a)
         return;
     }
     free(url);
+}
+
+/* ---- the blocking POST of relayctl ---- */
+
+static size_t on_body(char *p, size_t size, size_t n, void *arg)
+{
+    struct buf *b = arg;
+
+    if (buf_append(b, p, size * n) != 0)
+        return 0; /* too large: curl fails the transfer with CURLE_WRITE_ERROR */
+    return size * n;
+}
+
+/* Applies the options common to every blocking request to the token endpoint. */
+static void easy_common(CURL *e, const struct cfg_upstream *up, char *errbuf)
+{
+    http_easy_secure(e, up->oauth2_ca_file);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT, O2_CONNECT_TIMEOUT);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT, O2_REQUEST_TIMEOUT);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, O2_USER_AGENT);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, errbuf);
+    errbuf[0] = '\0';
+}
+
+/* "token endpoint HOST: ..." for a failed blocking transfer, into out. */
+static void curl_failure(CURLcode rc, const char *errbuf, const char *host, char *out,
+                         size_t outlen)
+{
+    char why[CURL_ERROR_SIZE + 128];
+
+    http_curl_error(rc, errbuf, "", why, sizeof why);
+    snprintf(out, outlen, "token endpoint %s: %s", host, why);
+    oauth2__sanitize(out, outlen > 400 ? 400 : outlen - 1);
 }
 
 int oauth2_http_post(const struct cfg_upstream *up, const char *url, const char *post, long *status,

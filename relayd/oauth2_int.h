@@ -15,7 +15,6 @@
 #ifndef RELAYD_OAUTH2_INT_H
 #define RELAYD_OAUTH2_INT_H
 
-#include <curl/curl.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/queue.h>
@@ -92,7 +91,6 @@ struct o2_acct {
 
 struct oauth2 {
     uv_loop_t *loop;
-    const struct cfg *cfg;
     struct o2_acct *accts;
     int naccts;
     struct http *http; /* the token requests (relayd/http.h) */
@@ -118,8 +116,7 @@ void oauth2__sanitize(char *s, size_t max);
 /* oauth2_grant.c */
 int oauth2__refresh_token_read(struct o2_acct *a, char **out, char *err, size_t errlen);
 /* The account's token request: endpoint URL and POST body (malloc'd), or -1 with err. */
-int oauth2__token_request(struct o2_acct *a, CURL *e, char **url, char **post, char *err,
-                          size_t errlen);
+int oauth2__token_request(struct o2_acct *a, char **url, char **post, char *err, size_t errlen);
 
 /* oauth2_http.c */
 void oauth2__http_start(struct o2_acct *a);

@@ -289,20 +289,14 @@ static const struct http_row http_table[] = {
     {504, NULL, VERDICT_SLOWDOWN, VERDICT_SCOPE_SESSION, -1, NULL},
 };
 
+/* s (may be NULL) contains needle, case aside. */
 static int icontains(const char *s, const char *needle)
 {
-    size_t n = strlen(needle);
-
-    for (; s != NULL && *s != '\0'; s++)
-        if (strncasecmp(s, needle, n) == 0)
-            return 1;
-    return 0;
+    return s != NULL && strcasestr(s, needle) != NULL;
 }
 
 void verdict_http(int graph, long status, const char *code, const char *message, struct verdict *v)
 {
-    size_t i;
-
     v->action = NULL;
     if (status >= 200 && status < 300) {
         v->cause = VERDICT_SENT;
@@ -314,7 +308,7 @@ void verdict_http(int graph, long status, const char *code, const char *message,
         v->scope = VERDICT_SCOPE_SESSION;
         return;
     }
-    for (i = 0; i < sizeof(http_table) / sizeof(http_table[0]); i++) {
+    for (size_t i = 0; i < NELEM(http_table); i++) {
         const struct http_row *r = &http_table[i];
 
         if (r->status != 0 && r->status != status)

@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
 #include <criterion/new/assert.h>
+#include <curl/curl.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
@@ -138,4 +139,18 @@ Test(http, abort_and_close)
     cr_expect(eq(int, closed_calls, 1));
     cr_expect(eq(int, r1.calls, 1));
     cr_expect(eq(int, r2.calls, 1));
+}
+
+/* One wording for a failed transfer, the async client's and the blocking POST's: "TLS: "
+ * for a certificate or handshake failure, else the caller's word, then curl's detail. */
+Test(http, curl_error_words)
+{
+    char out[300];
+
+    http_curl_error(CURLE_PEER_FAILED_VERIFICATION, "self-signed", "network: ", out, sizeof out);
+    cr_expect(strncmp(out, "TLS: ", 5) == 0 && strstr(out, ": self-signed") != NULL, "%s", out);
+    http_curl_error(CURLE_COULDNT_CONNECT, "", "network: ", out, sizeof out);
+    cr_expect(eq(str, out, "network: Couldn't connect to server"));
+    http_curl_error(CURLE_COULDNT_CONNECT, "", "", out, sizeof out);
+    cr_expect(eq(str, out, "Couldn't connect to server"));
 }
