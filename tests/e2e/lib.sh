@@ -854,3 +854,54 @@ write_fake_relayd_conf() {
         "connect_timeout = 5s" "command_timeout = 10s"
     relayd_conf "$1" "route default" "upstream = fake"
 }
+
+# ---------------------------------------------------------------------------------------
+# The load client (loadclient.py): numbered messages "Subject: PREFIX-N", the numbers
+# acknowledged with 250 one a line in $T/acked, stopped by touching $T/stop.
+
+# start_load_client PORT PREFIX LOADCLIENT_ARGS...: starts it in the background (output in
+# $T/client.out); its pid in CLIENT_PID.
+start_load_client() {
+    local port=$1 prefix=$2
+    shift 2
+    python3 "$E2E_SRC/tests/e2e/loadclient.py" --port "$port" --prefix "$prefix" "$@" \
+        --acked "$T/acked" --stop "$T/stop" > "$T/client.out" 2>&1 &
+    CLIENT_PID=$!
+    E2E_PIDS+=("$CLIENT_PID")
+}
+
+# stop_load_client: asks the load client to stop; fails the test if it does not stop within
+# 15 s or exits non-zero.
+stop_load_client() {
+    touch "$T/stop"
+    wait_pid_gone "$CLIENT_PID" 15 || fail "the load client did not stop"
+    wait "$CLIENT_PID" || fail "the load client failed: $(cat "$T/client.out")"
+}
+
+# check_acked_delivered ACKED_FILE SUBJECT_PREFIX MAX_DUPS DIR...: prints "acked A, delivered
+# D distinct, duplicates X, lost L" for the numbers in ACKED_FILE against the messages
+# "Subject: SUBJECT_PREFIXN" in the files of each DIR (missing DIRs are empty); returns 1 if
+# an acknowledged number was not delivered or more than MAX_DUPS extra copies arrived.
+check_acked_delivered() {
+    python3 -c '
+import os, re, sys
+acked_file, prefix, max_dups = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3])
+acked = {int(l.split()[0]) for l in open(acked_file) if l.strip()}
+subject = re.compile(rb"^Subject: " + re.escape(prefix) + rb"(\d+)\s*$", re.M | re.I)
+seen = {}
+for d in sys.argv[4:]:
+    for name in os.listdir(d) if os.path.isdir(d) else []:
+        with open(os.path.join(d, name), "rb") as f:
+            head = f.read(8192).replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+        m = subject.search(head)
+        if m:
+            seen[int(m.group(1))] = seen.get(int(m.group(1)), 0) + 1
+lost = sorted(n for n in acked if n not in seen)
+dups = sum(c - 1 for c in seen.values() if c > 1)
+print("acked %d, delivered %d distinct, duplicates %d, lost %d"
+      % (len(acked), len(seen), dups, len(lost)))
+if lost:
+    print("lost: %s" % lost[:50])
+sys.exit(1 if lost or dups > max_dups else 0)
+' "$@"
+}
