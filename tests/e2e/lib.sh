@@ -855,6 +855,14 @@ write_fake_relayd_conf() {
     relayd_conf "$1" "route default" "upstream = fake"
 }
 
+# install_relayd DEST LOG: cmake --install --prefix /usr of the build (RELAYD_BUILD_DIR, else
+# relayd's directory) into DESTDIR=DEST, its output in LOG; fails the test, showing LOG, if
+# the install fails.
+install_relayd() {
+    DESTDIR=$1 cmake --install "${RELAYD_BUILD_DIR:-$(dirname "$RELAYD_BIN")}" --prefix /usr \
+        > "$2" 2>&1 || { cat "$2" >&2; fail "cmake --install into $1 failed"; }
+}
+
 # ---------------------------------------------------------------------------------------
 # The load client (loadclient.py): numbered messages "Subject: PREFIX-N", the numbers
 # acknowledged with 250 one a line in $T/acked, stopped by touching $T/stop.

@@ -8,11 +8,9 @@
 # passes promtool; /healthz says ok.
 source "$(dirname "$0")/lib.sh"
 
-BUILD=${RELAYD_BUILD_DIR:-$(dirname "$RELAYD_BIN")}
 DEST=$T/dest
 say "1: cmake --install into $DEST"
-DESTDIR=$DEST cmake --install "$BUILD" --prefix /usr > "$T/install.log" 2>&1 ||
-    { cat "$T/install.log" >&2; fail "cmake --install failed"; }
+install_relayd "$DEST" "$T/install.log"
 RELAYD_BIN=$DEST/usr/sbin/relayd
 RELAYCTL_BIN=$DEST/usr/sbin/relayctl
 [ -x "$RELAYD_BIN" ] && [ -x "$RELAYCTL_BIN" ] || fail "relayd or relayctl not installed in sbin"
