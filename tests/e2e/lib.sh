@@ -426,6 +426,15 @@ tncs_prelude() {
         '< 250' '> RCPT To: < user@example.net >' '< 250' '> DATA' '< 354'
 }
 
+# smtp_prelude HELO_COMMAND SENDER: the first lines of a dialogue, for smtp_dialogue:
+# HELO_COMMAND (e.g. "EHLO app"), MAIL FROM:<SENDER>, RCPT TO:<user@example.com>, up to
+# DATA's 354.  Use as
+#   { smtp_prelude "HELO device" device@lan.test; cat <<'S'; } | smtp_dialogue || fail "..."
+smtp_prelude() {
+    printf '%s\n' '< 220' "> $1" '< 250' "> MAIL FROM:<$2>" '< 250' '> RCPT TO:<user@example.com>' \
+        '< 250' '> DATA' '< 354'
+}
+
 # use_wrong_password: the next write_relayd_conf gives [upstream provider] a password file
 # with a wrong password ($RELAYD_PWFILE); put "$SASL_PASSWORD" into it to fix it.
 use_wrong_password() {
