@@ -52,6 +52,8 @@ sed -e "s|^\( *\)log /dev/log .*|\1log stdout format raw local0 info|" \
     -e "s|server relay2 .*# test: relay2|server relay2 127.0.0.1:$R2|" \
     "$E2E_SRC/contrib/haproxy.cfg" > "$T/haproxy.cfg"
 grep -q "127.0.0.1:$R2" "$T/haproxy.cfg" || fail "contrib/haproxy.cfg lost its test: markers"
+binds=$(grep -E '^\s*bind ' "$T/haproxy.cfg" || true)
+grep -qv "^\s*bind 127\.0\.0\.1:$HP\s*$" <<< "$binds" && fail "haproxy would listen beyond 127.0.0.1:$HP: $binds"
 haproxy -c -f "$T/haproxy.cfg" > "$T/haproxy-check.log" 2>&1 || { cat "$T/haproxy-check.log" >&2; fail "haproxy -c refused the config"; }
 haproxy -f "$T/haproxy.cfg" -db > "$T/haproxy.log" 2>&1 &
 HAPROXY_PID=$!
