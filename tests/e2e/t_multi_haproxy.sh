@@ -68,7 +68,7 @@ done
 say "haproxy pid $HAPROXY_PID on 127.0.0.1:$HP -> relayd 127.0.0.1:$R1, 127.0.0.1:$R2"
 
 # 1. The device's address arrives through PROXY v2: the client binds 127.0.0.2.
-python3 "$E2E_SRC/tests/e2e/smtpclient.py" --port "$HP" --source 127.0.0.2 > "$T/proxy.out" 2>&1 <<'S' ||
+smtp_dialogue --port "$HP" --source 127.0.0.2 > "$T/proxy.out" <<'S' ||
 < 220
 > EHLO printer.lan
 < 250
