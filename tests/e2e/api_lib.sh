@@ -47,6 +47,15 @@ api_url = https://127.0.0.1:$API_PORT
 ${3:-}"
 }
 
+# send_tncs_alarm SUBJECT BODY_LINE: a TNCS panel's alarm (tncs_prelude: HELO, no Date, no
+# Message-ID) from alarm@example.net to user@example.net through relayd; fails the test unless
+# it is queued and the session ends with 221.
+send_tncs_alarm() {
+    { tncs_prelude; printf '%s\n' '> To: user@example.net' '> From: alarm@example.net' \
+        "> Subject: $1" '>' "> $2" '> .' '<~ ^250 2\.0\.0 Ok: queued as [0-9A-F]+$' '> QUIT' \
+        '< 221' 'eof 5'; } | smtp_dialogue || fail "TNCS dialogue failed"
+}
+
 # api_count: messages the emulation recorded (NNNN.json is written last).
 api_count() { ls "$API_DIR" 2>/dev/null | grep -c '^[0-9]*\.json$' || true; }
 

@@ -42,18 +42,7 @@ grep -qE 'upstream provider: unhealthy.*HTTP 403 insufficientPermissions.*domain
 grep -q 'bounced' "$T/relayd.log" && fail "the 403 bounced"
 
 say "2: TNCS-style message (HELO, no Date, no Message-ID)"
-{ tncs_prelude; cat <<'S'; } | smtp_dialogue || fail "TNCS dialogue failed"
-> To: user@example.net
-> From: alarm@example.net
-> Subject: TNCS alarm 0043
->
-> ALARM 0043 zone 1 power restored
-> .
-<~ ^250 2\.0\.0 Ok: queued as [0-9A-F]+$
-> QUIT
-< 221
-eof 5
-S
+send_tncs_alarm "TNCS alarm 0043" "ALARM 0043 zone 1 power restored"
 wait_for_api 2 30 || { cat "$T/relayd.log"; fail "TNCS message not delivered"; }
 [ "$(api_json 2 api)" = gmail-raw ] || fail "not raw"
 [ "$(api_json 2 recipients)" = user@example.net ] || fail "recipients: $(api_json 2 recipients)"
