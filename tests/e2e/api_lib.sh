@@ -56,6 +56,15 @@ send_tncs_alarm() {
         '< 221' 'eof 5'; } | smtp_dialogue || fail "TNCS dialogue failed"
 }
 
+# api_relay N SUBJECT: relays a new message $T/mN.eml (make_message) to user@example.com and
+# waits (30 s) for it as the emulation's Nth message; fails the test, showing relayd's log,
+# if relayd does not accept it or it does not arrive.
+api_relay() {
+    make_message "$T/m$1.eml" "$2"
+    relay_send "$T/m$1.eml" user@example.com || fail "message $1 ($2) not accepted"
+    wait_for_api "$1" 30 || { cat "$T/relayd.log"; fail "message $1 ($2) not delivered"; }
+}
+
 # api_count: messages the emulation recorded (NNNN.json is written last).
 api_count() { ls "$API_DIR" 2>/dev/null | grep -c '^[0-9]*\.json$' || true; }
 

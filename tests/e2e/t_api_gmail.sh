@@ -25,9 +25,7 @@ grep -q '^verdict: upstream provider works: Gmail API' "$T/probe.out" || { cat "
 
 start_relayd "$CONF"
 say "1: raw"
-make_message "$T/m1.eml" "gmail raw"
-relay_send "$T/m1.eml" user@example.com || fail "not accepted"
-wait_for_api 1 30 || { cat "$T/relayd.log"; fail "not delivered"; }
+api_relay 1 "gmail raw"
 [ "$(api_json 1 api)" = gmail-raw ] || fail "not raw: $(api_json 1 api)"
 [ "$(api_json 1 mailbox)" = "$MAILBOX" ] || fail "mailbox: $(api_json 1 mailbox)"
 body_of "$API_DIR/0001.eml" > "$T/got1.body"
