@@ -33,16 +33,7 @@ start_api() {
 # app-only token from oauth2_server.py for Graph's audience (scope defaults to
 # https://graph.microsoft.com/.default with transport = graph); the emulation checks it.
 write_api_conf() {
-    mkdir -p "$T/secrets" && chmod 0700 "$T/secrets"
-    secret "$T/secrets/client_secret" "$OA_CLIENT_SECRET"
-    write_oauth2_conf "$1" "auth = xoauth2
-provider = microsoft
-tenant = $OA_TENANT
-token_endpoint = https://127.0.0.1:$OA_PORT/$OA_TENANT/oauth2/v2.0/token
-oauth2_grant = client_credentials
-client_id = $OA_CLIENT_ID
-client_secret_file = $T/secrets/client_secret
-transport = $2
+    write_m365_app_conf "$1" "transport = $2
 api_url = https://127.0.0.1:$API_PORT
 ${3:-}"
 }

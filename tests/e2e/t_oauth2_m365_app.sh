@@ -9,16 +9,8 @@ source "$(dirname "$0")/oauth2_lib.sh"
 
 start_token_server
 start_xoauth2_smtpd
-mkdir -p "$T/secrets" && chmod 0700 "$T/secrets"
-secret "$T/secrets/client_secret" "$OA_CLIENT_SECRET"
 CONF=$T/relayd.conf
-write_oauth2_conf "$CONF" "auth = xoauth2
-provider = microsoft
-tenant = $OA_TENANT
-token_endpoint = https://127.0.0.1:$OA_PORT/$OA_TENANT/oauth2/v2.0/token
-oauth2_grant = client_credentials
-client_id = $OA_CLIENT_ID
-client_secret_file = $T/secrets/client_secret"
+write_m365_app_conf "$CONF"
 
 say "--check: presets applied, secret masked"
 "$RELAYD_BIN" -c "$CONF" --check > "$T/check.out" 2>&1 || { cat "$T/check.out"; fail "--check failed"; }
