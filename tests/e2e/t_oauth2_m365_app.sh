@@ -53,8 +53,9 @@ timeout 60 "$RELAYCTL_BIN" -c "$CONF" test-upstream provider > "$T/probe.out" 2>
 cat "$T/probe.out"
 grep -q '^\[ ok \] oauth2: token ok (grant client_credentials' "$T/probe.out" || fail "no token step"
 grep -q '^verdict: upstream provider works' "$T/probe.out" || fail "no verdict"
-grep -qF "$(cat "$OA_STATE/tokens" 2>/dev/null | awk 'NR==1{print $1}')x" "$T/probe.out" &&
-    fail "test-upstream printed a token"
+token=$(awk 'NR == 1 { print $1 }' "$OA_STATE/tokens")
+[ -n "$token" ] || fail "the token endpoint recorded no token"
+grep -qF -- "$token" "$T/probe.out" && fail "test-upstream printed a token"
 
 say "delivery with AUTH XOAUTH2"
 start_relayd "$CONF"
