@@ -40,10 +40,7 @@ acked=$(grep -c . "$T/acked" || true)
 say "draining: the last relayd delivers what is left"
 wait_for_queue_empty 45 || { relayctl list >&2 || true; fail "spool not empty after the drain"; }
 # Postfix may still be moving the last messages from its queue into the Maildir.
-for ((i = 0; i < 60; i++)); do
-    [ "$(maildir_count)" -ge "$acked" ] && break
-    sleep 0.5
-done
+wait_for_maildir_count "$acked" 30 || true  # the verdict below tells
 
 python3 - "$T/acked" "$MAILDIR" > "$T/verdict" <<'PY' || { cat "$T/verdict" >&2; fail "acknowledged mail lost"; }
 import os, re, sys
