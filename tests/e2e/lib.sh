@@ -887,6 +887,9 @@ start_load_client() {
     E2E_PIDS+=("$CLIENT_PID")
 }
 
+# load_acked: how many messages the load client has had acknowledged so far.
+load_acked() { grep -c . "$T/acked" 2> /dev/null || true; }
+
 # stop_load_client: asks the load client to stop; fails the test if it does not stop within
 # 15 s or exits non-zero.
 stop_load_client() {

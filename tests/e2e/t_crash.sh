@@ -34,7 +34,7 @@ while [ "$kills" -lt "$KILLS" ] && [ $((SECONDS - start)) -lt "$KILL_WINDOW" ]; 
 done
 stop_load_client
 say "$kills kills in $((SECONDS - start))s; $(cat "$T/client.out")"
-acked=$(grep -c . "$T/acked" || true)
+acked=$(load_acked)
 [ "$acked" -ge 50 ] || fail "only $acked messages acknowledged: too little traffic to prove anything"
 
 say "draining: the last relayd delivers what is left"

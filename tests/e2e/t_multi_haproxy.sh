@@ -96,21 +96,20 @@ say "1: the client address 127.0.0.2 arrived through PROXY v2"
 
 # 2. Load through haproxy; relayd 2 is killed with SIGKILL and restarted on its spool.
 start_load_client "$HP" multi --threads 4 --per-conn 5 --pause 0.02 --size 2000 --seconds 60
-acked() { grep -c . "$T/acked" 2> /dev/null || true; }
 wait_acked() {
-    for ((i = 0; i < 100; i++)); do [ "$(acked)" -ge "$1" ] && return 0; sleep 0.2; done
+    for ((i = 0; i < 100; i++)); do [ "$(load_acked)" -ge "$1" ] && return 0; sleep 0.2; done
     return 1
 }
-wait_acked 40 || fail "only $(acked) messages acknowledged before the kill"
+wait_acked 40 || fail "only $(load_acked) messages acknowledged before the kill"
 kill -KILL "${NODE_PID[2]}"
 wait "${NODE_PID[2]}" 2> /dev/null || true
-at_kill=$(acked)
+at_kill=$(load_acked)
 sleep 0.5
 start_node 2
 E2E_PIDS+=("${NODE_PID[2]}")
-wait_acked $((at_kill + 40)) || fail "only $(acked) messages acknowledged after the restart"
+wait_acked $((at_kill + 40)) || fail "only $(load_acked) messages acknowledged after the restart"
 stop_load_client
-total=$(acked)
+total=$(load_acked)
 say "2: relayd 2 killed after $at_kill acknowledged; $(cat "$T/client.out")"
 [ "$(accepted 1)" -gt 5 ] && [ "$(accepted 2)" -gt 5 ] ||
     fail "haproxy did not spread the load: relayd 1 took $(accepted 1), relayd 2 $(accepted 2)"

@@ -59,7 +59,7 @@ RELAYD_PORT=$EXTRA_PORT relay_send "$T/extra.eml" user@example.com ||
 
 stop_load_client
 say "   load: $(cat "$T/client.out")"
-acked=$(grep -c . "$T/acked" || true)
+acked=$(load_acked)
 [ "$acked" -ge 10 ] || fail "only $acked messages acknowledged: too little traffic"
 wait_for_queue_empty 60 || { relayctl list >&2 || true; fail "spool not empty after the reload"; }
 # Postfix may still be moving the last messages into the Maildir; the verdict below tells.

@@ -72,7 +72,7 @@ wait_for_port_closed "$EXTRA_PORT" 5 || fail "the removed listener still accepts
 
 stop_load_client
 say "   load: $(cat "$T/client.out")"
-acked=$(grep -c . "$T/acked" || true)
+acked=$(load_acked)
 [ "$acked" -ge 20 ] || fail "only $acked messages acknowledged: too little traffic"
 wait_for_queue_empty 40 || { relayctl list >&2 || true; fail "spool not empty after the reloads"; }
 # Postfix may still be moving the last messages into the Maildir; the verdict below tells.
