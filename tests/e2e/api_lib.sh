@@ -33,18 +33,27 @@ start_api() {
 # app-only token from oauth2_server.py for Graph's audience (scope defaults to
 # https://graph.microsoft.com/.default with transport = graph); the emulation checks it.
 write_api_conf() {
-    mkdir -p "$T/secrets" && chmod 0700 "$T/secrets"
-    secret "$T/secrets/client_secret" "$OA_CLIENT_SECRET"
-    write_oauth2_conf "$1" "auth = xoauth2
-provider = microsoft
-tenant = $OA_TENANT
-token_endpoint = https://127.0.0.1:$OA_PORT/$OA_TENANT/oauth2/v2.0/token
-oauth2_grant = client_credentials
-client_id = $OA_CLIENT_ID
-client_secret_file = $T/secrets/client_secret
-transport = $2
+    write_m365_app_conf "$1" "transport = $2
 api_url = https://127.0.0.1:$API_PORT
 ${3:-}"
+}
+
+# send_tncs_alarm SUBJECT BODY_LINE: a TNCS panel's alarm (tncs_prelude: HELO, no Date, no
+# Message-ID) from alarm@example.net to user@example.net through relayd; fails the test unless
+# it is queued and the session ends with 221.
+send_tncs_alarm() {
+    { tncs_prelude; printf '%s\n' '> To: user@example.net' '> From: alarm@example.net' \
+        "> Subject: $1" '>' "> $2" '> .' '<~ ^250 2\.0\.0 Ok: queued as [0-9A-F]+$' '> QUIT' \
+        '< 221' 'eof 5'; } | smtp_dialogue || fail "TNCS dialogue failed"
+}
+
+# api_relay N SUBJECT: relays a new message $T/mN.eml (make_message) to user@example.com and
+# waits (30 s) for it as the emulation's Nth message; fails the test, showing relayd's log,
+# if relayd does not accept it or it does not arrive.
+api_relay() {
+    make_message "$T/m$1.eml" "$2"
+    relay_send "$T/m$1.eml" user@example.com || fail "message $1 ($2) not accepted"
+    wait_for_api "$1" 30 || { cat "$T/relayd.log"; fail "message $1 ($2) not delivered"; }
 }
 
 # api_count: messages the emulation recorded (NNNN.json is written last).

@@ -426,6 +426,15 @@ tncs_prelude() {
         '< 250' '> RCPT To: < user@example.net >' '< 250' '> DATA' '< 354'
 }
 
+# smtp_prelude HELO_COMMAND SENDER: the first lines of a dialogue, for smtp_dialogue:
+# HELO_COMMAND (e.g. "EHLO app"), MAIL FROM:<SENDER>, RCPT TO:<user@example.com>, up to
+# DATA's 354.  Use as
+#   { smtp_prelude "HELO device" device@lan.test; cat <<'S'; } | smtp_dialogue || fail "..."
+smtp_prelude() {
+    printf '%s\n' '< 220' "> $1" '< 250' "> MAIL FROM:<$2>" '< 250' '> RCPT TO:<user@example.com>' \
+        '< 250' '> DATA' '< 354'
+}
+
 # use_wrong_password: the next write_relayd_conf gives [upstream provider] a password file
 # with a wrong password ($RELAYD_PWFILE); put "$SASL_PASSWORD" into it to fix it.
 use_wrong_password() {
@@ -853,4 +862,66 @@ write_fake_relayd_conf() {
     relayd_conf "$1" "upstream fake" "host = 127.0.0.1" "port = $2" "tls = none" \
         "connect_timeout = 5s" "command_timeout = 10s"
     relayd_conf "$1" "route default" "upstream = fake"
+}
+
+# install_relayd DEST LOG: cmake --install --prefix /usr of the build (RELAYD_BUILD_DIR, else
+# relayd's directory) into DESTDIR=DEST, its output in LOG; fails the test, showing LOG, if
+# the install fails.
+install_relayd() {
+    DESTDIR=$1 cmake --install "${RELAYD_BUILD_DIR:-$(dirname "$RELAYD_BIN")}" --prefix /usr \
+        > "$2" 2>&1 || { cat "$2" >&2; fail "cmake --install into $1 failed"; }
+}
+
+# ---------------------------------------------------------------------------------------
+# The load client (loadclient.py): numbered messages "Subject: PREFIX-N", the numbers
+# acknowledged with 250 one a line in $T/acked, stopped by touching $T/stop.
+
+# start_load_client PORT PREFIX LOADCLIENT_ARGS...: starts it in the background (output in
+# $T/client.out); its pid in CLIENT_PID.
+start_load_client() {
+    local port=$1 prefix=$2
+    shift 2
+    python3 "$E2E_SRC/tests/e2e/loadclient.py" --port "$port" --prefix "$prefix" "$@" \
+        --acked "$T/acked" --stop "$T/stop" > "$T/client.out" 2>&1 &
+    CLIENT_PID=$!
+    E2E_PIDS+=("$CLIENT_PID")
+}
+
+# load_acked: how many messages the load client has had acknowledged so far.
+load_acked() { grep -c . "$T/acked" 2> /dev/null || true; }
+
+# stop_load_client: asks the load client to stop; fails the test if it does not stop within
+# 15 s or exits non-zero.
+stop_load_client() {
+    touch "$T/stop"
+    wait_pid_gone "$CLIENT_PID" 15 || fail "the load client did not stop"
+    wait "$CLIENT_PID" || fail "the load client failed: $(cat "$T/client.out")"
+}
+
+# check_acked_delivered ACKED_FILE SUBJECT_PREFIX MAX_DUPS DIR...: prints "acked A, delivered
+# D distinct, duplicates X, lost L" for the numbers in ACKED_FILE against the messages
+# "Subject: SUBJECT_PREFIXN" in the files of each DIR (missing DIRs are empty); returns 1 if
+# an acknowledged number was not delivered or more than MAX_DUPS extra copies arrived.
+check_acked_delivered() {
+    python3 -c '
+import os, re, sys
+acked_file, prefix, max_dups = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3])
+acked = {int(l.split()[0]) for l in open(acked_file) if l.strip()}
+subject = re.compile(rb"^Subject: " + re.escape(prefix) + rb"(\d+)\s*$", re.M | re.I)
+seen = {}
+for d in sys.argv[4:]:
+    for name in os.listdir(d) if os.path.isdir(d) else []:
+        with open(os.path.join(d, name), "rb") as f:
+            head = f.read(8192).replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+        m = subject.search(head)
+        if m:
+            seen[int(m.group(1))] = seen.get(int(m.group(1)), 0) + 1
+lost = sorted(n for n in acked if n not in seen)
+dups = sum(c - 1 for c in seen.values() if c > 1)
+print("acked %d, delivered %d distinct, duplicates %d, lost %d"
+      % (len(acked), len(seen), dups, len(lost)))
+if lost:
+    print("lost: %s" % lost[:50])
+sys.exit(1 if lost or dups > max_dups else 0)
+' "$@"
 }

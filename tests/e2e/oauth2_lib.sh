@@ -88,6 +88,22 @@ upstream = provider
 EOC
 }
 
+# write_m365_app_conf FILE [LINES]: write_oauth2_conf with Microsoft's app-only grant
+# (client_credentials) from oauth2_server.py's tenant, the client secret in
+# $T/secrets/client_secret, then LINES.
+write_m365_app_conf() {
+    mkdir -p "$T/secrets" && chmod 0700 "$T/secrets"
+    secret "$T/secrets/client_secret" "$OA_CLIENT_SECRET"
+    write_oauth2_conf "$1" "auth = xoauth2
+provider = microsoft
+tenant = $OA_TENANT
+token_endpoint = https://127.0.0.1:$OA_PORT/$OA_TENANT/oauth2/v2.0/token
+oauth2_grant = client_credentials
+client_id = $OA_CLIENT_ID
+client_secret_file = $T/secrets/client_secret${2:+
+$2}"
+}
+
 # secret FILE TEXT: a 0600 secrets file.
 secret() { (umask 077; printf '%s\n' "$2" > "$1"); }
 

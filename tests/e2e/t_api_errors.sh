@@ -22,9 +22,7 @@ start_relayd "$CONF"
 sendmail_statuses() { awk '$2 ~ /sendMail$/ { printf "%s ", $3 }' "$API_DIR/requests.log"; }
 
 say "1: 401 then 403 ErrorAccessDenied: held (unhealthy, what to grant), then delivered once"
-make_message "$T/m1.eml" "api hold"
-relay_send "$T/m1.eml" user@example.com || fail "not accepted"
-wait_for_api 1 30 || { cat "$T/relayd.log"; fail "not delivered after the holds"; }
+api_relay 1 "api hold"
 [ "$(sendmail_statuses)" = "401 403 202 " ] || fail "sendMail statuses: $(sendmail_statuses)"
 grep -qE "upstream provider: unhealthy.*HTTP 401 InvalidAuthenticationToken.*client_id" "$T/relayd.log" ||
     fail "no one-line reason for the 401"
@@ -71,9 +69,7 @@ grep -q 'At least one recipient is not valid' "$dsn" || fail "the DSN lacks the 
 
 say "4: 500: deferred, the retry delivers"
 start_api --fault 'sendMail=500:1:code=InternalServerError:message=boom'
-make_message "$T/m4.eml" "api retry"
-relay_send "$T/m4.eml" user@example.com || fail "not accepted"
-wait_for_api 4 30 || { cat "$T/relayd.log"; fail "not delivered after the 500"; }
+api_relay 4 "api retry"
 [ "$(sendmail_statuses)" = "500 202 " ] || fail "sendMail statuses: $(sendmail_statuses)"
 grep -qE 'to=<user@example.com> .*status=deferred \(graph sendMail as fax@contoso.example: HTTP 500' \
     "$T/relayd.log" || fail "the 500 was not a deferral"
@@ -98,9 +94,7 @@ grep -q '^\[FAIL\] drafts: GET fax@contoso.example Drafts: HTTP 403' "$T/probe5.
     fail "no failed drafts step"
 grep -q '^what to do: .*Mail\.ReadWrite' "$T/probe5.out" || fail "test-upstream does not name Mail.ReadWrite"
 start_relayd "$CONF"
-make_message "$T/m5.eml" "api draft hold"
-relay_send "$T/m5.eml" user@example.com || fail "not accepted"
-wait_for_api 5 30 || { cat "$T/relayd.log"; fail "not delivered after the hold"; }
+api_relay 5 "api draft hold"
 grep -qE "upstream provider: unhealthy.*HTTP 403 ErrorAccessDenied.*Mail\.ReadWrite" "$T/relayd.log" ||
     fail "the 403 on the draft does not name Mail.ReadWrite"
 grep -qE 'status=deferred \(graph draft \(create draft\) as fax@contoso.example: HTTP 403.*cause=relay-configuration' \

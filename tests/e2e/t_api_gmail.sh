@@ -25,9 +25,7 @@ grep -q '^verdict: upstream provider works: Gmail API' "$T/probe.out" || { cat "
 
 start_relayd "$CONF"
 say "1: raw"
-make_message "$T/m1.eml" "gmail raw"
-relay_send "$T/m1.eml" user@example.com || fail "not accepted"
-wait_for_api 1 30 || { cat "$T/relayd.log"; fail "not delivered"; }
+api_relay 1 "gmail raw"
 [ "$(api_json 1 api)" = gmail-raw ] || fail "not raw: $(api_json 1 api)"
 [ "$(api_json 1 mailbox)" = "$MAILBOX" ] || fail "mailbox: $(api_json 1 mailbox)"
 body_of "$API_DIR/0001.eml" > "$T/got1.body"
@@ -42,18 +40,7 @@ grep -qE 'upstream provider: unhealthy.*HTTP 403 insufficientPermissions.*domain
 grep -q 'bounced' "$T/relayd.log" && fail "the 403 bounced"
 
 say "2: TNCS-style message (HELO, no Date, no Message-ID)"
-{ tncs_prelude; cat <<'S'; } | smtp_dialogue || fail "TNCS dialogue failed"
-> To: user@example.net
-> From: alarm@example.net
-> Subject: TNCS alarm 0043
->
-> ALARM 0043 zone 1 power restored
-> .
-<~ ^250 2\.0\.0 Ok: queued as [0-9A-F]+$
-> QUIT
-< 221
-eof 5
-S
+send_tncs_alarm "TNCS alarm 0043" "ALARM 0043 zone 1 power restored"
 wait_for_api 2 30 || { cat "$T/relayd.log"; fail "TNCS message not delivered"; }
 [ "$(api_json 2 api)" = gmail-raw ] || fail "not raw"
 [ "$(api_json 2 recipients)" = user@example.net ] || fail "recipients: $(api_json 2 recipients)"

@@ -35,18 +35,7 @@ grep -q '^verdict: upstream provider works: Microsoft Graph API' "$T/probe.out" 
 
 start_relayd "$CONF"
 say "1: TNCS-style message through Graph sendMail"
-{ tncs_prelude; cat <<'S'; } | smtp_dialogue || fail "TNCS dialogue failed"
-> To: user@example.net
-> From: alarm@example.net
-> Subject: TNCS alarm 0042
->
-> ALARM 0042 zone 3 door open
-> .
-<~ ^250 2\.0\.0 Ok: queued as [0-9A-F]+$
-> QUIT
-< 221
-eof 5
-S
+send_tncs_alarm "TNCS alarm 0042" "ALARM 0042 zone 3 door open"
 wait_for_api 1 30 || { cat "$T/relayd.log"; fail "not delivered through Graph"; }
 [ "$(api_json 1 api)" = graph-sendmail ] || fail "not sendMail"
 [ "$(api_json 1 saveToSentItems)" = True ] || fail "sendMail not saved to Sent Items"

@@ -15,9 +15,7 @@ write_api_conf "$CONF" graph "mailbox = fax@contoso.example"
 start_relayd "$CONF"
 
 say "1: default (save_to_sent_items = no): a draft marked delete-after-submit, sent once"
-make_message "$T/m1.eml" "graph no sent items"
-relay_send "$T/m1.eml" user@example.com || fail "not accepted"
-wait_for_api 1 30 || { cat "$T/relayd.log"; fail "not delivered through Graph"; }
+api_relay 1 "graph no sent items"
 [ "$(api_json 1 api)" = graph-draft ] || fail "not the draft path: $(api_json 1 api)"
 [ "$(api_json 1 saveToSentItems)" = False ] || fail "saved to Sent Items"
 [ "$(api_json 1 recipients)" = user@example.com ] || fail "recipients: $(api_json 1 recipients)"
@@ -38,9 +36,7 @@ stop_relayd
 relayd_conf "$CONF" "upstream provider" "save_to_sent_items = yes"
 : > "$API_DIR/requests.log"
 start_relayd "$CONF"
-make_message "$T/m2.eml" "graph sent items"
-relay_send "$T/m2.eml" user@example.com || fail "not accepted"
-wait_for_api 2 30 || { cat "$T/relayd.log"; fail "not delivered through Graph"; }
+api_relay 2 "graph sent items"
 [ "$(api_json 2 api)" = graph-sendmail ] || fail "not sendMail: $(api_json 2 api)"
 [ "$(api_json 2 saveToSentItems)" = True ] || fail "not saved to Sent Items"
 [ "$(grep -c 'sendMail 202$' "$API_DIR/requests.log")" = 1 ] || fail "not one sendMail"

@@ -15,11 +15,8 @@ start_postfix_upstream
 start_relayd "$T/relayd.conf"
 
 say "clients: $THREADS sessions sending numbered messages; $KILLS kills within ${KILL_WINDOW}s"
-python3 "$E2E_SRC/tests/e2e/loadclient.py" --port "$RELAYD_PORT" --prefix crash \
-    --threads "$THREADS" --per-conn 5 --pause 0.05 --size 3000 --seconds 90 \
-    --acked "$T/acked" --stop "$T/stop" > "$T/client.out" 2>&1 &
-CLIENT_PID=$!
-E2E_PIDS+=("$CLIENT_PID")
+start_load_client "$RELAYD_PORT" crash --threads "$THREADS" --per-conn 5 --pause 0.05 --size 3000 \
+    --seconds 90
 
 start=$SECONDS
 kills=0
@@ -35,20 +32,15 @@ while [ "$kills" -lt "$KILLS" ] && [ $((SECONDS - start)) -lt "$KILL_WINDOW" ]; 
     grep -qiE 'fatal|panic|corrupt' "$T/relayd.log" &&
         fail "relayd complained at restart $kills: $(grep -iE 'fatal|panic|corrupt' "$T/relayd.log")"
 done
-touch "$T/stop"
-wait_pid_gone "$CLIENT_PID" 15 || fail "load client did not stop"
-wait "$CLIENT_PID" || fail "load client failed: $(cat "$T/client.out")"
+stop_load_client
 say "$kills kills in $((SECONDS - start))s; $(cat "$T/client.out")"
-acked=$(grep -c . "$T/acked" || true)
+acked=$(load_acked)
 [ "$acked" -ge 50 ] || fail "only $acked messages acknowledged: too little traffic to prove anything"
 
 say "draining: the last relayd delivers what is left"
 wait_for_queue_empty 45 || { relayctl list >&2 || true; fail "spool not empty after the drain"; }
 # Postfix may still be moving the last messages from its queue into the Maildir.
-for ((i = 0; i < 60; i++)); do
-    [ "$(maildir_count)" -ge "$acked" ] && break
-    sleep 0.5
-done
+wait_for_maildir_count "$acked" 30 || true  # the verdict below tells
 
 python3 - "$T/acked" "$MAILDIR" > "$T/verdict" <<'PY' || { cat "$T/verdict" >&2; fail "acknowledged mail lost"; }
 import os, re, sys

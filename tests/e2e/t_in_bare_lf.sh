@@ -51,16 +51,8 @@ n=$(grep -c 'end of DATA with a bare LF accepted' "$T/relayd.log" || true)
 
 say "2: normalize: a message smuggled behind \\n.\\n stays text of the first"
 before=$(maildir_count)
-smtp_dialogue --port "$PN" <<'S' || fail "normalize let a bare-LF dot end the message"
-< 220
-> EHLO app
-< 250
-> MAIL FROM:<app@lan.test>
-< 250
-> RCPT TO:<user@example.com>
-< 250
-> DATA
-< 354
+{ smtp_prelude "EHLO app" app@lan.test; cat <<'S'; } | smtp_dialogue --port "$PN" || \
+    fail "normalize let a bare-LF dot end the message"
 >raw Subject: smuggle carrier\r\n\r\nbefore\n.\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<user@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nhidden\r\n.\r\n
 < 250
 > QUIT
@@ -72,16 +64,8 @@ sleep 1
 [ "$(maildir_count)" = $((before + 1)) ] || fail "a smuggled second message was delivered"
 
 say "3: reject: 550 5.5.2 and a refusal line"
-smtp_dialogue --port "$PR" <<'S' || fail "bare_lf = reject did not refuse"
-< 220
-> HELO app
-< 250
-> MAIL FROM:<app@lan.test>
-< 250
-> RCPT TO:<user@example.com>
-< 250
-> DATA
-< 354
+{ smtp_prelude "HELO app" app@lan.test; cat <<'S'; } | smtp_dialogue --port "$PR" || \
+    fail "bare_lf = reject did not refuse"
 >raw Subject: refused\r\n\r\nbare\n.\r\n
 < 550 5.5.2 Error: bare <LF> received
 eof 5

@@ -9,16 +9,8 @@ write_relayd_conf "$T/relayd.conf"
 start_relayd "$T/relayd.conf"
 
 say "1: final dot, then shutdown(SHUT_WR): the 250 still arrives"
-smtp_dialogue <<'S' || fail "no 250 after a half-close behind the final dot"
-< 220
-> HELO device
-< 250
-> MAIL FROM:<device@lan.test>
-< 250
-> RCPT TO:<user@example.com>
-< 250
-> DATA
-< 354
+{ smtp_prelude "HELO device" device@lan.test; cat <<'S'; } | smtp_dialogue || \
+    fail "no 250 after a half-close behind the final dot"
 >raw Subject: half close\r\n\r\nbody\r\n.\r\n
 shut
 < 250
@@ -26,16 +18,8 @@ eof 5
 S
 
 say "2: final dot and QUIT, then shutdown: 250 and 221"
-smtp_dialogue <<'S' || fail "no 250/221 after a half-close behind QUIT"
-< 220
-> HELO device
-< 250
-> MAIL FROM:<device@lan.test>
-< 250
-> RCPT TO:<user@example.com>
-< 250
-> DATA
-< 354
+{ smtp_prelude "HELO device" device@lan.test; cat <<'S'; } | smtp_dialogue || \
+    fail "no 250/221 after a half-close behind QUIT"
 >raw Subject: half close quit\r\n\r\nbody\r\n.\r\nQUIT\r\n
 shut
 < 250

@@ -10,11 +10,9 @@
 # planted in the spool makes a root start refuse; an operator's group on a spool file stays.
 source "$(dirname "$0")/lib.sh"
 
-BUILD=${RELAYD_BUILD_DIR:-$(dirname "$RELAYD_BIN")}
 DEST=$T/dest
 say "1: cmake --install --prefix /usr into $DEST"
-DESTDIR=$DEST cmake --install "$BUILD" --prefix /usr > "$T/install.log" 2>&1 ||
-    { cat "$T/install.log" >&2; fail "cmake --install failed"; }
+install_relayd "$DEST" "$T/install.log"
 for f in usr/sbin/relayd usr/sbin/relayctl usr/lib/systemd/system/relayd.service \
     usr/share/man/man8/relayd.8 usr/share/man/man8/relayctl.8 usr/share/man/man5/relayd.conf.5 \
     etc/relayd/relayd.conf; do
@@ -27,7 +25,7 @@ grep -q '^ExecStart=/usr/sbin/relayd -c /etc/relayd/relayd.conf$' \
     "$DEST/usr/lib/systemd/system/relayd.service" || fail "the unit's ExecStart= is not /usr/sbin"
 # A second install keeps the administrator's configuration.
 echo '; local change' >> "$DEST/etc/relayd/relayd.conf"
-DESTDIR=$DEST cmake --install "$BUILD" --prefix /usr > "$T/install2.log" 2>&1 || fail "reinstall failed"
+install_relayd "$DEST" "$T/install2.log"
 grep -q '^; local change$' "$DEST/etc/relayd/relayd.conf" || fail "a reinstall overwrote relayd.conf"
 
 say "2: systemd-analyze verify of the installed unit"

@@ -9,16 +9,8 @@ source "$(dirname "$0")/oauth2_lib.sh"
 
 start_token_server
 start_xoauth2_smtpd
-mkdir -p "$T/secrets" && chmod 0700 "$T/secrets"
-secret "$T/secrets/client_secret" "$OA_CLIENT_SECRET"
 CONF=$T/relayd.conf
-write_oauth2_conf "$CONF" "auth = xoauth2
-provider = microsoft
-tenant = $OA_TENANT
-token_endpoint = https://127.0.0.1:$OA_PORT/$OA_TENANT/oauth2/v2.0/token
-oauth2_grant = client_credentials
-client_id = $OA_CLIENT_ID
-client_secret_file = $T/secrets/client_secret"
+write_m365_app_conf "$CONF"
 
 say "--check: presets applied, secret masked"
 "$RELAYD_BIN" -c "$CONF" --check > "$T/check.out" 2>&1 || { cat "$T/check.out"; fail "--check failed"; }
@@ -61,8 +53,9 @@ timeout 60 "$RELAYCTL_BIN" -c "$CONF" test-upstream provider > "$T/probe.out" 2>
 cat "$T/probe.out"
 grep -q '^\[ ok \] oauth2: token ok (grant client_credentials' "$T/probe.out" || fail "no token step"
 grep -q '^verdict: upstream provider works' "$T/probe.out" || fail "no verdict"
-grep -qF "$(cat "$OA_STATE/tokens" 2>/dev/null | awk 'NR==1{print $1}')x" "$T/probe.out" &&
-    fail "test-upstream printed a token"
+token=$(awk 'NR == 1 { print $1 }' "$OA_STATE/tokens")
+[ -n "$token" ] || fail "the token endpoint recorded no token"
+grep -qF -- "$token" "$T/probe.out" && fail "test-upstream printed a token"
 
 say "delivery with AUTH XOAUTH2"
 start_relayd "$CONF"

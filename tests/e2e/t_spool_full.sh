@@ -18,7 +18,7 @@ python3 "$E2E_SRC/tests/e2e/loadclient.py" --port "$RELAYD_PORT" --prefix full -
 cat "$T/client.out"
 grep -q '^REFUSED .* 452 4\.3\.1' "$T/client.out" || fail "refusal is not 452 4.3.1"
 grep -q '^RSET 250' "$T/client.out" || fail "session unusable after the 452"
-acked=$(grep -c . "$T/acked" || true)
+acked=$(load_acked)
 say "   $acked messages acknowledged before the 452"
 [ "$acked" -ge 10 ] && [ "$acked" -le 15 ] || fail "$acked messages of 20 KB in 300K: limit not applied"
 grep -q 'rejected: spool is full' "$T/relayd.log" || fail "relayd did not log the refusal"
